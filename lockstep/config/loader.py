@@ -1,0 +1,233 @@
+"""Read a TOML config, apply ``--section.key value`` overrides, type-check, and write it back.
+
+Hand-written rather than tyro/argparse because three behaviours matter more than a generic CLI:
+TOML and CLI values go through the same typed coercion; every unknown section or key is refused
+with a did-you-mean over the full ``section.key`` names; and sections added at run time by
+``job.custom_config_module`` are first-class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+
+from lockstep.config.errors import ConfigError
+from lockstep.config.job import SECTION_TYPES, JobConfig
+
+PRESET_PACKAGE = "lockstep.config.presets"
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def preset_names() -> list[str]:
+    """Configs shipped inside the package, usable as ``--config NAME``."""
+    folder = resources.files(PRESET_PACKAGE)
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def read_toml(name_or_path: str) -> dict[str, Any]:
+    """A shipped preset by name, or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError("--config", f"no such file: {name_or_path}")
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if name_or_path not in preset_names():
+        raise ConfigError(
+            "--config", f"unknown config {name_or_path!r}{_did_you_mean(name_or_path, preset_names())}"
+        )
+    with resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``--a.b v``, ``--a.b=v``, ``--a.flag``, ``--a.no-flag`` -> [("a.b", "v"), ("a.flag", True), ...].
+
+    Values stay strings (or True/False for bare flags); coercion happens against the field type.
+    A ``no-`` prefix is resolved later, when the field is known to be a boolean.
+    """
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(arg, "expected --section.key value (e.g. --training.steps 10)")
+        key, sep, value = arg[2:].partition("=")
+        section, _, name = key.partition(".")
+        key = f"{section.replace('-', '_')}.{name.replace('-', '_')}"
+        if sep:
+            overrides.append((key, value))
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append((key, argv[i + 1]))
+            i += 1
+        else:
+            overrides.append((key, True))
+        i += 1
+    return overrides
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a TOML value or CLI string to the field's type, or raise ConfigError naming key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(key, f"expected a list; got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ConfigError(key, f"expected {len(args)} values; got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+        item_type = args[0] if args else str
+        coerced = [_coerce(v.strip() if isinstance(v, str) else v, item_type, key) for v in items if v != ""]
+        return tuple(coerced) if origin is tuple else coerced
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(key, f"expected true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer; got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number; got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string; got {value!r}")
+    raise ConfigError(key, f"unsupported field type {hint}")
+
+
+def _field_hints(section_type: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_type)
+
+
+def _custom_sections(module_name: str) -> dict[str, type]:
+    """Sections contributed by a user module: a ``CONFIG_SECTIONS = {"name": Dataclass}`` dict."""
+    if not module_name:
+        return {}
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError("job.custom_config_module", f"cannot import {module_name!r}: {e}") from e
+    sections = getattr(module, "CONFIG_SECTIONS", None)
+    if not isinstance(sections, dict) or not all(dataclasses.is_dataclass(t) for t in sections.values()):
+        raise ConfigError(
+            "job.custom_config_module",
+            f"{module_name} must define CONFIG_SECTIONS = {{'section_name': SomeDataclass, ...}}",
+        )
+    clashes = set(sections) & set(SECTION_TYPES)
+    if clashes:
+        raise ConfigError(
+            "job.custom_config_module", f"section names {sorted(clashes)} are built in; rename them"
+        )
+    return sections
+
+
+class _Builder:
+    """Collects values per section, checking every key against the known fields."""
+
+    def __init__(self, section_types: dict[str, type]) -> None:
+        self.section_types = section_types
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in section_types}
+        self.all_keys = [f"{s}.{f.name}" for s, t in section_types.items() for f in dataclasses.fields(t)]
+
+    def _unknown(self, key: str, what: str) -> ConfigError:
+        candidates = self.all_keys if "." in key else list(self.section_types)
+        return ConfigError(key, f"unknown {what}{_did_you_mean(key, candidates)}")
+
+    def set(self, key: str, value: Any) -> None:
+        section, _, name = key.partition(".")
+        if section not in self.section_types:
+            raise self._unknown(key, "config section")
+        hints = _field_hints(self.section_types[section])
+        if name not in hints and name.startswith("no_") and hints.get(name[3:]) is bool and value is True:
+            name, value = name[3:], False
+        if name not in hints:
+            raise self._unknown(f"{section}.{name}", "config key")
+        self.values[section][name] = _coerce(value, hints[name], f"{section}.{name}")
+
+    def set_toml(self, data: dict[str, Any]) -> None:
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(section, "top-level TOML entries must be [section] tables")
+            if section not in self.section_types:
+                raise self._unknown(section, "config section")
+            for name, value in table.items():
+                self.set(f"{section}.{name}", value)
+
+    def build(self) -> JobConfig:
+        built = {name: t(**self.values[name]) for name, t in self.section_types.items()}
+        builtin = {name: built.pop(name) for name in SECTION_TYPES}
+        return JobConfig(**builtin, custom=built)
+
+
+def load_config(config: str | None, overrides: list[str]) -> JobConfig:
+    """The typed job config from a preset name or TOML path plus CLI overrides (not yet validated)."""
+    data = read_toml(config) if config else {}
+    parsed = parse_overrides(overrides)
+    module_name = data.get("job", {}).get("custom_config_module", "")
+    for key, value in parsed:
+        if key == "job.custom_config_module":
+            module_name = value
+    builder = _Builder({**SECTION_TYPES, **_custom_sections(module_name)})
+    builder.set_toml(data)
+    for key, value in parsed:
+        builder.set(key, value)
+    return builder.build()
+
+
+def _toml_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _toml_ready(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_ready(v) for v in value]
+    return value
+
+
+def config_to_dict(config: JobConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of every section (custom ones included), as written to config.toml."""
+    return {name: dataclasses.asdict(section) for name, section in config.sections().items()}
+
+
+def dump_toml(config: JobConfig) -> str:
+    """The fully resolved config; ``--config`` on this text reproduces the run. None values are left
+    out (TOML has no null), which restores the same defaults."""
+    return tomli_w.dumps(_toml_ready(config_to_dict(config)))

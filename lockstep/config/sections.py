@@ -1,0 +1,303 @@
+"""One dataclass per config section.
+
+Each component of lockstep is built from its own section only (plus runtime objects such as the
+device or the mesh), so these classes are the whole vocabulary of run settings. Model
+architecture does not live here: it lives in each model's ``*Args`` and is chosen by
+``model.name`` + ``model.flavor``.
+
+Every field carries a one-line docstring (the string literal after it); the README's config
+reference is generated from these docstrings, so they are the documentation.
+
+``validate()`` checks what a section can check on its own; checks that span sections live in
+``lockstep.config.job``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lockstep.config.errors import ConfigError
+
+NOT_YET_SUPPORTED = "not yet supported in this version of lockstep"
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class JobSectionConfig:
+    dump_folder: str = "./outputs/run"
+    """Run folder: config.toml, env.json, metrics.jsonl and TensorBoard events are written here."""
+    description: str = ""
+    """Free text describing the run; recorded in config.toml."""
+    custom_config_module: str = ""
+    """Importable module that defines extra config sections (see README, "Custom config sections")."""
+
+    def validate(self) -> None:
+        _require(bool(self.dump_folder), "job.dump_folder", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama3"
+    """Model family, e.g. llama3."""
+    flavor: str = "debug"
+    """Size table entry of the model family, e.g. debug, 1B, 8B."""
+    tokenizer: str = "builtin"
+    """Tokenizer kind: builtin (BPE trained on the built-in corpus), bytes, or hf (a tokenizer.json)."""
+    tokenizer_path: str = ""
+    """Path of a Hugging Face tokenizer.json (or its folder) when tokenizer = hf."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa, or flex (FlexAttention; CUDA only, it has no CPU backward in torch 2.13)."""
+
+    def validate(self) -> None:
+        _one_of(self.tokenizer, ("builtin", "bytes", "hf"), "model.tokenizer")
+        _require(
+            self.tokenizer != "hf" or bool(self.tokenizer_path),
+            "model.tokenizer_path",
+            "is required when model.tokenizer = hf (path of a tokenizer.json or its folder)",
+        )
+        _one_of(self.attention, ("sdpa", "flex"), "model.attention")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200
+    """Number of optimizer steps."""
+    local_batch_size: int = 8
+    """Samples per microbatch on one data-parallel rank."""
+    global_batch_size: int = -1
+    """Samples per optimizer step over all ranks; -1 means local_batch_size x data-parallel degree.
+    A multiple of that product gives gradient accumulation."""
+    seq_len: int = 256
+    """Tokens per sample."""
+    max_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    mixed_precision: str = "fp32"
+    """Compute dtype: fp32 or bf16 (autocast; parameters and optimizer state stay fp32)."""
+    dataset: str = "builtin"
+    """builtin (the corpus made from the Python standard library), text, json or parquet."""
+    dataset_path: str = ""
+    """File or folder for dataset = text, json (a "text" field per record) or parquet."""
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+
+    def validate(self) -> None:
+        _require(self.steps > 0, "training.steps", f"must be > 0; got {self.steps}")
+        _require(self.local_batch_size > 0, "training.local_batch_size", "must be > 0")
+        _require(
+            self.global_batch_size == -1 or self.global_batch_size > 0,
+            "training.global_batch_size",
+            "must be > 0, or -1 for local_batch_size x data-parallel degree",
+        )
+        _require(self.seq_len > 0, "training.seq_len", "must be > 0")
+        _require(self.max_norm >= 0, "training.max_norm", "must be >= 0 (0 disables clipping)")
+        _one_of(self.mixed_precision, ("fp32", "bf16"), "training.mixed_precision")
+        _one_of(self.dataset, ("builtin", "text", "json", "parquet"), "training.dataset")
+        _require(
+            self.dataset == "builtin" or bool(self.dataset_path),
+            "training.dataset_path",
+            f"is required when training.dataset = {self.dataset}",
+        )
+        _one_of(self.device, ("auto", "cpu", "cuda"), "training.device")
+
+
+@dataclass
+class DataConfig:
+    document_masking: bool = True
+    """Attend only within each packed document (block-causal mask) instead of across documents."""
+    text_field: str = "text"
+    """Field holding the text in json/jsonl and parquet records."""
+    cache_folder: str = ""
+    """Where tokenized datasets, the built-in corpus and tokenizer are cached; empty means
+    $LOCKSTEP_CACHE or ~/.cache/lockstep."""
+
+    def validate(self) -> None:
+        _require(bool(self.text_field), "data.text_field", "must not be empty")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "AdamW"
+    """Optimizer; AdamW is the one implemented."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    implementation: str = "foreach"
+    """foreach or for-loop (bitwise equal to each other, also on shards); fused differs from both."""
+
+    def validate(self) -> None:
+        _one_of(self.name, ("AdamW",), "optimizer.name")
+        _require(self.lr > 0, "optimizer.lr", "must be > 0")
+        _require(all(0 <= b < 1 for b in self.betas), "optimizer.betas", "each beta must be in [0, 1)")
+        _require(self.eps > 0, "optimizer.eps", "must be > 0")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _one_of(self.implementation, ("foreach", "for-loop", "fused"), "optimizer.implementation")
+
+
+@dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = 20
+    """Linear warmup from lr/(warmup_steps+1) to lr."""
+    decay_ratio: float = -1.0
+    """Fraction of the steps spent decaying at the end (warmup-stable-decay); -1 decays over all
+    steps after warmup."""
+    decay_type: str = "linear"
+    """linear, cosine or sqrt."""
+    min_lr_factor: float = 0.0
+    """The decay ends at lr x min_lr_factor."""
+
+    def validate(self) -> None:
+        _require(self.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
+        _require(
+            self.decay_ratio == -1.0 or 0.0 <= self.decay_ratio <= 1.0,
+            "lr_scheduler.decay_ratio",
+            "must be in [0, 1], or -1 to decay over every step after warmup",
+        )
+        _one_of(self.decay_type, ("linear", "cosine", "sqrt"), "lr_scheduler.decay_type")
+        _require(0.0 <= self.min_lr_factor <= 1.0, "lr_scheduler.min_lr_factor", "must be in [0, 1]")
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: str = "none"
+    """none, full (recompute whole blocks) or selective."""
+    selective_ac_option: str = "op"
+    """For mode = selective: op (keep matmul and attention outputs, recompute the rest) or an
+    integer N (checkpoint every N-th block)."""
+    preserve_rng_state: bool = False
+    """Passed to torch.utils.checkpoint: restore the RNG state before recomputation (needed for
+    dropout-like randomness to replay identically)."""
+    determinism_check: str = "default"
+    """Passed to torch.utils.checkpoint: default (compare shapes/dtypes of recomputed tensors) or none."""
+    debug: bool = False
+    """Passed to torch.utils.checkpoint: record op traces for a recomputation mismatch error."""
+
+    def validate(self) -> None:
+        _one_of(self.mode, ("none", "full", "selective"), "activation_checkpoint.mode")
+        _require(
+            self.selective_ac_option == "op" or self.selective_ac_option.isdigit(),
+            "activation_checkpoint.selective_ac_option",
+            f"must be 'op' or a positive integer; got {self.selective_ac_option!r}",
+        )
+        _one_of(self.determinism_check, ("default", "none"), "activation_checkpoint.determinism_check")
+
+
+@dataclass
+class CompileConfig:
+    enable: bool = False
+    """torch.compile the components below (costs 15-20 s cold on CPU, gives little speed there)."""
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
+    """What to compile: model (each transformer block) and/or loss."""
+
+    def validate(self) -> None:
+        for component in self.components:
+            _one_of(component, ("model", "loss"), "compile.components")
+
+
+@dataclass
+class DebugConfig:
+    seed: int | None = None
+    """Root seed of every random stream; when absent one is drawn, logged and written to config.toml."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG."""
+    deterministic_warn_only: bool = False
+    """With deterministic: warn instead of failing on an op without a deterministic kernel."""
+    moe_force_load_balance: bool = False
+    """MoE models: route tokens round-robin so every expert gets the same count."""
+    detect_anomaly: bool = False
+    """torch.autograd anomaly detection (slow; names the op that produced a NaN)."""
+    print_config: bool = False
+    """Print the resolved config at start."""
+
+    def validate(self) -> None:
+        _require(
+            self.seed is None or 0 <= self.seed < 2**63,
+            "debug.seed",
+            "must be in [0, 2**63)",
+        )
+        _require(
+            not self.deterministic_warn_only or self.deterministic,
+            "debug.deterministic_warn_only",
+            "only has an effect with --debug.deterministic; set both",
+        )
+
+
+@dataclass
+class MetricsConfig:
+    log_freq: int = 10
+    """Log every N steps (step 1 and the last step are always logged)."""
+    enable_tensorboard: bool = False
+    """Write TensorBoard events under <dump_folder>/tb."""
+    enable_wandb: bool = False
+    """Log to Weights & Biases (needs the wandb package and its credentials)."""
+
+    def validate(self) -> None:
+        _require(self.log_freq > 0, "metrics.log_freq", "must be > 0")
+
+
+@dataclass
+class ParallelismConfig:
+    data_parallel_replicate_degree: int = 1
+    """Replicas (DDP, or the replicate axis of HSDP)."""
+    data_parallel_shard_degree: int = -1
+    """FSDP shards; -1 fills what the other degrees leave of the world size."""
+    tensor_parallel_degree: int = 1
+    """Tensor (and sequence) parallel degree."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline stages."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble, ..."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Samples per pipeline microbatch."""
+    context_parallel_degree: int = 1
+    """Context (sequence) parallel degree."""
+    expert_parallel_degree: int = 1
+    """Expert parallel degree (MoE models)."""
+
+    def validate(self) -> None:
+        for name in (
+            "data_parallel_replicate_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+            "context_parallel_degree",
+            "expert_parallel_degree",
+        ):
+            _require(getattr(self, name) >= 1, f"parallelism.{name}", "must be >= 1")
+        _require(
+            self.data_parallel_shard_degree == -1 or self.data_parallel_shard_degree >= 1,
+            "parallelism.data_parallel_shard_degree",
+            "must be >= 1, or -1 to fill the world size",
+        )
+        _require(
+            self.pipeline_parallel_microbatch_size >= 1,
+            "parallelism.pipeline_parallel_microbatch_size",
+            "must be >= 1",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    enable: bool = False
+    """Save and resume through torch.distributed.checkpoint."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder."""
+    interval: int = 500
+    """Save every N steps."""
+    keep_latest_k: int = 0
+    """Keep only the newest K checkpoints; 0 keeps all."""
+
+    def validate(self) -> None:
+        _require(self.interval > 0, "checkpoint.interval", "must be > 0")
+        _require(self.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0")

@@ -1,0 +1,127 @@
+"""Llama 3 decoder, single-device code: RMSNorm, RoPE, grouped-query attention, SwiGLU, untied output.
+
+Parallelism is applied from outside (``lockstep.parallel``); parameter names follow torchtitan's
+so sharding plans and the Hugging Face adapter read naturally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lockstep.models.common import init as init_fns
+from lockstep.models.common.attention import (
+    AttentionMasks,
+    attention,
+    build_attention_masks,
+    document_ids_from_tokens,
+)
+from lockstep.models.common.rope import apply_rope, rope_cos_sin
+from lockstep.models.llama3.args import Llama3Args
+
+
+class Attention(nn.Module):
+    def __init__(self, args: Llama3Args) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x_BSD.shape
+        # -1 heads so tensor parallelism (which shards the head dim) needs no change here.
+        q = self.wq(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        k = self.wk(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        v = self.wv(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: Llama3Args) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, masks)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama3(nn.Module):
+    """Decoder-only Llama 3. Build it on the meta device, apply parallelism, then ``init_weights``."""
+
+    def __init__(self, args: Llama3Args, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.attention_backend = attention_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keeps names stable ("layers.3") when pipeline stages drop blocks.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos_sin", self._rope_table(), persistent=False)
+
+    def _rope_table(self) -> torch.Tensor:
+        a = self.args
+        return rope_cos_sin(
+            a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=self.output.weight.device
+        )
+
+    def init_for(self, name: str) -> init_fns.InitFn:
+        """The initialiser of parameter `name` (torchtitan's llama3 scheme, depth-scaled output projections)."""
+        if name.endswith("norm.weight"):
+            return init_fns.ones
+        if name == "tok_embeddings.weight":
+            return init_fns.normal(1.0)
+        if name == "output.weight":
+            return init_fns.trunc_normal(self.args.dim**-0.5)
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")):
+            layer_id = int(name.split(".")[1])
+            return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
+        return init_fns.trunc_normal(0.02)
+
+    def init_weights(self, root_seed: int, device: torch.device | str) -> None:
+        """Materialise (from meta) on `device` and fill every parameter from (root_seed, name)."""
+        self.to_empty(device=device)
+        init_fns.initialize_parameters(self, root_seed, self.init_for)
+        self.rope_cos_sin = self._rope_table().to(device)
+
+    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
+        """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""
+        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
+
+    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab]. Without masks attention is plain causal over the whole sequence."""
+        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos_sin, attention_masks)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x (non-embedding params) for the matmuls forward+backward, plus
+        12 x layers x heads x head_dim x seq_len for attention scores and values (PaLM's formula)."""
+        a = self.args
+        n_params = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
+        return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len

@@ -1,0 +1,52 @@
+"""Model families by name: how to build each and its flavor table."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lockstep.config.errors import ConfigError
+from lockstep.config.sections import ModelConfig
+from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    flavors: dict[str, Any]
+    build: Callable[[Any, str], nn.Module]
+    """(args, attention backend) -> model; call it under torch.device("meta")."""
+
+
+MODELS: dict[str, ModelSpec] = {
+    "llama3": ModelSpec("llama3", LLAMA3_FLAVORS, lambda args, backend: Llama3(args, backend)),
+}
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; choose from {', '.join(options)}"
+
+
+def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[ModelSpec, Any]:
+    """The spec and the flavor's args with the tokenizer's vocab and the training sequence length."""
+    if model.name not in MODELS:
+        raise ConfigError("model.name", f"unknown model {model.name!r}{_suggest(model.name, list(MODELS))}")
+    spec = MODELS[model.name]
+    if model.flavor not in spec.flavors:
+        raise ConfigError(
+            "model.flavor",
+            f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, list(spec.flavors))}",
+        )
+    args = dataclasses.replace(spec.flavors[model.flavor], vocab_size=vocab_size, max_seq_len=max_seq_len)
+    return spec, args
+
+
+def check_model_name(model: ModelConfig) -> None:
+    """Fail fast (before any data or process work) on an unknown name or flavor."""
+    model_args(model, vocab_size=1, max_seq_len=1)

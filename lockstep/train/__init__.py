@@ -1,0 +1,1 @@
+"""The trainer: composes model, parallelism, data and (later) checkpoints into the training loop."""

@@ -1,0 +1,95 @@
+"""Metric sinks: metrics.jsonl (always), TensorBoard and Weights & Biases (optional), and the console.
+
+Floats are written with Python's repr, which round-trips, so loss and grad norm in metrics.jsonl
+are the exact fp32 values and two runs can be compared bitwise from their files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lockstep.config.sections import MetricsConfig
+
+
+class MetricsLogger:
+    def __init__(self, metrics: MetricsConfig, run_folder: Path, metrics_file: Path, run_name: str) -> None:
+        self.config = metrics
+        self._file = open(metrics_file, "a")
+        self._tensorboard = None
+        self._wandb = None
+        if metrics.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_folder / "tb"))
+        if metrics.enable_wandb:
+            import wandb
+
+            self._wandb = wandb.init(project="lockstep", name=run_name, dir=str(run_folder))
+
+    def should_log(self, step: int, last_step: int) -> bool:
+        return step == 1 or step == last_step or step % self.config.log_freq == 0
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_record(record: dict[str, Any]) -> str:
+    return (
+        f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.4f}  "
+        f"lr {record['lr']:.2e}  tok/s {record['tokens_per_sec']:,.0f}  mfu {record['mfu']:.1f}%  "
+        f"mem {record['memory_gib']:.2f} GiB"
+    )
+
+
+class ConsoleDisplay:
+    """A live progress bar on a terminal; plain log lines otherwise (CI, files). Only rank 0 shows it."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.console = Console(soft_wrap=True)
+        self._progress = None
+        if enabled and sys.stdout.isatty():
+            self._progress = Progress(
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-")
+            self._progress.start()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False, markup=False)
+
+    def step(self, step: int, loss: float | None) -> None:
+        if self._progress is not None:
+            fields = {"loss": f"{loss:.4f}"} if loss is not None else {}
+            self._progress.update(self._task, completed=step, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,57 @@
+"""AdamW and the warmup-stable-decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from lockstep.config.sections import LRSchedulerConfig, OptimizerConfig
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], optimizer: OptimizerConfig
+) -> torch.optim.Optimizer:
+    """AdamW in the chosen implementation (foreach and for-loop give bitwise-equal updates)."""
+    implementation = {
+        "foreach": {"foreach": True},
+        "for-loop": {"foreach": False},
+        "fused": {"fused": True},
+    }[optimizer.implementation]
+    return torch.optim.AdamW(
+        params,
+        lr=optimizer.lr,
+        betas=tuple(optimizer.betas),
+        eps=optimizer.eps,
+        weight_decay=optimizer.weight_decay,
+        **implementation,
+    )
+
+
+def lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, a stable phase,
+    then a decay to min_lr_factor over the last decay_ratio of the steps (all steps after warmup
+    when decay_ratio is -1)."""
+    warmup = schedule.warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule.decay_ratio == -1.0:
+        decay_start = warmup
+    else:
+        decay_start = max(warmup, total_steps - round(schedule.decay_ratio * total_steps))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+    remaining = {
+        "linear": 1.0 - progress,
+        "sqrt": 1.0 - math.sqrt(progress),
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+    }[schedule.decay_type]
+    return schedule.min_lr_factor + (1.0 - schedule.min_lr_factor) * remaining
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: LRSchedulerConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule))

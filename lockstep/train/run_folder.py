@@ -1,0 +1,91 @@
+"""The run folder, the contract that the tools (compare, bisect) read:
+config.toml (resolved; ``--config`` on it reproduces the run), env.json (versions, git revision,
+host, device, seeds, data fingerprints) and metrics.jsonl (one JSON object per logged step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("lockstep", "torch", "numpy", "tokenizers", "datasets", "safetensors", "rich", "tensorboard")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> dict[str, Any]:
+    """The revision of the lockstep source tree in use (None outside a git checkout)."""
+    source = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode != 0:
+            return {"revision": None, "dirty": None}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"revision": None, "dirty": None}
+
+
+def environment(
+    device: torch.device, world_size: int, seeds: dict[str, int], fingerprints: dict[str, str]
+) -> dict:
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    return {
+        "lockstep_version": _version("lockstep"),
+        "git": git_revision(),
+        "versions": {p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": {"type": device.type, "name": device_name, "cuda": torch.version.cuda},
+        "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "seeds": seeds,
+        "fingerprints": fingerprints,
+        "command": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_run_folder(folder: Path, config_toml: str, env: dict) -> Path:
+    """Write config.toml and env.json; an earlier run's metrics.jsonl is kept under a numbered name
+    (nothing is overwritten). Returns the metrics.jsonl path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(config_toml)
+    (folder / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        n = 1
+        while (folder / f"metrics.{n}.jsonl").exists():
+            n += 1
+        os.replace(metrics, folder / f"metrics.{n}.jsonl")
+    return metrics
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """Every logged step of a run folder, in order."""
+    with open(Path(folder) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,58 @@
+"""Throughput figures: the device's peak matmul rate (for MFU) and peak memory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+# Dense (non-sparse) tensor-core peaks in FLOP/s, from the vendors' data sheets.
+CUDA_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+def measure_cpu_matmul_peak(size: int = 1024, seconds: float = 0.5) -> float:
+    """Best fp32 FLOP/s of square matmuls on this CPU with the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> float:
+    """FLOP/s that MFU is measured against: a data-sheet figure on known GPUs, else the measured
+    matmul peak of this CPU (cached per host and thread count)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in CUDA_PEAK_FLOPS.items():
+            if key in name:
+                return peaks["bf16" if mixed_precision == "bf16" else "fp32"]
+        return CUDA_PEAK_FLOPS["H100"]["bf16"]
+    key = f"{platform.node()}/{platform.processor()}/threads={torch.get_num_threads()}"
+    cached = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
+    if key not in cached:
+        cached[key] = measure_cpu_matmul_peak()
+        if cache_file is not None:
+            cache_file.write_text(json.dumps(cached))
+    return cached[key]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory reserved (CUDA) or the process's peak resident set size (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss * 1024 / 2**30
