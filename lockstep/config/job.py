@@ -120,9 +120,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         "expert_parallel_degree",
     ):
         if getattr(parallelism, name) != 1:
-            raise ConfigError(
-                f"parallelism.{name}", f"degree {getattr(parallelism, name)} is {NOT_YET_SUPPORTED}"
-            )
+            raise ConfigError(f"parallelism.{name}", f"degree {getattr(parallelism, name)} is {NOT_YET_SUPPORTED}")
     if parallelism.data_parallel_shard_degree not in (-1, 1) or world_size != 1:
         raise ConfigError(
             "parallelism.data_parallel_shard_degree",

@@ -43,9 +43,7 @@ def read_toml(name_or_path: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     if name_or_path not in preset_names():
-        raise ConfigError(
-            "--config", f"unknown config {name_or_path!r}{_did_you_mean(name_or_path, preset_names())}"
-        )
+        raise ConfigError("--config", f"unknown config {name_or_path!r}{_did_you_mean(name_or_path, preset_names())}")
     with resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").open("rb") as f:
         return tomllib.load(f)
 
@@ -155,9 +153,7 @@ def _custom_sections(module_name: str) -> dict[str, type]:
         )
     clashes = set(sections) & set(SECTION_TYPES)
     if clashes:
-        raise ConfigError(
-            "job.custom_config_module", f"section names {sorted(clashes)} are built in; rename them"
-        )
+        raise ConfigError("job.custom_config_module", f"section names {sorted(clashes)} are built in; rename them")
     return sections
 
 

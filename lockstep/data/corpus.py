@@ -54,9 +54,7 @@ def _docstrings(path: Path) -> str:
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return ""
     nodes = (
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
     )
     return "\n\n".join(d for n in nodes if (d := ast.get_docstring(n)))
 

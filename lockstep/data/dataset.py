@@ -94,7 +94,5 @@ def load_token_windows(
     tokens = np.memmap(target, dtype=_dtype_for(tokenizer.vocab_size), mode="r")
     windows = TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, fingerprint)
     if windows.num_windows == 0:
-        raise ValueError(
-            f"the dataset has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
-        )
+        raise ValueError(f"the dataset has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
     return windows

@@ -63,6 +63,4 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, ac: ActivationCheckpoi
     every = int(ac.selective_ac_option) if ac.mode == "selective" and ac.selective_ac_option != "op" else 1
     for index, block in enumerate(blocks.values()):
         if index % every == 0:
-            _checkpoint_forward(
-                block, ac, selective_ops=ac.mode == "selective" and ac.selective_ac_option == "op"
-            )
+            _checkpoint_forward(block, ac, selective_ops=ac.mode == "selective" and ac.selective_ac_option == "op")

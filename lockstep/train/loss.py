@@ -17,7 +17,5 @@ def summed_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> t
     )
 
 
-def global_batch_loss(
-    logits_BSV: torch.Tensor, labels_BS: torch.Tensor, global_valid_tokens: int
-) -> torch.Tensor:
+def global_batch_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, global_valid_tokens: int) -> torch.Tensor:
     return summed_cross_entropy(logits_BSV, labels_BS) / global_valid_tokens

@@ -10,9 +10,7 @@ import torch
 from lockstep.config.sections import LRSchedulerConfig, OptimizerConfig
 
 
-def build_optimizer(
-    params: Iterable[torch.nn.Parameter], optimizer: OptimizerConfig
-) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW in the chosen implementation (foreach and for-loop give bitwise-equal updates)."""
     implementation = {
         "foreach": {"foreach": True},

@@ -31,9 +31,7 @@ def git_revision() -> dict[str, Any]:
     """The revision of the lockstep source tree in use (None outside a git checkout)."""
     source = Path(__file__).resolve().parents[2]
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
-        )
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return {"revision": None, "dirty": None}
         dirty = subprocess.run(
@@ -48,12 +46,8 @@ def git_revision() -> dict[str, Any]:
         return {"revision": None, "dirty": None}
 
 
-def environment(
-    device: torch.device, world_size: int, seeds: dict[str, int], fingerprints: dict[str, str]
-) -> dict:
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    )
+def environment(device: torch.device, world_size: int, seeds: dict[str, int], fingerprints: dict[str, str]) -> dict:
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "lockstep_version": _version("lockstep"),
         "git": git_revision(),

@@ -77,9 +77,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.training)
         if config.model.attention == "flex" and self.device.type != "cuda":
-            raise ConfigError(
-                "model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU"
-            )
+            raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU")
         configure_determinism(config.debug)
         config.debug.seed = resolve_root_seed(config.debug)  # written to config.toml, so the run repeats
         self.seeds = seed_everything(config.debug.seed) | {"data": derived_seed(config.debug.seed, "data")}
@@ -147,9 +145,7 @@ class Trainer:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""
         training, steps = self.config.training, self.config.training.steps
         tokens_per_step = self.global_batch * training.seq_len
-        self.display.print(
-            f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}"
-        )
+        self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
         interval_start, interval_steps = time.perf_counter(), 0
         with GracefulStop().installed() as stop:
             try:

@@ -56,9 +56,7 @@ def _flex_block_mask(document_ids_BS: torch.Tensor) -> object:
         return same & (q_idx >= kv_idx)
 
     batch, seq_len = document_ids_BS.shape
-    return create_block_mask(
-        document_causal, batch, None, seq_len, seq_len, device=str(document_ids_BS.device)
-    )
+    return create_block_mask(document_causal, batch, None, seq_len, seq_len, device=str(document_ids_BS.device))
 
 
 _compiled_flex_attention = None
@@ -82,7 +80,5 @@ def attention(
     if masks is not None and masks.block_mask is not None:
         return _flex_attention(q_BHSD, k_BHSD, v_BHSD, masks.block_mask, enable_gqa)
     if masks is not None and masks.sdpa_mask is not None:
-        return F.scaled_dot_product_attention(
-            q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, enable_gqa=enable_gqa
-        )
+        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=enable_gqa)

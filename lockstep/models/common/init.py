@@ -45,9 +45,7 @@ def zeros(tensor: torch.Tensor, generator: torch.Generator) -> None:
     nn.init.zeros_(tensor)
 
 
-def full_value(
-    name: str, shape: torch.Size, root_seed: int, init_for: Callable[[str], InitFn]
-) -> torch.Tensor:
+def full_value(name: str, shape: torch.Size, root_seed: int, init_for: Callable[[str], InitFn]) -> torch.Tensor:
     """The fp32 initial value of parameter `name`: a function of (root_seed, name) only."""
     generator = torch.Generator(device="cpu").manual_seed(parameter_seed(root_seed, name))
     value = torch.empty(shape, dtype=torch.float32)

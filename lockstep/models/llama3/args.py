@@ -49,9 +49,7 @@ class Llama3Args:
 
     def validate(self) -> None:
         if self.dim % self.n_heads or self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.kv_heads} do not divide"
-            )
+            raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.kv_heads} do not divide")
         if self.vocab_size <= 0:
             raise ValueError("vocab_size must be set from the tokenizer before building the model")
 

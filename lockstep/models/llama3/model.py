@@ -30,9 +30,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(
-        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None
-    ) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
         batch, seq_len, _ = x_BSD.shape
         # -1 heads so tensor parallelism (which shards the head dim) needs no change here.
         q = self.wq(x_BSD).view(batch, seq_len, -1, self.head_dim)
@@ -84,9 +82,7 @@ class Llama3(nn.Module):
 
     def _rope_table(self) -> torch.Tensor:
         a = self.args
-        return rope_cos_sin(
-            a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=self.output.weight.device
-        )
+        return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=self.output.weight.device)
 
     def init_for(self, name: str) -> init_fns.InitFn:
         """The initialiser of parameter `name` (torchtitan's llama3 scheme, depth-scaled output projections)."""
