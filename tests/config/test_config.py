@@ -1,0 +1,148 @@
+import dataclasses
+import textwrap
+
+import pytest
+
+from lockstep.cli import main
+from lockstep.config import ConfigError, dump_toml, load_config, validate_job_config
+from lockstep.config.loader import parse_overrides, preset_names
+
+
+def test_presets_load_and_validate():
+    assert {"llama3_debug", "llama3_8b"} <= set(preset_names())
+    for name in preset_names():
+        config = load_config(name, [])
+        assert config.model.name == "llama3"
+
+
+def test_override_forms():
+    config = load_config(
+        "llama3_debug",
+        ["--training.steps", "7", "--optimizer.lr=0.01", "--lr-scheduler.warmup-steps", "3",
+         "--debug.deterministic", "--data.no-document-masking", "--optimizer.betas", "0.8,0.9",
+         "--compile.components", "loss", "--debug.seed", "none"],
+    )  # fmt: skip
+    assert config.training.steps == 7
+    assert config.optimizer.lr == 0.01
+    assert config.lr_scheduler.warmup_steps == 3
+    assert config.debug.deterministic is True
+    assert config.data.document_masking is False
+    assert config.optimizer.betas == (0.8, 0.9)
+    assert config.compile.components == ["loss"]
+    assert config.debug.seed is None
+
+
+def test_bool_flag_with_explicit_value():
+    assert load_config("llama3_debug", ["--debug.deterministic", "false"]).debug.deterministic is False
+    assert load_config("llama3_debug", ["--debug.deterministic=true"]).debug.deterministic is True
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        (["--debug.sede", "3"], "debug.sede", "did you mean 'debug.seed'"),
+        (["--trainig.steps", "3"], "trainig.steps", "did you mean 'training.steps'"),
+        (["--training.steps", "ten"], "training.steps", "expected an integer"),
+        (["--optimizer.lr", "fast"], "optimizer.lr", "expected a number"),
+        (["--debug.deterministic", "maybe"], "debug.deterministic", "expected true or false"),
+        (["--optimizer.betas", "0.9"], "optimizer.betas", "expected 2 values"),
+        (["steps", "3"], "steps", "--section.key value"),
+    ],
+)
+def test_parse_errors_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config("llama3_debug", overrides)
+    assert error.value.key == key
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        (["--training.steps", "0"], "training.steps", "must be > 0"),
+        (["--training.global_batch_size", "12"], "training.global_batch_size", "use a multiple of 8"),
+        (["--training.mixed_precision", "fp8"], "training.mixed_precision", "must be one of"),
+        (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "not yet supported"),
+        (["--checkpoint.enable"], "checkpoint.enable", "not yet supported"),
+        (["--model.tokenizer", "hf"], "model.tokenizer_path", "is required"),
+        (["--training.dataset", "parquet"], "training.dataset_path", "is required"),
+        (["--debug.deterministic_warn_only"], "debug.deterministic_warn_only", "set both"),
+        (["--lr_scheduler.decay_ratio", "1.5"], "lr_scheduler.decay_ratio", "must be in [0, 1]"),
+    ],
+)
+def test_impossible_values_are_refused(overrides, key, fragment):
+    config = load_config("llama3_debug", overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_job_config(config, world_size=1)
+    assert error.value.key == key
+    assert fragment in str(error.value)
+
+
+def test_world_size_above_one_is_not_yet_supported():
+    with pytest.raises(ConfigError, match="not yet supported"):
+        validate_job_config(load_config("llama3_debug", []), world_size=2)
+
+
+def test_unknown_section_in_toml(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[trainng]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'training'"):
+        load_config(str(path), [])
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'llama3_debug'"):
+        load_config("llama3_debugg", [])
+
+
+def test_resolved_toml_reproduces_config(tmp_path):
+    config = load_config("llama3_debug", ["--training.steps", "11", "--optimizer.betas", "0.5,0.6", "--debug.seed", "3"])
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(config))
+    assert load_config(str(path), []) == config
+
+
+def test_cli_exits_nonzero_before_work(tmp_path, capsys):
+    rc = main(["train", "--config", "llama3_debug", "--debug.sede", "1", "--job.dump_folder", str(tmp_path / "r")])
+    assert rc == 2
+    assert "did you mean 'debug.seed'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_custom_config_module(tmp_path, monkeypatch):
+    (tmp_path / "my_sections.py").write_text(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass
+
+            @dataclass
+            class ProfilingConfig:
+                enable: bool = False
+                trace_steps: int = 3
+
+                def validate(self):
+                    if self.trace_steps < 1:
+                        from lockstep.config import ConfigError
+                        raise ConfigError("profiling.trace_steps", "must be >= 1")
+
+            CONFIG_SECTIONS = {"profiling": ProfilingConfig}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config(
+        "llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.enable", "--profiling.trace_steps", "5"]
+    )
+    assert dataclasses.asdict(config.custom["profiling"]) == {"enable": True, "trace_steps": 5}
+    assert "[profiling]" in dump_toml(config)
+    with pytest.raises(ConfigError, match="did you mean 'profiling.trace_steps'"):
+        load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.trace_step", "5"])
+    bad = load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.trace_steps", "0"])
+    with pytest.raises(ConfigError, match="profiling.trace_steps"):
+        validate_job_config(bad, world_size=1)
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_config("llama3_debug", ["--job.custom_config_module", "no_such_module_xyz"])
+
+
+def test_parse_overrides_keeps_strings():
+    assert parse_overrides(["--a.b", "1", "--c.d"]) == [("a.b", "1"), ("c.d", True)]

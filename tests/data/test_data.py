@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+
+from lockstep.config.sections import DataConfig, ModelConfig, TrainingConfig
+from lockstep.data.corpus import builtin_corpus, corpus_documents
+from lockstep.data.dataset import IGNORE_INDEX
+from lockstep.data.loader import DataLoader, build_token_windows
+from lockstep.data.order import SampleOrder
+from lockstep.data.tokenizer import BytesTokenizer, build_tokenizer
+
+
+def test_builtin_corpus_is_deterministic_and_split():
+    corpus = builtin_corpus()
+    assert len(corpus.sha256) == 64
+    train = corpus.train_path.read_text().splitlines()
+    validation = corpus.validation_path.read_text().splitlines()
+    assert len(train) > 300 and 0 < len(validation) < len(train) / 10
+    assert len(corpus_documents()) == len(train) + len(validation)
+    assert "text" in json.loads(train[0])
+
+
+def test_sample_order_is_a_permutation_per_epoch():
+    order = SampleOrder(seed=5, num_windows=50)
+    first_epoch = order.windows_of(range(50))
+    assert sorted(first_epoch) == list(range(50))
+    assert order.windows_of(range(50, 100)) != first_epoch
+    assert SampleOrder(seed=5, num_windows=50).window_of(73) == order.window_of(73)
+    assert SampleOrder(seed=6, num_windows=50).windows_of(range(50)) != first_epoch
+
+
+def _loader(local_batch: int, seq_len: int = 16) -> DataLoader:
+    tokenizer = build_tokenizer(ModelConfig(), DataConfig())
+    windows = build_token_windows(TrainingConfig(seq_len=seq_len), DataConfig(), tokenizer)
+    return DataLoader(windows, seed=11, global_batch=8, local_batch=local_batch)
+
+
+@pytest.mark.parametrize("dp_degree, local_batch", [(1, 2), (2, 2), (4, 2), (2, 4), (4, 1)])
+def test_step_samples_do_not_depend_on_rank_layout(dp_degree, local_batch):
+    reference = _loader(local_batch=8)
+    loader = _loader(local_batch)
+    for _ in range(3):
+        (whole,), tokens = reference.next_step()
+        rank_batches = []
+        for rank in range(dp_degree):
+            loader.next_sample_index = reference.next_sample_index - 8
+            microbatches, rank_tokens = loader.next_step(rank, dp_degree)
+            assert rank_tokens == tokens  # every rank knows the global denominator
+            rank_batches.append(microbatches)
+        # interleave back in global microbatch order: microbatch k*D + r lives on rank r
+        ordered = [rank_batches[i % dp_degree][i // dp_degree] for i in range(8 // local_batch)]
+        assert np.array_equal(np.concatenate([m.inputs for m in ordered]), whole.inputs)
+        assert np.array_equal(np.concatenate([m.labels for m in ordered]), whole.labels)
+
+
+def test_loader_state_round_trip_and_fingerprint_check():
+    loader = _loader(2)
+    loader.next_step()
+    state = loader.state_dict()
+    resumed = _loader(2)
+    resumed.load_state_dict(state)
+    assert [m.inputs.tolist() for m in resumed.next_step()[0]] == [m.inputs.tolist() for m in loader.next_step()[0]]
+    with pytest.raises(ValueError, match="fingerprint"):
+        resumed.load_state_dict({**state, "fingerprint": "other"})
+
+
+def test_windows_labels_shifted_and_bos_ignored():
+    tokenizer = build_tokenizer(ModelConfig(), DataConfig())
+    windows = build_token_windows(TrainingConfig(seq_len=64), DataConfig(), tokenizer)
+    inputs, labels = windows.batch([0, 1])
+    raw = windows.window(0)
+    assert inputs[0].tolist() == raw[:-1].tolist()
+    assert raw[0] == tokenizer.bos_id
+    expected = [IGNORE_INDEX if t == tokenizer.bos_id else int(t) for t in raw[1:]]
+    assert labels[0].tolist() == expected
+
+
+@pytest.mark.parametrize("kind", ["text", "json", "parquet"])
+def test_user_datasets(tmp_path, kind):
+    documents = [f"document number {i} " * 5 for i in range(20)]
+    if kind == "text":
+        folder = tmp_path / "texts"
+        folder.mkdir()
+        for i, d in enumerate(documents):
+            (folder / f"{i:02d}.txt").write_text(d)
+        path = folder
+    elif kind == "json":
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "data.parquet"
+        pq.write_table(pa.table({"text": documents}), path)
+    tokenizer = BytesTokenizer()
+    training = TrainingConfig(dataset=kind, dataset_path=str(path), seq_len=32)
+    windows = build_token_windows(training, DataConfig(cache_folder=str(tmp_path / "cache")), tokenizer)
+    expected_len = sum(len(d.encode()) + 2 for d in documents)
+    assert len(windows.tokens) == expected_len
+    assert windows.tokens[0] == tokenizer.bos_id
+    assert bytes(windows.tokens[1 : 1 + len(documents[0])].tolist()).decode() == documents[0]
+    assert windows.num_windows == expected_len // 33

@@ -1,0 +1,33 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+from lockstep.config import JobConfig, load_config
+from lockstep.config.sections import ModelConfig
+from lockstep.models.registry import model_args
+
+
+def tiny_config(tmp_path, *overrides: str) -> JobConfig:
+    """A seconds-long run: the tiny Llama on the built-in corpus, one process, CPU."""
+    base = [
+        "--job.dump_folder", str(tmp_path / "run"),
+        "--model.flavor", "tiny",
+        "--training.steps", "6",
+        "--training.local_batch_size", "2",
+        "--training.seq_len", "32",
+        "--training.device", "cpu",
+        "--lr_scheduler.warmup_steps", "2",
+        "--metrics.log_freq", "1",
+        "--debug.seed", "7",
+    ]  # fmt: skip
+    return load_config("llama3_debug", base + list(overrides))
+
+
+def tiny_model(vocab_size: int = 97, seq_len: int = 32, seed: int = 0, flavor: str = "tiny") -> torch.nn.Module:
+    spec, args = model_args(ModelConfig(flavor=flavor), vocab_size, seq_len)
+    with torch.device("meta"):
+        model = spec.build(args, "sdpa")
+    model.init_weights(seed, "cpu")
+    return model
