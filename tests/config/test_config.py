@@ -96,7 +96,9 @@ def test_unknown_preset_suggests():
 
 
 def test_resolved_toml_reproduces_config(tmp_path):
-    config = load_config("llama3_debug", ["--training.steps", "11", "--optimizer.betas", "0.5,0.6", "--debug.seed", "3"])
+    config = load_config(
+        "llama3_debug", ["--training.steps", "11", "--optimizer.betas", "0.5,0.6", "--debug.seed", "3"]
+    )
     path = tmp_path / "config.toml"
     path.write_text(dump_toml(config))
     assert load_config(str(path), []) == config
@@ -131,7 +133,8 @@ def test_custom_config_module(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     config = load_config(
-        "llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.enable", "--profiling.trace_steps", "5"]
+        "llama3_debug",
+        ["--job.custom_config_module", "my_sections", "--profiling.enable", "--profiling.trace_steps", "5"],
     )
     assert dataclasses.asdict(config.custom["profiling"]) == {"enable": True, "trace_steps": 5}
     assert "[profiling]" in dump_toml(config)

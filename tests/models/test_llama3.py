@@ -89,7 +89,9 @@ def test_num_flops_per_token_counts_matmuls_and_attention():
 def test_llama3_rope_scaling_matches_meta_formula():
     import math
 
-    scaling = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    scaling = Llama3RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
     inv = inverse_frequencies(128, 500000.0, scaling)
     base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
     for got, freq in zip(inv.tolist(), base.tolist(), strict=True):
