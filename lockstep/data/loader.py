@@ -73,7 +73,7 @@ def document_source(training: TrainingConfig, data: DataConfig) -> tuple[Documen
     """The configured documents and their fingerprint (the built-in corpus uses its sha256)."""
     if training.dataset == "builtin":
         corpus = builtin_corpus(data.cache_folder)
-        return DocumentSource("json", (corpus.train_path,), "text"), corpus.sha256
+        return DocumentSource("builtin", (corpus.train_path,), "text"), corpus.sha256
     source = file_source(training.dataset, training.dataset_path, data.text_field)
     return source, source.fingerprint()
 

@@ -7,6 +7,7 @@ a tokenized cache, and later a resumed run, can tell whether the data changed.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ _EXTENSIONS = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".par
 @dataclass(frozen=True)
 class DocumentSource:
     kind: str
-    """text, json or parquet."""
+    """text, json, parquet, or builtin (the built-in corpus's own jsonl, read without `datasets`)."""
     files: tuple[Path, ...]
     text_field: str = "text"
 
@@ -37,6 +38,11 @@ class DocumentSource:
         if self.kind == "text":  # one file, one document
             for file in self.files:
                 yield file.read_text(encoding="utf-8")
+            return
+        if self.kind == "builtin":
+            for file in self.files:
+                with open(file, encoding="utf-8") as f:
+                    yield from (json.loads(line)[self.text_field] for line in f)
             return
         from datasets import load_dataset
 
