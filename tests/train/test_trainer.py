@@ -137,3 +137,10 @@ def test_sigterm_stops_cleanly_after_flushing_metrics(tmp_path):
     assert "stopped by signal" in output
     records = read_metrics(folder)
     assert records[-1]["step"] > 1  # the step it stopped at was flushed too
+
+
+def test_compiled_blocks_and_loss_match_eager(tmp_path):
+    eager, _ = _run(tiny_config(tmp_path / "eager", "--training.steps", "2"))
+    compiled, _ = _run(tiny_config(tmp_path / "compiled", "--training.steps", "2", "--compile.enable"))
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
