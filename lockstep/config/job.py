@@ -113,7 +113,6 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
             validate()
     parallelism = config.parallelism
     for name in (
-        "data_parallel_replicate_degree",
         "tensor_parallel_degree",
         "pipeline_parallel_degree",
         "context_parallel_degree",
@@ -121,11 +120,25 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     ):
         if getattr(parallelism, name) != 1:
             raise ConfigError(f"parallelism.{name}", f"degree {getattr(parallelism, name)} is {NOT_YET_SUPPORTED}")
-    if parallelism.data_parallel_shard_degree not in (-1, 1) or world_size != 1:
+    dp_degree = data_parallel_degree(parallelism, world_size)
+    if dp_degree != parallelism.data_parallel_replicate_degree:
         raise ConfigError(
             "parallelism.data_parallel_shard_degree",
-            f"data parallelism (world size {world_size}) is {NOT_YET_SUPPORTED}; run one process",
+            f"FSDP (a shard degree of {dp_degree // parallelism.data_parallel_replicate_degree}) is "
+            f"{NOT_YET_SUPPORTED}; replicate instead: --parallelism.data_parallel_replicate_degree {world_size}",
+        )
+    global_batch = resolve_global_batch_size(config.training, dp_degree)
+    microbatches_per_rank = global_batch // (config.training.local_batch_size * dp_degree)
+    if dp_degree > 1 and not (_is_power_of_two(dp_degree) and _is_power_of_two(microbatches_per_rank)):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"data parallelism sums gradients in a fixed tree over the global microbatch index, which needs a "
+            f"power-of-two data-parallel degree (got {dp_degree}) and microbatches per rank (got "
+            f"{microbatches_per_rank}); choose global_batch_size = local_batch_size x {dp_degree} x 2^k",
         )
     if config.checkpoint.enable:
         raise ConfigError("checkpoint.enable", f"checkpointing is {NOT_YET_SUPPORTED}")
-    resolve_global_batch_size(config.training, data_parallel_degree(parallelism, world_size))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -31,9 +31,10 @@ class Microbatch:
 
 
 class DataLoader:
-    """Serves the microbatches of each step. Global batch = consecutive global sample indices;
-    microbatch k of data-parallel rank r of D takes local_batch samples at offset
-    (k * D + r) * local_batch within the step (strided, so the microbatch index is global)."""
+    """Serves the microbatches of each step. Global batch = consecutive global sample indices, cut
+    into M = global_batch / local_batch microbatches; data-parallel rank r of D takes the contiguous
+    block of microbatches [r * M/D, (r+1) * M/D), so each rank's partial sums are subtrees of the
+    canonical summation tree over the global microbatch index (lockstep.parallel.canonical)."""
 
     def __init__(self, windows: TokenWindows, seed: int, global_batch: int, local_batch: int) -> None:
         self.windows = windows
@@ -55,7 +56,8 @@ class DataLoader:
         all_microbatches = [self.global_microbatch(step_start, k) for k in range(num_microbatches)]
         global_tokens = sum(m.num_valid_tokens for m in all_microbatches)
         self.next_sample_index += self.global_batch
-        return all_microbatches[dp_rank::dp_degree], global_tokens
+        per_rank = num_microbatches // dp_degree
+        return all_microbatches[dp_rank * per_rank : (dp_rank + 1) * per_rank], global_tokens
 
     def state_dict(self) -> dict:
         return {"next_sample_index": self.next_sample_index, "fingerprint": self.windows.fingerprint}

@@ -22,6 +22,17 @@ def resolve_root_seed(debug: DebugConfig) -> int:
     return debug.seed if debug.seed is not None else secrets.randbits(63)
 
 
+def agree_on_seed(seed: int) -> int:
+    """Rank 0's seed on every rank (a drawn seed differs per process until broadcast)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return seed
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def derived_seed(root_seed: int, stream: str) -> int:
     """A 63-bit seed for a named stream (e.g. "torch", "pipeline_stage_1"), fixed by the root seed."""
     digest = hashlib.sha256(f"{root_seed}:{stream}".encode()).digest()

@@ -32,9 +32,6 @@ class MetricsLogger:
 
             self._wandb = wandb.init(project="lockstep", name=run_name, dir=str(run_folder))
 
-    def should_log(self, step: int, last_step: int) -> bool:
-        return step == 1 or step == last_step or step % self.config.log_freq == 0
-
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

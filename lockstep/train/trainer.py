@@ -18,13 +18,21 @@ import torch
 
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import resolve_global_batch_size
+from lockstep.config.job import data_parallel_degree, resolve_global_batch_size
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.registry import check_model_name
-from lockstep.train.determinism import configure_determinism, derived_seed, resolve_root_seed, seed_everything
+from lockstep.parallel.canonical import TreeSum, clip_, grad_norm_fp64, tree_all_reduce
+from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
+from lockstep.train.determinism import (
+    agree_on_seed,
+    configure_determinism,
+    derived_seed,
+    resolve_root_seed,
+    seed_everything,
+)
 from lockstep.train.loss import global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import build_model
@@ -71,21 +79,23 @@ class GracefulStop:
 
 class Trainer:
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        validate_job_config(config, world_size)
+        self.world = world_from_env()
+        validate_job_config(config, self.world.world_size)
         check_model_name(config.model)
         self.config = config
         self.device = resolve_device(config.training)
+        self.dp_degree = data_parallel_degree(config.parallelism, self.world.world_size)
         if config.model.attention == "flex" and self.device.type != "cuda":
             raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU")
         configure_determinism(config.debug)
-        config.debug.seed = resolve_root_seed(config.debug)  # written to config.toml, so the run repeats
+        init_process_group(self.world, self.device)
+        config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
         self.seeds = seed_everything(config.debug.seed) | {"data": derived_seed(config.debug.seed, "data")}
 
         training = config.training
         self.tokenizer = build_tokenizer(config.model, config.data)
         windows = build_token_windows(training, config.data, self.tokenizer)
-        self.global_batch = resolve_global_batch_size(training, dp_degree=1)
+        self.global_batch = resolve_global_batch_size(training, self.dp_degree)
         self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, training.local_batch_size)
 
         self.model = build_model(
@@ -101,10 +111,12 @@ class Trainer:
 
         self.run_folder = Path(config.job.dump_folder)
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
-        env = environment(self.device, world_size, self.seeds, fingerprints)
-        metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env)
-        self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
-        self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress)
+        env = environment(self.device, self.world.world_size, self.seeds, fingerprints)
+        self.metrics = None
+        if self.world.is_main:  # rank 0 writes the run folder and prints
+            metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env)
+            self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
+        self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.flops_per_token = self.model.num_flops_per_token(training.seq_len)
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
@@ -116,10 +128,14 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors."""
-        microbatches, global_tokens = self.loader.next_step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
+        """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors.
+
+        Gradients and losses of the microbatches are summed in the canonical tree order over the
+        global microbatch index (within the rank, then across data-parallel ranks), so the result
+        is bitwise the same for any data-parallel degree."""
+        microbatches, global_tokens = self.loader.next_step(self.world.rank, self.dp_degree)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_sum, loss_sum = TreeSum(), TreeSum()
         for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
             masks = (
@@ -130,16 +146,24 @@ class Trainer:
             with self._autocast():
                 microbatch_loss = self.loss_fn(self.model(inputs, masks), labels, global_tokens)
             microbatch_loss.backward()
-            loss += microbatch_loss.detach()
-        max_norm = self.config.training.max_norm
-        params = list(self.model.parameters())
-        if max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            grad_sum.add([p.grad for p in params])
+            loss_sum.add([microbatch_loss.detach().reshape(1)])
+            for p in params:
+                p.grad = None
+        grads, (loss,) = grad_sum.result(), loss_sum.result()
+        if self.dp_degree > 1:
+            reduced = tree_all_reduce(torch.cat([g.reshape(-1) for g in grads] + [loss]))
+            loss = reduced[-1:]
+            grads = [r.view_as(g) for r, g in zip(reduced.split([g.numel() for g in grads] + [1]), grads, strict=False)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        grad_norm = grad_norm_fp64(grads)
+        if self.config.training.max_norm > 0:
+            clip_(grads, grad_norm, self.config.training.max_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
-        return loss, grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss[0], grad_norm
 
     def train(self) -> Path:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""
@@ -155,19 +179,25 @@ class Trainer:
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     interval_steps += 1
-                    if self.metrics.should_log(self.state.step, steps) or stop.requested:
+                    if self._should_log(self.state.step, steps, stop.requested):
                         elapsed = time.perf_counter() - interval_start
                         record = self._record(loss, grad_norm, lr, interval_steps * tokens_per_step / elapsed)
-                        self.metrics.log(record)
+                        if self.metrics is not None:
+                            self.metrics.log(record)
                         self.display.print(format_record(record))
                         interval_start, interval_steps = time.perf_counter(), 0
                     self.display.step(self.state.step, None)
                 if stop.requested:
                     self.display.print(f"stopped by signal after step {self.state.step}")
             finally:
-                self.metrics.close()
+                if self.metrics is not None:
+                    self.metrics.close()
                 self.display.close()
+                destroy_process_group()
         return self.run_folder
+
+    def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
+        return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
 
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens_per_sec: float) -> dict:
         tflops = tokens_per_sec * self.flops_per_token / 1e12

@@ -78,9 +78,18 @@ def test_impossible_values_are_refused(overrides, key, fragment):
     assert fragment in str(error.value)
 
 
-def test_world_size_above_one_is_not_yet_supported():
-    with pytest.raises(ConfigError, match="not yet supported"):
-        validate_job_config(load_config("llama3_debug", []), world_size=2)
+def test_data_parallel_degrees():
+    with pytest.raises(ConfigError, match="data_parallel_replicate_degree 2"):
+        validate_job_config(load_config("llama3_debug", []), world_size=2)  # FSDP fill: not yet
+    validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "2"]), 2)
+    overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
+    with pytest.raises(ConfigError, match="world size is 4"):
+        validate_job_config(load_config("llama3_debug", overrides), 4)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "3"]), 3)
+    overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--training.global_batch_size", "48"]
+    with pytest.raises(ConfigError, match="microbatches per rank"):
+        validate_job_config(load_config("llama3_debug", overrides), 2)
 
 
 def test_unknown_section_in_toml(tmp_path):

@@ -1,0 +1,43 @@
+"""Run a test body on N ranks: spawned processes with torchrun's environment variables and one
+thread each (2-core CI machine), gloo on the CPU."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from collections.abc import Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)
+    fn(*args)
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:
+    """Call fn(*args) in world_size fresh processes; raise if any rank fails or hangs."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=_entry, args=(fn, r, world_size, port, args)) for r in range(world_size)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(processes) if p.is_alive()]
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    failed = {r: p.exitcode for r, p in enumerate(processes) if p.exitcode not in (0, None)}
+    assert not hung and not failed, f"ranks hung: {hung}, ranks failed (exit codes): {failed}"
