@@ -22,10 +22,14 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_one(seq_len: int, batch: int, steps: int, threads: int, extra: list[str], peak: float) -> dict:
+def run_one(seq_len: int, batch: int, steps: int, threads: int, extra: list[str], peak: float, nproc: int = 1) -> dict:
+    """One training run; nproc > 1 launches torchrun with that many ranks (threads each)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
     with tempfile.TemporaryDirectory() as folder:
         command = [
-            sys.executable, "-m", "lockstep.train", "--config", "llama3_debug",
+            *launcher, "-m", "lockstep.train", "--config", "llama3_debug",
             "--training.seq_len", str(seq_len), "--training.local_batch_size", str(batch),
             "--training.steps", str(steps), "--metrics.log_freq", "5", "--job.dump_folder", folder,
             "--training.device", "cpu", *extra,

@@ -214,6 +214,11 @@ class DebugConfig:
     """torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG."""
     deterministic_warn_only: bool = False
     """With deterministic: warn instead of failing on an op without a deterministic kernel."""
+    layout_invariant_reductions: bool = True
+    """Sum gradients, losses and norms in one fixed tree order over the global microbatch index, so
+    any data-parallel degree gives bitwise-identical numbers (docs/layout-invariance.md). Off: plain
+    .grad accumulation, all_reduce(SUM) and clip_grad_norm_ (the usual, layout-dependent way).
+    Required by debug.deterministic."""
     moe_force_load_balance: bool = False
     """MoE models: route tokens round-robin so every expert gets the same count."""
     detect_anomaly: bool = False
@@ -231,6 +236,11 @@ class DebugConfig:
             not self.deterministic_warn_only or self.deterministic,
             "debug.deterministic_warn_only",
             "only has an effect with --debug.deterministic; set both",
+        )
+        _require(
+            self.layout_invariant_reductions or not self.deterministic,
+            "debug.layout_invariant_reductions",
+            "debug.deterministic needs the layout-invariant reductions; drop --debug.no-layout-invariant-reductions",
         )
 
 

@@ -128,13 +128,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors.
-
-        Gradients and losses of the microbatches are summed in the canonical tree order over the
-        global microbatch index (within the rank, then across data-parallel ranks), so the result
-        is bitwise the same for any data-parallel degree."""
+        """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors."""
         microbatches, global_tokens = self.loader.next_step(self.world.rank, self.dp_degree)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        invariant = self.config.debug.layout_invariant_reductions
         grad_sum, loss_sum = TreeSum(), TreeSum()
         for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
@@ -146,24 +143,42 @@ class Trainer:
             with self._autocast():
                 microbatch_loss = self.loss_fn(self.model(inputs, masks), labels, global_tokens)
             microbatch_loss.backward()
-            grad_sum.add([p.grad for p in params])
             loss_sum.add([microbatch_loss.detach().reshape(1)])
-            for p in params:
-                p.grad = None
-        grads, (loss,) = grad_sum.result(), loss_sum.result()
-        if self.dp_degree > 1:
-            reduced = tree_all_reduce(torch.cat([g.reshape(-1) for g in grads] + [loss]))
-            loss = reduced[-1:]
-            grads = [r.view_as(g) for r, g in zip(reduced.split([g.numel() for g in grads] + [1]), grads, strict=False)]
+            if invariant:  # take the grads out of .grad so the tree, not autograd, sums them
+                grad_sum.add([p.grad for p in params])
+                for p in params:
+                    p.grad = None
+        grads = grad_sum.result() if invariant else [p.grad for p in params]
+        grads, loss = self._reduce_across_ranks(grads, loss_sum.result()[0], invariant)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        grad_norm = grad_norm_fp64(grads)
-        if self.config.training.max_norm > 0:
-            clip_(grads, grad_norm, self.config.training.max_norm)
+        max_norm = self.config.training.max_norm
+        if invariant:
+            grad_norm = grad_norm_fp64(grads)
+            if max_norm > 0:
+                clip_(grads, grad_norm, max_norm)
+        elif max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss[0], grad_norm
+
+    def _reduce_across_ranks(
+        self, grads: list[torch.Tensor], loss: torch.Tensor, invariant: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sum the per-rank partial gradients and loss over data-parallel ranks, in one buffer."""
+        if self.dp_degree == 1:
+            return grads, loss
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss])
+        if invariant:
+            flat = tree_all_reduce(flat)
+        else:
+            torch.distributed.all_reduce(flat)
+        pieces = flat.split([g.numel() for g in grads] + [1])
+        return [p.view_as(g) for p, g in zip(pieces, grads, strict=False)], pieces[-1]
 
     def train(self) -> Path:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""

@@ -68,6 +68,11 @@ def test_parse_errors_name_the_key(overrides, key, fragment):
         (["--training.dataset", "parquet"], "training.dataset_path", "is required"),
         (["--debug.deterministic_warn_only"], "debug.deterministic_warn_only", "set both"),
         (["--lr_scheduler.decay_ratio", "1.5"], "lr_scheduler.decay_ratio", "must be in [0, 1]"),
+        (
+            ["--debug.deterministic", "--debug.no-layout-invariant-reductions"],
+            "debug.layout_invariant_reductions",
+            "needs the layout-invariant",
+        ),
     ],
 )
 def test_impossible_values_are_refused(overrides, key, fragment):

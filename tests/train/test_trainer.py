@@ -144,3 +144,13 @@ def test_compiled_blocks_and_loss_match_eager(tmp_path):
     compiled, _ = _run(tiny_config(tmp_path / "compiled", "--training.steps", "2", "--compile.enable"))
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_plain_reductions_agree_to_rounding(tmp_path):
+    """The usual .grad accumulation and clip_grad_norm_ give the same run up to summation order."""
+    args = ("--training.global_batch_size", "8", "--training.steps", "3")
+    canonical, _ = _run(tiny_config(tmp_path / "canonical", *args))
+    plain, _ = _run(tiny_config(tmp_path / "plain", *args, "--debug.no-layout-invariant-reductions"))
+    for a, b in zip(canonical, plain, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
