@@ -163,3 +163,12 @@ def test_custom_config_module(tmp_path, monkeypatch):
 
 def test_parse_overrides_keeps_strings():
     assert parse_overrides(["--a.b", "1", "--c.d"]) == [("a.b", "1"), ("c.d", True)]
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from lockstep.config.reference import config_reference
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config_reference() in readme, "regenerate with: lockstep config-reference"
