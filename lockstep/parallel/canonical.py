@@ -62,7 +62,7 @@ def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) 
     if world == 1:
         return flat
     gathered = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, flat.contiguous(), group=group)
+    dist.all_gather_single(gathered, flat.contiguous(), group=group)
     return tree_reduce_rows(gathered.view(world, -1))
 
 
