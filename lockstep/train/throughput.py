@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -45,8 +46,10 @@ def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> f
     cached = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
     if key not in cached:
         cached[key] = measure_cpu_matmul_peak()
-        if cache_file is not None:
-            cache_file.write_text(json.dumps(cached))
+        if cache_file is not None:  # several ranks may race: publish atomically
+            tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cached))
+            os.replace(tmp, cache_file)
     return cached[key]
 
 
