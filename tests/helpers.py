@@ -9,10 +9,10 @@ from lockstep.config.sections import ModelConfig
 from lockstep.models.registry import model_args
 
 
-def tiny_config(tmp_path, *overrides: str) -> JobConfig:
-    """A seconds-long run: the tiny Llama on the built-in corpus, one process, CPU."""
-    base = [
-        "--job.dump_folder", str(tmp_path / "run"),
+def tiny_overrides(folder) -> list[str]:
+    """CLI overrides for a seconds-long run: the tiny Llama on the built-in corpus, CPU."""
+    return [
+        "--job.dump_folder", str(folder / "run"),
         "--model.flavor", "tiny",
         "--training.steps", "6",
         "--training.local_batch_size", "2",
@@ -22,7 +22,11 @@ def tiny_config(tmp_path, *overrides: str) -> JobConfig:
         "--metrics.log_freq", "1",
         "--debug.seed", "7",
     ]  # fmt: skip
-    return load_config("llama3_debug", base + list(overrides))
+
+
+def tiny_config(folder, *overrides: str) -> JobConfig:
+    """The tiny run's typed config, one process."""
+    return load_config("llama3_debug", tiny_overrides(folder) + list(overrides))
 
 
 def tiny_model(vocab_size: int = 97, seq_len: int = 32, seed: int = 0, flavor: str = "tiny") -> torch.nn.Module:

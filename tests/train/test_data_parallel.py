@@ -11,7 +11,7 @@ import torch
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_overrides
 
 SAME_GLOBAL_BATCH = ["--training.global_batch_size", "8", "--training.local_batch_size", "2", "--debug.deterministic"]
 
@@ -48,12 +48,8 @@ def test_data_parallel_is_bitwise_identical_to_one_process(tmp_path, single_proc
 
 def test_torchrun_launch_matches_one_process(tmp_path, single_process):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch
-    args = [
-        "--config", "llama3_debug", "--job.dump_folder", str(tmp_path / "run"), "--model.flavor", "tiny",
-        "--training.steps", "6", "--training.seq_len", "32", "--training.device", "cpu",
-        "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1", "--debug.seed", "7", *SAME_GLOBAL_BATCH,
-        "--parallelism.data_parallel_replicate_degree", "2",
-    ]  # fmt: skip
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), *SAME_GLOBAL_BATCH]
+    args += ["--parallelism.data_parallel_replicate_degree", "2"]
     command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lockstep.train", *args]
     done = subprocess.run(
         command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300
