@@ -188,13 +188,15 @@ class Trainer:
         interval_start, interval_steps = time.perf_counter(), 0
         with GracefulStop().installed() as stop:
             try:
-                while self.state.step < steps and not stop.requested:
+                stopping = False
+                while self.state.step < steps and not stopping:
                     lr = self.lr_scheduler.get_last_lr()[0]
                     loss, grad_norm = self.train_step()
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     interval_steps += 1
-                    if self._should_log(self.state.step, steps, stop.requested):
+                    stopping = stop.requested  # read once: the step we stop after is always logged
+                    if self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
                         record = self._record(loss, grad_norm, lr, interval_steps * tokens_per_step / elapsed)
                         if self.metrics is not None:
@@ -202,7 +204,7 @@ class Trainer:
                         self.display.print(format_record(record))
                         interval_start, interval_steps = time.perf_counter(), 0
                     self.display.step(self.state.step, None)
-                if stop.requested:
+                if stopping:
                     self.display.print(f"stopped by signal after step {self.state.step}")
             finally:
                 if self.metrics is not None:
