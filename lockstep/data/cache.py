@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -14,6 +16,10 @@ def cache_root(cache_folder: str = "") -> Path:
     return path
 
 
-def publish(tmp_path: Path, final_path: Path) -> None:
-    """Atomic rename, so a reader never sees a half-written cache entry (several ranks may race)."""
+@contextlib.contextmanager
+def atomic_path(final_path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final_path` to write; rename it into place only if the
+    writing finished, so a reader never sees a half-written cache entry (several ranks may race)."""
+    tmp_path = final_path.with_name(f"{final_path.name}.tmp{os.getpid()}")
+    yield tmp_path
     os.replace(tmp_path, final_path)

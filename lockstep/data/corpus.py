@@ -16,7 +16,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from lockstep.data.cache import cache_root, publish
+from lockstep.data.cache import atomic_path, cache_root
 
 _SKIPPED_DIRS = {
     "site-packages",
@@ -88,16 +88,13 @@ def builtin_corpus(cache_folder: str = "") -> BuiltinCorpus:
         documents = corpus_documents()
         digest = hashlib.sha256()
         for split, keep in (("train", False), ("validation", True)):
-            tmp = folder / f"{split}.jsonl.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_path(folder / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for document in documents:
                     if _is_validation(document) == keep:
                         f.write(json.dumps({"text": document}) + "\n")
-            publish(tmp, folder / f"{split}.jsonl")
         for document in documents:
             digest.update(document.encode())
             digest.update(b"\0")
-        tmp = folder / f"sha256.tmp{os.getpid()}"
-        tmp.write_text(digest.hexdigest())
-        publish(tmp, sha_file)
+        with atomic_path(sha_file) as tmp:
+            tmp.write_text(digest.hexdigest())
     return BuiltinCorpus(folder / "train.jsonl", folder / "validation.jsonl", sha_file.read_text().strip())

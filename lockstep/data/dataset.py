@@ -10,14 +10,13 @@ a sample index.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lockstep.data.cache import cache_root, publish
+from lockstep.data.cache import atomic_path, cache_root
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
 
@@ -32,8 +31,7 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 def tokenize_to_file(source: DocumentSource, tokenizer: Tokenizer, target: Path) -> None:
     """Stream documents through the tokenizer into `target` (written under a temporary name)."""
     dtype = _dtype_for(tokenizer.vocab_size)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as out:
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
         chunk: list[str] = []
 
         def flush() -> None:
@@ -46,7 +44,6 @@ def tokenize_to_file(source: DocumentSource, tokenizer: Tokenizer, target: Path)
             if len(chunk) == _ENCODE_CHUNK:
                 flush()
         flush()
-    publish(tmp, target)
 
 
 @dataclass

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Protocol
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import DataConfig, ModelConfig
-from lockstep.data.cache import cache_root, publish
+from lockstep.data.cache import atomic_path, cache_root
 
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -126,9 +125,8 @@ def train_builtin_tokenizer(corpus_path: Path, corpus_sha256: str, cache_folder:
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"tokenizer.json.tmp{os.getpid()}"
-    tokenizer.save(str(tmp))
-    publish(tmp, target)
+    with atomic_path(target) as tmp:
+        tokenizer.save(str(tmp))
     return target
 
 

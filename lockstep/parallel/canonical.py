@@ -69,10 +69,9 @@ def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) 
 def grad_norm_fp64(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of full gradients: fp64 sum of squares per tensor, summed in list order, sqrt, fp32.
     Depends only on the gradient values and their order, never on the layout that produced them."""
-    squares = torch.stack([g.double().square().sum() for g in grads])
-    total = squares[0]
-    for s in squares[1:]:
-        total = total + s
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        total = total + g.double().square().sum()
     return total.sqrt().float()
 
 

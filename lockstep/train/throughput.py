@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import sys
 import time
 
 import torch
+
+from lockstep.data.cache import atomic_path
 
 # Dense (non-sparse) tensor-core peaks in FLOP/s, from the vendors' data sheets.
 CUDA_PEAK_FLOPS = {
@@ -46,10 +47,9 @@ def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> f
     cached = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
     if key not in cached:
         cached[key] = measure_cpu_matmul_peak()
-        if cache_file is not None:  # several ranks may race: publish atomically
-            tmp = cache_file.with_name(f"{cache_file.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cached))
-            os.replace(tmp, cache_file)
+        if cache_file is not None:
+            with atomic_path(cache_file) as tmp:
+                tmp.write_text(json.dumps(cached))
     return cached[key]
 
 
