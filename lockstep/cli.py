@@ -28,7 +28,8 @@ def _train(argv: list[str]) -> int:
         from lockstep.config import dump_toml
 
         print(dump_toml(config))
-    run_folder = trainer.train()
+    with trainer:
+        run_folder = trainer.train()
     print(f"run folder: {run_folder.resolve()}")
     return 0
 

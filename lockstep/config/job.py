@@ -13,6 +13,7 @@ from typing import Any
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import (
     NOT_YET_SUPPORTED,
+    ZERO_BUBBLE_SCHEDULES,
     ActivationCheckpointConfig,
     CheckpointConfig,
     CompileConfig,
@@ -66,8 +67,32 @@ class JobConfig:
         return {**built_in, **self.custom}
 
 
-def data_parallel_degree(parallelism: ParallelismConfig, world_size: int) -> int:
-    """replicate x shard, with shard = -1 filled from what the other degrees leave of world_size."""
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp_shard > 1
+
+    def sizes(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+
+def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> ParallelDims:
+    """The degrees with data_parallel_shard_degree = -1 filled in; refuses a product that is not the
+    world size (checked before any process group exists)."""
     others = (
         parallelism.data_parallel_replicate_degree
         * parallelism.tensor_parallel_degree
@@ -88,7 +113,12 @@ def data_parallel_degree(parallelism: ParallelismConfig, world_size: int) -> int
             f"replicate x shard x tp x pp x cp = {others * shard} but the world size is {world_size}; "
             "make the product equal the number of processes (or set data_parallel_shard_degree = -1)",
         )
-    return parallelism.data_parallel_replicate_degree * shard
+    return ParallelDims(
+        pp=parallelism.pipeline_parallel_degree,
+        dp_replicate=parallelism.data_parallel_replicate_degree,
+        dp_shard=shard,
+        tp=parallelism.tensor_parallel_degree,
+    )
 
 
 def resolve_global_batch_size(training: TrainingConfig, dp_degree: int) -> int:
@@ -111,33 +141,71 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         validate = getattr(section, "validate", None)
         if validate is not None:
             validate()
-    parallelism = config.parallelism
-    for name in (
-        "tensor_parallel_degree",
-        "pipeline_parallel_degree",
-        "context_parallel_degree",
-        "expert_parallel_degree",
-    ):
-        if getattr(parallelism, name) != 1:
-            raise ConfigError(f"parallelism.{name}", f"degree {getattr(parallelism, name)} is {NOT_YET_SUPPORTED}")
-    dp_degree = data_parallel_degree(parallelism, world_size)
-    if dp_degree != parallelism.data_parallel_replicate_degree:
-        raise ConfigError(
-            "parallelism.data_parallel_shard_degree",
-            f"FSDP (a shard degree of {dp_degree // parallelism.data_parallel_replicate_degree}) is "
-            f"{NOT_YET_SUPPORTED}; replicate instead: --parallelism.data_parallel_replicate_degree {world_size}",
-        )
-    global_batch = resolve_global_batch_size(config.training, dp_degree)
-    microbatches_per_rank = global_batch // (config.training.local_batch_size * dp_degree)
-    if dp_degree > 1 and not (_is_power_of_two(dp_degree) and _is_power_of_two(microbatches_per_rank)):
+    _validate_unsupported_axes(config.parallelism)
+    dims = resolve_parallel_dims(config.parallelism, world_size)
+    global_batch = resolve_global_batch_size(config.training, dims.dp)
+    if dims.pp > 1:
+        _validate_pipeline(config, global_batch // dims.dp)
+    microbatches_per_rank = global_batch // (config.training.local_batch_size * dims.dp)
+    invariant = config.debug.layout_invariant_reductions
+    if invariant and dims.dp > 1 and not (_is_power_of_two(dims.dp) and _is_power_of_two(microbatches_per_rank)):
         raise ConfigError(
             "training.global_batch_size",
-            f"data parallelism sums gradients in a fixed tree over the global microbatch index, which needs a "
-            f"power-of-two data-parallel degree (got {dp_degree}) and microbatches per rank (got "
-            f"{microbatches_per_rank}); choose global_batch_size = local_batch_size x {dp_degree} x 2^k",
+            f"layout-invariant reductions sum gradients in a fixed tree over the global microbatch index, which "
+            f"needs a power-of-two data-parallel degree (got {dims.dp}) and microbatches per rank (got "
+            f"{microbatches_per_rank}); choose global_batch_size = local_batch_size x {dims.dp} x 2^k "
+            "(or set debug.layout_invariant_reductions = false)",
         )
     if config.checkpoint.enable:
         raise ConfigError("checkpoint.enable", f"checkpointing is {NOT_YET_SUPPORTED}")
+
+
+def _validate_unsupported_axes(parallelism: ParallelismConfig) -> None:
+    if parallelism.context_parallel_degree != 1:
+        raise ConfigError(
+            "parallelism.context_parallel_degree",
+            f"context parallelism is {NOT_YET_SUPPORTED}: torch's ring attention takes no document mask and has "
+            "no CPU kernel (see README, Parallelism); use tensor or pipeline parallelism for long sequences",
+        )
+    if parallelism.expert_parallel_degree != 1:
+        raise ConfigError(
+            "parallelism.expert_parallel_degree",
+            f"expert parallelism is {NOT_YET_SUPPORTED}: it needs a mixture-of-experts model",
+        )
+
+
+def _validate_pipeline(config: JobConfig, samples_per_rank: int) -> None:
+    parallelism, training = config.parallelism, config.training
+    microbatch = parallelism.pipeline_parallel_microbatch_size
+    if training.local_batch_size % microbatch:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_microbatch_size",
+            f"{microbatch} does not divide training.local_batch_size = {training.local_batch_size}; "
+            "use a divisor of it",
+        )
+    num_microbatches = samples_per_rank // microbatch
+    if num_microbatches < parallelism.pipeline_parallel_degree:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_microbatch_size",
+            f"{parallelism.pipeline_parallel_schedule} needs at least pp degree = "
+            f"{parallelism.pipeline_parallel_degree} microbatches per step and rank, got {num_microbatches}; "
+            "lower the microbatch size or raise training.global_batch_size",
+        )
+    if not config.debug.layout_invariant_reductions:
+        return
+    if parallelism.pipeline_parallel_schedule in ZERO_BUBBLE_SCHEDULES:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_schedule",
+            f"{parallelism.pipeline_parallel_schedule} accumulates weight gradients outside autograd, so "
+            "layout-invariant reductions cannot order them; use GPipe, 1F1B, Interleaved1F1B or LoopedBFS, "
+            "or set debug.layout_invariant_reductions = false",
+        )
+    if not _is_power_of_two(num_microbatches):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"layout-invariant reductions need a power-of-two number of pipeline microbatches per rank and step "
+            f"(got {num_microbatches} = {samples_per_rank} samples / microbatch size {microbatch})",
+        )
 
 
 def _is_power_of_two(n: int) -> bool:

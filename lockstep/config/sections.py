@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from lockstep.config.errors import ConfigError
 
 NOT_YET_SUPPORTED = "not yet supported in this version of lockstep"
+SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+PIPELINE_SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES
+ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+"""These compute weight gradients apart from autograd's accumulation (no per-microbatch hook fires)."""
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -268,9 +273,14 @@ class ParallelismConfig:
     pipeline_parallel_degree: int = 1
     """Pipeline stages."""
     pipeline_parallel_schedule: str = "1F1B"
-    """GPipe, 1F1B, Interleaved1F1B, ZBVZeroBubble, ..."""
+    """A torch.distributed.pipelining schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble,
+    ZBVZeroBubble or DualPipeV (the last four run two stages per rank)."""
     pipeline_parallel_microbatch_size: int = 1
-    """Samples per pipeline microbatch."""
+    """Samples per pipeline microbatch; a rank's share of the global batch is cut into microbatches of this size."""
+    pipeline_parallel_split_points: list[str] = field(default_factory=list)
+    """Explicit stage boundaries as the first layer of each later stage, e.g. ["layers.4"]; empty = even split."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (ZeRO-3) or keep them until backward (ZeRO-2, more memory)."""
     context_parallel_degree: int = 1
     """Context (sequence) parallel degree."""
     expert_parallel_degree: int = 1
@@ -290,6 +300,7 @@ class ParallelismConfig:
             "parallelism.data_parallel_shard_degree",
             "must be >= 1, or -1 to fill the world size",
         )
+        _one_of(self.pipeline_parallel_schedule, PIPELINE_SCHEDULES, "parallelism.pipeline_parallel_schedule")
         _require(
             self.pipeline_parallel_microbatch_size >= 1,
             "parallelism.pipeline_parallel_microbatch_size",

@@ -13,6 +13,7 @@ from torch import nn
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3
+from lockstep.models.llama3 import parallel_plan as llama3_plan
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,20 @@ class ModelSpec:
     flavors: dict[str, Any]
     build: Callable[[Any, str], nn.Module]
     """(args, attention backend) -> model; call it under torch.device("meta")."""
+    tensor_parallel_plan: Callable[[nn.Module], dict[str, Any]]
+    """model (or pipeline stage) -> {module name: torch ParallelStyle}."""
+    check_tensor_parallel_degree: Callable[[Any, int], str | None]
+    """(args, degree) -> why the degree cannot split the model, or None."""
 
 
 MODELS: dict[str, ModelSpec] = {
-    "llama3": ModelSpec("llama3", LLAMA3_FLAVORS, lambda args, backend: Llama3(args, backend)),
+    "llama3": ModelSpec(
+        "llama3",
+        LLAMA3_FLAVORS,
+        lambda args, backend: Llama3(args, backend),
+        llama3_plan.tensor_parallel_plan,
+        llama3_plan.check_tensor_parallel_degree,
+    ),
 }
 
 

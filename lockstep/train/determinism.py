@@ -39,16 +39,32 @@ def derived_seed(root_seed: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def seed_everything(root_seed: int) -> dict[str, int]:
-    """Seed torch (CPU and CUDA), Python and NumPy global generators; returns the seeds, for env.json."""
+def torch_seed(root_seed: int, pipeline_rank: int) -> int:
+    """Identical across data/tensor-parallel ranks (they must draw the same numbers), distinct per
+    pipeline rank (its stages hold different layers)."""
+    return derived_seed(root_seed, "torch" if pipeline_rank == 0 else f"torch/pipeline_rank_{pipeline_rank}")
+
+
+def seed_everything(root_seed: int, pipeline_rank: int = 0, mesh=None) -> dict:
+    """Seed torch (CPU and CUDA), DTensor's RNG on CUDA meshes, Python and NumPy; returns every seed
+    of the run (all pipeline ranks' included), for env.json."""
+    pipeline_degree = 1 if mesh is None else mesh["pp"].size()
     seeds = {
         "root": root_seed,
-        "torch": derived_seed(root_seed, "torch"),
+        "torch": torch_seed(root_seed, pipeline_rank),
+        "torch_by_pipeline_rank": [torch_seed(root_seed, r) for r in range(pipeline_degree)],
         "python": derived_seed(root_seed, "python"),
+        "data": derived_seed(root_seed, "data"),
     }
     torch.manual_seed(seeds["torch"])
     random.seed(seeds["python"])
     np.random.seed(seeds["python"] % 2**32)
+    if mesh is not None and mesh.device_type == "cuda":
+        from torch.distributed.tensor._random import manual_seed
+
+        # Over the SPMD axes only: the stages of a pipeline keep their own seeds.
+        manual_seed(seeds["torch"], mesh["dp_replicate", "dp_shard", "tp"])
+        seeds["dtensor"] = seeds["torch"]
     return seeds
 
 

@@ -19,3 +19,15 @@ def summed_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> t
 
 def global_batch_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, global_valid_tokens: int) -> torch.Tensor:
     return summed_cross_entropy(logits_BSV, labels_BS) / global_valid_tokens
+
+
+class PipelineLoss:
+    """The loss a pipeline schedule calls as loss_fn(logits, labels) per microbatch; the trainer sets
+    the global valid-token count before each step."""
+
+    def __init__(self, loss_fn=global_batch_loss) -> None:
+        self.loss_fn = loss_fn
+        self.global_tokens = 1
+
+    def __call__(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits_BSV, labels_BS, self.global_tokens)

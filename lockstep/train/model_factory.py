@@ -1,30 +1,90 @@
-"""Build a model: meta device, then the model transformations in their fixed order, then
-materialise and initialise from the root seed (so any layout starts from identical weights)."""
+"""Build the model for a layout: meta device, the pipeline split, then the model transformations in
+their fixed order (tensor parallel, activation checkpointing, compile, FSDP), then materialise and
+initialise from the root seed (so every layout starts from identical weights)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
-from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, ModelConfig
+from lockstep.config.errors import ConfigError
+from lockstep.config.job import ParallelDims
+from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, ModelConfig, ParallelismConfig
 from lockstep.models.registry import model_args
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
 from lockstep.parallel.compile import apply_compile
+from lockstep.parallel.fsdp import apply_fsdp
+from lockstep.parallel.pipeline import Pipeline, pipeline_llm
+from lockstep.parallel.tensor_parallel import apply_tensor_parallel
+
+
+@dataclass
+class Layout:
+    """What the model transformations need to know about the run, resolved once by the trainer."""
+
+    dims: ParallelDims
+    mesh: DeviceMesh | None
+    device: torch.device
+    mixed_precision: str
+    canonical_reductions: bool
+    root_seed: int
+
+
+@dataclass
+class BuiltModel:
+    parts: list[nn.Module]
+    """This rank's model: one module, or its pipeline stages."""
+    param_names: list[str]
+    """Parameter names of the whole model in definition order (all stages)."""
+    flops_per_token: int
+    fsdp_modules: list[nn.Module] = field(default_factory=list)
+    pipeline: Pipeline | None = None
 
 
 def build_model(
     model: ModelConfig,
     activation_checkpoint: ActivationCheckpointConfig,
     compile_config: CompileConfig,
+    parallelism: ParallelismConfig,
+    layout: Layout,
     vocab_size: int,
     seq_len: int,
-    root_seed: int,
-    device: torch.device,
-) -> nn.Module:
+    pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    num_pipeline_microbatches: int = 0,
+) -> BuiltModel:
     spec, args = model_args(model, vocab_size, seq_len)
+    dims = layout.dims
+    if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
+        raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
     with torch.device("meta"):
-        module = spec.build(args, model.attention)
-    apply_activation_checkpointing(module.layers, activation_checkpoint)
-    apply_compile(module.layers, compile_config)
-    module.init_weights(root_seed, device)
-    return module
+        whole = spec.build(args, model.attention)
+    built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len))
+
+    def parallelize(part: nn.Module) -> nn.Module:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, layout.mesh["tp"], spec.tensor_parallel_plan(part))
+        apply_activation_checkpointing(part.layers, activation_checkpoint)
+        apply_compile(part.layers, compile_config)
+        if dims.fsdp:
+            built.fsdp_modules += apply_fsdp(
+                part,
+                layout.mesh["dp_shard"],
+                layout.mixed_precision,
+                reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
+                canonical_reduce_scatter=layout.canonical_reductions,
+            )
+        part.init_weights(layout.root_seed, layout.device)
+        return part
+
+    if dims.pp > 1:
+        built.pipeline = pipeline_llm(
+            whole, layout.mesh["pp"], parallelism, num_pipeline_microbatches, layout.device, pipeline_loss, parallelize
+        )
+        built.parts = built.pipeline.model_parts
+    else:
+        built.parts = [parallelize(whole)]
+    return built

@@ -46,7 +46,9 @@ def git_revision() -> dict[str, Any]:
         return {"revision": None, "dirty": None}
 
 
-def environment(device: torch.device, world_size: int, seeds: dict[str, int], fingerprints: dict[str, str]) -> dict:
+def environment(
+    device: torch.device, world_size: int, seeds: dict, fingerprints: dict[str, str], layout: dict | None = None
+) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "lockstep_version": _version("lockstep"),
@@ -57,6 +59,7 @@ def environment(device: torch.device, world_size: int, seeds: dict[str, int], fi
         "device": {"type": device.type, "name": device_name, "cuda": torch.version.cuda},
         "threads": torch.get_num_threads(),
         "world_size": world_size,
+        "layout": layout or {},
         "seeds": seeds,
         "fingerprints": fingerprints,
         "command": sys.argv,

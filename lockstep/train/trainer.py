@@ -15,28 +15,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import data_parallel_degree, resolve_global_batch_size
+from lockstep.config.job import resolve_global_batch_size, resolve_parallel_dims
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
-from lockstep.data.loader import DataLoader, build_token_windows
+from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
+from lockstep.models.common.attention import AttentionMasks
 from lockstep.models.registry import check_model_name
-from lockstep.parallel.canonical import TreeSum, clip_, grad_norm_fp64, tree_all_reduce
+from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, grad_norm_fp64
+from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
-from lockstep.train.determinism import (
-    agree_on_seed,
-    configure_determinism,
-    derived_seed,
-    resolve_root_seed,
-    seed_everything,
-)
-from lockstep.train.loss import global_batch_loss
+from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
+from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
-from lockstep.train.model_factory import build_model
+from lockstep.train.model_factory import Layout, build_model
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
+from lockstep.train.reduction import CrossRankReducer, any_rank
 from lockstep.train.run_folder import environment, prepare_run_folder
 from lockstep.train.throughput import peak_flops, peak_memory_gib
 
@@ -84,101 +82,148 @@ class Trainer:
         check_model_name(config.model)
         self.config = config
         self.device = resolve_device(config.training)
-        self.dp_degree = data_parallel_degree(config.parallelism, self.world.world_size)
+        self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
         if config.model.attention == "flex" and self.device.type != "cuda":
             raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU")
         configure_determinism(config.debug)
         init_process_group(self.world, self.device)
+        self.mesh = build_mesh(self.dims, self.device)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
-        self.seeds = seed_everything(config.debug.seed) | {"data": derived_seed(config.debug.seed, "data")}
+        self.seeds = seed_everything(config.debug.seed, axis_rank(self.mesh, "pp"), self.mesh)
 
         training = config.training
         self.tokenizer = build_tokenizer(config.model, config.data)
         windows = build_token_windows(training, config.data, self.tokenizer)
-        self.global_batch = resolve_global_batch_size(training, self.dp_degree)
+        self.global_batch = resolve_global_batch_size(training, self.dims.dp)
+        self.dp_rank = axis_rank(self.mesh, "dp")
         self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, training.local_batch_size)
 
-        self.model = build_model(
-            config.model, config.activation_checkpoint, config.compile,
-            self.tokenizer.vocab_size, training.seq_len, config.debug.seed, self.device,
-        )  # fmt: skip
-        self.optimizer = build_optimizer(self.model.parameters(), config.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
         self.loss_fn = global_batch_loss
         if config.compile.enable and "loss" in config.compile.components:
             self.loss_fn = torch.compile(global_batch_loss)
+        self.pipeline_loss = PipelineLoss(self.loss_fn)
+        # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
+        # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
+        canonical = config.debug.layout_invariant_reductions
+        layout = Layout(self.dims, self.mesh, self.device, training.mixed_precision, canonical, config.debug.seed)
+        self.model = build_model(
+            config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
+            self.tokenizer.vocab_size, training.seq_len, self.pipeline_loss,
+            self.global_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
+        )  # fmt: skip
+        self.gradient_tree = None
+        if canonical and not (self.dims.fsdp and training.mixed_precision == "bf16"):
+            self.gradient_tree = GradientTree()
+            if self.model.fsdp_modules:
+                self.gradient_tree.watch_when_gathered(self.model.fsdp_modules)
+            else:
+                self.gradient_tree.watch(p for part in self.model.parts for p in part.parameters())
+        self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
+        self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
+        self.optimizer = build_optimizer([p for _, p in self.named_params], config.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
         self.state = TrainState()
 
         self.run_folder = Path(config.job.dump_folder)
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
-        env = environment(self.device, self.world.world_size, self.seeds, fingerprints)
+        layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
+        env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics = None
         if self.world.is_main:  # rank 0 writes the run folder and prints
             metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env)
             self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
-        self.flops_per_token = self.model.num_flops_per_token(training.seq_len)
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
         )
 
     def _autocast(self):
-        if self.config.training.mixed_precision == "bf16":
+        if self.config.training.mixed_precision == "bf16" and not self.dims.fsdp:  # FSDP casts by its policy
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _masks(self, inputs: torch.Tensor) -> AttentionMasks | None:
+        if not self.config.data.document_masking:
+            return None
+        return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id)
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors."""
-        microbatches, global_tokens = self.loader.next_step(self.world.rank, self.dp_degree)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        invariant = self.config.debug.layout_invariant_reductions
-        grad_sum, loss_sum = TreeSum(), TreeSum()
-        for mb in microbatches:
-            inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
-            masks = (
-                self.model.get_attention_masks(inputs, self.tokenizer.eos_id)
-                if self.config.data.document_masking
-                else None
-            )
-            with self._autocast():
-                microbatch_loss = self.loss_fn(self.model(inputs, masks), labels, global_tokens)
-            microbatch_loss.backward()
-            loss_sum.add([microbatch_loss.detach().reshape(1)])
-            if invariant:  # take the grads out of .grad so the tree, not autograd, sums them
-                grad_sum.add([p.grad for p in params])
-                for p in params:
-                    p.grad = None
-        grads = grad_sum.result() if invariant else [p.grad for p in params]
-        grads, loss = self._reduce_across_ranks(grads, loss_sum.result()[0], invariant)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        max_norm = self.config.training.max_norm
-        if invariant:
-            grad_norm = grad_norm_fp64(grads)
-            if max_norm > 0:
-                clip_(grads, grad_norm, max_norm)
-        elif max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp)
+        if self.model.pipeline is not None:
+            loss = self._forward_backward_pipeline(microbatches, global_tokens)
         else:
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            loss = self._forward_backward(microbatches, global_tokens)
+        if self.gradient_tree is not None:
+            self.gradient_tree.check_complete()
+        named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
+        self.reducer.sum_replicas(list(named_grads.values()))
+        grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
+        if self.config.training.max_norm > 0:
+            clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss[0], grad_norm
+        return self.reducer.global_loss(loss), grad_norm
 
-    def _reduce_across_ranks(
-        self, grads: list[torch.Tensor], loss: torch.Tensor, invariant: bool
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Sum the per-rank partial gradients and loss over data-parallel ranks, in one buffer."""
-        if self.dp_degree == 1:
-            return grads, loss
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss])
-        if invariant:
-            flat = tree_all_reduce(flat)
-        else:
-            torch.distributed.all_reduce(flat)
-        pieces = flat.split([g.numel() for g in grads] + [1])
-        return [p.view_as(g) for p, g in zip(pieces, grads, strict=False)], pieces[-1]
+    def _forward_backward(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
+        """Forward and backward of this rank's microbatches; returns their summed loss (tree order)."""
+        model, losses = self.model.parts[0], TreeSum()
+        if self.gradient_tree is not None:
+            self.gradient_tree.begin_step(len(microbatches))
+        for i, mb in enumerate(microbatches):
+            if self.model.fsdp_modules and self.gradient_tree is not None:
+                # Sum the local tree unsharded; reduce-scatter it once, after the last microbatch.
+                model.set_requires_gradient_sync(i == len(microbatches) - 1)
+            inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
+            with self._autocast():
+                microbatch_loss = self.loss_fn(model(inputs, self._masks(inputs)), labels, global_tokens)
+            microbatch_loss.backward()
+            losses.add([microbatch_loss.detach().reshape(1)])
+        return losses.result()[0]
+
+    def _forward_backward_pipeline(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
+        """This rank's samples go through the schedule in one call, cut into pipeline microbatches;
+        returns the summed loss on the last stage and 0 elsewhere."""
+        pipeline = self.model.pipeline
+        inputs = torch.cat([mb.inputs for mb in microbatches]).to(self.device)
+        labels = torch.cat([mb.labels for mb in microbatches]).to(self.device)
+        masks = self._masks(inputs)
+        kwargs = {} if masks is None else {"attention_masks": masks}
+        self.pipeline_loss.global_tokens = global_tokens
+        if self.gradient_tree is not None:
+            self.gradient_tree.begin_step(pipeline.num_microbatches)
+        losses: list[torch.Tensor] = []
+        target = labels if pipeline.has_last_stage else None
+        with self._autocast():
+            if pipeline.has_first_stage:
+                pipeline.schedule.step(inputs, target=target, losses=losses, **kwargs)
+            else:
+                pipeline.schedule.step(target=target, losses=losses, **kwargs)
+        if not pipeline.has_last_stage:
+            return torch.zeros(1, device=self.device)
+        total = TreeSum()
+        for microbatch_loss in losses:
+            total.add([microbatch_loss.detach().float().reshape(1)])
+        return total.result()[0]
+
+    def close(self) -> None:
+        """Tear down the process group (after any last collective, e.g. full_weights)."""
+        destroy_process_group()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters as full tensors (DTensors gathered), for tests and tools."""
+        return {
+            name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for part in self.model.parts
+            for name, p in part.named_parameters()
+        }
 
     def train(self) -> Path:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""
@@ -195,7 +240,8 @@ class Trainer:
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     interval_steps += 1
-                    stopping = stop.requested  # read once: the step we stop after is always logged
+                    # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
+                    stopping = any_rank(stop.requested, self.device)
                     if self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
                         record = self._record(loss, grad_norm, lr, interval_steps * tokens_per_step / elapsed)
@@ -210,14 +256,13 @@ class Trainer:
                 if self.metrics is not None:
                     self.metrics.close()
                 self.display.close()
-                destroy_process_group()
         return self.run_folder
 
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
 
     def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens_per_sec: float) -> dict:
-        tflops = tokens_per_sec * self.flops_per_token / 1e12
+        tflops = tokens_per_sec * self.model.flops_per_token / 1e12
         return {
             "step": self.state.step,
             "loss": loss.item(),

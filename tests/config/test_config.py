@@ -62,7 +62,10 @@ def test_parse_errors_name_the_key(overrides, key, fragment):
         (["--training.steps", "0"], "training.steps", "must be > 0"),
         (["--training.global_batch_size", "12"], "training.global_batch_size", "use a multiple of 8"),
         (["--training.mixed_precision", "fp8"], "training.mixed_precision", "must be one of"),
-        (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "not yet supported"),
+        (["--parallelism.tensor_parallel_degree", "2"], "parallelism.data_parallel_shard_degree", "not divisible"),
+        (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree", "no document mask"),
+        (["--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree", "mixture-of-experts"),
+        (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "one of"),
         (["--checkpoint.enable"], "checkpoint.enable", "not yet supported"),
         (["--model.tokenizer", "hf"], "model.tokenizer_path", "is required"),
         (["--training.dataset", "parquet"], "training.dataset_path", "is required"),
@@ -83,18 +86,36 @@ def test_impossible_values_are_refused(overrides, key, fragment):
     assert fragment in str(error.value)
 
 
-def test_data_parallel_degrees():
-    with pytest.raises(ConfigError, match="data_parallel_replicate_degree 2"):
-        validate_job_config(load_config("llama3_debug", []), world_size=2)  # FSDP fill: not yet
+def test_parallel_degrees():
+    validate_job_config(load_config("llama3_debug", []), world_size=2)  # FSDP fills the world
     validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "2"]), 2)
     overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
     with pytest.raises(ConfigError, match="world size is 4"):
         validate_job_config(load_config("llama3_debug", overrides), 4)
+    with pytest.raises(ConfigError, match="not divisible by replicate x tp x pp x cp = 2"):
+        validate_job_config(load_config("llama3_debug", ["--parallelism.tensor_parallel_degree", "2"]), 3)
     with pytest.raises(ConfigError, match="power-of-two"):
         validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "3"]), 3)
+    overrides = ["--parallelism.data_parallel_replicate_degree", "3", "--debug.no-layout-invariant-reductions"]
+    validate_job_config(load_config("llama3_debug", overrides), 3)  # any degree without the canonical tree
     overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--training.global_batch_size", "48"]
     with pytest.raises(ConfigError, match="microbatches per rank"):
         validate_job_config(load_config("llama3_debug", overrides), 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["--parallelism.pipeline_parallel_microbatch_size", "3"], "does not divide training.local_batch_size"),
+        (["--parallelism.pipeline_parallel_microbatch_size", "8"], "needs at least pp degree = 2 microbatches"),
+        (["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"], "accumulates weight gradients outside"),
+        (["--training.global_batch_size", "24"], "power-of-two number of pipeline microbatches"),
+    ],
+)
+def test_pipeline_settings_are_checked(overrides, fragment):
+    base = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "8"]
+    with pytest.raises(ConfigError, match=fragment):
+        validate_job_config(load_config("llama3_debug", base + overrides), 2)
 
 
 def test_unknown_section_in_toml(tmp_path):

@@ -36,7 +36,7 @@ def test_deterministic_cuda_runs_are_bitwise_identical(tmp_path, attention):
             "--training.seq_len", "128",
         )  # fmt: skip
         trainer = Trainer(config, show_progress=False)
-        return read_metrics(trainer.train()), trainer.model.state_dict()
+        return read_metrics(trainer.train()), trainer.full_weights()
 
     metrics_a, weights_a = run("a")
     metrics_b, weights_b = run("b")

@@ -18,10 +18,10 @@ SAME_GLOBAL_BATCH = ["--training.global_batch_size", "8", "--training.local_batc
 
 def _train(folder, replicate: int, weights_file) -> None:
     config = tiny_config(folder, *SAME_GLOBAL_BATCH, "--parallelism.data_parallel_replicate_degree", str(replicate))
-    trainer = Trainer(config, show_progress=False)
-    trainer.train()
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(trainer.model.state_dict(), weights_file)
+    with Trainer(config, show_progress=False) as trainer:
+        trainer.train()
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(trainer.full_weights(), weights_file)
 
 
 def _result(folder, weights_file):

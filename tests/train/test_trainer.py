@@ -22,7 +22,7 @@ from tests.helpers import tiny_config, tiny_model
 def _run(config) -> tuple[list[dict], dict[str, torch.Tensor]]:
     trainer = Trainer(config, show_progress=False)
     folder = trainer.train()
-    return read_metrics(folder), {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return read_metrics(folder), trainer.full_weights()
 
 
 def test_same_seed_runs_are_bitwise_identical(tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import register_dataclass
 
 
 @dataclass
@@ -24,6 +25,10 @@ class AttentionMasks:
     sdpa_mask: torch.Tensor | None = None
     """Additive float mask [B, 1, S, S] (0 = attend, -inf = not)."""
     block_mask: object | None = None
+
+
+# A pytree node, so a pipeline schedule splits the masks by microbatch along with the tokens.
+register_dataclass(AttentionMasks)
 
 
 def document_ids_from_tokens(tokens_BS: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -78,11 +78,11 @@ class Llama3(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("rope_cos_sin", self._rope_table(), persistent=False)
+        self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
 
-    def _rope_table(self) -> torch.Tensor:
+    def _rope_table(self, device: torch.device | str) -> torch.Tensor:
         a = self.args
-        return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=self.output.weight.device)
+        return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
 
     def init_for(self, name: str) -> init_fns.InitFn:
         """The initialiser of parameter `name` (torchtitan's llama3 scheme, depth-scaled output projections)."""
@@ -101,7 +101,7 @@ class Llama3(nn.Module):
         """Materialise (from meta) on `device` and fill every parameter from (root_seed, name)."""
         self.to_empty(device=device)
         init_fns.initialize_parameters(self, root_seed, self.init_for)
-        self.rope_cos_sin = self._rope_table().to(device)
+        self.rope_cos_sin = self._rope_table(device)
 
     def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
         """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""

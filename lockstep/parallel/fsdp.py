@@ -1,0 +1,43 @@
+"""FSDP2 (``fully_shard``) over the "dp_shard" mesh axis: one unit per transformer block plus the root.
+
+Gradients are always reduced with SUM and a divide factor of 1: the loss is already divided by the
+global token count, and gloo has neither PREMUL_SUM nor AVG. With layout-invariant reductions the
+reduce-scatter is ``TreeReduceScatter`` (canonical order). The replicate axis of HSDP is summed by
+the trainer (lockstep.train.reduction), in canonical order when asked, rather than by FSDP's
+all-reduce, whose order over more than two replicas is not fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from lockstep.parallel.canonical import TreeReduceScatter
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def apply_fsdp(
+    model: nn.Module,
+    shard_mesh: DeviceMesh,
+    mixed_precision: str,
+    reshard_after_forward: bool,
+    canonical_reduce_scatter: bool,
+) -> list[FSDPModule]:
+    """Shard `model` in place; returns its FSDP modules, blocks first and the root last. Parameters
+    are computed in `mixed_precision` ("fp32" or "bf16") and reduced in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
+    units: list[nn.Module] = list(model.layers.values()) + [model]
+    for unit in units:
+        # The root's parameters (embedding, final norm, output) are needed again right away in backward.
+        keep = unit is model or not reshard_after_forward
+        fully_shard(unit, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=not keep)
+    fsdp_modules: list[FSDPModule] = units  # type: ignore[assignment]  # fully_shard changed their class
+    for module in fsdp_modules:
+        module.set_force_sum_reduction_for_comms(True)
+        module.set_gradient_divide_factor(1.0)
+        if canonical_reduce_scatter:
+            module.set_custom_reduce_scatter(TreeReduceScatter())
+    return fsdp_modules
