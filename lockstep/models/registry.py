@@ -56,8 +56,3 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
         )
     args = dataclasses.replace(spec.flavors[model.flavor], vocab_size=vocab_size, max_seq_len=max_seq_len)
     return spec, args
-
-
-def check_model_name(model: ModelConfig) -> None:
-    """Fail fast (before any data or process work) on an unknown name or flavor."""
-    model_args(model, vocab_size=1, max_seq_len=1)

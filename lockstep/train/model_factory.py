@@ -45,6 +45,13 @@ class BuiltModel:
     pipeline: Pipeline | None = None
 
 
+def check_model_fits_layout(model: ModelConfig, dims: ParallelDims) -> None:
+    """Refuse a tensor-parallel degree that cannot split the model (before any process group starts)."""
+    spec, args = model_args(model, vocab_size=1, max_seq_len=1)
+    if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
+        raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
+
+
 def build_model(
     model: ModelConfig,
     activation_checkpoint: ActivationCheckpointConfig,
@@ -58,8 +65,7 @@ def build_model(
 ) -> BuiltModel:
     spec, args = model_args(model, vocab_size, seq_len)
     dims = layout.dims
-    if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
-        raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
+    check_model_fits_layout(model, dims)
     with torch.device("meta"):
         whole = spec.build(args, model.attention)
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len))

@@ -25,14 +25,13 @@ from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import AttentionMasks
-from lockstep.models.registry import check_model_name
 from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
-from lockstep.train.model_factory import Layout, build_model
+from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
 from lockstep.train.run_folder import environment, prepare_run_folder
@@ -79,10 +78,10 @@ class Trainer:
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
-        check_model_name(config.model)
         self.config = config
         self.device = resolve_device(config.training)
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
+        check_model_fits_layout(config.model, self.dims)
         if config.model.attention == "flex" and self.device.type != "cuda":
             raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU")
         configure_determinism(config.debug)

@@ -1,0 +1,148 @@
+"""Every parallel layout against one process, same seed, global batch and microbatches.
+
+Bitwise identical (per-step loss, grad norm, final weights) wherever lockstep's reductions are
+canonical: FSDP at 2 and 4 ranks, HSDP 2x2, every pipeline schedule that accumulates through
+autograd, and pipeline x FSDP. Tensor parallelism splits matmul reductions over ranks, so it is
+held to 1e-5 relative (docs/layout-invariance.md says why it cannot be bitwise).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lockstep.config.errors import ConfigError
+from lockstep.train.run_folder import read_metrics
+from lockstep.train.trainer import Trainer
+from tests.distributed import run_on_ranks
+from tests.helpers import tiny_config
+
+SAME_BATCH = ["--training.steps", "10", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
+DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic"]
+
+
+def _pipeline(degree: int, schedule: str) -> list[str]:
+    return [
+        "--parallelism.pipeline_parallel_degree", str(degree),
+        "--parallelism.pipeline_parallel_schedule", schedule,
+        "--parallelism.pipeline_parallel_microbatch_size", "2",
+    ]  # fmt: skip
+
+
+def _train(folder, overrides: list[str]) -> None:
+    with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
+        trainer.train()
+        torch.save(trainer.full_weights(), folder / f"weights.{os.environ.get('RANK', '0')}.pt")
+
+
+def _result(folder) -> tuple[list[tuple], dict[str, torch.Tensor]]:
+    """Per-step (step, loss, grad norm) and the whole model's weights, merged from every rank's
+    stages (ranks that hold the same parameter must agree on it bitwise)."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("weights.*.pt")):
+        for name, value in torch.load(file).items():
+            assert name not in weights or torch.equal(weights[name], value), f"ranks disagree on {name}"
+            weights[name] = value
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(folder / "run")], weights
+
+
+def _run(folder, world_size: int, overrides: list[str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    if world_size == 1:
+        _train(folder, overrides)
+    else:
+        run_on_ranks(_train, world_size, folder, overrides)
+    return _result(folder)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one"), 1, DETERMINISTIC)
+
+
+@pytest.mark.parametrize(
+    "world_size, layout",
+    [
+        (2, []),  # FSDP 2 (data_parallel_shard_degree = -1 fills the world)
+        (4, []),  # FSDP 4
+        (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # HSDP 2x2
+        (2, _pipeline(2, "GPipe")),
+        (2, _pipeline(2, "1F1B")),
+        (4, _pipeline(2, "1F1B")),  # PP 2 x FSDP 2
+        (4, [*_pipeline(2, "GPipe"), "--parallelism.data_parallel_replicate_degree", "2"]),  # PP 2 x DDP 2
+    ],
+    ids=["fsdp2", "fsdp4", "hsdp2x2", "pp2-gpipe", "pp2-1f1b", "pp2xfsdp2", "pp2xddp2"],
+)
+def test_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world_size, layout):
+    metrics, weights = _run(tmp_path, world_size, DETERMINISTIC + layout)
+    reference_metrics, reference_weights = one_process
+    assert len(metrics) == 10
+    assert metrics == reference_metrics
+    assert weights.keys() == reference_weights.keys()
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
+
+
+def _assert_close(metrics, weights, reference, rtol: float) -> None:
+    reference_metrics, reference_weights = reference
+    assert [m[0] for m in metrics] == [m[0] for m in reference_metrics]
+    for (_, loss, norm), (_, ref_loss, ref_norm) in zip(metrics, reference_metrics, strict=True):
+        assert abs(loss - ref_loss) <= rtol * abs(ref_loss)
+        assert abs(norm - ref_norm) <= 1e-3 * abs(ref_norm)  # the norm is a difference-sensitive quantity
+    assert weights.keys() == reference_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "world_size, layout",
+    [(2, ["--parallelism.tensor_parallel_degree", "2"]), (4, ["--parallelism.tensor_parallel_degree", "2"])],
+    ids=["tp2", "fsdp2xtp2"],
+)
+def test_tensor_parallel_is_within_1e5_of_one_process(tmp_path, one_process, world_size, layout):
+    metrics, weights = _run(tmp_path, world_size, DETERMINISTIC + layout)
+    _assert_close(metrics, weights, one_process, rtol=1e-5)
+
+
+DEEPER = ["--model.flavor", "debug", "--training.steps", "4"]  # 6 layers: room for 2 stages per rank
+
+
+@pytest.fixture(scope="module")
+def deeper_one_process(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("deeper"), 1, DETERMINISTIC + DEEPER)
+
+
+@pytest.mark.parametrize("schedule", ["Interleaved1F1B", "LoopedBFS"])
+def test_multi_stage_schedules_are_bitwise(tmp_path, deeper_one_process, schedule):
+    metrics, weights = _run(tmp_path, 2, DETERMINISTIC + DEEPER + _pipeline(2, schedule))
+    assert metrics == deeper_one_process[0]
+    assert all(torch.equal(weights[k], deeper_one_process[1][k]) for k in weights)
+
+
+@pytest.mark.parametrize("schedule", ["ZBVZeroBubble", "DualPipeV"])
+def test_zero_bubble_schedules_agree_to_rounding(tmp_path, deeper_one_process, schedule):
+    """They compute weight gradients outside autograd's accumulation, so only the default
+    (non-canonical) reductions apply."""
+    overrides = [*SAME_BATCH, *DEEPER, *_pipeline(2, schedule), "--debug.no-layout-invariant-reductions"]
+    metrics, weights = _run(tmp_path, 2, overrides)
+    _assert_close(metrics, weights, deeper_one_process, rtol=1e-5)
+
+
+def test_pipeline_ranks_get_distinct_logged_seeds(tmp_path):
+    _run(tmp_path, 2, [*SAME_BATCH, "--training.steps", "1", *_pipeline(2, "1F1B")])
+    seeds = json.loads((tmp_path / "run" / "env.json").read_text())["seeds"]
+    by_rank = seeds["torch_by_pipeline_rank"]
+    assert len(by_rank) == 2 and by_rank[0] != by_rank[1] and seeds["torch"] == by_rank[0]
+
+
+def _expect_config_error(folder, overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Trainer(tiny_config(folder, *overrides), show_progress=False)
+
+
+def test_bad_layouts_are_refused_on_every_rank(tmp_path):
+    """A degree product that is not the world size fails before any collective (no rank hangs), and
+    a TP degree that does not split the heads names the fix."""
+    run_on_ranks(_expect_config_error, 2, tmp_path, ["--parallelism.tensor_parallel_degree", "4"], "not divisible")
+    tp4 = ["--parallelism.tensor_parallel_degree", "4"]  # the tiny model has 2 kv heads
+    run_on_ranks(_expect_config_error, 4, tmp_path, tp4, "does not divide n_kv_heads = 2; choose a divisor")
