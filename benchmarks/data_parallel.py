@@ -1,5 +1,5 @@
-"""Tokens/s of llama3_debug at data-parallel degree 1 and 2 (replicate, one thread per rank), with
-the layout-invariant (canonical tree) reductions and with the plain ones, to price them.
+"""Tokens/s of llama3_debug at one process, FSDP (dp_shard) 2 and DDP (replicate) 2, one thread per
+rank, with the layout-invariant (canonical tree) reductions and with the plain ones, to price them.
 
     .venv/bin/python benchmarks/data_parallel.py [--steps 30] [--seq-len 256]
 """
@@ -18,25 +18,32 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--local-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--only", nargs="*", default=[], help="layout names to run (default: all)")
     args = parser.parse_args()
     peak = matmul_peak(1)
+    layouts = {
+        "one process": (1, []),
+        "dp_shard 2 (FSDP)": (2, ["--parallelism.data_parallel_shard_degree", "2"]),
+        "dp_replicate 2 (DDP)": (2, ["--parallelism.data_parallel_replicate_degree", "2"]),
+    }
+    layouts = {k: v for k, v in layouts.items() if not args.only or k in args.only}
     rows = []
-    for dp in (1, 2):
+    for layout, (nproc, flags) in layouts.items():
         for invariant in (True, False):
             extra = [
-                "--training.global_batch_size", str(args.global_batch),
-                "--parallelism.data_parallel_replicate_degree", str(dp),
+                "--training.global_batch_size", str(args.global_batch), *flags,
                 "--debug.layout-invariant-reductions" if invariant else "--debug.no-layout-invariant-reductions",
             ]  # fmt: skip
-            result = run_one(args.seq_len, args.local_batch, args.steps, 1, extra, peak, nproc=dp)
-            rows.append({"dp": dp, "layout_invariant": invariant, **result})
-            print(f"dp {dp}  {'canonical' if invariant else 'plain    '}  {result['tokens_per_sec']:>8,.0f} tok/s")
-    for dp in (1, 2):
+            result = run_one(args.seq_len, args.local_batch, args.steps, 1, extra, peak, nproc=nproc)
+            rows.append({"layout": layout, "layout_invariant": invariant, **result})
+            kind = "canonical" if invariant else "plain    "
+            print(f"{layout:<22} {kind} {result['tokens_per_sec']:>8,.0f} tok/s", flush=True)
+    for layout in layouts:
         canonical, plain = (
-            next(r for r in rows if r["dp"] == dp and r["layout_invariant"] is v) for v in (True, False)
+            next(r for r in rows if r["layout"] == layout and r["layout_invariant"] is v) for v in (True, False)
         )
         cost = 100 * (1 - canonical["tokens_per_sec"] / plain["tokens_per_sec"])
-        print(f"dp {dp}: layout-invariant reductions cost {cost:.1f}% of tokens/s")
+        print(f"{layout}: layout-invariant reductions cost {cost:.1f}% of tokens/s")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "data_parallel.json").write_text(json.dumps(rows, indent=2))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lockstep.config import ConfigError, load_config
+from lockstep.config import ConfigError, load_config, validate_job_config
 
 
 def _train(argv: list[str]) -> int:
@@ -15,9 +15,15 @@ def _train(argv: list[str]) -> int:
         "(e.g. --training.steps 10 --debug.deterministic).",
     )
     parser.add_argument("--config", help="a shipped config name (e.g. llama3_debug) or a TOML file path")
+    parser.add_argument(
+        "--nproc", type=int, default=0, help="start N processes on this machine through torchrun (multi-node: torchrun)"
+    )
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
+        if args.nproc > 0:
+            validate_job_config(config, args.nproc)  # fail here, before N processes start
+            return _torchrun(args.nproc, argv)
         from lockstep.train.trainer import Trainer
 
         trainer = Trainer(config)
@@ -32,6 +38,26 @@ def _train(argv: list[str]) -> int:
         run_folder = trainer.train()
     print(f"run folder: {run_folder.resolve()}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun --standalone with N processes (one machine), one share of
+    the CPU threads each unless OMP_NUM_THREADS is set."""
+    import os
+    import subprocess
+
+    forwarded, skip = [], False
+    for arg in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            forwarded.append(arg)
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "lockstep.train", *forwarded]
+    return subprocess.call(command, env=os.environ | {"OMP_NUM_THREADS": threads})
 
 
 def _config_reference(argv: list[str]) -> int:

@@ -156,16 +156,19 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
             f"{microbatches_per_rank}); choose global_batch_size = local_batch_size x {dims.dp} x 2^k "
             "(or set debug.layout_invariant_reductions = false)",
         )
-    if config.checkpoint.enable:
-        raise ConfigError("checkpoint.enable", f"checkpointing is {NOT_YET_SUPPORTED}")
+    if config.checkpoint.create_seed_checkpoint and world_size != 1:
+        raise ConfigError(
+            "checkpoint.create_seed_checkpoint",
+            f"a seed checkpoint is written by one process (got {world_size}); run it without torchrun / --nproc",
+        )
 
 
 def _validate_unsupported_axes(parallelism: ParallelismConfig) -> None:
     if parallelism.context_parallel_degree != 1:
         raise ConfigError(
             "parallelism.context_parallel_degree",
-            f"context parallelism is {NOT_YET_SUPPORTED}: torch's ring attention takes no document mask and has "
-            "no CPU kernel (see README, Parallelism); use tensor or pipeline parallelism for long sequences",
+            f"context parallelism is {NOT_YET_SUPPORTED}: torch 2.13 runs it only on CUDA (SDPA without masks, or "
+            "FlexAttention) (see docs/layout-invariance.md); use tensor or pipeline parallelism for long sequences",
         )
     if parallelism.expert_parallel_degree != 1:
         raise ConfigError(

@@ -22,6 +22,7 @@ NOT_YET_SUPPORTED = "not yet supported in this version of lockstep"
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 PIPELINE_SCHEDULES = SINGLE_STAGE_SCHEDULES + MULTI_STAGE_SCHEDULES
+CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "rng")
 ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 """These compute weight gradients apart from autograd's accumulation (no per-microbatch hook fires)."""
 
@@ -311,14 +312,41 @@ class ParallelismConfig:
 @dataclass
 class CheckpointConfig:
     enable: bool = False
-    """Save and resume through torch.distributed.checkpoint."""
+    """Save and resume through torch.distributed.checkpoint; rerunning the same command resumes."""
     folder: str = "checkpoint"
-    """Checkpoint folder, relative to job.dump_folder."""
+    """Checkpoint folder, relative to job.dump_folder (one step-N folder per checkpoint)."""
     interval: int = 500
-    """Save every N steps."""
+    """Save every N steps (and at the last step, and when stopped by a signal)."""
     keep_latest_k: int = 0
     """Keep only the newest K checkpoints; 0 keeps all."""
+    async_mode: str = "disabled"
+    """disabled, async (write in a background thread), or async_with_pinned_mem (CUDA: stage in pinned memory)."""
+    load_step: int = -1
+    """Resume from this step's checkpoint; -1 = the newest complete one."""
+    model_only: bool = False
+    """Save (and load) model weights only, without optimizer, scheduler, data loader, RNG and step."""
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """Parts not to load on resume: any of model, optimizer, lr_scheduler, dataloader, train_state, rng."""
+    initial_load_path: str = ""
+    """Weights to start from when the run has no checkpoint yet: a lockstep checkpoint, or a Hugging Face folder."""
+    last_save_model_only: bool = False
+    """Make the final checkpoint model weights only (smaller; cannot resume training)."""
+    export_dtype: str = "fp32"
+    """Model dtype of model-only checkpoints (fp32 or bf16); full checkpoints always keep fp32."""
+    create_seed_checkpoint: bool = False
+    """Write the step-0 weights (one process, no parallelism) and exit; runs of any layout then start from them."""
+    ignore_mismatch: bool = False
+    """Resume even if the model, tokenizer or dataset fingerprint differs from the checkpoint's."""
 
     def validate(self) -> None:
         _require(self.interval > 0, "checkpoint.interval", "must be > 0")
         _require(self.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0")
+        _one_of(self.async_mode, ("disabled", "async", "async_with_pinned_mem"), "checkpoint.async_mode")
+        _one_of(self.export_dtype, ("fp32", "bf16"), "checkpoint.export_dtype")
+        _require(self.load_step >= -1, "checkpoint.load_step", "must be >= 0, or -1 for the newest")
+        unknown = sorted(set(self.exclude_from_loading) - set(CHECKPOINT_PARTS))
+        _require(
+            not unknown,
+            "checkpoint.exclude_from_loading",
+            f"unknown parts {unknown}; choose from {', '.join(CHECKPOINT_PARTS)}",
+        )

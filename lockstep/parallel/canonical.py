@@ -9,8 +9,9 @@ exactly that tree in every layout:
   keeping at most log2(m)+1 partial sums;
 - each data-parallel rank holds a contiguous, power-of-two block of microbatches, so its local
   tree is a complete subtree of the global one;
-- across ranks, ``tree_all_reduce`` all-gathers the per-rank subtotals and finishes the tree in
-  rank order on every rank (``all_reduce(SUM)`` fixes no order beyond two operands).
+- across ranks, ``tree_all_reduce`` (all-to-all, a local tree per chunk, all-gather) finishes the
+  tree in rank order, identically on every rank (``all_reduce(SUM)`` fixes no order beyond two
+  operands).
 
 See docs/layout-invariance.md.
 """
@@ -60,13 +61,24 @@ def tree_reduce_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum a 1-D tensor over the ranks of `group` as a pairwise tree in rank order; the result is
-    bitwise the same on every rank. The world size must be a power of two."""
+    bitwise the same on every rank. The world size must be a power of two.
+
+    Built as a reduce-scatter (all-to-all, then each rank finishes the tree for its chunk) followed
+    by an all-gather: every element is summed in the same order as a one-process tree, and the bytes
+    moved are those of a ring all-reduce (an all-gather of whole buffers would move D times more)."""
     world = dist.get_world_size(group)
     if world == 1:
         return flat
-    gathered = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_single(gathered, flat.contiguous(), group=group)
-    return tree_reduce_rows(gathered.view(world, -1))
+    numel = flat.numel()
+    chunk = -(-numel // world)
+    padded = torch.zeros(world * chunk, dtype=flat.dtype, device=flat.device)
+    padded[:numel] = flat
+    received = torch.empty_like(padded)
+    dist.all_to_all_single(received, padded, group=group)
+    reduced = tree_reduce_rows(received.view(world, chunk))
+    gathered = torch.empty_like(padded)
+    dist.all_gather_into_tensor(gathered, reduced, group=group)
+    return gathered[:numel]
 
 
 class GradientTree:

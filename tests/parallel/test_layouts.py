@@ -146,3 +146,17 @@ def test_bad_layouts_are_refused_on_every_rank(tmp_path):
     run_on_ranks(_expect_config_error, 2, tmp_path, ["--parallelism.tensor_parallel_degree", "4"], "not divisible")
     tp4 = ["--parallelism.tensor_parallel_degree", "4"]  # the tiny model has 2 kv heads
     run_on_ranks(_expect_config_error, 4, tmp_path, tp4, "does not divide n_kv_heads = 2; choose a divisor")
+
+
+def test_even_and_explicit_stage_splits():
+    from lockstep.parallel.pipeline import stage_layer_ranges, stages_of_rank
+
+    names = [str(i) for i in range(6)]
+    assert stage_layer_ranges(names, 4, []) == [["0", "1"], ["2", "3"], ["4"], ["5"]]
+    assert stage_layer_ranges(names, 2, ["layers.1"]) == [["0"], ["1", "2", "3", "4", "5"]]
+    with pytest.raises(ConfigError, match="increasing split points"):
+        stage_layer_ranges(names, 3, ["layers.4", "layers.2"])
+    with pytest.raises(ConfigError, match="only 6 layers"):
+        stage_layer_ranges(names, 8, [])
+    assert stages_of_rank(1, 2, "Interleaved1F1B") == [1, 3]
+    assert stages_of_rank(1, 2, "ZBVZeroBubble") == [1, 2]

@@ -46,14 +46,22 @@ def test_data_parallel_is_bitwise_identical_to_one_process(tmp_path, single_proc
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
 
 
-def test_torchrun_launch_matches_one_process(tmp_path, single_process):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch
+def test_nproc_launch_through_torchrun_matches_one_process(tmp_path, single_process):
+    """`lockstep train --nproc 2` (torchrun underneath; FSDP fills the two ranks) is bitwise the one process."""
+    lockstep = os.path.join(os.path.dirname(sys.executable), "lockstep")
     args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), *SAME_GLOBAL_BATCH]
-    args += ["--parallelism.data_parallel_replicate_degree", "2"]
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lockstep.train", *args]
     done = subprocess.run(
-        command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300
-    )
+        [lockstep, "train", "--nproc", "2", *args],
+        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "run")]
     assert metrics == single_process[0]
+
+
+def test_nproc_refuses_a_bad_layout_before_starting_processes(tmp_path):
+    lockstep = os.path.join(os.path.dirname(sys.executable), "lockstep")
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--parallelism.tensor_parallel_degree", "3"]
+    done = subprocess.run([lockstep, "train", "--nproc", "2", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "not divisible by replicate x tp x pp x cp = 3" in done.stderr

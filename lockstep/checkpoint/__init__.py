@@ -1,0 +1,1 @@
+"""Checkpoints: torch.distributed.checkpoint folders published atomically, and Hugging Face interop."""
