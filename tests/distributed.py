@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 
@@ -24,6 +25,11 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> 
 
     torch.set_num_threads(1)
     fn(*args)
+    # Leave without running interpreter-exit destructors: gloo sometimes aborts there ("terminate
+    # called without an active exception") after a clean destroy_process_group. The body's work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:

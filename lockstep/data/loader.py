@@ -62,8 +62,8 @@ class DataLoader:
     def state_dict(self) -> dict:
         return {"next_sample_index": self.next_sample_index, "fingerprint": self.windows.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.windows.fingerprint:
+    def load_state_dict(self, state: dict, check: bool = True) -> None:
+        if check and state["fingerprint"] != self.windows.fingerprint:
             raise ValueError(
                 "the checkpoint's dataset/tokenizer fingerprint differs from this run's; "
                 "the data or tokenizer changed since it was saved"

@@ -12,7 +12,8 @@ from torch import nn
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
-from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3
+from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
+from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
 
 
@@ -26,6 +27,11 @@ class ModelSpec:
     """model (or pipeline stage) -> {module name: torch ParallelStyle}."""
     check_tensor_parallel_degree: Callable[[Any, int], str | None]
     """(args, degree) -> why the degree cannot split the model, or None."""
+    args_from_dict: Callable[[dict], Any]
+    """Rebuilds *Args from the plain dict recorded in a checkpoint manifest."""
+    hf_adapter: Any
+    """Module with hf_name(name), to_hf(state, args), from_hf(state, args), hf_config(args, dtype),
+    args_from_hf_config(config)."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -35,6 +41,8 @@ MODELS: dict[str, ModelSpec] = {
         lambda args, backend: Llama3(args, backend),
         llama3_plan.tensor_parallel_plan,
         llama3_plan.check_tensor_parallel_degree,
+        Llama3Args.from_dict,
+        llama3_hf,
     ),
 }
 
@@ -56,3 +64,9 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
         )
     args = dataclasses.replace(spec.flavors[model.flavor], vocab_size=vocab_size, max_seq_len=max_seq_len)
     return spec, args
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError("model.name", f"unknown model {name!r}{_suggest(name, list(MODELS))}")
+    return MODELS[name]

@@ -1,8 +1,15 @@
 """``python -m lockstep.train`` and ``torchrun -m lockstep.train``: same arguments as ``lockstep train``."""
 
+import os
 import sys
 
 from lockstep.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    code = main(["train", *sys.argv[1:]])
+    # Leave without interpreter-exit destructors: after a clean destroy_process_group, gloo sometimes
+    # aborts there ("terminate called without an active exception"), which torchrun would report as a
+    # failed worker. Everything (metrics, checkpoints) is written and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

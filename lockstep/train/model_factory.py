@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +42,8 @@ class BuiltModel:
     param_names: list[str]
     """Parameter names of the whole model in definition order (all stages)."""
     flops_per_token: int
+    args: Any
+    """The model's *Args (architecture), recorded in checkpoints."""
     fsdp_modules: list[nn.Module] = field(default_factory=list)
     pipeline: Pipeline | None = None
 
@@ -68,7 +71,7 @@ def build_model(
     check_model_fits_layout(model, dims)
     with torch.device("meta"):
         whole = spec.build(args, model.attention)
-    built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len))
+    built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
     def parallelize(part: nn.Module) -> nn.Module:
         if dims.tp > 1:

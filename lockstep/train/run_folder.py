@@ -67,18 +67,31 @@ def environment(
     }
 
 
-def prepare_run_folder(folder: Path, config_toml: str, env: dict) -> Path:
-    """Write config.toml and env.json; an earlier run's metrics.jsonl is kept under a numbered name
-    (nothing is overwritten). Returns the metrics.jsonl path."""
+def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: int | None = None) -> Path:
+    """Write config.toml and env.json, and return the metrics.jsonl path. A fresh run keeps an earlier
+    run's metrics.jsonl under a numbered name; a run resumed from step k appends to it, after moving
+    any records past step k (steps that are about to be recomputed) to metrics.rewound.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(config_toml)
     (folder / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     metrics = folder / "metrics.jsonl"
-    if metrics.exists():
+    if not metrics.exists():
+        return metrics
+    if resumed_at is None:
         n = 1
         while (folder / f"metrics.{n}.jsonl").exists():
             n += 1
         os.replace(metrics, folder / f"metrics.{n}.jsonl")
+        return metrics
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
+    rewound = [line for line in lines if json.loads(line)["step"] > resumed_at]
+    if rewound:
+        with open(folder / "metrics.rewound.jsonl", "a") as f:
+            f.write("\n".join(rewound) + "\n")
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
     return metrics
 
 

@@ -11,12 +11,15 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from lockstep.checkpoint.initial import load_initial_weights
+from lockstep.checkpoint.manager import CheckpointManager
+from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import resolve_global_batch_size, resolve_parallel_dims
@@ -25,6 +28,7 @@ from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import AttentionMasks
+from lockstep.models.registry import model_args
 from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
@@ -36,6 +40,10 @@ from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
 from lockstep.train.run_folder import environment, prepare_run_folder
 from lockstep.train.throughput import peak_flops, peak_memory_gib
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def resolve_device(training: TrainingConfig) -> torch.device:
@@ -50,6 +58,12 @@ def resolve_device(training: TrainingConfig) -> torch.device:
 class TrainState:
     step: int = 0
     tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
 
 class GracefulStop:
@@ -119,9 +133,27 @@ class Trainer:
                 self.gradient_tree.watch(p for part in self.model.parts for p in part.parameters())
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
-        self.optimizer = build_optimizer([p for _, p in self.named_params], config.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, training.steps)
+        # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
+        self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
+        self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
+        identity = {
+            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
+            "fingerprints": {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint},
+            "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
+        }
+        self.checkpoint_states = {
+            "model": ModelState(self.model.parts),
+            "optimizer": OptimizerState(self.model.parts, self.optimizers),
+            "lr_scheduler": SchedulerState(self.lr_schedulers),
+            "dataloader": ObjectState(self.loader, check_on_load=not config.checkpoint.ignore_mismatch),
+            "train_state": ObjectState(self.state),
+            "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
+        }
+        self.checkpointer = CheckpointManager(
+            config.checkpoint, Path(config.job.dump_folder), identity, self.device, log=self._log
+        )
+        resumed = self._resume_or_initialize()
 
         self.run_folder = Path(config.job.dump_folder)
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
@@ -129,7 +161,7 @@ class Trainer:
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics = None
         if self.world.is_main:  # rank 0 writes the run folder and prints
-            metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env)
+            metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env, resumed_at=resumed)
             self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.peak_flops = peak_flops(
@@ -160,9 +192,10 @@ class Trainer:
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
         if self.config.training.max_norm > 0:
             clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         return self.reducer.global_loss(loss), grad_norm
 
     def _forward_backward(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
@@ -230,11 +263,16 @@ class Trainer:
         tokens_per_step = self.global_batch * training.seq_len
         self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
         interval_start, interval_steps = time.perf_counter(), 0
+        if self.config.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save(0, self.checkpoint_states, model_only=True)
+            self.display.print(f"seed checkpoint written to {self.checkpointer.root}")
+            self.display.close()
+            return self.run_folder
         with GracefulStop().installed() as stop:
             try:
                 stopping = False
                 while self.state.step < steps and not stopping:
-                    lr = self.lr_scheduler.get_last_lr()[0]
+                    lr = self.lr_schedulers[0].get_last_lr()[0]
                     loss, grad_norm = self.train_step()
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
@@ -248,7 +286,9 @@ class Trainer:
                             self.metrics.log(record)
                         self.display.print(format_record(record))
                         interval_start, interval_steps = time.perf_counter(), 0
+                    self._maybe_save(stopping)
                     self.display.step(self.state.step, None)
+                self.checkpointer.close()
                 if stopping:
                     self.display.print(f"stopped by signal after step {self.state.step}")
             finally:
@@ -256,6 +296,37 @@ class Trainer:
                     self.metrics.close()
                 self.display.close()
         return self.run_folder
+
+    def _maybe_save(self, stopping: bool) -> None:
+        checkpoint, step, last_step = self.config.checkpoint, self.state.step, self.config.training.steps
+        self.checkpointer.poll()
+        if not self.checkpointer.should_save(step, last_step, stopping):
+            return
+        model_only = checkpoint.model_only or (step == last_step and checkpoint.last_save_model_only)
+        states = self.checkpoint_states
+        if model_only and checkpoint.export_dtype == "bf16":
+            states = states | {"model": ModelState(self.model.parts, dtype=torch.bfloat16)}
+        self.checkpointer.save(step, states, model_only=model_only)
+
+    def _resume_or_initialize(self) -> int | None:
+        """Load the newest checkpoint of this run (returns its step), or else the initial weights of
+        checkpoint.initial_load_path (returns None)."""
+        folder = self.checkpointer.find_resume_folder()
+        if folder is not None:
+            self.checkpointer.check_identity(folder)
+            self.checkpointer.load(folder, self.checkpoint_states)
+            return self.state.step
+        if self.config.checkpoint.initial_load_path:
+            path = Path(self.config.checkpoint.initial_load_path)
+            spec = model_args(self.config.model, 1, 1)[0]
+            load_initial_weights(
+                path, self.checkpointer, self.checkpoint_states, spec, self.model.args, self.model.parts
+            )
+        return None
+
+    def _log(self, message: str) -> None:
+        if self.world.is_main:
+            print(message, flush=True)
 
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0

@@ -31,6 +31,8 @@ class Llama3Args:
     """Llama 3.1-style frequency scaling; None for plain RoPE."""
     max_seq_len: int = 8192
     """Length of the RoPE table; set to the training sequence length at build time."""
+    ffn_hidden_size: int | None = None
+    """Explicit SwiGLU hidden size (as Hugging Face configs give it); None derives it from dim."""
 
     @property
     def head_dim(self) -> int:
@@ -42,10 +44,18 @@ class Llama3Args:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Llama3Args:
+        """Inverse of dataclasses.asdict (as recorded in checkpoint manifests)."""
+        scaling = values.get("rope_scaling")
+        return cls(**values | {"rope_scaling": Llama3RopeScaling(**scaling) if scaling else None})
 
     def validate(self) -> None:
         if self.dim % self.n_heads or self.n_heads % self.kv_heads:

@@ -1,0 +1,42 @@
+"""Initial weights from checkpoint.initial_load_path: a lockstep checkpoint (or a run folder holding
+one), or a Hugging Face folder, loaded into whatever layout this run has."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from lockstep.checkpoint import folders
+from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, read_hf_weights, resolve_checkpoint_folder
+from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
+from lockstep.models.registry import ModelSpec
+
+
+def load_initial_weights(
+    path: Path, checkpointer: CheckpointManager, states: dict, spec: ModelSpec, args, parts: list[nn.Module]
+) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint.initial_load_path {path} does not exist")
+    if is_hf_folder(path):
+        check_hf_config(path, spec, args)
+        shapes = {name: p.shape for part in parts for name, p in part.named_parameters()}
+        weights = read_hf_weights(path, spec, args, shapes)
+        for part in parts:
+            own = {name: weights[name] for name, _ in part.named_parameters()}
+            set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True))
+        checkpointer.log(f"initial weights from Hugging Face folder {path}")
+        return
+    folder = resolve_checkpoint_folder(path)
+    recorded = folders.read_manifest(folder)["model"]["args"]
+    ours = json.loads(json.dumps(dataclasses.asdict(args)))
+    if recorded != ours and not checkpointer.config.ignore_mismatch:
+        changed = sorted(k for k in ours if recorded.get(k) != ours[k])
+        raise CheckpointMismatch(
+            f"initial weights {folder} have other model args ({', '.join(changed)}); "
+            "pass --checkpoint.ignore_mismatch to load them anyway"
+        )
+    checkpointer.load(folder, states, parts=("model",))

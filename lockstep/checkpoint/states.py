@@ -1,0 +1,129 @@
+"""What goes into a checkpoint, as DCP ``Stateful`` objects keyed by parameter name.
+
+Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` with flattened
+optimizer keys (``state.layers.0.attention.wq.weight.exp_avg``), so neither depends on the layout:
+DCP reshards DTensors on load, and pipeline stages save and load their own names. Non-tensor values
+(scheduler counters, the loader position, RNG states of Python and NumPy) are stored as plain
+Python data, which DCP reads back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+_OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class ModelState:
+    def __init__(self, parts: list[nn.Module], dtype: torch.dtype | None = None) -> None:
+        self.parts = parts
+        self.dtype = dtype
+        """Save a converted copy in this dtype (model-only exports); None saves the parameters themselves."""
+
+    def state_dict(self) -> dict:
+        merged = {}
+        for part in self.parts:
+            merged |= get_model_state_dict(part)
+        if self.dtype is not None:
+            merged = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in merged.items()}
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        for part in self.parts:
+            names = get_model_state_dict(part).keys()
+            set_model_state_dict(part, {k: state[k] for k in names})
+
+
+class OptimizerState:
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+        self.pairs = list(zip(parts, optimizers, strict=True))
+
+    def state_dict(self) -> dict:
+        merged = {}
+        for part, optimizer in self.pairs:
+            merged |= get_optimizer_state_dict(part, optimizer, options=_OPTIMIZER_OPTIONS)
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, optimizer in self.pairs:
+            names = get_optimizer_state_dict(part, optimizer, options=_OPTIMIZER_OPTIONS).keys()
+            set_optimizer_state_dict(part, optimizer, {k: state[k] for k in names}, options=_OPTIMIZER_OPTIONS)
+
+
+class SchedulerState:
+    """All parts' schedulers advance together; one state is saved and loaded into each."""
+
+    def __init__(self, schedulers: list) -> None:
+        self.schedulers = schedulers
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.schedulers[0].state_dict().items() if k != "lr_lambdas"}
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state | {"lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+
+
+class RNGState:
+    """The generators of this pipeline rank (the same on all its data/tensor-parallel ranks, so one
+    copy per pipeline rank is kept): torch CPU and CUDA, Python, NumPy."""
+
+    def __init__(self, pipeline_rank: int, device: torch.device) -> None:
+        self.key = f"pipeline_rank_{pipeline_rank}"
+        self.device = device
+
+    def state_dict(self) -> dict:
+        version, mt_state, gauss = random.getstate()
+        numpy_state = np.random.get_state()
+        state = {
+            "torch_cpu": torch.get_rng_state(),
+            "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+            "numpy": {
+                "key": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                "pos": int(numpy_state[2]),
+                "has_gauss": int(numpy_state[3]),
+                "cached_gaussian": float(numpy_state[4]),
+            },
+        }
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {self.key: state}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = state[self.key]
+        torch.set_rng_state(mine["torch_cpu"])
+        python = mine["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+        numpy = mine["numpy"]
+        key = numpy["key"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", key, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+
+class ObjectState:
+    """Adapts an object with state_dict()/load_state_dict() of plain values (loader, train state)."""
+
+    def __init__(self, obj, check_on_load: bool = True) -> None:
+        self.obj = obj
+        self.check_on_load = check_on_load
+
+    def state_dict(self) -> dict:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.check_on_load:
+            self.obj.load_state_dict(state)
+        else:
+            self.obj.load_state_dict(state, check=False)

@@ -1,0 +1,147 @@
+"""Llama 3 <-> Hugging Face ``LlamaForCausalLM``: parameter names, the q/k RoPE layout, config.json.
+
+lockstep (like Meta's reference code) rotates interleaved pairs (x0, x1), (x2, x3), ... of each head;
+Hugging Face rotates halves (x0, x_{d/2}), ... So the rows of wq and wk are permuted within each head
+on the way out and back on the way in; the two layouts compute identical attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lockstep.models.common.rope import Llama3RopeScaling
+from lockstep.models.llama3.args import Llama3Args
+
+_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TO_HF = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_FROM_HF = {v: k for k, v in _TO_HF.items()}
+_LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
+_LAYER = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
+
+
+def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_name(name: str) -> str:
+    if name in _TO_HF:
+        return _TO_HF[name]
+    match = _LAYER.match(name)
+    if match is None or match.group(3) not in _LAYER_TO_HF:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{match.group(2)}.{_LAYER_TO_HF[match.group(3)]}"
+
+
+def to_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch.Tensor]:
+    """lockstep state dict (full tensors) -> Hugging Face Llama state dict."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith("attention.wq.weight"):
+            value = _interleaved_to_halves(value, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            value = _interleaved_to_halves(value, args.kv_heads)
+        out[hf_name(name)] = value
+    return out
+
+
+def from_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama state dict -> lockstep state dict (rotary buffers and the like are ignored)."""
+    out = {}
+    for name, value in state.items():
+        if name in _FROM_HF:
+            out[_FROM_HF[name]] = value
+            continue
+        match = _LAYER.match(name)
+        if match is None or match.group(3) not in _LAYER_FROM_HF:
+            if "rotary_emb" in name:
+                continue
+            raise KeyError(f"unexpected Hugging Face parameter {name!r} for a Llama model")
+        ours = f"layers.{match.group(2)}.{_LAYER_FROM_HF[match.group(3)]}"
+        if ours.endswith("attention.wq.weight"):
+            value = _halves_to_interleaved(value, args.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            value = _halves_to_interleaved(value, args.kv_heads)
+        out[ours] = value
+    return out
+
+
+def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
+    """config.json for LlamaForCausalLM with this architecture."""
+    rope_scaling = None
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+    }
+
+
+def args_from_hf_config(config: dict) -> Llama3Args:
+    """Llama3Args for a Hugging Face LlamaForCausalLM config.json."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_scaling = None
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        rope_scaling = Llama3RopeScaling(
+            factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_position_embeddings=scaling["original_max_position_embeddings"],
+        )
+    theta = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
+    return Llama3Args(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads"),
+        vocab_size=config["vocab_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_seq_len=config.get("max_position_embeddings", 8192),
+        ffn_hidden_size=config["intermediate_size"],
+    )
