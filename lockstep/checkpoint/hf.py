@@ -93,7 +93,9 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
 def read_hf_weights(hf_dir: Path, spec: ModelSpec, args, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Full lockstep-named tensors of the shapes in `shapes`, read from a Hugging Face folder through
     DCP's Hugging Face storage reader (each rank reads; no pickles involved)."""
-    hf_state = {spec.hf_adapter.hf_name(name): torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+    hf_state = {
+        spec.hf_adapter.hf_name(name): torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()
+    }
     dcp.load(hf_state, storage_reader=HuggingFaceStorageReader(str(hf_dir)))
     return spec.hf_adapter.from_hf(hf_state, args)
 

@@ -26,6 +26,7 @@ _ALLOWED = {
     ("builtins", "slice"),
     ("builtins", "complex"),
     ("pathlib", "PosixPath"),
+    ("torch.serialization", "_get_layout"),
 }
 _TORCH_VALUE_TYPES = (torch.dtype, torch.memory_format, torch.layout)
 

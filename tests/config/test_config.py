@@ -194,3 +194,10 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert config_reference() in readme, "regenerate with: lockstep config-reference"
+
+
+def test_seed_checkpoint_needs_one_process():
+    config = load_config("llama3_debug", ["--checkpoint.create_seed_checkpoint"])
+    validate_job_config(config, world_size=1)
+    with pytest.raises(ConfigError, match="one process"):
+        validate_job_config(config, world_size=2)

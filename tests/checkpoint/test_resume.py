@@ -1,0 +1,144 @@
+"""Resume is bitwise: stopped at step k and restarted (any layout), every later step equals the
+uninterrupted run's loss, grad norm and final weights."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lockstep.checkpoint import folders
+from lockstep.checkpoint.manager import CheckpointMismatch
+from lockstep.train.run_folder import read_metrics
+from lockstep.train.trainer import Trainer
+from tests.checkpoint.helpers import CHECKPOINTED, assert_bitwise, result, train
+from tests.distributed import run_on_ranks
+from tests.helpers import tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train(folder, [])
+    return result(folder)
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_one_process_resume_is_bitwise(tmp_path, uninterrupted, async_mode):
+    overrides = ["--checkpoint.async_mode", async_mode]
+    train(tmp_path, overrides, stop_at=6)  # saves at 4 and when stopping (6 or 7)
+    stopped_at = read_metrics(tmp_path / "run")[-1]["step"]
+    assert 6 <= stopped_at < 12
+    assert [s for s, _ in folders.published_steps(tmp_path / "run" / "checkpoint")] == [4, stopped_at]
+    train(tmp_path, overrides)
+    assert_bitwise(result(tmp_path), uninterrupted)
+
+
+def test_fsdp_checkpoint_resumes_bitwise_in_any_layout(tmp_path, uninterrupted):
+    """Saved by FSDP 2 after step 4..5; continued by FSDP 2, by one process and by PP 2."""
+    first = tmp_path / "first"
+    first.mkdir()
+    run_on_ranks(train, 2, first, [], 4, "first")
+    continuations = {
+        "fsdp2": (2, []),
+        "one": (1, []),
+        "pp2": (
+            2,
+            ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2"],
+        ),
+    }
+    for name, (world_size, layout) in continuations.items():
+        folder = tmp_path / name
+        shutil.copytree(first, folder)
+        if world_size == 1:
+            train(folder, layout)
+        else:
+            run_on_ranks(train, world_size, folder, layout)
+        assert_bitwise(result(folder), uninterrupted)
+
+
+def test_metrics_after_the_checkpoint_are_rewound(tmp_path):
+    """Steps logged after the last checkpoint are recomputed on resume; their old records move aside."""
+    train(tmp_path, ["--checkpoint.interval", "100", "--training.steps", "12"], stop_at=0)  # saves only at 12
+    run = tmp_path / "run"
+    shutil.rmtree(folders.step_folder(run / "checkpoint", 12))
+    folders_left = folders.published_steps(run / "checkpoint")
+    assert folders_left == []
+    train(tmp_path, ["--checkpoint.interval", "4"], stop_at=5)
+    resumed_from = folders.published_steps(run / "checkpoint")[-1][0]
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, resumed_from + 1))
+    train(tmp_path, ["--checkpoint.interval", "4"])
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, 13))
+    assert (run / "metrics.1.jsonl").exists()  # the first, unrelated run is kept
+
+
+def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
+    """Killed three times (any moment: mid-step, mid-save), the rerun command finishes bitwise."""
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), *CHECKPOINTED, "--checkpoint.interval", "1"]
+    command = [sys.executable, "-m", "lockstep.train", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    checkpoints = tmp_path / "run" / "checkpoint"
+    for delay in (0.05, 0.4, 0.13):
+        before = folders.published_steps(checkpoints)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while folders.published_steps(checkpoints) == before and time.time() < deadline:
+            time.sleep(0.01)  # wait for this attempt's first save, then kill it a moment later
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert any(checkpoints.glob("step-*")), "no checkpoint was published before the kills"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "run")]
+    assert metrics == uninterrupted[0]
+    assert not list(checkpoints.glob(f"*{folders.PARTIAL}"))  # leftovers of killed saves are cleaned
+
+
+def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path):
+    train(tmp_path, ["--training.steps", "8"])
+    root = tmp_path / "run" / "checkpoint"
+    assert [s for s, _ in folders.published_steps(root)] == [4, 8]
+    folders.partial_folder(root, 12).mkdir()  # an interrupted save: ignored
+    damaged = next(folders.step_folder(root, 8).glob("*.distcp"))
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # truncated after publishing
+    warnings = []
+    assert folders.find_checkpoint(root, -1, warnings.append) == folders.step_folder(root, 4)
+    assert "skipping damaged checkpoint" in warnings[0] and "bytes" in warnings[0]
+    with pytest.raises(ValueError, match="damaged"):
+        folders.find_checkpoint(root, 8, warnings.append)
+    with pytest.raises(FileNotFoundError, match="published steps: 4, 8"):
+        folders.find_checkpoint(root, 5, warnings.append)
+
+
+def test_resuming_another_setup_is_refused(tmp_path):
+    data = tmp_path / "a.txt"
+    data.write_text("one document about cats.\n" * 400)
+    dataset = ["--training.dataset", "text", "--training.dataset_path", str(data), "--training.steps", "4"]
+    train(tmp_path, dataset)
+    data.write_text("another text entirely, about dogs.\n" * 400)
+    with pytest.raises(CheckpointMismatch, match="fingerprints.*ignore_mismatch"):
+        Trainer(tiny_config(tmp_path, *CHECKPOINTED, *dataset), show_progress=False)
+    with pytest.raises(CheckpointMismatch, match="model"):
+        Trainer(tiny_config(tmp_path, *CHECKPOINTED, *dataset, "--model.flavor", "debug"), show_progress=False)
+    trainer = Trainer(tiny_config(tmp_path, *CHECKPOINTED, *dataset, "--checkpoint.ignore_mismatch"))
+    assert trainer.state.step == 4
+
+
+def test_seed_checkpoint_starts_every_layout(tmp_path, uninterrupted):
+    seed_run = ["--checkpoint.create_seed_checkpoint"]
+    with Trainer(tiny_config(tmp_path, *CHECKPOINTED, *seed_run), show_progress=False) as trainer:
+        trainer.train()
+    step0 = folders.step_folder(tmp_path / "run" / "checkpoint", 0)
+    assert json.loads((step0 / folders.MANIFEST).read_text())["model_only"] is True
+    run_on_ranks(train, 2, tmp_path, [])  # FSDP 2 starts from the seed weights
+    assert_bitwise(result(tmp_path), uninterrupted)
+
+
+def test_keep_latest_k(tmp_path):
+    train(tmp_path, ["--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2"])
+    assert [s for s, _ in folders.published_steps(tmp_path / "run" / "checkpoint")] == [10, 12]
