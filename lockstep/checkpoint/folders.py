@@ -55,9 +55,11 @@ def problem_with(folder: Path) -> str | None:
     return None
 
 
-def find_checkpoint(root: Path, load_step: int, warn) -> Path | None:
+def find_checkpoint(root: Path, load_step: int, warn, prefer_full: bool = False) -> Path | None:
     """The folder to resume from: step `load_step` (which must be intact), or with -1 the newest
-    intact one (damaged ones are reported through `warn` and skipped)."""
+    intact one (damaged ones are reported through `warn` and skipped). With prefer_full, a newer
+    model-only checkpoint (a final export) is passed over for an older full one, so training resumes
+    where it can; a model-only one (a seed checkpoint) is taken only when there is nothing else."""
     published = published_steps(root)
     if load_step >= 0:
         folder = dict(published).get(load_step)
@@ -67,12 +69,16 @@ def find_checkpoint(root: Path, load_step: int, warn) -> Path | None:
         if problem := problem_with(folder):
             raise ValueError(f"checkpoint {folder} is damaged: {problem}")
         return folder
+    intact = []
     for _, folder in reversed(published):
         if problem := problem_with(folder):
             warn(f"skipping damaged checkpoint {folder}: {problem}")
             continue
-        return folder
-    return None
+        intact.append(folder)
+    if prefer_full:
+        full = [f for f in intact if not read_manifest(f).get("model_only")]
+        intact = full or intact
+    return intact[0] if intact else None
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -58,13 +58,15 @@ class CheckpointManager:
         if self.config.async_mode != "disabled" and self.distributed:
             self._async_group = dist.new_group(backend="gloo")  # keeps background writes off the training group
         self.timings: dict[str, float] = {}
+        if self.config.async_mode == "async_with_pinned_mem" and device.type != "cuda":
+            log("note: checkpoint.async_mode async_with_pinned_mem needs CUDA; saving async from pageable memory")
 
     # -- resume ---------------------------------------------------------------------------------
 
     def find_resume_folder(self) -> Path | None:
         if not self.config.enable:
             return None
-        return folders.find_checkpoint(self.root, self.config.load_step, self.log)
+        return folders.find_checkpoint(self.root, self.config.load_step, self.log, prefer_full=True)
 
     def check_identity(self, folder: Path) -> None:
         manifest = folders.read_manifest(folder)
@@ -134,9 +136,23 @@ class CheckpointManager:
             dcp.save(to_save, storage_writer=writer)
             self._publish(step, partial, manifest, started)
             return
-        future = dcp.async_save(to_save, storage_writer=writer, process_group=self._async_group)
+        future = dcp.async_save(
+            to_save, storage_writer=writer, process_group=self._async_group, async_stager=self._stager()
+        )
         self.timings["save_blocking_s"] = time.perf_counter() - started
         self._pending = (future, step, partial, manifest)
+
+    def _stager(self):
+        """Stage (copy) the state synchronously, so training can go on at once; in pinned host memory
+        when asked and the device is CUDA (the CPU has no pinned memory to speak of)."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        pinned = self.config.async_mode == "async_with_pinned_mem" and self.device.type == "cuda"
+        return DefaultStager(
+            StagingOptions(
+                use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+            )
+        )
 
     def wait(self) -> None:
         """Finish and publish an async save still in flight."""
