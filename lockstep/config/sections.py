@@ -223,8 +223,14 @@ class DebugConfig:
     layout_invariant_reductions: bool = True
     """Sum gradients, losses and norms in one fixed tree order over the global microbatch index, so
     any data-parallel degree gives bitwise-identical numbers (docs/layout-invariance.md). Off: plain
-    .grad accumulation, all_reduce(SUM) and clip_grad_norm_ (the usual, layout-dependent way).
-    Required by debug.deterministic."""
+    .grad accumulation, FSDP's per-microbatch reduce-scatter and all_reduce(SUM) (the usual,
+    layout-dependent way). Required by debug.deterministic."""
+    fingerprint: bool = False
+    """Record in metrics.jsonl, at each logged step, hashes of the full parameters after the step and of
+    the gradients before clipping (the same in every layout that computes the same numbers)."""
+    nonfinite: str = "stop"
+    """On a NaN/Inf loss or gradient: stop (naming the step and the first module that produced it),
+    skip (drop the step's update and go on), or ignore."""
     moe_force_load_balance: bool = False
     """MoE models: route tokens round-robin so every expert gets the same count."""
     detect_anomaly: bool = False
@@ -233,6 +239,7 @@ class DebugConfig:
     """Print the resolved config at start."""
 
     def validate(self) -> None:
+        _one_of(self.nonfinite, ("stop", "skip", "ignore"), "debug.nonfinite")
         _require(
             self.seed is None or 0 <= self.seed < 2**63,
             "debug.seed",

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,9 +33,11 @@ from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, grad_norm_
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
+from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
+from lockstep.train.nonfinite import NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
 from lockstep.train.run_folder import environment, prepare_run_folder
@@ -64,6 +66,13 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 class GracefulStop:
@@ -178,25 +187,69 @@ class Trainer:
             return None
         return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the global batch; returns (loss, grad norm) as fp32 tensors."""
+    def train_step(self, fingerprint: bool = False) -> StepResult:
+        """One optimizer step over the global batch: loss and grad norm (fp32 tensors), and with
+        `fingerprint` the hashes of the gradients (before clipping) and of the updated parameters."""
         microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp)
-        if self.model.pipeline is not None:
-            loss = self._forward_backward_pipeline(microbatches, global_tokens)
-        else:
-            loss = self._forward_backward(microbatches, global_tokens)
-        if self.gradient_tree is not None:
-            self.gradient_tree.check_complete()
+        loss = self._forward_backward_any(microbatches, global_tokens)
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
         self.reducer.sum_replicas(list(named_grads.values()))
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
+        result = StepResult(self.reducer.global_loss(loss), grad_norm)
+        if fingerprint:
+            result.fingerprints["grad_fingerprint"] = model_fingerprint(
+                named_grads, self.model.param_names, self.reducer.pp_group
+            )
+        if self._nonfinite(result, microbatches, global_tokens):
+            return result  # skipped: no update
         if self.config.training.max_norm > 0:
             clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
         for optimizer, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        return self.reducer.global_loss(loss), grad_norm
+        if fingerprint:
+            params = dict(self.named_params)
+            result.fingerprints["param_fingerprint"] = model_fingerprint(
+                params, self.model.param_names, self.reducer.pp_group
+            )
+        return result
+
+    def _forward_backward_any(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
+        if self.model.pipeline is not None:
+            loss = self._forward_backward_pipeline(microbatches, global_tokens)
+        else:
+            loss = self._forward_backward(microbatches, global_tokens)
+        if self.gradient_tree is not None:
+            self.gradient_tree.check_complete()
+        return loss
+
+    def _nonfinite(self, result: StepResult, microbatches: list[Microbatch], global_tokens: int) -> bool:
+        """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
+        policy = self.config.debug.nonfinite
+        if policy == "ignore" or bool(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm)):
+            return False
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        where = "not located (pipeline parallel)"
+        if self.model.pipeline is None:
+            where = (
+                first_nonfinite_module(
+                    self.model.parts[0], lambda: self._forward_backward_any(microbatches, global_tokens)
+                )
+                or "no module output or gradient (the loss or the reduction)"
+            )
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        step = self.state.step + 1
+        message = (
+            f"non-finite loss ({result.loss.item()}) or grad norm ({result.grad_norm.item()}) at step {step}; "
+            f"first non-finite value: {where}"
+        )
+        if policy == "stop":
+            raise NonFiniteError(message + " (debug.nonfinite = skip would drop such steps)")
+        self._log(f"warning: {message}; step skipped")
+        return True
 
     def _forward_backward(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's microbatches; returns their summed loss (tree order)."""
@@ -273,7 +326,9 @@ class Trainer:
                 stopping = False
                 while self.state.step < steps and not stopping:
                     lr = self.lr_schedulers[0].get_last_lr()[0]
-                    loss, grad_norm = self.train_step()
+                    step = self.state.step + 1
+                    fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
+                    result = self.train_step(fingerprint)
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     interval_steps += 1
@@ -281,7 +336,7 @@ class Trainer:
                     stopping = any_rank(stop.requested, self.device)
                     if self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
-                        record = self._record(loss, grad_norm, lr, interval_steps * tokens_per_step / elapsed)
+                        record = self._record(result, lr, interval_steps * tokens_per_step / elapsed)
                         if self.metrics is not None:
                             self.metrics.log(record)
                         self.display.print(format_record(record))
@@ -331,16 +386,16 @@ class Trainer:
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
 
-    def _record(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, tokens_per_sec: float) -> dict:
+    def _record(self, result: StepResult, lr: float, tokens_per_sec: float) -> dict:
         tflops = tokens_per_sec * self.model.flops_per_token / 1e12
         return {
             "step": self.state.step,
-            "loss": loss.item(),
-            "grad_norm": grad_norm.item(),
+            "loss": result.loss.item(),
+            "grad_norm": result.grad_norm.item(),
             "lr": lr,
             "tokens_per_sec": tokens_per_sec,
             "tflops": tflops,
             "mfu": 100 * tflops * 1e12 / self.peak_flops,
             "memory_gib": peak_memory_gib(self.device),
             "tokens_seen": self.state.tokens_seen,
-        }
+        } | result.fingerprints

@@ -19,7 +19,7 @@ from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config
 
 SAME_BATCH = ["--training.steps", "10", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
-DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic"]
+DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic", "--debug.fingerprint"]
 
 
 def _pipeline(degree: int, schedule: str) -> list[str]:
@@ -44,7 +44,9 @@ def _result(folder) -> tuple[list[tuple], dict[str, torch.Tensor]]:
         for name, value in torch.load(file).items():
             assert name not in weights or torch.equal(weights[name], value), f"ranks disagree on {name}"
             weights[name] = value
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(folder / "run")], weights
+    records = read_metrics(folder / "run")
+    fields = ("step", "loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
+    return [tuple(m.get(f) for f in fields) for m in records], weights
 
 
 def _run(folder, world_size: int, overrides: list[str]):
@@ -78,6 +80,7 @@ def test_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world
     metrics, weights = _run(tmp_path, world_size, DETERMINISTIC + layout)
     reference_metrics, reference_weights = one_process
     assert len(metrics) == 10
+    assert all(m[3] and m[4] for m in metrics)  # fingerprints were recorded, and are equal below
     assert metrics == reference_metrics
     assert weights.keys() == reference_weights.keys()
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
@@ -86,7 +89,7 @@ def test_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world
 def _assert_close(metrics, weights, reference, rtol: float) -> None:
     reference_metrics, reference_weights = reference
     assert [m[0] for m in metrics] == [m[0] for m in reference_metrics]
-    for (_, loss, norm), (_, ref_loss, ref_norm) in zip(metrics, reference_metrics, strict=True):
+    for (_, loss, norm, *_), (_, ref_loss, ref_norm, *_) in zip(metrics, reference_metrics, strict=True):
         assert abs(loss - ref_loss) <= rtol * abs(ref_loss)
         assert abs(norm - ref_norm) <= 1e-3 * abs(ref_norm)  # the norm is a difference-sensitive quantity
     assert weights.keys() == reference_weights.keys()

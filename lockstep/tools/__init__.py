@@ -1,0 +1,1 @@
+"""Tools above the trainer: compare runs, bisect a divergence, audit determinism."""

@@ -1,0 +1,55 @@
+"""Find the first module that produced a NaN or Inf, by replaying a step's forward and backward with
+hooks on every module (run only after a non-finite loss or gradient was seen)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _finite(value) -> bool:
+    tensors = [value] if isinstance(value, torch.Tensor) else [v for v in value if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and not torch.isfinite(local).all():
+            return False
+    return True
+
+
+def first_nonfinite_module(model: nn.Module, replay: Callable[[], None]) -> str | None:
+    """Run `replay` (forward and backward of the step) with hooks; returns "name (Class, forward output)"
+    or "name (Class, gradient)" of the first module in execution order with a non-finite value."""
+    found: list[str] = []
+    handles = []
+
+    def on_forward(name: str):
+        def hook(module, args, output):
+            if not found and not _finite(output if isinstance(output, tuple) else (output,)):
+                found.append(f"{name} ({type(module).__name__}, forward output)")
+
+        return hook
+
+    def on_backward(name: str):
+        def hook(module, grad_input, grad_output):
+            if not found and not _finite(grad_output):
+                found.append(f"{name} ({type(module).__name__}, gradient)")
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(on_forward(name)))
+            handles.append(module.register_full_backward_hook(on_backward(name)))
+    try:
+        replay()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
