@@ -143,7 +143,55 @@ def _compare(argv: list[str]) -> int:
     return 1 if failing else 0
 
 
-COMMANDS = {"train": _train, "convert": _convert, "compare": _compare, "config-reference": _config_reference}
+def _bisect(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lockstep bisect",
+        description="Find the first step where two runs differ and the first module (or the reduction, "
+        "or the optimizer update) that makes the difference, by replaying that step with hooks.",
+    )
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("--work", type=Path, default=None, help="where replay captures go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    from lockstep.tools.bisect import bisect
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="lockstep-bisect-"))
+    finding = bisect(args.run_a, args.run_b, work)
+    print(finding.describe())
+    return 0 if finding.step is None else 1
+
+
+def _audit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lockstep audit",
+        description="Run a few steps with deterministic warn-only mode and list every nondeterministic op "
+        "and every layout-dependent feature of the config (exit 1 if any is nondeterministic).",
+    )
+    parser.add_argument("--config", help="a shipped config name or a TOML file path")
+    parser.add_argument("--steps", type=int, default=3)
+    args, overrides = parser.parse_known_args(argv)
+    from lockstep.tools.audit import config_findings, format_findings, run_findings
+
+    try:
+        config = load_config(args.config, overrides)
+        findings = run_findings(config, args.steps) + config_findings(config)
+    except ConfigError as e:
+        print(f"lockstep: config error: {e}", file=sys.stderr)
+        return 2
+    print(format_findings(findings))
+    return 1 if any(f.verdict == "nondeterministic" for f in findings) else 0
+
+
+COMMANDS = {
+    "train": _train,
+    "audit": _audit,
+    "convert": _convert,
+    "compare": _compare,
+    "bisect": _bisect,
+    "config-reference": _config_reference,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

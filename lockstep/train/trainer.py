@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,9 +188,10 @@ class Trainer:
             return None
         return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id)
 
-    def train_step(self, fingerprint: bool = False) -> StepResult:
+    def train_step(self, fingerprint: bool = False, observe: Callable[[str, dict], None] | None = None) -> StepResult:
         """One optimizer step over the global batch: loss and grad norm (fp32 tensors), and with
-        `fingerprint` the hashes of the gradients (before clipping) and of the updated parameters."""
+        `fingerprint` the hashes of the gradients (before clipping) and of the updated parameters.
+        `observe(what, tensors)` (tools such as bisect) sees "gradients" and "parameters" by name."""
         microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp)
         loss = self._forward_backward_any(microbatches, global_tokens)
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
@@ -200,6 +202,8 @@ class Trainer:
             result.fingerprints["grad_fingerprint"] = model_fingerprint(
                 named_grads, self.model.param_names, self.reducer.pp_group
             )
+        if observe is not None:
+            observe("gradients", named_grads)
         if self._nonfinite(result, microbatches, global_tokens):
             return result  # skipped: no update
         if self.config.training.max_norm > 0:
@@ -208,6 +212,8 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if observe is not None:
+            observe("parameters", dict(self.named_params))
         if fingerprint:
             params = dict(self.named_params)
             result.fingerprints["param_fingerprint"] = model_fingerprint(

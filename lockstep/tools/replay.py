@@ -1,0 +1,119 @@
+"""Replay one step of a run with hooks on every module, for ``lockstep bisect``.
+
+    [torchrun --nproc_per_node N] -m lockstep.tools.replay --replay-run RUN --replay-step K --replay-out CAPTURE.pt
+
+Starts from the run's newest checkpoint before step K (or from its initial weights), trains up to
+step K-1 without hooks, then runs step K capturing, for the global batch's first microbatch, every
+module's forward output and output gradient (first call, execution order), and after the step the
+reduced gradients and the updated parameters, all as full tensors (DTensors gathered). Ranks that
+hold data-parallel index 0 and tensor-parallel index 0 write ``CAPTURE.rank<R>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from lockstep.checkpoint import folders
+
+
+def _full(value) -> torch.Tensor | None:
+    if isinstance(value, tuple | list):
+        value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+    if not isinstance(value, torch.Tensor):
+        return None
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().float().cpu().clone()
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.forward: dict[str, tuple[str, torch.Tensor]] = {}
+        self.backward: dict[str, tuple[str, torch.Tensor]] = {}
+        self.gradients: dict[str, torch.Tensor] = {}
+        self.parameters: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def attach(self, model: torch.nn.Module) -> None:
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            self.handles.append(module.register_forward_hook(self._on_forward(name)))
+            self.handles.append(module.register_full_backward_hook(self._on_backward(name)))
+
+    def _on_forward(self, name: str):
+        def hook(module, args, output):
+            if name not in self.forward and (value := _full(output)) is not None:
+                self.forward[name] = (type(module).__name__, value)
+
+        return hook
+
+    def _on_backward(self, name: str):
+        def hook(module, grad_input, grad_output):
+            if name not in self.backward and (value := _full(grad_output)) is not None:
+                self.backward[name] = (type(module).__name__, value)
+
+        return hook
+
+    def observe(self, what: str, tensors: dict) -> None:
+        target = self.gradients if what == "gradients" else self.parameters
+        for name, tensor in tensors.items():
+            target[name] = _full(tensor)
+
+    def state(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward, "gradients": self.gradients,
+                "parameters": self.parameters}  # fmt: skip
+
+
+def checkpoint_before(run: Path, step: int) -> int | None:
+    """Newest published full checkpoint of `run` at a step < `step`."""
+    candidates = [
+        s for s, folder in folders.published_steps(run / "checkpoint")
+        if s < step and not folders.read_manifest(folder).get("model_only")
+    ]  # fmt: skip
+    return max(candidates) if candidates else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lockstep.tools.replay")
+    parser.add_argument("--replay-run", dest="run", type=Path, required=True)
+    parser.add_argument("--replay-step", dest="step", type=int, required=True)
+    parser.add_argument("--replay-out", dest="out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from lockstep.config import load_config
+    from lockstep.parallel.mesh import axis_rank
+    from lockstep.train.trainer import Trainer
+
+    start = checkpoint_before(args.run, args.step)
+    scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
+    overrides = ["--job.dump_folder", str(scratch), "--debug.no-fingerprint", "--debug.nonfinite", "ignore"]
+    if start is not None:
+        overrides += ["--checkpoint.enable", "--checkpoint.folder", str((args.run / "checkpoint").resolve())]
+        overrides += ["--checkpoint.load_step", str(start)]
+    else:
+        overrides += ["--checkpoint.no-enable"]
+    config = load_config(str(args.run / "config.toml"), overrides)
+    with Trainer(config, show_progress=False) as trainer:
+        while trainer.state.step < args.step - 1:
+            trainer.train_step()
+            trainer.state.step += 1
+        capture = Capture()
+        for part in trainer.model.parts:
+            capture.attach(part)
+        trainer.train_step(observe=capture.observe)
+        if axis_rank(trainer.mesh, "dp") == 0 and axis_rank(trainer.mesh, "tp") == 0:
+            stage = axis_rank(trainer.mesh, "pp")
+            torch.save(capture.state() | {"stage": stage}, f"{args.out}.rank{os.environ.get('RANK', '0')}.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see lockstep/train/__main__.py: gloo may abort in interpreter-exit destructors
