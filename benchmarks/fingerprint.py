@@ -1,7 +1,7 @@
 """Cost of debug.fingerprint on llama3_debug (seq 256, batch 8): tokens/s with and without, at the
 default logging interval (fingerprints are taken at logged steps) and at every step.
 
-    .venv/bin/python benchmarks/fingerprint.py [--steps 40] [--threads 2]
+    .venv/bin/python benchmarks/fingerprint.py [--steps 80] [--threads 2]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from throughput import RESULTS, matmul_peak, run_one
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     peak = matmul_peak(args.threads)

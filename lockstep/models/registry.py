@@ -12,6 +12,8 @@ from torch import nn
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
+from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3, DeepSeekV3Args
+from lockstep.models.deepseek_v3 import hf_adapter as deepseek_v3_hf
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
 from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
@@ -43,6 +45,15 @@ MODELS: dict[str, ModelSpec] = {
         llama3_plan.check_tensor_parallel_degree,
         Llama3Args.from_dict,
         llama3_hf,
+    ),
+    "deepseek_v3": ModelSpec(
+        "deepseek_v3",
+        DEEPSEEK_V3_FLAVORS,
+        lambda args, backend: DeepSeekV3(args, backend),
+        lambda model: {},
+        lambda args, degree: "tensor parallelism is not planned for deepseek_v3 yet (use FSDP, PP or EP)",
+        DeepSeekV3Args.from_dict,
+        deepseek_v3_hf,
     ),
 }
 

@@ -40,6 +40,15 @@ def launch_pair(
     sides = [(config, None) for config in configs] if len(configs) == 2 else []
     if revisions:
         sides = [(configs[0], worktree(rev, out_dir / f"worktree-{i}")) for i, rev in enumerate(revisions)]
+    try:
+        return _launch(sides, overrides, out_dir, seed, nproc)
+    finally:
+        for _, tree in sides:
+            if tree is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def _launch(sides: list[tuple[str, Path | None]], overrides: list[str], out_dir: Path, seed: int, nproc: int):
     common = ["--debug.seed", str(seed), *FORCED, *overrides]
     seed_folder = out_dir / "seed"
     first_config, first_tree = sides[0]

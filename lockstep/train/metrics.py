@@ -51,11 +51,15 @@ class MetricsLogger:
 
 
 def format_record(record: dict[str, Any]) -> str:
-    return (
+    line = (
         f"step {record['step']:>6}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.4f}  "
         f"lr {record['lr']:.2e}  tok/s {record['tokens_per_sec']:,.0f}  mfu {record['mfu']:.1f}%  "
         f"mem {record['memory_gib']:.2f} GiB"
     )
+    load_cvs = [v for k, v in record.items() if k.startswith("moe/") and k.endswith("/load_cv")]
+    if load_cvs:  # one summary of expert balance: the worst layer's coefficient of variation
+        line += f"  expert load cv max {max(load_cvs):.2f}"
+    return line
 
 
 class ConsoleDisplay:

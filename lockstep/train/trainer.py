@@ -38,6 +38,7 @@ from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
+from lockstep.train.moe_balance import moe_blocks, update_expert_biases
 from lockstep.train.nonfinite import NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
@@ -74,6 +75,7 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     fingerprints: dict[str, str] = field(default_factory=dict)
+    moe_stats: dict[str, float] = field(default_factory=dict)
 
 
 class GracefulStop:
@@ -134,6 +136,10 @@ class Trainer:
             self.tokenizer.vocab_size, training.seq_len, self.pipeline_loss,
             self.global_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
         )  # fmt: skip
+        for part in self.model.parts:
+            if hasattr(part, "set_force_load_balance"):
+                part.set_force_load_balance(config.debug.moe_force_load_balance)
+        self.moe_blocks = moe_blocks(self.model.parts)
         self.gradient_tree = None
         if canonical and not (self.dims.fsdp and training.mixed_precision == "bf16"):
             self.gradient_tree = GradientTree()
@@ -212,6 +218,8 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        speed = getattr(self.model.args, "bias_update_speed", 0.0)
+        result.moe_stats = update_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
         if observe is not None:
             observe("parameters", dict(self.named_params))
         if fingerprint:
@@ -394,14 +402,18 @@ class Trainer:
 
     def _record(self, result: StepResult, lr: float, tokens_per_sec: float) -> dict:
         tflops = tokens_per_sec * self.model.flops_per_token / 1e12
-        return {
-            "step": self.state.step,
-            "loss": result.loss.item(),
-            "grad_norm": result.grad_norm.item(),
-            "lr": lr,
-            "tokens_per_sec": tokens_per_sec,
-            "tflops": tflops,
-            "mfu": 100 * tflops * 1e12 / self.peak_flops,
-            "memory_gib": peak_memory_gib(self.device),
-            "tokens_seen": self.state.tokens_seen,
-        } | result.fingerprints
+        return (
+            {
+                "step": self.state.step,
+                "loss": result.loss.item(),
+                "grad_norm": result.grad_norm.item(),
+                "lr": lr,
+                "tokens_per_sec": tokens_per_sec,
+                "tflops": tflops,
+                "mfu": 100 * tflops * 1e12 / self.peak_flops,
+                "memory_gib": peak_memory_gib(self.device),
+                "tokens_seen": self.state.tokens_seen,
+            }
+            | result.fingerprints
+            | result.moe_stats
+        )

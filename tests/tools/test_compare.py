@@ -48,3 +48,15 @@ def test_run_launches_two_configs_from_one_seed_checkpoint(tmp_path):
     assert "no difference (bitwise)" in done.stdout
     assert "match" in done.stdout  # fingerprints were forced on and agree
     assert (tmp_path / "out" / "compare.png").exists()
+
+
+def test_run_compares_two_git_revisions(tmp_path):
+    """The same revision twice (HEAD): checked out with git worktree, bitwise equal."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(dump_toml(tiny_config(tmp_path)))
+    done = _compare(
+        "--run", "--config", config, "--rev", "HEAD", "--rev", "HEAD", "--out", tmp_path / "out", "--assert-equal"
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no difference (bitwise)" in done.stdout
+    assert not (tmp_path / "out" / "worktree-0").exists()  # worktrees are removed afterwards

@@ -1,0 +1,175 @@
+"""Mixture of experts, single-device code: a top-k router (sigmoid or softmax scores, optional
+group-limited routing, auxiliary-loss-free bias), routed experts stored as grouped weights, shared
+experts, and a dispatch/combine with no atomics (deterministic on every device).
+
+Expert parallelism is applied from outside (``lockstep.parallel.expert_parallel``) by replacing
+``GroupedExperts.compute`` with an all-to-all version; nothing here knows about ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        score_func: str,
+        num_groups: int,
+        num_limited_groups: int,
+        route_scale: float,
+        norm_topk_prob: bool,
+    ) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.num_experts, self.top_k, self.score_func = num_experts, top_k, score_func
+        self.num_groups, self.num_limited_groups = num_groups, num_limited_groups
+        self.route_scale, self.norm_topk_prob = route_scale, norm_topk_prob
+        self.force_load_balance = False
+        """Debug: assign tokens round-robin so every expert gets the same count (weights still learned)."""
+
+    def forward(self, x_ND: torch.Tensor, expert_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert indices [N, k], routing weights [N, k] fp32). The bias only steers the choice."""
+        logits = F.linear(x_ND.float(), self.gate.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.force_load_balance:
+            positions = torch.arange(x_ND.shape[0] * self.top_k, device=x_ND.device)
+            indices = (positions % self.num_experts).view(-1, self.top_k)
+        else:
+            indices = self._choose(scores if expert_bias is None else scores + expert_bias)
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid" and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * self.route_scale
+
+    def _choose(self, scores_NE: torch.Tensor) -> torch.Tensor:
+        if self.num_groups > 1:  # keep the best num_limited_groups groups (by their top-2 scores)
+            grouped = scores_NE.view(-1, self.num_groups, self.num_experts // self.num_groups)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.num_limited_groups, dim=-1)[1], True)
+            scores_NE = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(scores_NE)
+        return scores_NE.topk(self.top_k, dim=-1)[1]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as three [E, out, in] weights. Tokens arrive sorted by expert."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.use_grouped_mm = True
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted [T, dim] grouped by expert, counts [E] tokens per expert -> [T, dim]."""
+        return self.compute(x_sorted, counts, self.w1, self.w2, self.w3)
+
+    def compute(self, x, counts, w1, w2, w3) -> torch.Tensor:
+        grouped_ok = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _aligned(w1, w2, w3))
+        if self.use_grouped_mm and grouped_ok:
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)  # noqa: E731
+            return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+        pieces = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            pieces.append(F.linear(F.silu(F.linear(chunk, w1[e])) * F.linear(chunk, w3[e]), w2[e]))
+        return torch.cat(pieces) if pieces else x
+
+
+def _aligned(*weights: torch.Tensor) -> bool:
+    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Routed experts plus shared experts. ``expert_bias`` (persistent, checkpointed) is the
+    auxiliary-loss-free balancing bias; ``tokens_per_expert`` counts this step's routing and is
+    consumed by ``update_expert_bias`` after the optimizer step."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_shared: int, router: Router) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = GroupedExperts(dim, hidden_dim, num_experts)
+        self.shared_experts = SwiGLU(dim, hidden_dim * num_shared) if num_shared else None
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+        self.seq_aux_loss_alpha = 0.0
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, dim = x_BSD.shape
+        flat = x_BSD.reshape(-1, dim)
+        indices, weights = self.router(flat, self.expert_bias)
+        top_k = indices.shape[1]
+        with torch.no_grad():
+            expert_of_slot = indices.reshape(-1)
+            order = torch.argsort(expert_of_slot, stable=True)  # slots grouped by expert, token order kept
+            # Counts by binary search over the sorted experts (bincount has no deterministic CUDA kernel).
+            edges = torch.arange(self.experts.w1.shape[0] + 1, device=flat.device)
+            counts = torch.diff(torch.searchsorted(expert_of_slot[order], edges))
+            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+                self.tokens_per_expert += counts
+            inverse = torch.argsort(order)
+        routed = self.experts(flat[order // top_k], counts)[inverse].view(-1, top_k, dim)
+        # Combine without atomics: each token sums its k expert outputs in slot order.
+        out = (routed * weights.unsqueeze(-1).to(routed.dtype)).sum(dim=1).view(batch, seq_len, dim)
+        if self.seq_aux_loss_alpha > 0 and self.training:
+            out = AddAuxiliaryLoss.apply(out, self._sequence_aux_loss(flat, indices, batch))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_BSD)
+        return out
+
+    def _sequence_aux_loss(self, flat: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: alpha * sum_e f_e * P_e per sequence, averaged."""
+        num_experts, top_k = self.experts.w1.shape[0], indices.shape[1]
+        logits = F.linear(flat.float(), self.router.gate.weight.float())
+        scores = logits.sigmoid() if self.router.score_func == "sigmoid" else logits.softmax(-1)
+        scores = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, num_experts)
+        chosen = F.one_hot(indices, num_experts).sum(1).view(batch, -1, num_experts).float()
+        f = chosen.mean(1) * num_experts / top_k
+        return self.seq_aux_loss_alpha * (f * scores.mean(1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_expert_bias(self, global_counts: torch.Tensor, speed: float) -> dict[str, float]:
+        """Raise the bias of under-loaded experts and lower it for over-loaded ones (by `speed`), from
+        the step's token counts over all ranks; returns load statistics for the metrics."""
+        mean = global_counts.mean()
+        if speed > 0:
+            self.expert_bias += speed * torch.sign(mean - global_counts)
+        self.tokens_per_expert.zero_()
+        return {
+            "load_min": global_counts.min().item(),
+            "load_max": global_counts.max().item(),
+            "load_cv": (global_counts.std(unbiased=False) / mean.clamp_min(1e-9)).item(),
+            "bias_absmax": self.expert_bias.abs().max().item(),
+        }
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on `x` whose backward also sends gradient 1 into `aux_loss`, so an auxiliary loss
+    trains the router without changing what forward returns."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.dtype, ctx.device = aux_loss.dtype, aux_loss.device
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones((), dtype=ctx.dtype, device=ctx.device)

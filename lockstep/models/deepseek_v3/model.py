@@ -1,0 +1,137 @@
+"""DeepSeek-V3 decoder, single-device code: multi-head latent attention (low-rank q and kv
+projections, RoPE on a decoupled part of q and on one key part shared by all heads), dense SwiGLU
+blocks first, then mixture-of-experts blocks (lockstep.models.common.moe).
+
+It follows the same decoder contract as Llama 3 (tok_embeddings, a ``layers`` ModuleDict, norm,
+output, parts may be None in a pipeline stage), so pipelining and FSDP apply unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lockstep.models.common import init as init_fns
+from lockstep.models.common.attention import AttentionMasks, attention, build_attention_masks, document_ids_from_tokens
+from lockstep.models.common.moe import MoE, Router, SwiGLU
+from lockstep.models.common.rope import apply_rope, rope_cos_sin
+from lockstep.models.deepseek_v3.args import DeepSeekV3Args
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, a: DeepSeekV3Args) -> None:
+        super().__init__()
+        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        if a.q_lora_rank == 0:
+            self.wq = nn.Linear(a.dim, a.n_heads * a.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(a.dim, a.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(a.q_lora_rank, eps=1e-6)
+            self.wq_b = nn.Linear(a.q_lora_rank, a.n_heads * a.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(a.kv_lora_rank, eps=1e-6)
+        self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
+        batch, seq_len, _ = x_BSD.shape
+        q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q_nope, q_rope = q.view(batch, seq_len, -1, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1
+        )
+        latent, k_rope = self.wkv_a(x_BSD).split([self.wkv_b.in_features, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq_len, -1, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos_sin).expand(-1, -1, k_nope.shape[2], -1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos_sin)], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, a: DeepSeekV3Args, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
+        self.attention = MultiHeadLatentAttention(a)
+        self.ffn_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
+        if layer_id < a.n_dense_layers:
+            self.feed_forward = SwiGLU(a.dim, a.inter_dim)
+        else:
+            router = Router(
+                a.dim, a.n_routed_experts, a.n_activated_experts, a.score_func, a.n_expert_groups,
+                a.n_limited_groups, a.route_scale, a.norm_topk_prob,
+            )  # fmt: skip
+            self.moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, a.n_shared_experts, router)
+            self.moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, masks)
+        ffn = self.feed_forward if hasattr(self, "feed_forward") else self.moe
+        return h + ffn(self.ffn_norm(h))
+
+
+class DeepSeekV3(nn.Module):
+    """Build on the meta device, apply parallelism, then ``init_weights``."""
+
+    def __init__(self, args: DeepSeekV3Args, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.attention_backend = attention_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
+
+    def _rope_table(self, device) -> torch.Tensor:
+        a = self.args
+        return rope_cos_sin(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, None, device=device)
+
+    def init_for(self, name: str) -> init_fns.InitFn:
+        if name.endswith("norm.weight"):
+            return init_fns.ones
+        if name == "tok_embeddings.weight":
+            return init_fns.normal(1.0)
+        if name == "output.weight":
+            return init_fns.trunc_normal(self.args.dim**-0.5)
+        if name.endswith(("attention.wo.weight", ".w2.weight", ".w3.weight", "experts.w2", "experts.w3")):
+            layer_id = int(name.split(".")[1])
+            return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
+        return init_fns.trunc_normal(0.02)
+
+    def init_weights(self, root_seed: int, device: torch.device | str) -> None:
+        """Materialise on `device`, fill parameters from (root_seed, name), zero the router state."""
+        self.to_empty(device=device)
+        init_fns.initialize_parameters(self, root_seed, self.init_for)
+        for moe in self.moe_modules():
+            moe.expert_bias.zero_()
+            moe.tokens_per_expert.zero_()
+        self.rope_cos_sin = self._rope_table(device)
+
+    def moe_modules(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_force_load_balance(self, enabled: bool) -> None:
+        for moe in self.moe_modules():
+            moe.router.force_load_balance = enabled
+
+    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
+        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
+
+    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos_sin, attention_masks)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """6 x active (non-embedding) parameters per token, plus attention scores and values."""
+        a = self.args
+        total = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
+        moe_blocks = a.n_layers - a.n_dense_layers
+        inactive = moe_blocks * 3 * a.dim * a.moe_inter_dim * (a.n_routed_experts - a.n_activated_experts)
+        attention_flops = 6 * a.n_layers * a.n_heads * (a.qk_head_dim + a.v_head_dim) * seq_len
+        return 6 * (total - inactive) + attention_flops
