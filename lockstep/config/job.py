@@ -73,6 +73,8 @@ class ParallelDims:
     dp_replicate: int
     dp_shard: int
     tp: int
+    ep: int = 1
+    """Expert parallelism borrows the dp_shard axis (ep = dp_shard), it adds no ranks."""
 
     @property
     def dp(self) -> int:
@@ -113,11 +115,19 @@ def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> Pa
             f"replicate x shard x tp x pp x cp = {others * shard} but the world size is {world_size}; "
             "make the product equal the number of processes (or set data_parallel_shard_degree = -1)",
         )
+    ep = parallelism.expert_parallel_degree
+    if ep != 1 and ep != shard:
+        raise ConfigError(
+            "parallelism.expert_parallel_degree",
+            f"expert parallelism runs over the FSDP axis, so it must equal data_parallel_shard_degree ({shard}) "
+            f"or be 1; got {ep}",
+        )
     return ParallelDims(
         pp=parallelism.pipeline_parallel_degree,
         dp_replicate=parallelism.data_parallel_replicate_degree,
         dp_shard=shard,
         tp=parallelism.tensor_parallel_degree,
+        ep=ep,
     )
 
 
@@ -169,11 +179,6 @@ def _validate_unsupported_axes(parallelism: ParallelismConfig) -> None:
             "parallelism.context_parallel_degree",
             f"context parallelism is {NOT_YET_SUPPORTED}: torch 2.13 runs it only on CUDA (SDPA without masks, or "
             "FlexAttention) (see docs/layout-invariance.md); use tensor or pipeline parallelism for long sequences",
-        )
-    if parallelism.expert_parallel_degree != 1:
-        raise ConfigError(
-            "parallelism.expert_parallel_degree",
-            f"expert parallelism is {NOT_YET_SUPPORTED}: it needs a mixture-of-experts model",
         )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor
 
@@ -147,6 +148,19 @@ class TreeReduceScatter(ReduceScatter):
         dist.all_to_all_single(received, input_tensor, group=group)
         output_tensor.copy_(tree_reduce_rows(received.view(group.size(), -1)))
         return None
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank (a DTensor is gathered), safe to read raw bytes from.
+
+    ``full_tensor()`` may return an AsyncCollectiveTensor whose data is only complete once a torch op
+    runs on it; reading its bytes (numpy, hashing) before that sees an unfinished buffer, so wait here.
+    """
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    if isinstance(t, AsyncCollectiveTensor):
+        t = t.wait()
+    return t
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ def apply_fsdp(
     mixed_precision: str,
     reshard_after_forward: bool,
     canonical_reduce_scatter: bool,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> list[FSDPModule]:
     """Shard `model` in place; returns its FSDP modules, blocks first and the root last. Parameters
     are computed in `mixed_precision` ("fp32" or "bf16") and reduced in fp32."""
@@ -33,7 +34,9 @@ def apply_fsdp(
     for unit in units:
         # The root's parameters (embedding, final norm, output) are needed again right away in backward.
         keep = unit is model or not reshard_after_forward
-        fully_shard(unit, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=not keep)
+        fully_shard(
+            unit, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=not keep, ignored_params=ignored_params
+        )
     fsdp_modules: list[FSDPModule] = units  # type: ignore[assignment]  # fully_shard changed their class
     for module in fsdp_modules:
         module.set_force_sum_reduction_for_comms(True)

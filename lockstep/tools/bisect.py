@@ -107,4 +107,8 @@ def bisect(run_a: Path, run_b: Path, work: Path) -> Finding:
         return Finding(None)
     work.mkdir(parents=True, exist_ok=True)
     captures = [replay(run, step, work / f"capture-{i}") for i, run in enumerate((run_a, run_b))]
-    return locate(*captures, step)
+    finding = locate(*captures, step)
+    threads = [json.loads((run / "env.json").read_text()).get("threads") for run in (run_a, run_b)]
+    if not finding.phase and threads[0] != threads[1]:
+        finding.detail += f"; the runs used {threads[0]} and {threads[1]} CPU threads, which changes kernel sums"
+    return finding

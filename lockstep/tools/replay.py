@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
+from lockstep.parallel.canonical import full_value
 
 
 def _full(value) -> torch.Tensor | None:
@@ -28,7 +28,7 @@ def _full(value) -> torch.Tensor | None:
         value = next((v for v in value if isinstance(v, torch.Tensor)), None)
     if not isinstance(value, torch.Tensor):
         return None
-    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().float().cpu().clone()
+    return full_value(value).detach().float().cpu().clone()
 
 
 class Capture:

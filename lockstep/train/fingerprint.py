@@ -12,12 +12,12 @@ import hashlib
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+
+from lockstep.parallel.canonical import full_value
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    data = full.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    data = full_value(tensor).detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

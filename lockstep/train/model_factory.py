@@ -18,6 +18,7 @@ from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, 
 from lockstep.models.registry import model_args
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
 from lockstep.parallel.compile import apply_compile
+from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
 from lockstep.parallel.pipeline import Pipeline, pipeline_llm
 from lockstep.parallel.tensor_parallel import apply_tensor_parallel
@@ -45,6 +46,8 @@ class BuiltModel:
     args: Any
     """The model's *Args (architecture), recorded in checkpoints."""
     fsdp_modules: list[nn.Module] = field(default_factory=list)
+    unmanaged_params: list[nn.Parameter] = field(default_factory=list)
+    """Parameters FSDP leaves alone (expert-parallel experts): autograd accumulates into them directly."""
     pipeline: Pipeline | None = None
 
 
@@ -53,6 +56,12 @@ def check_model_fits_layout(model: ModelConfig, dims: ParallelDims) -> None:
     spec, args = model_args(model, vocab_size=1, max_seq_len=1)
     if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
         raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
+    if dims.ep > 1:
+        experts = getattr(args, "n_routed_experts", 0)
+        if not experts:
+            raise ConfigError("parallelism.expert_parallel_degree", f"{model.name} has no experts; use deepseek_v3")
+        if experts % dims.ep:
+            raise ConfigError("parallelism.expert_parallel_degree", f"{dims.ep} does not divide {experts} experts")
 
 
 def build_model(
@@ -76,6 +85,10 @@ def build_model(
     def parallelize(part: nn.Module) -> nn.Module:
         if dims.tp > 1:
             apply_tensor_parallel(part, layout.mesh["tp"], spec.tensor_parallel_plan(part))
+        expert_params = []
+        if dims.ep > 1:
+            expert_params = apply_expert_parallel(part, layout.mesh["dp_shard"])
+            built.unmanaged_params += expert_params
         apply_activation_checkpointing(part.layers, activation_checkpoint)
         apply_compile(part.layers, compile_config)
         if dims.fsdp:
@@ -85,6 +98,7 @@ def build_model(
                 layout.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
                 canonical_reduce_scatter=layout.canonical_reductions,
+                ignored_params=set(expert_params),
             )
         part.init_weights(layout.root_seed, layout.device)
         return part

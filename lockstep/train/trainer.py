@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint.initial import load_initial_weights
 from lockstep.checkpoint.manager import CheckpointManager
@@ -30,7 +29,7 @@ from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import AttentionMasks
 from lockstep.models.registry import model_args
-from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, grad_norm_fp64
+from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
@@ -145,6 +144,7 @@ class Trainer:
             self.gradient_tree = GradientTree()
             if self.model.fsdp_modules:
                 self.gradient_tree.watch_when_gathered(self.model.fsdp_modules)
+                self.gradient_tree.watch(self.model.unmanaged_params)
             else:
                 self.gradient_tree.watch(p for part in self.model.parts for p in part.parameters())
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
@@ -319,7 +319,7 @@ class Trainer:
     def full_weights(self) -> dict[str, torch.Tensor]:
         """This rank's parameters as full tensors (DTensors gathered), for tests and tools."""
         return {
-            name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            name: full_value(p).detach().cpu().clone()
             for part in self.model.parts
             for name, p in part.named_parameters()
         }

@@ -64,7 +64,7 @@ def test_parse_errors_name_the_key(overrides, key, fragment):
         (["--training.mixed_precision", "fp8"], "training.mixed_precision", "must be one of"),
         (["--parallelism.tensor_parallel_degree", "2"], "parallelism.data_parallel_shard_degree", "not divisible"),
         (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree", "only on CUDA"),
-        (["--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree", "mixture-of-experts"),
+        (["--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree", "must equal"),
         (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "one of"),
         (["--checkpoint.async_mode", "fast"], "checkpoint.async_mode", "must be one of"),
         (["--checkpoint.exclude_from_loading", "rngs"], "checkpoint.exclude_from_loading", "unknown parts"),
