@@ -172,11 +172,24 @@ def _audit(argv: list[str]) -> int:
     parser.add_argument("--config", help="a shipped config name or a TOML file path")
     parser.add_argument("--steps", type=int, default=3)
     args, overrides = parser.parse_known_args(argv)
-    from lockstep.tools.audit import config_findings, format_findings, run_findings
+    import tempfile
+
+    from lockstep.tools.audit import audit_overrides, config_findings, format_findings, torch_alerts
 
     try:
         config = load_config(args.config, overrides)
-        findings = run_findings(config, args.steps) + config_findings(config)
+        known = config_findings(
+            config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            audited = load_config(args.config, overrides + audit_overrides(args.steps, f"{folder}/run"))
+            from lockstep.train.trainer import Trainer
+
+            def run() -> None:
+                with Trainer(audited, show_progress=False) as trainer:
+                    trainer.train()
+
+            findings = torch_alerts(run) + known
     except ConfigError as e:
         print(f"lockstep: config error: {e}", file=sys.stderr)
         return 2

@@ -7,15 +7,20 @@ dependence (the same numbers are not reproduced by another parallel layout or im
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from lockstep.config import JobConfig
-from lockstep.config.sections import ZERO_BUBBLE_SCHEDULES
+from lockstep.config.sections import (
+    ZERO_BUBBLE_SCHEDULES,
+    CompileConfig,
+    DebugConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelismConfig,
+    TrainingConfig,
+)
 
 _TORCH_ALERT = re.compile(r"^(\S+) does not have a deterministic implementation")
 
@@ -30,9 +35,15 @@ class AuditFinding:
     note: str
 
 
-def config_findings(config: JobConfig) -> list[AuditFinding]:
+def config_findings(
+    debug: DebugConfig,
+    parallelism: ParallelismConfig,
+    optimizer: OptimizerConfig,
+    training: TrainingConfig,
+    compile_config: CompileConfig,
+    model: ModelConfig,
+) -> list[AuditFinding]:
     """What lockstep knows about the configured features, from the config alone."""
-    debug, parallelism = config.debug, config.parallelism
     found = []
     if not debug.layout_invariant_reductions:
         found.append(AuditFinding("lockstep", "debug.layout_invariant_reductions = false", "layout-dependent",
@@ -43,40 +54,39 @@ def config_findings(config: JobConfig) -> list[AuditFinding]:
     if parallelism.tensor_parallel_degree > 1:
         found.append(AuditFinding("lockstep", "tensor parallelism", "layout-dependent",
                                   "row-parallel matmuls sum partial products across ranks (1e-5, not bitwise)"))  # fmt: skip
-    if config.optimizer.implementation == "fused":
+    if parallelism.expert_parallel_degree > 1:
+        found.append(AuditFinding("lockstep", "expert parallelism", "layout-dependent",
+                                  "expert GEMMs see all ranks' tokens in one call (1e-5, not bitwise)"))  # fmt: skip
+    if optimizer.implementation == "fused":
         found.append(AuditFinding("lockstep", "optimizer.implementation = fused", "layout-dependent",
                                   "fused AdamW rounds differently from foreach/for-loop (each is repeatable)"))  # fmt: skip
-    if config.training.mixed_precision == "bf16":
+    if training.mixed_precision == "bf16":
         found.append(AuditFinding("lockstep", "training.mixed_precision = bf16", "layout-dependent",
                                   "bf16 compute is repeatable but not layout-invariant"))  # fmt: skip
-    if config.compile.enable:
+    if compile_config.enable:
         found.append(AuditFinding("lockstep", "compile.enable", "ok",
                                   "inductor without max-autotune: kernel choice is fixed; eager and compiled differ"))  # fmt: skip
-    if config.model.attention == "flex":
-        found.append(AuditFinding("lockstep", "model.attention = flex", "ok",
-                                  "compiled once without max-autotune"))  # fmt: skip
+    if model.attention == "flex":
+        found.append(AuditFinding("lockstep", "model.attention = flex", "ok", "compiled once without max-autotune"))
     if not debug.deterministic:
         found.append(AuditFinding("lockstep", "debug.deterministic = false", "nondeterministic",
                                   "nondeterministic kernels (e.g. CUDA atomics) are allowed; turn it on"))  # fmt: skip
     return found
 
 
-def run_findings(config: JobConfig, steps: int) -> list[AuditFinding]:
-    """Train `steps` steps with deterministic warn-only on; every op torch flags, once each."""
-    from lockstep.train.trainer import Trainer
+def audit_overrides(steps: int, dump_folder: str) -> list[str]:
+    """Config overrides for the audit run: a few steps, deterministic in warn-only form, no checkpoints."""
+    return [
+        "--debug.deterministic", "--debug.deterministic_warn_only", "--debug.layout_invariant_reductions",
+        "--training.steps", str(steps), "--checkpoint.no-enable", "--job.dump_folder", dump_folder,
+    ]  # fmt: skip
 
-    config = dataclasses.replace(config)
-    config.debug = dataclasses.replace(
-        config.debug, deterministic=True, deterministic_warn_only=True, layout_invariant_reductions=True
-    )
-    config.training = dataclasses.replace(config.training, steps=steps)
-    config.checkpoint = dataclasses.replace(config.checkpoint, enable=False)
-    with tempfile.TemporaryDirectory() as folder:
-        config.job = dataclasses.replace(config.job, dump_folder=str(Path(folder) / "run"))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with Trainer(config, show_progress=False) as trainer:
-                trainer.train()
+
+def torch_alerts(run: Callable[[], None]) -> list[AuditFinding]:
+    """Call `run` (a training run) and return every op torch flagged as nondeterministic, once each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
     ops = []
     for warning in caught:
         match = _TORCH_ALERT.match(str(warning.message))

@@ -12,7 +12,8 @@ def test_presets_load_and_validate():
     assert {"llama3_debug", "llama3_8b"} <= set(preset_names())
     for name in preset_names():
         config = load_config(name, [])
-        assert config.model.name == "llama3"
+        assert config.model.name in ("llama3", "deepseek_v3")
+        validate_job_config(config, world_size=1)
 
 
 def test_override_forms():

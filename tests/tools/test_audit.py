@@ -34,7 +34,10 @@ def test_layout_dependent_features_are_named():
     config = load_config(
         "llama3_debug", ["--optimizer.implementation", "fused", "--debug.no-layout-invariant-reductions"]
     )
-    items = {f.item: f.verdict for f in config_findings(config)}
+    findings = config_findings(
+        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+    )
+    items = {f.item: f.verdict for f in findings}
     assert items["optimizer.implementation = fused"] == "layout-dependent"
     assert items["debug.layout_invariant_reductions = false"] == "layout-dependent"
     assert items["debug.deterministic = false"] == "nondeterministic"
