@@ -164,3 +164,15 @@ def test_last_save_model_only_in_bf16(tmp_path):
     assert not any(k.startswith("optimizer") for k in metadata)
     with Trainer(tiny_config(tmp_path, *CHECKPOINTED, "--training.steps", "6"), show_progress=False) as trainer:
         assert trainer.state.step == 4  # a rerun resumes from the newest full checkpoint
+
+
+def test_exclude_from_loading_skips_a_part(tmp_path, uninterrupted):
+    """Resuming without the optimizer state starts AdamW afresh: the steps after the checkpoint change."""
+    train(tmp_path, [], stop_at=4)
+    stopped = folders.published_steps(tmp_path / "run" / "checkpoint")[-1][0]
+    train(tmp_path, ["--checkpoint.exclude_from_loading", "optimizer"])
+    metrics, _ = result(tmp_path)
+    assert [m[0] for m in metrics] == list(range(1, 13))
+    assert metrics[:stopped] == uninterrupted[0][:stopped]
+    assert metrics[stopped][1] == uninterrupted[0][stopped][1]  # same weights and data for the next forward
+    assert metrics[stopped + 1 :] != uninterrupted[0][stopped + 1 :]  # but fresh AdamW moments after it

@@ -72,7 +72,9 @@ class GroupedExperts(nn.Module):
         return self.compute(x_sorted, counts, self.w1, self.w2, self.w3)
 
     def compute(self, x, counts, w1, w2, w3) -> torch.Tensor:
-        grouped_ok = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _aligned(w1, w2, w3))
+        # torch 2.13: eager _grouped_mm takes fp32 and (aligned) bf16; compiled, only bf16.
+        fp32_ok = x.dtype == torch.float32 and not torch.compiler.is_compiling()
+        grouped_ok = fp32_ok or (x.dtype == torch.bfloat16 and _aligned(w1, w2, w3))
         if self.use_grouped_mm and grouped_ok:
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets)  # noqa: E731
