@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lockstep.models.common.decoder import FeedForward
+
 
 class Router(nn.Module):
     def __init__(
@@ -89,17 +91,6 @@ def _aligned(*weights: torch.Tensor) -> bool:
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in weights)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class MoE(nn.Module):
     """Routed experts plus shared experts. ``expert_bias`` (persistent, checkpointed) is the
     auxiliary-loss-free balancing bias; ``tokens_per_expert`` counts this step's routing and is
@@ -109,7 +100,7 @@ class MoE(nn.Module):
         super().__init__()
         self.router = router
         self.experts = GroupedExperts(dim, hidden_dim, num_experts)
-        self.shared_experts = SwiGLU(dim, hidden_dim * num_shared) if num_shared else None
+        self.shared_experts = FeedForward(dim, hidden_dim * num_shared) if num_shared else None
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
         self.seq_aux_loss_alpha = 0.0

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from lockstep.models.common import init as init_fns
-from lockstep.models.common.attention import AttentionMasks, attention, build_attention_masks, document_ids_from_tokens
-from lockstep.models.common.moe import MoE, Router, SwiGLU
+from lockstep.models.common.attention import AttentionMasks, attention
+from lockstep.models.common.decoder import Decoder, FeedForward
+from lockstep.models.common.moe import MoE, Router
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
@@ -56,7 +57,7 @@ class TransformerBlock(nn.Module):
         self.attention = MultiHeadLatentAttention(a)
         self.ffn_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
         if layer_id < a.n_dense_layers:
-            self.feed_forward = SwiGLU(a.dim, a.inter_dim)
+            self.feed_forward = FeedForward(a.dim, a.inter_dim)
         else:
             router = Router(
                 a.dim, a.n_routed_experts, a.n_activated_experts, a.score_func, a.n_expert_groups,
@@ -71,18 +72,11 @@ class TransformerBlock(nn.Module):
         return h + ffn(self.ffn_norm(h))
 
 
-class DeepSeekV3(nn.Module):
+class DeepSeekV3(Decoder):
     """Build on the meta device, apply parallelism, then ``init_weights``."""
 
     def __init__(self, args: DeepSeekV3Args, attention_backend: str = "sdpa") -> None:
-        super().__init__()
-        args.validate()
-        self.args = args
-        self.attention_backend = attention_backend
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        super().__init__(args, attention_backend, {str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
 
     def _rope_table(self, device) -> torch.Tensor:
@@ -116,16 +110,6 @@ class DeepSeekV3(nn.Module):
     def set_force_load_balance(self, enabled: bool) -> None:
         for moe in self.moe_modules():
             moe.router.force_load_balance = enabled
-
-    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
-        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
-
-    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
-        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos_sin, attention_masks)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
 
     def num_flops_per_token(self, seq_len: int) -> int:
         """6 x active (non-embedding) parameters per token, plus attention scores and values."""

@@ -7,16 +7,11 @@ so sharding plans and the Hugging Face adapter read naturally.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lockstep.models.common import init as init_fns
-from lockstep.models.common.attention import (
-    AttentionMasks,
-    attention,
-    build_attention_masks,
-    document_ids_from_tokens,
-)
+from lockstep.models.common.attention import AttentionMasks, attention
+from lockstep.models.common.decoder import Decoder, FeedForward
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
 from lockstep.models.llama3.args import Llama3Args
 
@@ -41,17 +36,6 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, args: Llama3Args) -> None:
         super().__init__()
@@ -65,19 +49,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Llama3(nn.Module):
+class Llama3(Decoder):
     """Decoder-only Llama 3. Build it on the meta device, apply parallelism, then ``init_weights``."""
 
     def __init__(self, args: Llama3Args, attention_backend: str = "sdpa") -> None:
-        super().__init__()
-        args.validate()
-        self.args = args
-        self.attention_backend = attention_backend
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        # A ModuleDict keeps names stable ("layers.3") when pipeline stages drop blocks.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        super().__init__(args, attention_backend, {str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
 
     def _rope_table(self, device: torch.device | str) -> torch.Tensor:
@@ -102,18 +78,6 @@ class Llama3(nn.Module):
         self.to_empty(device=device)
         init_fns.initialize_parameters(self, root_seed, self.init_for)
         self.rope_cos_sin = self._rope_table(device)
-
-    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
-        """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""
-        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
-
-    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
-        """Logits [B, S, vocab]. Without masks attention is plain causal over the whole sequence."""
-        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos_sin, attention_masks)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
 
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 x (non-embedding params) for the matmuls forward+backward, plus

@@ -1,0 +1,54 @@
+"""What every lockstep decoder shares: the pipeline-splittable forward and the attention masks.
+
+A decoder has ``tok_embeddings``, a ``layers`` ModuleDict of blocks called as
+``block(h, rope_cos_sin, masks)``, ``norm`` and ``output``; a pipeline stage sets the parts it does not
+hold to None. Subclasses build those parts and their own initialisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lockstep.models.common.attention import AttentionMasks, build_attention_masks, document_ids_from_tokens
+
+
+class Decoder(nn.Module):
+    def __init__(self, args, attention_backend: str, layers: dict[str, nn.Module]) -> None:
+        """`args` needs dim, vocab_size, norm_eps and validate(); `layers` are the blocks by index."""
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.attention_backend = attention_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keeps names stable ("layers.3") when pipeline stages drop blocks.
+        self.layers = nn.ModuleDict(layers)
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
+        """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""
+        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
+
+    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] (hidden states on a stage without the output). Without masks attention is
+        plain causal over the whole sequence."""
+        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos_sin, attention_masks)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
