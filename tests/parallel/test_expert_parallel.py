@@ -64,3 +64,15 @@ def test_moe_resume_is_bitwise(tmp_path, one_process):
     train(tmp_path, MOE, stop_at=5)
     train(tmp_path, MOE)
     assert_bitwise(result(tmp_path), one_process)
+
+
+def test_pipeline_and_activation_checkpointing_keep_moe_bitwise(tmp_path, one_process):
+    """Token counts (which move the router bias) must ignore a stage's shape-inference pass and
+    activation-checkpoint recomputes; both layouts then match one process bitwise."""
+    (tmp_path / "pp").mkdir()
+    pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2"]
+    run_on_ranks(train, 2, tmp_path / "pp", MOE + pipeline)
+    assert_bitwise(result(tmp_path / "pp"), one_process)
+    (tmp_path / "ac").mkdir()
+    train(tmp_path / "ac", MOE + ["--activation_checkpoint.mode", "full"])
+    assert_bitwise(result(tmp_path / "ac"), one_process)

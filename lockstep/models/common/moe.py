@@ -116,7 +116,9 @@ class MoE(nn.Module):
             # Counts by binary search over the sorted experts (bincount has no deterministic CUDA kernel).
             edges = torch.arange(self.experts.w1.shape[0] + 1, device=flat.device)
             counts = torch.diff(torch.searchsorted(expert_of_slot[order], edges))
-            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
+            # Count training forwards only: not activation-checkpoint recomputes (run inside backward),
+            # nor no-grad passes such as a pipeline stage's shape inference.
+            if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
                 self.tokens_per_expert += counts
             inverse = torch.argsort(order)
         routed = self.experts(flat[order // top_k], counts)[inverse].view(-1, top_k, dim)
