@@ -22,6 +22,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import SINGLE_STAGE_SCHEDULES, ParallelismConfig
+from lockstep.models.common.moe import token_counting_paused
 
 V_SHAPED_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 
@@ -92,6 +93,21 @@ def stage_module(model: nn.Module, layers: list[str], first: bool, last: bool) -
     return stage
 
 
+def _without_side_effects_in_metadata_inference(stage: PipelineStage) -> None:
+    """Before its first step a stage runs its module once (on sample data) to infer shapes; routed-token
+    counts of MoE blocks (which move the router bias) must not see that pass."""
+    for name in ("_forward_metadata_inference", "_backward_metadata_inference"):
+        method = getattr(stage, name, None)
+        if method is None:
+            continue
+
+        def paused(*args, _method=method, **kwargs):
+            with token_counting_paused():
+                return _method(*args, **kwargs)
+
+        setattr(stage, name, paused)
+
+
 def pipeline_llm(
     model: nn.Module,
     pp_mesh: DeviceMesh,
@@ -113,7 +129,9 @@ def pipeline_llm(
         part = stage_module(model, ranges[stage_id], stage_id == 0, stage_id == num_stages - 1)
         part = parallelize_stage(part)
         parts.append(part)
-        stages.append(PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group()))
+        stage = PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group())
+        _without_side_effects_in_metadata_inference(stage)
+        stages.append(stage)
     schedule_class = get_schedule_class(schedule_name)
     single = issubclass(schedule_class, PipelineScheduleSingle)
     schedule = schedule_class(

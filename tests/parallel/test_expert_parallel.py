@@ -9,6 +9,7 @@ import torch
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.train.run_folder import read_metrics
 from tests.checkpoint.helpers import assert_bitwise, result, train
 from tests.distributed import run_on_ranks
 
@@ -64,6 +65,9 @@ def test_moe_resume_is_bitwise(tmp_path, one_process):
     train(tmp_path, MOE, stop_at=5)
     train(tmp_path, MOE)
     assert_bitwise(result(tmp_path), one_process)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["moe/layers.1/bias_absmax"] > 0  # the router bias moved, and was restored on resume
+    assert last["moe/layers.1/load_min"] > 0
 
 
 def test_pipeline_and_activation_checkpointing_keep_moe_bitwise(tmp_path, one_process):

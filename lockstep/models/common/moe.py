@@ -8,11 +8,26 @@ Expert parallelism is applied from outside (``lockstep.parallel.expert_parallel`
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lockstep.models.common.decoder import FeedForward
+
+_counting = [True]
+
+
+@contextlib.contextmanager
+def token_counting_paused():
+    """Forwards run inside do not count routed tokens (e.g. a pipeline stage's metadata inference,
+    which runs the stage once on sample data before the first real step)."""
+    previous, _counting[0] = _counting[0], False
+    try:
+        yield
+    finally:
+        _counting[0] = previous
 
 
 class Router(nn.Module):
@@ -110,15 +125,16 @@ class MoE(nn.Module):
         flat = x_BSD.reshape(-1, dim)
         indices, weights = self.router(flat, self.expert_bias)
         top_k = indices.shape[1]
+        # Count training forwards only: not activation-checkpoint recomputes (run inside backward),
+        # nor no-grad passes, nor passes under token_counting_paused().
+        count = _counting[0] and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
         with torch.no_grad():
             expert_of_slot = indices.reshape(-1)
             order = torch.argsort(expert_of_slot, stable=True)  # slots grouped by expert, token order kept
             # Counts by binary search over the sorted experts (bincount has no deterministic CUDA kernel).
             edges = torch.arange(self.experts.w1.shape[0] + 1, device=flat.device)
             counts = torch.diff(torch.searchsorted(expert_of_slot[order], edges))
-            # Count training forwards only: not activation-checkpoint recomputes (run inside backward),
-            # nor no-grad passes such as a pipeline stage's shape inference.
-            if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+            if count:
                 self.tokens_per_expert += counts
             inverse = torch.argsort(order)
         routed = self.experts(flat[order // top_k], counts)[inverse].view(-1, top_k, dim)
