@@ -72,7 +72,11 @@ class SchedulerState:
 
     def load_state_dict(self, state: dict) -> None:
         for scheduler in self.schedulers:
-            scheduler.load_state_dict(state | {"lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+            groups = len(scheduler.optimizer.param_groups)
+            # Per-group lists (base_lrs, _last_lr) follow this layout's group count: every group has the
+            # same schedule, and a layout with tensor parallelism has two groups (plain, DTensor).
+            fitted = {k: v[:1] * groups if isinstance(v, list) and len(v) != groups else v for k, v in state.items()}
+            scheduler.load_state_dict(fitted | {"lr_lambdas": [None] * len(scheduler.lr_lambdas)})
 
 
 class RNGState:

@@ -14,6 +14,7 @@ from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
 from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3, DeepSeekV3Args
 from lockstep.models.deepseek_v3 import hf_adapter as deepseek_v3_hf
+from lockstep.models.deepseek_v3 import parallel_plan as deepseek_v3_plan
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
 from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
@@ -50,8 +51,8 @@ MODELS: dict[str, ModelSpec] = {
         "deepseek_v3",
         DEEPSEEK_V3_FLAVORS,
         lambda args, backend: DeepSeekV3(args, backend),
-        lambda model: {},
-        lambda args, degree: "tensor parallelism is not planned for deepseek_v3 yet (use FSDP, PP or EP)",
+        deepseek_v3_plan.tensor_parallel_plan,
+        deepseek_v3_plan.check_tensor_parallel_degree,
         DeepSeekV3Args.from_dict,
         deepseek_v3_hf,
     ),

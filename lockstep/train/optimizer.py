@@ -6,12 +6,20 @@ import math
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lockstep.config.sections import LRSchedulerConfig, OptimizerConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW in the chosen implementation (foreach and for-loop give bitwise-equal updates)."""
+    """AdamW in the chosen implementation (foreach and for-loop give bitwise-equal updates). DTensor and
+    plain parameters (e.g. tensor-parallel weights beside replicated ones) go in separate parameter
+    groups, because one foreach call cannot mix them; the update of each parameter is unchanged."""
+    params = list(params)
+    distributed = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    if distributed and plain:
+        params = [{"params": plain}, {"params": distributed}]
     implementation = {
         "foreach": {"foreach": True},
         "for-loop": {"foreach": False},

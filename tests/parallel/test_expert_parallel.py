@@ -80,3 +80,20 @@ def test_pipeline_and_activation_checkpointing_keep_moe_bitwise(tmp_path, one_pr
     (tmp_path / "ac").mkdir()
     train(tmp_path / "ac", MOE + ["--activation_checkpoint.mode", "full"])
     assert_bitwise(result(tmp_path / "ac"), one_process)
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["tp2", "fsdp2xtp2"])
+def test_tensor_parallel_attention_is_within_1e5(tmp_path, one_process, world_size):
+    """MLA heads split over 2 ranks (MoE blocks whole on each), alone and under FSDP."""
+    run_on_ranks(train, world_size, tmp_path, MOE + ["--parallelism.tensor_parallel_degree", "2"])
+    _assert_close(result(tmp_path), one_process)
+
+
+def test_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path, one_process):
+    """TP keeps plain and DTensor parameters in two AdamW groups; state is keyed by name, so one
+    process (one group) resumes it."""
+    first = tmp_path / "first"
+    first.mkdir()
+    run_on_ranks(train, 2, first, MOE + ["--parallelism.tensor_parallel_degree", "2"], 5, "first")
+    train(first, MOE)
+    _assert_close(result(first), one_process)
