@@ -84,21 +84,32 @@ def test_metrics_after_the_checkpoint_are_rewound(tmp_path):
 
 
 def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
-    """Killed three times (any moment: mid-step, mid-save), the rerun command finishes bitwise."""
+    """Killed four times: three times at random moments after a save, once while a save is being
+    written (a .partial folder exists and is left behind); the rerun command finishes bitwise."""
     args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), *CHECKPOINTED, "--checkpoint.interval", "1"]
     command = [sys.executable, "-m", "lockstep.train", *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     checkpoints = tmp_path / "run" / "checkpoint"
-    for delay in (0.05, 0.4, 0.13):
+    killed_mid_save = False
+    for delay in (0.05, "mid-save", 0.4, 0.13):
         before = folders.published_steps(checkpoints)
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for leftover in checkpoints.glob(f"*{folders.PARTIAL}"):  # (the next save would prune it anyway)
+            shutil.rmtree(leftover)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while folders.published_steps(checkpoints) == before and time.time() < deadline:
-            time.sleep(0.01)  # wait for this attempt's first save, then kill it a moment later
-        time.sleep(delay)
+        if delay == "mid-save":
+            while not list(checkpoints.glob(f"*{folders.PARTIAL}")) and process.poll() is None:
+                time.sleep(0.0005)  # a save has begun: kill it now
+        else:
+            while folders.published_steps(checkpoints) == before and process.poll() is None:
+                time.sleep(0.01)  # wait for this attempt's first save, then kill it a moment later
+            time.sleep(delay)
+        assert time.time() < deadline
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert any(checkpoints.glob("step-*")), "no checkpoint was published before the kills"
+        if delay == "mid-save":
+            killed_mid_save = bool(list(checkpoints.glob(f"*{folders.PARTIAL}")))
+    assert killed_mid_save, "the kill did not land inside a save"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     metrics = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "run")]
