@@ -139,36 +139,16 @@ class Trainer:
             if hasattr(part, "set_force_load_balance"):
                 part.set_force_load_balance(config.debug.moe_force_load_balance)
         self.moe_blocks = moe_blocks(self.model.parts)
-        self.gradient_tree = None
-        if canonical and not (self.dims.fsdp and training.mixed_precision == "bf16"):
-            self.gradient_tree = GradientTree()
-            if self.model.fsdp_modules:
-                self.gradient_tree.watch_when_gathered(self.model.fsdp_modules)
-                self.gradient_tree.watch(self.model.unmanaged_params)
-            else:
-                self.gradient_tree.watch(p for part in self.model.parts for p in part.parameters())
+        self.gradient_tree = self._gradient_tree(
+            canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
+        )
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
-        identity = {
-            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
-            "fingerprints": {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint},
-            "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
-        }
-        self.checkpoint_states = {
-            "model": ModelState(self.model.parts),
-            "optimizer": OptimizerState(self.model.parts, self.optimizers),
-            "lr_scheduler": SchedulerState(self.lr_schedulers),
-            "dataloader": ObjectState(self.loader, check_on_load=not config.checkpoint.ignore_mismatch),
-            "train_state": ObjectState(self.state),
-            "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
-        }
-        self.checkpointer = CheckpointManager(
-            config.checkpoint, Path(config.job.dump_folder), identity, self.device, log=self._log
-        )
+        self.checkpoint_states, self.checkpointer = self._checkpointing(windows.fingerprint)
         resumed = self._resume_or_initialize()
 
         self.run_folder = Path(config.job.dump_folder)
@@ -183,6 +163,39 @@ class Trainer:
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
         )
+
+    def _gradient_tree(self, enabled: bool) -> GradientTree | None:
+        """The canonical per-microbatch gradient tree, hooked where autograd accumulates: the
+        unsharded FSDP parameters (and those FSDP ignores), or the parameters themselves."""
+        if not enabled:
+            return None
+        tree = GradientTree()
+        if self.model.fsdp_modules:
+            tree.watch_when_gathered(self.model.fsdp_modules)
+            tree.watch(self.model.unmanaged_params)
+        else:
+            tree.watch(p for part in self.model.parts for p in part.parameters())
+        return tree
+
+    def _checkpointing(self, dataset_fingerprint: str) -> tuple[dict, CheckpointManager]:
+        """What a checkpoint holds, and the manager that saves it; `identity` is what a resumed
+        checkpoint must match (the layout is recorded but may differ)."""
+        config = self.config
+        identity = {
+            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
+            "fingerprints": {"dataset": dataset_fingerprint, "tokenizer": self.tokenizer.fingerprint},
+            "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
+        }
+        states = {
+            "model": ModelState(self.model.parts),
+            "optimizer": OptimizerState(self.model.parts, self.optimizers),
+            "lr_scheduler": SchedulerState(self.lr_schedulers),
+            "dataloader": ObjectState(self.loader, check_on_load=not config.checkpoint.ignore_mismatch),
+            "train_state": ObjectState(self.state),
+            "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
+        }
+        manager = CheckpointManager(config.checkpoint, Path(config.job.dump_folder), identity, self.device, self._log)
+        return states, manager
 
     def _autocast(self):
         if self.config.training.mixed_precision == "bf16" and not self.dims.fsdp:  # FSDP casts by its policy
