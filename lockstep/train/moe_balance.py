@@ -31,3 +31,12 @@ def update_expert_biases(blocks: list[tuple[str, nn.Module]], speed: float, dp_g
         for key, value in moe.update_expert_bias(global_counts, speed).items():
             stats[f"moe/{name}/{key}"] = value
     return stats
+
+
+def pool_over_stages(stats: dict[str, float], stage_group) -> dict[str, float]:
+    """Every pipeline stage's MoE statistics on every rank (each stage holds its own layers)."""
+    if stage_group is None:
+        return stats
+    pooled: list[dict] = [{} for _ in range(dist.get_world_size(stage_group))]
+    dist.all_gather_object(pooled, stats, group=stage_group)
+    return {k: v for part in pooled for k, v in sorted(part.items())}

@@ -37,7 +37,7 @@ from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
-from lockstep.train.moe_balance import moe_blocks, update_expert_biases
+from lockstep.train.moe_balance import moe_blocks, pool_over_stages, update_expert_biases
 from lockstep.train.nonfinite import NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
@@ -233,6 +233,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         speed = getattr(self.model.args, "bias_update_speed", 0.0)
         result.moe_stats = update_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
+        if hasattr(self.model.args, "n_routed_experts"):  # stages hold different MoE layers
+            result.moe_stats = pool_over_stages(result.moe_stats, self.reducer.pp_group)
         if observe is not None:
             observe("parameters", dict(self.named_params))
         if fingerprint:

@@ -77,6 +77,8 @@ def test_pipeline_and_activation_checkpointing_keep_moe_bitwise(tmp_path, one_pr
     pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2"]
     run_on_ranks(train, 2, tmp_path / "pp", MOE + pipeline)
     assert_bitwise(result(tmp_path / "pp"), one_process)
+    last = read_metrics(tmp_path / "pp" / "run")[-1]
+    assert {"moe/layers.1/load_cv", "moe/layers.3/load_cv"} <= last.keys()  # both stages' layers reported
     (tmp_path / "ac").mkdir()
     train(tmp_path / "ac", MOE + ["--activation_checkpoint.mode", "full"])
     assert_bitwise(result(tmp_path / "ac"), one_process)
