@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lockstep.config import JobConfig, load_config
@@ -35,3 +37,19 @@ def tiny_model(vocab_size: int = 97, seq_len: int = 32, seed: int = 0, flavor: s
         model = spec.build(args, "sdpa")
     model.init_weights(seed, "cpu")
     return model
+
+
+def save_rank_weights(trainer, folder, tag: str = "final") -> None:
+    """This rank's full weights (DTensors gathered), for merged_rank_weights."""
+    torch.save(trainer.full_weights(), folder / f"weights.{tag}.{os.environ.get('RANK', '0')}.pt")
+
+
+def merged_rank_weights(folder, tag: str = "final") -> dict[str, torch.Tensor]:
+    """The whole model's weights, merged from every rank's stages; ranks that hold the same parameter
+    must agree on it bitwise."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob(f"weights.{tag}.*.pt")):
+        for name, value in torch.load(file).items():
+            assert name not in weights or torch.equal(weights[name], value), f"ranks disagree on {name}"
+            weights[name] = value
+    return weights

@@ -11,7 +11,7 @@ import torch
 
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config
 
 CHECKPOINTED = [
     "--checkpoint.enable", "--checkpoint.interval", "4", "--training.steps", "12",
@@ -36,13 +36,11 @@ def train(folder, overrides: list[str], stop_at: int = 0, tag: str = "final") ->
         if stop_at:
             stop_after(trainer, stop_at)
         trainer.train()
-        torch.save(trainer.full_weights(), folder / f"weights.{tag}.{os.environ.get('RANK', '0')}.pt")
+        save_rank_weights(trainer, folder, tag)
 
 
 def result(folder, tag: str = "final") -> tuple[list[tuple], dict[str, torch.Tensor]]:
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob(f"weights.{tag}.*.pt")):
-        weights |= torch.load(file)
+    weights = merged_rank_weights(folder, tag)
     return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(folder / "run")], weights
 
 

@@ -7,7 +7,6 @@ held to 1e-5 relative (docs/layout-invariance.md says why it cannot be bitwise).
 """
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lockstep.config.errors import ConfigError
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
-from tests.helpers import tiny_config
+from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config
 
 SAME_BATCH = ["--training.steps", "10", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
 DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic", "--debug.fingerprint"]
@@ -33,17 +32,12 @@ def _pipeline(degree: int, schedule: str) -> list[str]:
 def _train(folder, overrides: list[str]) -> None:
     with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
         trainer.train()
-        torch.save(trainer.full_weights(), folder / f"weights.{os.environ.get('RANK', '0')}.pt")
+        save_rank_weights(trainer, folder)
 
 
 def _result(folder) -> tuple[list[tuple], dict[str, torch.Tensor]]:
-    """Per-step (step, loss, grad norm) and the whole model's weights, merged from every rank's
-    stages (ranks that hold the same parameter must agree on it bitwise)."""
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("weights.*.pt")):
-        for name, value in torch.load(file).items():
-            assert name not in weights or torch.equal(weights[name], value), f"ranks disagree on {name}"
-            weights[name] = value
+    """Per-step (step, loss, grad norm, fingerprints) and the whole model's merged weights."""
+    weights = merged_rank_weights(folder)
     records = read_metrics(folder / "run")
     fields = ("step", "loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
     return [tuple(m.get(f) for f in fields) for m in records], weights

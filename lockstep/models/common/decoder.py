@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lockstep.models.common import init as init_fns
 from lockstep.models.common.attention import AttentionMasks, build_attention_masks, document_ids_from_tokens
 
 
@@ -26,6 +27,23 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleDict(layers)
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    depth_scaled: tuple[str, ...] = ()
+    """Name suffixes of the output projections whose init std shrinks with depth."""
+
+    def init_for(self, name: str) -> init_fns.InitFn:
+        """The initialiser of parameter `name` (torchtitan's scheme: unit-std embeddings, output at
+        dim^-0.5, depth-scaled output projections, 0.02 elsewhere)."""
+        if name.endswith("norm.weight"):
+            return init_fns.ones
+        if name == "tok_embeddings.weight":
+            return init_fns.normal(1.0)
+        if name == "output.weight":
+            return init_fns.trunc_normal(self.args.dim**-0.5)
+        if name.endswith(self.depth_scaled):
+            layer_id = int(name.split(".")[1])
+            return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
+        return init_fns.trunc_normal(0.02)
 
     def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
         """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""

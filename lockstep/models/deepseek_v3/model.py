@@ -75,6 +75,8 @@ class TransformerBlock(nn.Module):
 class DeepSeekV3(Decoder):
     """Build on the meta device, apply parallelism, then ``init_weights``."""
 
+    depth_scaled = ("attention.wo.weight", ".w2.weight", ".w3.weight", "experts.w2", "experts.w3")
+
     def __init__(self, args: DeepSeekV3Args, attention_backend: str = "sdpa") -> None:
         super().__init__(args, attention_backend, {str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
@@ -82,18 +84,6 @@ class DeepSeekV3(Decoder):
     def _rope_table(self, device) -> torch.Tensor:
         a = self.args
         return rope_cos_sin(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, None, device=device)
-
-    def init_for(self, name: str) -> init_fns.InitFn:
-        if name.endswith("norm.weight"):
-            return init_fns.ones
-        if name == "tok_embeddings.weight":
-            return init_fns.normal(1.0)
-        if name == "output.weight":
-            return init_fns.trunc_normal(self.args.dim**-0.5)
-        if name.endswith(("attention.wo.weight", ".w2.weight", ".w3.weight", "experts.w2", "experts.w3")):
-            layer_id = int(name.split(".")[1])
-            return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
-        return init_fns.trunc_normal(0.02)
 
     def init_weights(self, root_seed: int, device: torch.device | str) -> None:
         """Materialise on `device`, fill parameters from (root_seed, name), zero the router state."""

@@ -52,6 +52,8 @@ class TransformerBlock(nn.Module):
 class Llama3(Decoder):
     """Decoder-only Llama 3. Build it on the meta device, apply parallelism, then ``init_weights``."""
 
+    depth_scaled = ("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+
     def __init__(self, args: Llama3Args, attention_backend: str = "sdpa") -> None:
         super().__init__(args, attention_backend, {str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
@@ -59,19 +61,6 @@ class Llama3(Decoder):
     def _rope_table(self, device: torch.device | str) -> torch.Tensor:
         a = self.args
         return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
-
-    def init_for(self, name: str) -> init_fns.InitFn:
-        """The initialiser of parameter `name` (torchtitan's llama3 scheme, depth-scaled output projections)."""
-        if name.endswith("norm.weight"):
-            return init_fns.ones
-        if name == "tok_embeddings.weight":
-            return init_fns.normal(1.0)
-        if name == "output.weight":
-            return init_fns.trunc_normal(self.args.dim**-0.5)
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")):
-            layer_id = int(name.split(".")[1])
-            return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
-        return init_fns.trunc_normal(0.02)
 
     def init_weights(self, root_seed: int, device: torch.device | str) -> None:
         """Materialise (from meta) on `device` and fill every parameter from (root_seed, name)."""
