@@ -1,4 +1,5 @@
-"""``python -m lockstep.train`` and ``torchrun -m lockstep.train``: same arguments as ``lockstep train``."""
+"""``python -m lockstep.train`` and ``torchrun -m lockstep.train``: same arguments as ``lockstep train``
+(the command lives in lockstep.cli.train)."""
 
 import os
 import sys

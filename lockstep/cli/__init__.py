@@ -1,0 +1,75 @@
+"""The ``lockstep`` command: one thin module per subcommand over the library.
+
+Exit codes (every subcommand): 0 done; 1 a failure (a bug, a crash, a collective that broke, a
+comparison that found a difference); 2 bad config or input (one line naming the key or file and the
+fix); 75 (EX_TEMPFAIL) training stopped by SIGTERM/SIGINT after its last step was saved (with
+checkpointing on): run the same command again to resume. ``LOCKSTEP_TRACEBACK=1`` prints the full
+traceback of a bad-input error, for bug reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from lockstep.errors import LockstepError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lockstep.cli.train", "train a model (resumes from the run folder's newest checkpoint)"),
+    "convert": ("lockstep.cli.convert", "Hugging Face <-> lockstep checkpoints (to-hf, from-hf)"),
+    "compare": ("lockstep.cli.compare", "compare runs step by step (tables, plots, exact/tolerance gates)"),
+    "bisect": ("lockstep.cli.bisect", "find the first step and module where two runs differ"),
+    "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
+    "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
+}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lockstep")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lockstep COMMAND [ARGS ...]   (lockstep COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [
+        "",
+        "exit codes: 0 done, 1 failure, 2 bad config or input, 75 stopped by a signal (saved; rerun to resume)",
+    ]
+    return "\n".join(lines)
+
+
+def report(command: str, error: BaseException) -> int:
+    """One line for a user-fixable error (exit 2); LOCKSTEP_TRACEBACK=1 shows the traceback too."""
+    if os.environ.get("LOCKSTEP_TRACEBACK") == "1":
+        import traceback
+
+        traceback.print_exception(error)
+    print(f"lockstep {command}: error: {error}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"lockstep {_version()}")
+        return EXIT_OK
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return EXIT_OK if argv else EXIT_BAD_INPUT
+    if argv[0] not in COMMANDS:
+        print(f"lockstep: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        return module.run(argv[1:])
+    except LockstepError as error:
+        return report(argv[0], error)

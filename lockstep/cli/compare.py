@@ -1,0 +1,55 @@
+"""``lockstep compare``: runs (folders or loss files) side by side; exact or tolerance gates for CI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lockstep compare",
+        description="Compare runs (run folders or loss files) step by step; with --run, launch them first.",
+    )
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders or loss files (JSONL)")
+    parser.add_argument("--assert-equal", action="store_true", help="exit 1 unless bitwise equal at every step")
+    parser.add_argument("--rtol", type=float, default=None, help="exit 1 if a loss differs beyond rtol/atol")
+    parser.add_argument("--atol", type=float, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves and their difference")
+    parser.add_argument("--run", action="store_true", help="launch the runs: two --config, or one and two --rev")
+    parser.add_argument("--config", action="append", default=[], help="with --run: a config (twice for two)")
+    parser.add_argument("--rev", action="append", default=[], help="with --run: a git revision (twice)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="with --run: where runs go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=1)
+    args, overrides = parser.parse_known_args(argv)
+    from lockstep.tools import compare
+
+    runs = args.runs
+    if args.run:
+        if not (len(args.config) == 2 and not args.rev) and not (len(args.config) == 1 and len(args.rev) == 2):
+            parser.error("--run needs two --config, or one --config and two --rev")
+        from lockstep.tools.run_pair import launch_pair
+
+        runs = launch_pair(args.config, args.rev, overrides, args.out, args.seed, args.nproc)
+    elif overrides:
+        parser.error(f"unknown arguments {overrides}")
+    if len(runs) < 2:
+        parser.error("give at least two runs")
+    names = [str(r) for r in runs]
+    try:
+        rows = compare.compare_series([compare.load_series(r) for r in runs])
+    except FileNotFoundError as e:
+        print(f"lockstep compare: {e}", file=sys.stderr)
+        return 2
+    print(compare.format_table(rows, names))
+    first = compare.first_difference(rows, args.rtol, args.atol)
+    tolerance = f" beyond rtol={args.rtol} atol={args.atol}" if (args.rtol or args.atol) else " (bitwise)"
+    print(f"first differing step{tolerance}: {first}" if first is not None else f"no difference{tolerance}")
+    plot = args.plot or (args.out / "compare.png" if args.run else None)
+    if plot is not None:
+        compare.plot(rows, names, plot)
+        print(f"plot: {plot}")
+    failing = first is not None and (args.assert_equal or args.rtol is not None or args.atol is not None)
+    return 1 if failing else 0
