@@ -3,7 +3,10 @@ process, through lockstep's CheckpointManager (DCP, atomic publish).
 
 For each case: a full checkpoint (model + AdamW state + the rest) or a model-only export in fp32 or
 bf16, saved synchronously or asynchronously (for async, "blocking" is the time the training loop
-waits: staging a copy; the write finishes in the background), then loaded back.
+waits: staging a copy; the write finishes in the background), then loaded back. The content
+checksums' share is measured directly: the time spent hashing inside the writer's stream during the
+save (checksum_save_s) and the verification before the load (verify_s: re-hashing every file and
+unpickling the non-tensor items through the allow-list), each as a fraction of the rest.
 
     .venv/bin/python benchmarks/checkpoint.py [--flavors debug 1B]
 """
@@ -65,7 +68,12 @@ def measure(model, optimizer, kind: str, dtype: str, mode: str, scratch: Path) -
     manager.load(folder, load_states)
     load = time.perf_counter() - started
     shutil.rmtree(manager.root)
-    return {"save_blocking_s": blocking, "save_total_s": total, "load_s": load, "size_gib": size}
+    checksum, verify = manager.timings["checksum_s"], manager.timings["verify_s"]
+    return {
+        "save_blocking_s": blocking, "save_total_s": total, "load_s": load, "size_gib": size,
+        "checksum_save_s": checksum, "checksum_save_frac": checksum / (total - checksum),
+        "verify_s": verify, "verify_load_frac": verify / (load - verify),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -91,7 +99,9 @@ def main() -> None:
             print(
                 f"{flavor:>5} {params / 1e6:7.1f}M {kind:<10} {dtype} {mode:<8} size {result['size_gib']:6.3f} GiB  "
                 f"save {result['save_total_s']:6.2f}s (blocking {result['save_blocking_s']:6.2f}s)  "
-                f"load {result['load_s']:6.2f}s",
+                f"load {result['load_s']:6.2f}s  checksum {result['checksum_save_s']:5.2f}s "
+                f"({100 * result['checksum_save_frac']:4.1f}% of save)  verify {result['verify_s']:5.2f}s "
+                f"({100 * result['verify_load_frac']:4.1f}% of load)",
                 flush=True,
             )
         del model, optimizer

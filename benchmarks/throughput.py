@@ -19,11 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lockstep.train.throughput import mfu_percent
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def run_one(seq_len: int, batch: int, steps: int, threads: int, extra: list[str], peak: float, nproc: int = 1) -> dict:
-    """One training run; nproc > 1 launches torchrun with that many ranks (threads each)."""
+    """One training run; nproc > 1 launches torchrun with that many ranks (threads each). `peak` is the
+    matmul peak of one process with `threads` threads, so MFU is measured against nproc times it."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
@@ -44,7 +47,7 @@ def run_one(seq_len: int, batch: int, steps: int, threads: int, extra: list[str]
         "batch": batch,
         "tokens_per_sec": statistics.mean(r["tokens_per_sec"] for r in steady),
         "tflops": tflops,
-        "mfu_percent": 100 * tflops * 1e12 / peak,
+        "mfu_percent": mfu_percent(tflops, peak, nproc),  # peak: one process's; nproc of them ran
         "trainer_mfu_percent": statistics.mean(r["mfu"] for r in steady),
         "peak_rss_gib": records[-1]["memory_gib"],
         "final_loss": records[-1]["loss"],

@@ -1,10 +1,17 @@
 """Checkpoint folders: ``step-00000120`` under the checkpoint root, each published atomically.
 
 A checkpoint is written under ``step-N.partial``; when every rank has finished, rank 0 writes the
-manifest (``lockstep.json``: what was saved, fingerprints, and every file's size) and renames the
-folder. So a ``step-N`` folder is complete by construction, a kill at any moment leaves at most a
-``.partial`` folder that nothing loads, and a file damaged later is caught by the size check: the
-loader skips that checkpoint (with a message) for the next older one.
+manifest (``lockstep.json``: what was saved, fingerprints, every file's size and, from format 2, its
+xxh3-128 content checksum) and renames the folder. So a ``step-N`` folder with a manifest is complete
+by construction, and a kill at any moment leaves at most a ``.partial`` folder that nothing loads. A
+file damaged later is caught before the load by the size check and the pickle allow-list for the
+non-tensor items (both cheap, `problem_with`), and during the load by the checksums, which the reader
+verifies as it reads (lockstep.checkpoint.safe_reader: no second read of the files); either way the
+resume skips that checkpoint (with a message) for the next older one. Format-1 checkpoints (no
+checksums) still load, without the checksum check.
+
+Nothing here destroys a checkpoint silently: publishing over an existing step folder, pruning, and
+step folders without a manifest (never pruned, never replaced) are the caller's explicit decisions.
 """
 
 from __future__ import annotations
@@ -13,10 +20,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from lockstep.checkpoint import checksums
+from lockstep.checkpoint.errors import CheckpointError
 
 MANIFEST = "lockstep.json"
 PARTIAL = ".partial"
+FORMAT = 2
+"""Manifest format: 1 = file sizes; 2 = sizes and xxh3-128 checksums."""
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
@@ -29,7 +42,7 @@ def partial_folder(root: Path, step: int) -> Path:
 
 
 def published_steps(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every published checkpoint, oldest first."""
+    """(step, folder) of every step folder (published, or with its manifest lost), oldest first."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_FOLDER.match(p.name)) and p.is_dir()]
@@ -40,8 +53,15 @@ def read_manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
 
-def problem_with(folder: Path) -> str | None:
-    """Why `folder` cannot be loaded, or None if its manifest and files are intact."""
+def has_manifest(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def problem_with(folder: Path, content: bool = True) -> str | None:
+    """Why `folder` cannot be loaded, or None if it looks intact: the manifest and every file's size,
+    and with `content` the non-tensor items unpickled through the allow-list (small; one rank is
+    enough, CheckpointManager has the ranks agree). The checksums are verified while the checkpoint
+    loads (SafeFileSystemReader), so a same-size corruption shows up there, not here."""
     try:
         manifest = read_manifest(folder)
     except (OSError, ValueError) as e:
@@ -52,33 +72,51 @@ def problem_with(folder: Path) -> str | None:
             return f"file {name} is missing"
         if path.stat().st_size != size:
             return f"file {name} has {path.stat().st_size} bytes, the manifest says {size}"
-    return None
+    if not content:
+        return None
+    from lockstep.checkpoint.safe_reader import unsafe_item
+
+    return unsafe_item(folder)
 
 
-def find_checkpoint(root: Path, load_step: int, warn, prefer_full: bool = False) -> Path | None:
+def find_checkpoint(
+    root: Path,
+    load_step: int,
+    warn: Callable[[str], None],
+    prefer_full: bool = False,
+    check: Callable[[Path], str | None] = problem_with,
+) -> Path | None:
     """The folder to resume from: step `load_step` (which must be intact), or with -1 the newest
     intact one (damaged ones are reported through `warn` and skipped). With prefer_full, a newer
     model-only checkpoint (a final export) is passed over for an older full one, so training resumes
-    where it can; a model-only one (a seed checkpoint) is taken only when there is nothing else."""
+    where it can; a model-only one (a seed checkpoint) is taken only when there is nothing else.
+    Candidates are checked newest first and the search stops at the first intact one."""
     published = published_steps(root)
     if load_step >= 0:
         folder = dict(published).get(load_step)
         if folder is None:
             steps = ", ".join(str(s) for s, _ in published) or "none"
             raise FileNotFoundError(f"no checkpoint for step {load_step} in {root} (published steps: {steps})")
-        if problem := problem_with(folder):
-            raise ValueError(f"checkpoint {folder} is damaged: {problem}")
+        if problem := check(folder):
+            raise CheckpointError(folder, f"damaged checkpoint: {problem}", "choose another checkpoint.load_step")
         return folder
-    intact = []
-    for _, folder in reversed(published):
-        if problem := problem_with(folder):
+    newest_first = [folder for _, folder in reversed(published)]
+    if prefer_full:
+        full = [f for f in newest_first if has_manifest(f) and not _model_only(f)]
+        newest_first = full + [f for f in newest_first if f not in full]
+    for folder in newest_first:
+        if problem := check(folder):
             warn(f"skipping damaged checkpoint {folder}: {problem}")
             continue
-        intact.append(folder)
-    if prefer_full:
-        full = [f for f in intact if not read_manifest(f).get("model_only")]
-        intact = full or intact
-    return intact[0] if intact else None
+        return folder
+    return None
+
+
+def _model_only(folder: Path) -> bool:
+    try:
+        return bool(read_manifest(folder).get("model_only"))
+    except (OSError, ValueError):
+        return False
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -89,19 +127,27 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(partial: Path, final: Path, manifest: dict) -> None:
-    """Record every file's size in the manifest, make it durable, then rename into place."""
+def publish(partial: Path, final: Path, manifest: dict, replace: bool = False) -> None:
+    """Record every file's size and checksum (from the writers' sidecars) in the manifest, make it
+    durable, then rename into place. An existing `final` is replaced only with `replace`."""
+    if final.exists() and not replace:
+        raise CheckpointError(
+            final, "a checkpoint of this step exists already and would be overwritten",
+            "move it away, or pass --checkpoint.discard_newer to replace it",
+        )  # fmt: skip
+    digests = checksums.collect(partial)
     for path in partial.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     files = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
     manifest_path = partial / MANIFEST
     with open(manifest_path, "w") as f:
-        json.dump(manifest | {"files": files}, f, indent=2)
+        record = {"format": FORMAT, "checksum": checksums.ALGORITHM, "files": files, "checksums": digests}
+        json.dump(manifest | record, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     _fsync_folder(partial)
-    if final.exists():  # a same-step checkpoint from an earlier attempt: replace it
+    if final.exists():  # replace allowed: an explicit --checkpoint.discard_newer
         shutil.rmtree(final)
     os.rename(partial, final)
     _fsync_folder(final.parent)
@@ -109,9 +155,11 @@ def publish(partial: Path, final: Path, manifest: dict) -> None:
 
 def prune(root: Path, keep_latest_k: int, in_progress: Path | None = None) -> None:
     """Delete all but the newest `keep_latest_k` published checkpoints (0 keeps all) and any
-    leftover partial folders of interrupted saves."""
+    leftover partial folders of interrupted saves. Step folders without a manifest are never
+    pruned: what they hold is unknown, so a person decides."""
     if keep_latest_k > 0:
-        for _, folder in published_steps(root)[:-keep_latest_k]:
+        published = [folder for _, folder in published_steps(root) if has_manifest(folder)]
+        for folder in published[:-keep_latest_k]:
             shutil.rmtree(folder, ignore_errors=True)
     for leftover in root.glob(f"step-*{PARTIAL}"):
         if leftover != in_progress:

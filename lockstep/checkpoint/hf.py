@@ -1,5 +1,8 @@
 """Hugging Face safetensors folders: export a lockstep checkpoint, import into one, and read HF weights
-into any layout through DCP's Hugging Face storage reader. Each phase is timed."""
+into any layout through DCP's Hugging Face storage reader. Each phase is timed.
+
+Only safetensors are read from a Hugging Face folder (a folder of pickled ``.bin``/``.pt`` weights is
+refused, never unpickled); lockstep checkpoints are verified and read through the pickle allow-list."""
 
 from __future__ import annotations
 
@@ -12,25 +15,46 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.checkpoint.checksums import ChecksumWriter
+from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.models.registry import ModelSpec, model_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
 def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    """A Hugging Face model folder lockstep can read: config.json and safetensors. One that holds only
+    pickled weights is refused here, since unpickling them could run code."""
+    if not (path / "config.json").is_file():
+        return False
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise CheckpointError(
+            path, f"holds pickled weights ({', '.join(pickled)}), which lockstep never loads (they can run code)",
+            "convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))",
+        )  # fmt: skip
+    return False
 
 
-def resolve_checkpoint_folder(path: Path) -> Path:
-    """A published step folder, or the newest intact one under a checkpoint root or run folder."""
+def resolve_checkpoint_folder(path: Path, check=folders.problem_with) -> Path:
+    """A published step folder (verified by `check`), or the newest intact one under a checkpoint
+    root or run folder."""
     if (path / folders.MANIFEST).is_file():
+        if problem := check(path):
+            raise CheckpointError(path, f"damaged checkpoint: {problem}", "choose another checkpoint")
         return path
     for root in (path, path / "checkpoint"):
-        found = folders.find_checkpoint(root, -1, print)
+        found = folders.find_checkpoint(root, -1, print, check=check)
         if found is not None:
             return found
     raise FileNotFoundError(f"no lockstep checkpoint in {path} (looked for step-N folders here and in checkpoint/)")
@@ -45,7 +69,11 @@ def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
         for key, meta in metadata.items()
         if key.startswith("model.")
     }
-    dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    try:  # the checksums are verified as the files are read
+        dcp.load({"model": state}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    except CheckpointException as failure:
+        ours = [e for e, _ in failure.failures.values() if isinstance(e, CheckpointError)]
+        raise (ours[0] if ours else failure) from None
     return state
 
 
@@ -116,6 +144,8 @@ def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
 def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> dict:
     """Write a model-only lockstep checkpoint (step 0) of a Hugging Face folder; returns timings."""
     timings, started = {}, time.perf_counter()
+    if not is_hf_folder(hf_dir):
+        raise CheckpointError(hf_dir, "is not a Hugging Face model folder (config.json and *.safetensors)")
     spec = model_spec(model_name)
     args = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
     with torch.device("meta"):
@@ -124,9 +154,9 @@ def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> d
     timings["load_and_convert_s"] = time.perf_counter() - started
     started = time.perf_counter()
     partial, final = folders.partial_folder(out_dir, 0), folders.step_folder(out_dir, 0)
-    dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(str(partial)), no_dist=True)
+    dcp.save({"model": weights}, storage_writer=ChecksumWriter(str(partial)), no_dist=True)
     manifest = {
-        "format": 1,
+        "format": folders.FORMAT,
         "step": 0,
         "model_only": True,
         "parts": ["model"],

@@ -1,5 +1,6 @@
 """Initial weights from checkpoint.initial_load_path: a lockstep checkpoint (or a run folder holding
-one), or a Hugging Face folder, loaded into whatever layout this run has."""
+one), or a Hugging Face folder (safetensors only), loaded into whatever layout this run has; a
+lockstep checkpoint is verified and read through the pickle allow-list, like a resume."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def load_initial_weights(
             set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True))
         checkpointer.log(f"initial weights from Hugging Face folder {path}")
         return
-    folder = resolve_checkpoint_folder(path)
+    folder = resolve_checkpoint_folder(path, check=checkpointer.problem_with)  # verified, split over ranks
     recorded = folders.read_manifest(folder)["model"]["args"]
     ours = json.loads(json.dumps(dataclasses.asdict(args)))
     if recorded != ours and not checkpointer.config.ignore_mismatch:

@@ -1,38 +1,102 @@
 """Save and resume: when, where, what, and refusing what does not belong to this run.
 
-Rerunning the same command on the same dump folder resumes from the newest intact checkpoint.
-Every save goes to a ``.partial`` folder that rank 0 publishes (manifest, fsync, rename) once all
-ranks have written (lockstep.checkpoint.folders). Async saves stage a copy on the calling thread,
-write from a background thread over a separate gloo group, and are published when done.
+Rerunning the same command on the same dump folder resumes from the newest intact checkpoint:
+sizes and the pickle allow-list are checked first (cheap; the ranks agree over gloo), the content
+checksums while the checkpoint loads (each file hashed by one rank as it is read; a failure on any
+rank fails the load on all, through DCP's read step). A damaged or unsafe checkpoint is reported and
+set aside (renamed ``step-N.unloadable``) for the next older one, whose load overwrites whatever the
+failed load had written. Loading reads non-tensor items only through the allow-list
+(lockstep.checkpoint.safe_reader). Newer checkpoints than the one resumed
+(an explicit load_step, or step folders that hold nothing loadable) are never overwritten unless
+checkpoint.discard_newer says so; the run's own newer model-only exports are replaced when reached.
+Every save goes to a ``.partial`` folder that rank 0 publishes (manifest, checksums, fsync, rename)
+once all ranks have written (lockstep.checkpoint.folders). Async saves stage a copy on the calling
+thread, write from a background thread over a separate gloo group, and are published when done.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.checkpoint.checksums import ChecksumWriter
+from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.config.sections import CheckpointConfig
+from lockstep.errors import LockstepError
 
 MODEL_ONLY_PARTS = ("model",)
+RECORDED_ONLY = ("layout", "config")
+"""Identity entries written to the manifest for the record, not compared by check_identity."""
 
 
-class CheckpointMismatch(ValueError):
-    pass
+class CheckpointMismatch(LockstepError):
+    """The checkpoint belongs to another setup (model, tokenizer, dataset)."""
+
+
+def _checkpoint_error(failure: CheckpointException) -> CheckpointError | None:
+    """Our own error inside DCP's wrapper (DCP gathers every rank's failure), if it is one."""
+    for exc, _ in failure.failures.values():
+        if isinstance(exc, CheckpointError):
+            return exc
+    return None
+
+
+def _is_export(folder: Path) -> bool:
+    """A published model-only checkpoint (a seed or a final export, reproducible by the run)."""
+    try:
+        return folders.has_manifest(folder) and bool(folders.read_manifest(folder).get("model_only"))
+    except (OSError, ValueError):
+        return False
 
 
 def _plain(value):
     """JSON round trip, so tuples and lists (and int keys) compare equal."""
     return json.loads(json.dumps(value))
+
+
+UNSET = "(unset)"
+"""Shown for a key that one side of a comparison does not have."""
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys (``model.args.dim``), so a difference names the one value that
+    changed rather than a whole section; lists and other values are leaves."""
+    if not isinstance(value, dict):
+        return {prefix: value} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, inner in value.items():
+        flat |= flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """key -> (old, new) for every dotted key whose value differs (compared as JSON, so tuples
+    equal lists); a key on one side only has UNSET on the other."""
+    before, after = flatten(_plain(old)), flatten(_plain(new))
+    keys = list(before) + [k for k in after if k not in before]
+    changed = {k: (before.get(k, UNSET), after.get(k, UNSET)) for k in keys}
+    return {k: (a, b) for k, (a, b) in changed.items() if a != b}
+
+
+def describe_differences(changed: dict[str, tuple[Any, Any]]) -> str:
+    """``model.args.dim: 64 -> 128; optimizer.lr: 0.0008 -> 0.002`` (one line)."""
+
+    def show(value: Any) -> str:
+        return value if isinstance(value, str) and value else json.dumps(value)
+
+    return "; ".join(f"{key}: {show(a)} -> {show(b)}" for key, (a, b) in changed.items())
 
 
 class CheckpointManager:
@@ -53,10 +117,15 @@ class CheckpointManager:
         self.log = log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self._pending: tuple[Future, int, Path, dict] | None = None
+        self._pending: tuple[Future, int, Path, dict, ChecksumWriter] | None = None
+        self._verified: set[Path] = set()
+        self._problems: dict[Path, str] = {}  # why a folder was found damaged (named if it is in the way)
+        self._loading: set[str] = set()  # the parts the last load wrote (or was writing when it failed)
+        self._replaceable: set[int] = set()
         self._async_group = None
-        if self.config.async_mode != "disabled" and self.distributed:
-            self._async_group = dist.new_group(backend="gloo")  # keeps background writes off the training group
+        if self.distributed:
+            # Keeps background writes and the verdicts of checkpoint checks off the training group.
+            self._async_group = dist.new_group(backend="gloo")
         self.timings: dict[str, float] = {}
         if self.config.async_mode == "async_with_pinned_mem" and device.type != "cuda":
             log("note: checkpoint.async_mode async_with_pinned_mem needs CUDA; saving async from pageable memory")
@@ -64,28 +133,133 @@ class CheckpointManager:
     # -- resume ---------------------------------------------------------------------------------
 
     def find_resume_folder(self) -> Path | None:
+        """The checkpoint to resume from (verified), after settling what happens to newer step folders:
+        refused unless checkpoint.discard_newer (then deleted), set aside if damaged, or (the run's own
+        model-only exports) replaced when training reaches them."""
         if not self.config.enable:
             return None
-        return folders.find_checkpoint(self.root, self.config.load_step, self.log, prefer_full=True)
+        steps = folders.published_steps(self.root)
+        folder = folders.find_checkpoint(
+            self.root, self.config.load_step, self.log, prefer_full=True, check=self.problem_with
+        )
+        resumed = next((s for s, f in steps if f == folder), -1)
+        newer = [(s, f) for s, f in steps if s > resumed]
+        in_the_way, exports = newer, []
+        if folder is not None and self.config.load_step < 0:  # fell back past damaged ones, or exports
+            exports = [(s, f) for s, f in newer if _is_export(f)]
+            self._set_aside([f for s, f in newer if (s, f) not in exports])
+            in_the_way = []
+        if in_the_way and not self.config.discard_newer:
+            listed = ", ".join(str(s) for s, _ in in_the_way)
+            what = f"training from step {resumed}" if folder is not None else "a fresh start (nothing there loads)"
+            damage = "".join(f"; step {s}: {self._problems[f]}" for s, f in in_the_way if f in self._problems)
+            raise CheckpointError(
+                self.root, f"checkpoints newer than the one resumed exist (steps {listed}) and {what} would overwrite them{damage}",
+                "pass --checkpoint.discard_newer to delete them, or resume from the newest",
+            )  # fmt: skip
+        if in_the_way:
+            self.log(f"discarding checkpoints {', '.join(str(s) for s, _ in in_the_way)} (checkpoint.discard_newer)")
+            if self.rank == 0:
+                for _, stale in in_the_way:
+                    shutil.rmtree(stale)
+        for step, _ in exports:
+            self.log(f"note: model-only checkpoint step {step} is newer than step {resumed}; replaced when reached")
+            self._replaceable.add(step)
+        self._barrier()
+        return folder
+
+    def resume(self, states: dict, accept: Callable[[Path], None] = lambda folder: None) -> Path | None:
+        """Load the newest intact checkpoint into `states` and return its folder (None: nothing to
+        resume): find_resume_folder, then `accept(folder)` (the caller's checks of its manifest, which
+        may raise), then load. A checkpoint that fails while loading (a checksum, verified as it is
+        read) is reported and set aside like one found damaged before, and the next older one is
+        loaded; it overwrites every part the failed load wrote, or the resume stops with the way out.
+        With an explicit checkpoint.load_step the failure is the error."""
+        written: set[str] = set()
+        while (folder := self.find_resume_folder()) is not None:
+            accept(folder)
+            try:
+                self.load(folder, states)
+            except CheckpointError as e:
+                if self.config.load_step >= 0:
+                    raise CheckpointError(
+                        folder, f"damaged checkpoint: {e.problem}", "choose another checkpoint.load_step"
+                    ) from None
+                written |= self._loading
+                self.log(f"skipping damaged checkpoint {folder}: {e.problem}")
+                self._set_aside([folder])
+                self._barrier()
+                continue
+            if leftover := sorted(written - self._loading):
+                raise CheckpointError(
+                    folder, f"a newer checkpoint failed its checksum while loading and this one holds no {', '.join(leftover)} to replace what it wrote",
+                    "run the same command again: the damaged checkpoint is set aside, so the resume starts clean from this one",
+                )  # fmt: skip
+            return folder
+        if written:  # nothing older loads: the states are not fresh either
+            raise CheckpointError(
+                self.root, "the newest checkpoint failed its checksum while loading and no older one loads",
+                "run the same command again to start fresh (the damaged checkpoint is set aside)",
+            )  # fmt: skip
+        return None
+
+    def problem_with(self, folder: Path) -> str | None:
+        """folders.problem_with (sizes on every rank, the allow-listed items on rank 0), with the
+        verdicts agreed (so every rank takes the same decision); a clean folder is not checked again
+        on load. The checksums are verified during the load."""
+        started = time.perf_counter()
+        problem = folders.problem_with(folder, content=self.rank == 0)
+        if self.distributed:
+            world = dist.get_world_size()
+            verdicts: list[str | None] = [None] * world
+            dist.all_gather_object(verdicts, problem, group=self._async_group)
+            problem = next((p for p in verdicts if p), None)
+        self.timings["verify_s"] = self.timings.get("verify_s", 0.0) + time.perf_counter() - started
+        if problem is None:
+            self._verified.add(folder)
+        else:
+            self._problems[folder] = problem
+        return problem
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        """Rename damaged or manifest-less step folders newer than the resumed one, so that no save
+        overwrites them and nothing loads them; a person decides what they were."""
+        for folder in damaged:
+            target = folder.with_name(f"{folder.name}.unloadable")
+            n = 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"{folder.name}.unloadable-{n}")
+            self.log(f"set aside unloadable checkpoint {folder} as {target.name} (not loaded, pruned or overwritten)")
+            if self.rank == 0:
+                folder.rename(target)
 
     def check_identity(self, folder: Path) -> None:
+        """Refuse a checkpoint whose model or fingerprints differ from this run's, naming only the
+        differing keys (checkpoint -> this run). The layout (elastic) and the config (the trainer
+        decides which of its changes are allowed) are recorded in the manifest but not compared here."""
         manifest = folders.read_manifest(folder)
-        differences = [
-            f"{key}: checkpoint {_plain(manifest.get(key))} vs this run {_plain(value)}"
-            for key, value in self.identity.items()
-            if key != "layout" and _plain(manifest.get(key)) != _plain(value)
-        ]
-        if differences and not self.config.ignore_mismatch:
+        compared = [key for key in self.identity if key not in RECORDED_ONLY]
+        changed = differences({k: manifest.get(k) for k in compared}, {k: self.identity[k] for k in compared})
+        if changed and not self.config.ignore_mismatch:
             raise CheckpointMismatch(
-                f"checkpoint {folder} was written by a different setup; " + "; ".join(differences)
-                + ". Use another job.dump_folder, or pass --checkpoint.ignore_mismatch to load it anyway"
-            )  # fmt: skip
-        for difference in differences:
-            self.log(f"warning: loading despite a mismatch ({difference})")
+                f"checkpoint {folder} was written by a different setup (checkpoint -> this run: "
+                f"{describe_differences(changed)}). Use another job.dump_folder, or pass "
+                "--checkpoint.ignore_mismatch to load it anyway"
+            )
+        if changed:
+            self.log(f"warning: loading despite a mismatch (checkpoint -> this run: {describe_differences(changed)})")
 
     def load(self, folder: Path, states: dict, parts: tuple[str, ...] | None = None) -> dict:
-        """Load the chosen parts of `states` from `folder` in place; returns the manifest."""
+        """Load the chosen parts of `states` from `folder` in place (checked first unless it was found
+        by find_resume_folder; the checksums are verified as the files are read, and a mismatch raises
+        CheckpointError on every rank, with `states` partly overwritten); returns the manifest.
+        timings["verify_s"]: this rank's time on the checks and on hashing (and reading gaps)."""
         started = time.perf_counter()
+        self.timings.pop("verify_s", None)
+        self._loading = set()
+        if folder not in self._verified and (problem := self.problem_with(folder)):
+            raise CheckpointError(folder, f"damaged checkpoint: {problem}", "load another checkpoint")
         manifest = folders.read_manifest(folder)
         wanted = set(parts if parts is not None else states) - set(self.config.exclude_from_loading)
         if self.config.model_only or manifest.get("model_only"):
@@ -98,7 +272,13 @@ class CheckpointManager:
         missing = sorted(wanted - stored)
         if missing:
             raise CheckpointMismatch(f"checkpoint {folder} has no {', '.join(missing)} (it holds {sorted(stored)})")
-        dcp.load({name: states[name] for name in sorted(wanted)}, storage_reader=reader)
+        self._loading = wanted
+        try:
+            dcp.load({name: states[name] for name in sorted(wanted)}, storage_reader=reader, planner=SafeLoadPlanner())
+        except CheckpointException as failure:
+            raise (_checkpoint_error(failure) or failure) from None
+        finally:
+            self.timings["verify_s"] = self.timings.get("verify_s", 0.0) + reader.verify_seconds
         self.timings["load_s"] = time.perf_counter() - started
         self.log(f"loaded {', '.join(sorted(wanted))} from {folder} in {self.timings['load_s']:.2f}s")
         return manifest
@@ -124,23 +304,23 @@ class CheckpointManager:
         self._barrier()
         to_save = {"model": states["model"]} if model_only else states
         manifest = self.identity | {
-            "format": 1,
+            "format": folders.FORMAT,
             "step": step,
             "model_only": model_only,
             "parts": sorted(to_save),
             "layout": layout or self.identity.get("layout", {}),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        writer = FileSystemWriter(str(partial), sync_files=True)
+        writer = ChecksumWriter(str(partial), sync_files=True)
         if self.config.async_mode == "disabled":
             dcp.save(to_save, storage_writer=writer)
-            self._publish(step, partial, manifest, started)
+            self._publish(step, partial, manifest, started, writer)
             return
         future = dcp.async_save(
             to_save, storage_writer=writer, process_group=self._async_group, async_stager=self._stager()
         )
         self.timings["save_blocking_s"] = time.perf_counter() - started
-        self._pending = (future, step, partial, manifest)
+        self._pending = (future, step, partial, manifest, writer)
 
     def _stager(self):
         """Stage (copy) the state synchronously, so training can go on at once; in pinned host memory
@@ -158,21 +338,23 @@ class CheckpointManager:
         """Finish and publish an async save still in flight."""
         if self._pending is None:
             return
-        future, step, partial, manifest = self._pending
+        future, step, partial, manifest, writer = self._pending
         self._pending = None
         future.result()
-        self._publish(step, partial, manifest, None)
+        self._publish(step, partial, manifest, None, writer)
 
     def poll(self) -> None:
         """Publish an async save that has finished, without waiting for one that has not."""
         if self._pending is not None and self._pending[0].done():
             self.wait()
 
-    def _publish(self, step: int, partial: Path, manifest: dict, started: float | None) -> None:
+    def _publish(self, step: int, partial: Path, manifest: dict, started: float | None, writer: ChecksumWriter) -> None:
         # DCP's save returns on every rank only after rank 0 wrote the metadata, i.e. after all ranks
-        # finished writing, so rank 0 can publish without another collective.
+        # finished writing (and their checksum sidecars), so rank 0 can publish without a collective.
+        self.timings["checksum_s"] = writer.hash_seconds  # this rank's hashing time
         if self.rank == 0:
-            folders.publish(partial, folders.step_folder(self.root, step), manifest)
+            replace = self.config.discard_newer or step in self._replaceable
+            folders.publish(partial, folders.step_folder(self.root, step), manifest, replace=replace)
             folders.prune(self.root, self.config.keep_latest_k)
         if started is not None:
             self.timings["save_s"] = time.perf_counter() - started

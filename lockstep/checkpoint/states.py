@@ -4,7 +4,8 @@ Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``
 optimizer keys (``state.layers.0.attention.wq.weight.exp_avg``), so neither depends on the layout:
 DCP reshards DTensors on load, and pipeline stages save and load their own names. Non-tensor values
 (scheduler counters, the loader position, RNG states of Python and NumPy) are stored as plain
-Python data, which DCP reads back with ``torch.load(weights_only=True)``.
+Python data; DCP's own planner would unpickle them with ``weights_only=False``, so lockstep reads them
+through ``safe_reader.SafeLoadPlanner`` (``torch.load(weights_only=True)``) and they must stay plain.
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ class OptimizerState:
 
 
 class SchedulerState:
-    """All parts' schedulers advance together; one state is saved and loaded into each."""
+    """All parts' schedulers advance together; one state is saved, and only its step count is
+    restored into each. The learning rates are recomputed from this run's schedule at that step (see
+    `apply`) rather than restored, so a resumed run trains at what its config says: a new peak lr or
+    a longer run changes the schedule from the resumed step on. With an unchanged config the
+    recomputed rates are the saved ones, bit for bit (the same expression on the same numbers)."""
+
+    RESTORED = ("last_epoch", "_step_count")
 
     def __init__(self, schedulers: list) -> None:
         self.schedulers = schedulers
@@ -72,11 +79,21 @@ class SchedulerState:
 
     def load_state_dict(self, state: dict) -> None:
         for scheduler in self.schedulers:
-            groups = len(scheduler.optimizer.param_groups)
-            # Per-group lists (base_lrs, _last_lr) follow this layout's group count: every group has the
-            # same schedule, and a layout with tensor parallelism has two groups (plain, DTensor).
-            fitted = {k: v[:1] * groups if isinstance(v, list) and len(v) != groups else v for k, v in state.items()}
-            scheduler.load_state_dict(fitted | {"lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+            for key in self.RESTORED:
+                if key in state:
+                    setattr(scheduler, key, int(state[key]))
+        self.apply()
+
+    def apply(self) -> None:
+        """Set each group's lr to the schedule's value at the current step, from the scheduler's base
+        lrs (the config's peak lr) and lambdas (the config's schedule and total steps). Call it again
+        after loading the optimizer state, whose param groups carry the saved lr."""
+        for scheduler in self.schedulers:
+            pairs = zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+            lrs = [base * fn(scheduler.last_epoch) for fn, base in pairs]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
 
 
 class RNGState:

@@ -1,9 +1,15 @@
-"""``lockstep compare``: runs (folders or loss files) side by side; exact or tolerance gates for CI."""
+"""``lockstep compare``: runs (folders or loss files) side by side; exact or tolerance gates for CI.
+
+Above the table: the config keys and environment facts that differ between the runs. Under a gate
+(``--assert-equal``, ``--rtol``, ``--atol``) it exits 1 on a difference, when the runs logged different
+steps (a run that crashed early; ``--common-steps-only`` gates on the common ones) and when no step is
+common, so that a gate never passes on runs it did not compare; an empty, unreadable or malformed
+run is one line and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -13,9 +19,16 @@ def run(argv: list[str]) -> int:
         description="Compare runs (run folders or loss files) step by step; with --run, launch them first.",
     )
     parser.add_argument("runs", nargs="*", type=Path, help="run folders or loss files (JSONL)")
-    parser.add_argument("--assert-equal", action="store_true", help="exit 1 unless bitwise equal at every step")
+    parser.add_argument(
+        "--assert-equal", action="store_true", help="exit 1 unless bitwise equal at every step of every run"
+    )
     parser.add_argument("--rtol", type=float, default=None, help="exit 1 if a loss differs beyond rtol/atol")
     parser.add_argument("--atol", type=float, default=None)
+    parser.add_argument(
+        "--common-steps-only",
+        action="store_true",
+        help="gate on the steps all runs logged (by default a step one run lacks fails the gate)",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves and their difference")
     parser.add_argument("--run", action="store_true", help="launch the runs: two --config, or one and two --rev")
     parser.add_argument("--config", action="append", default=[], help="with --run: a config (twice for two)")
@@ -38,18 +51,33 @@ def run(argv: list[str]) -> int:
     if len(runs) < 2:
         parser.error("give at least two runs")
     names = [str(r) for r in runs]
-    try:
-        rows = compare.compare_series([compare.load_series(r) for r in runs])
-    except FileNotFoundError as e:
-        print(f"lockstep compare: {e}", file=sys.stderr)
-        return 2
+    series = [compare.load_series(r) for r in runs]  # InputError: one line, exit 2
+    gated = args.assert_equal or args.rtol is not None or args.atol is not None
+    for line in compare.describe_run_differences(runs):
+        print(line)
+    rows = compare.compare_series(series)
     print(compare.format_table(rows, names))
+    missing = compare.steps_missing(series)
+    for name, steps in zip(names, missing, strict=True):
+        if steps:
+            print(f"{name} lacks {len(steps)} step(s) the other runs logged: {compare.describe_steps(steps)}")
     first = compare.first_difference(rows, args.rtol, args.atol)
     tolerance = f" beyond rtol={args.rtol} atol={args.atol}" if (args.rtol or args.atol) else " (bitwise)"
-    print(f"first differing step{tolerance}: {first}" if first is not None else f"no difference{tolerance}")
+    if not rows:
+        print("no common step: nothing was compared")
+    elif first is not None:
+        print(f"first differing step{tolerance}: {first}")
+    else:
+        print(f"no difference{tolerance} at the {len(rows)} common step(s)")
     plot = args.plot or (args.out / "compare.png" if args.run else None)
-    if plot is not None:
+    if plot is not None and rows:
         compare.plot(rows, names, plot)
         print(f"plot: {plot}")
-    failing = first is not None and (args.assert_equal or args.rtol is not None or args.atol is not None)
-    return 1 if failing else 0
+    if not gated:
+        return 0
+    if not rows or first is not None:
+        return 1
+    if any(missing) and not args.common_steps_only:
+        print("the runs logged different steps: the gate fails (--common-steps-only gates on the common ones)")
+        return 1
+    return 0

@@ -1,13 +1,17 @@
 """``lockstep train``, ``python -m lockstep.train`` and ``torchrun -m lockstep.train``: train a model.
 
 With ``--nproc N`` the config is checked here, then torchrun starts N processes (lockstep.cli.launch).
+Exit codes: 0 trained to training.steps; 75 stopped by SIGTERM/SIGINT after saving (rerun to resume);
+2 bad config or input; 1 a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from lockstep.config import load_config, validate_job_config
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from lockstep.config import JobConfig, load_config, validate_job_config
+from lockstep.errors import LockstepError
 
 
 def run(argv: list[str]) -> int:
@@ -24,12 +28,26 @@ def run(argv: list[str]) -> int:
         help="start N processes on this machine through torchrun (multi-node: torchrun)",
     )
     args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config, overrides)
     if args.nproc is not None:
-        from lockstep.cli.launch import launch_torchrun
+        from lockstep.cli.launch import check_nproc, launch_torchrun
 
+        check_nproc(args.nproc)
+        config = load_config(args.config, overrides)
         validate_job_config(config, args.nproc)  # fail here, before N processes start
         return launch_torchrun(args.nproc, argv)
+    try:
+        return _train(load_config(args.config, overrides))
+    except LockstepError as error:
+        from lockstep.cli.launch import record_worker_error
+
+        if record_worker_error(error):  # a worker of `lockstep train --nproc`: the launcher prints it
+            return EXIT_BAD_INPUT
+        raise
+
+
+def _train(config: JobConfig) -> int:
+    import torch
+
     from lockstep.train.trainer import Trainer
 
     trainer = Trainer(config)
@@ -39,6 +57,9 @@ def run(argv: list[str]) -> int:
         print(dump_toml(config))
     with trainer:
         run_folder = trainer.train()
-    if trainer.world.is_main:
-        print(f"run folder: {run_folder.resolve()}")
-    return 0
+        if trainer.world.is_main:
+            print(f"run folder: {run_folder.resolve()}", flush=True)
+        if trainer.stopped_by_signal and trainer.world.world_size > 1:
+            # Leave together: torchrun stops the other workers as soon as one exits non-zero (75).
+            torch.distributed.barrier()
+    return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK

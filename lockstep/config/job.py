@@ -158,18 +158,40 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         _validate_pipeline(config, global_batch // dims.dp)
     microbatches_per_rank = global_batch // (config.training.local_batch_size * dims.dp)
     invariant = config.debug.layout_invariant_reductions
-    if invariant and dims.dp > 1 and not (_is_power_of_two(dims.dp) and _is_power_of_two(microbatches_per_rank)):
-        raise ConfigError(
-            "training.global_batch_size",
-            f"layout-invariant reductions sum gradients in a fixed tree over the global microbatch index, which "
-            f"needs a power-of-two data-parallel degree (got {dims.dp}) and microbatches per rank (got "
-            f"{microbatches_per_rank}); choose global_batch_size = local_batch_size x {dims.dp} x 2^k "
-            "(or set debug.layout_invariant_reductions = false)",
-        )
+    if invariant and dims.dp > 1:
+        _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank)
     if config.checkpoint.create_seed_checkpoint and world_size != 1:
         raise ConfigError(
             "checkpoint.create_seed_checkpoint",
             f"a seed checkpoint is written by one process (got {world_size}); run it without torchrun / --nproc",
+        )
+
+
+def _validate_invariant_batch(
+    training: TrainingConfig, dims: ParallelDims, world_size: int, microbatches_per_rank: int
+) -> None:
+    """Layout-invariant reductions sum gradients in a fixed binary tree over the global microbatch index,
+    so each rank's block must be a whole subtree: power-of-two dp degree and microbatches per rank. The
+    message proposes values that pass this very check (no batch size can rescue a dp degree of 3)."""
+    why = "layout-invariant reductions sum gradients in a fixed tree over the global microbatch index, which needs"
+    off = "or set debug.layout_invariant_reductions = false"
+    if not _is_power_of_two(dims.dp):
+        lower = 1 << (dims.dp.bit_length() - 1)
+        others = world_size // dims.dp
+        raise ConfigError(
+            "parallelism",
+            f"{why} a power-of-two data-parallel degree; got {dims.dp} (world size {world_size}); run "
+            f"{lower * others} or {2 * lower * others} processes (--nproc), or give the extra ranks to "
+            f"tensor or pipeline parallelism so that the data-parallel degree is a power of two, {off}",
+        )
+    if not _is_power_of_two(microbatches_per_rank):
+        per_microstep = training.local_batch_size * dims.dp
+        lower = 1 << (microbatches_per_rank.bit_length() - 1)
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{why} a power-of-two number of microbatches per rank (got {microbatches_per_rank}); use "
+            f"global_batch_size = {lower * per_microstep} or {2 * lower * per_microstep} "
+            f"(local_batch_size x dp degree x 2^k = {training.local_batch_size} x {dims.dp} x 2^k), {off}",
         )
 
 

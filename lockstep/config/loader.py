@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
+import re
 import types
 import typing
 from importlib import resources
@@ -22,10 +24,12 @@ import tomllib
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import SECTION_TYPES, JobConfig
+from lockstep.errors import InputError
 
 PRESET_PACKAGE = "lockstep.config.presets"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+_TOML_POSITION = re.compile(r"(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
 
 
 def preset_names() -> list[str]:
@@ -40,12 +44,34 @@ def read_toml(name_or_path: str) -> dict[str, Any]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError("--config", f"no such file: {name_or_path}")
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise InputError(path, f"cannot read the config ({e.strerror})", "check its permissions") from e
+        return parse_toml(raw, path)
     if name_or_path not in preset_names():
         raise ConfigError("--config", f"unknown config {name_or_path!r}{_did_you_mean(name_or_path, preset_names())}")
-    with resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").open("rb") as f:
-        return tomllib.load(f)
+    raw = resources.files(PRESET_PACKAGE).joinpath(f"{name_or_path}.toml").read_bytes()
+    return parse_toml(raw, name_or_path)
+
+
+def parse_toml(raw: bytes, path: str | Path) -> dict[str, Any]:
+    """TOML bytes as a dict; an undecodable or malformed file raises InputError at its line and column
+    (tomllib only puts the position inside its message, so it is moved to where an editor finds it)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(
+            path, f"is not UTF-8 (byte 0x{raw[e.start]:02x})", "save the file as UTF-8", where=str(line)
+        ) from e
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message, where = str(e), ""
+        if match := _TOML_POSITION.fullmatch(message):
+            message, where = match["message"], f"{match['line']}:{match['column']}"
+        raise InputError(path, f"invalid TOML: {message}", "fix the TOML syntax there", where=where) from e
 
 
 def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
@@ -92,7 +118,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if origin in (tuple, list):
-        items = value.split(",") if isinstance(value, str) else value
+        items = _split_list(value, key) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(key, f"expected a list; got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -131,6 +157,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected a string; got {value!r}")
     raise ConfigError(key, f"unsupported field type {hint}")
+
+
+def _split_list(value: str, key: str) -> list[Any]:
+    """A CLI list: ``a,b`` or, as people copy it from TOML or JSON, ``[a, b]`` / ``["a", 'b']``."""
+    text = value.strip()
+    if not text.startswith("["):
+        return value.split(",")
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if not text.endswith("]"):
+        raise ConfigError(key, f"{value!r} opens a list but does not close it; write it as a,b or [a, b]")
+    return text[1:-1].split(",")  # unquoted words, [model, loss]
 
 
 def _field_hints(section_type: type) -> dict[str, Any]:

@@ -14,6 +14,7 @@ reference is generated from these docstrings, so they are the documentation.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from lockstep.config.errors import ConfigError
@@ -69,6 +70,12 @@ class ModelConfig:
             "model.tokenizer_path",
             "is required when model.tokenizer = hf (path of a tokenizer.json or its folder)",
         )
+        _require(
+            self.tokenizer == "hf" or not self.tokenizer_path,
+            "model.tokenizer_path",
+            f"has no effect with model.tokenizer = {self.tokenizer}; set model.tokenizer = hf to use it, "
+            "or drop it (--model.tokenizer_path=)",
+        )
         _one_of(self.attention, ("sdpa", "flex"), "model.attention")
 
 
@@ -110,6 +117,12 @@ class TrainingConfig:
             self.dataset == "builtin" or bool(self.dataset_path),
             "training.dataset_path",
             f"is required when training.dataset = {self.dataset}",
+        )
+        _require(
+            self.dataset != "builtin" or not self.dataset_path,
+            "training.dataset_path",
+            "has no effect with training.dataset = builtin; set training.dataset to text, json or parquet "
+            "to use it, or drop it (--training.dataset_path=)",
         )
         _one_of(self.device, ("auto", "cpu", "cuda"), "training.device")
 
@@ -231,6 +244,9 @@ class DebugConfig:
     nonfinite: str = "stop"
     """On a NaN/Inf loss or gradient: stop (naming the step and the first module that produced it),
     skip (drop the step's update and go on), or ignore."""
+    max_consecutive_skips: int = 5
+    """With nonfinite = skip: stop the run (naming the step range) after this many non-finite steps in a
+    row, since by then the run is diverging rather than hitting a rare bad batch."""
     moe_force_load_balance: bool = False
     """MoE models: route tokens round-robin so every expert gets the same count."""
     detect_anomaly: bool = False
@@ -240,6 +256,7 @@ class DebugConfig:
 
     def validate(self) -> None:
         _one_of(self.nonfinite, ("stop", "skip", "ignore"), "debug.nonfinite")
+        _require(self.max_consecutive_skips >= 1, "debug.max_consecutive_skips", "must be >= 1")
         _require(
             self.seed is None or 0 <= self.seed < 2**63,
             "debug.seed",
@@ -268,6 +285,17 @@ class MetricsConfig:
 
     def validate(self) -> None:
         _require(self.log_freq > 0, "metrics.log_freq", "must be > 0")
+        # Checked here, before any process starts, rather than at the first log line.
+        for enabled, option, package in (
+            (self.enable_wandb, "metrics.enable_wandb", "wandb"),
+            (self.enable_tensorboard, "metrics.enable_tensorboard", "tensorboard"),
+        ):
+            _require(
+                not enabled or importlib.util.find_spec(package) is not None,
+                option,
+                f"needs the {package} package, which is not installed; pip install {package} (into the "
+                "environment that runs lockstep), or drop the option",
+            )
 
 
 @dataclass
@@ -314,6 +342,12 @@ class ParallelismConfig:
             "parallelism.pipeline_parallel_microbatch_size",
             "must be >= 1",
         )
+        _require(
+            self.pipeline_parallel_degree > 1 or not self.pipeline_parallel_split_points,
+            "parallelism.pipeline_parallel_split_points",
+            "has no effect without pipeline parallelism; set parallelism.pipeline_parallel_degree > 1, "
+            "or drop it (--parallelism.pipeline_parallel_split_points=)",
+        )
 
 
 @dataclass
@@ -344,6 +378,10 @@ class CheckpointConfig:
     """Write the step-0 weights (one process, no parallelism) and exit; runs of any layout then start from them."""
     ignore_mismatch: bool = False
     """Resume even if the model, tokenizer or dataset fingerprint differs from the checkpoint's."""
+    allow_config_change: bool = False
+    """Resume with changed settings that change the numbers (optimizer.lr, model, data, ...); the new values take effect."""
+    discard_newer: bool = False
+    """Delete (or overwrite) checkpoints newer than the one resumed; without it lockstep refuses to."""
 
     def validate(self) -> None:
         _require(self.interval > 0, "checkpoint.interval", "must be > 0")

@@ -21,5 +21,9 @@ def atomic_path(final_path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final_path` to write; rename it into place only if the
     writing finished, so a reader never sees a half-written cache entry (several ranks may race)."""
     tmp_path = final_path.with_name(f"{final_path.name}.tmp{os.getpid()}")
-    yield tmp_path
+    try:
+        yield tmp_path
+    except BaseException:  # a bad input or Ctrl-C while writing: leave nothing behind
+        tmp_path.unlink(missing_ok=True)
+        raise
     os.replace(tmp_path, final_path)

@@ -19,6 +19,7 @@ import torch
 from lockstep.data.cache import atomic_path, cache_root
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
+from lockstep.errors import InputError
 
 IGNORE_INDEX = -100
 _ENCODE_CHUNK = 512
@@ -88,8 +89,22 @@ def load_token_windows(
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tokenize_to_file(source, tokenizer, target)
-    tokens = np.memmap(target, dtype=_dtype_for(tokenizer.vocab_size), mode="r")
-    windows = TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, fingerprint)
-    if windows.num_windows == 0:
-        raise ValueError(f"the dataset has {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-    return windows
+    dtype = _dtype_for(tokenizer.vocab_size)
+    num_tokens = target.stat().st_size // dtype.itemsize
+    if num_tokens < seq_len + 1:  # also keeps np.memmap away from an empty file, which it cannot map
+        raise _too_small(source, num_tokens, seq_len)
+    tokens = np.memmap(target, dtype=dtype, mode="r")
+    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, fingerprint)
+
+
+def _too_small(source: DocumentSource | None, num_tokens: int, seq_len: int) -> InputError:
+    """Say how far the data falls short and what seq_len would fit (a window is seq_len + 1 tokens)."""
+    location = source.location if source is not None else "the dataset"
+    if num_tokens == 0:
+        return InputError(location, "holds no documents", "point training.dataset_path at non-empty data")
+    fits = f"training.seq_len <= {num_tokens - 1} would fit, " if num_tokens >= 2 else ""
+    return InputError(
+        location,
+        f"has {num_tokens} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
+        f"{fits}or add data",
+    )

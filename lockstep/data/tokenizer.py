@@ -14,6 +14,7 @@ from typing import Protocol
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.cache import atomic_path, cache_root
+from lockstep.errors import InputError
 
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -60,7 +61,14 @@ class HFTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise ConfigError("model.tokenizer_path", f"no tokenizer.json at {path}")
-        self._tok = _Tokenizer.from_file(str(file))
+        try:
+            self._tok = _Tokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+            raise InputError(
+                file,
+                f"not a Hugging Face tokenizer.json ({e})",
+                "point model.tokenizer_path at the tokenizer.json saved with the model (or its folder)",
+            ) from e
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = hashlib.sha256(file.read_bytes()).hexdigest()
         named = _special_tokens_from_config(file.parent / "tokenizer_config.json")
@@ -88,7 +96,14 @@ class HFTokenizer:
 def _special_tokens_from_config(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(
+            path, f"is not valid JSON ({e})", "fix it or remove it (it names bos_token and eos_token)"
+        ) from e
+    if not isinstance(config, dict):
+        raise InputError(path, "must be a JSON object", "fix it or remove it (it names bos_token and eos_token)")
     found = {}
     for key in ("bos_token", "eos_token"):
         value = config.get(key)

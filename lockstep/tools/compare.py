@@ -1,27 +1,147 @@
 """Compare runs step by step: loss, grad norm, fingerprints; name the first step that differs.
 
 A run is a run folder (its metrics.jsonl) or a reference loss file (JSON Lines, or a JSON list, of
-records with at least "step" and "loss").
+records with at least "step" and "loss"). Non-finite numbers may be bare JSON tokens (NaN, Infinity,
+-Infinity, which Python's json reads) or strings ("NaN", "Infinity", "-Infinity"), as strict JSON
+writers give them. "Equal" means the same bits of the float, so identical NaNs are equal.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lockstep.errors import InputError
 
 FINGERPRINTS = ("grad_fingerprint", "param_fingerprint")
+NUMBERS = ("loss", "grad_norm")
+ENVIRONMENT_FACTS = ("versions.torch", "threads", "world_size", "git.revision", "git.dirty", "layout")
+"""env.json entries whose differences can explain differing numbers (layout is flattened)."""
+IGNORED_CONFIG_KEYS = ("job.dump_folder",)
+"""Config keys that differ between any two runs and say nothing about their numbers."""
+
+
+def _number(value: Any, file: Path, where: str, key: str) -> float | None:
+    if value is None and key != "loss":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InputError(file, f'"{key}" is {value!r}, not a number', where=where)
+    try:
+        return float(value)  # a string: "NaN", "Infinity", "-Infinity" (also "nan", "inf")
+    except ValueError:
+        raise InputError(file, f'"{key}" is {value!r}, not a number', where=where) from None
 
 
 def load_series(path: Path) -> dict[int, dict]:
-    """step -> record. For a resumed run the last record of a step wins."""
+    """step -> record (loss and grad norm as floats). For a resumed run the last record of a step wins.
+    An unreadable, malformed or empty file raises InputError (exit 2): a gate must not pass on it."""
+    path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"{path} is neither a run folder with metrics.jsonl nor a loss file")
-    text = file.read_text()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
-    return {int(r["step"]): r for r in records}
+    fix = "give a run folder with metrics.jsonl or a loss file (JSON Lines of {step, loss})"
+    if not file.is_file():
+        raise InputError(path, "neither a run folder with metrics.jsonl nor a loss file", fix)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(file, f"unreadable ({error})") from None
+    try:
+        if text.lstrip().startswith("["):
+            records = [(f"record {i + 1}", r) for i, r in enumerate(json.loads(text))]
+        else:
+            records = [(f"line {n}", json.loads(x)) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
+    except json.JSONDecodeError as error:
+        raise InputError(file, f"not JSON ({error})", fix) from None
+    if not records:
+        raise InputError(file, "has no records (empty: did the run log any step?)", fix)
+    series = {}
+    for where, record in records:
+        if not isinstance(record, dict) or "step" not in record or "loss" not in record:
+            raise InputError(file, 'a record without "step" and "loss"', fix, where=where)
+        if isinstance(record["step"], bool) or not isinstance(record["step"], int):
+            raise InputError(file, f'"step" is {record["step"]!r}, not an integer', where=where)
+        numbers = {key: _number(record.get(key), file, where, key) for key in NUMBERS}
+        series[record["step"]] = record | numbers
+    return series
+
+
+def bits(x: float | None) -> bytes | None:
+    """The float's IEEE 754 bits: equal bits are the same number, NaN included (NaN != NaN)."""
+    return None if x is None else struct.pack("<d", x)
+
+
+def steps_missing(series: list[dict[int, dict]]) -> list[list[int]]:
+    """Per run, the steps that some other run logged and it did not (all empty: same step sets)."""
+    every = set().union(*(set(s) for s in series))
+    return [sorted(every - set(s)) for s in series]
+
+
+def describe_steps(steps: list[int]) -> str:
+    """Steps as ranges: 1-4, 7, 9-10."""
+    ranges: list[list[int]] = []
+    for step in steps:
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat |= _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def _run_facts(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(flattened config.toml, chosen env.json facts) of a run folder; empty for a loss file or
+    where the files are missing or unreadable (a diff is context, not a gate)."""
+    config: dict[str, Any] = {}
+    env: dict[str, Any] = {}
+    if not Path(path).is_dir():
+        return config, env
+    try:
+        config = _flatten(tomllib.loads((path / "config.toml").read_text()))
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    try:
+        flat_env = _flatten(json.loads((path / "env.json").read_text()))
+        env = {k: v for k, v in flat_env.items() if any(k == f or k.startswith(f + ".") for f in ENVIRONMENT_FACTS)}
+    except (OSError, json.JSONDecodeError):
+        pass
+    return config, env
+
+
+def _differences(dicts: list[dict[str, Any]], ignored: tuple[str, ...] = ()) -> list[str]:
+    keys = sorted(set().union(*dicts) - set(ignored))
+    lines = []
+    for key in keys:
+        values = [d.get(key, "(unset)") for d in dicts]
+        if any(v != values[0] for v in values):
+            lines.append(f"  {key}: " + " vs ".join(map(str, values)))
+    return lines
+
+
+def describe_run_differences(paths: list[Path]) -> list[str]:
+    """Config keys (``section.key: a vs b``) and environment facts (torch version, threads, world
+    size, git revision, layout) that differ between the runs: what may explain a difference."""
+    facts = [_run_facts(Path(p)) for p in paths]
+    lines = []
+    config = _differences([c for c, _ in facts], IGNORED_CONFIG_KEYS)
+    if config:
+        lines += ["config differs:", *config]
+    env = _differences([e for _, e in facts])
+    if env:
+        lines += ["environment differs:", *env]
+    return lines
 
 
 @dataclass
@@ -32,22 +152,28 @@ class StepComparison:
     fingerprints_match: bool | None
     """None when not every run recorded fingerprints at this step."""
 
+    def _abs_diffs(self) -> list[float]:
+        first = self.losses[0]
+        return [0.0 if bits(x) == bits(first) else abs(x - first) for x in self.losses]  # NaN - NaN: 0 when equal
+
     def max_abs_diff(self) -> float:
-        return max(abs(x - self.losses[0]) for x in self.losses)
+        diffs = self._abs_diffs()
+        return math.nan if any(map(math.isnan, diffs)) else max(diffs)  # max() drops a NaN after a number
 
     def max_rel_diff(self) -> float:
-        return max(abs(x - self.losses[0]) / max(abs(self.losses[0]), 1e-30) for x in self.losses)
+        return self.max_abs_diff() / max(abs(self.losses[0]), 1e-30)
+
+    def grad_norms_equal(self) -> bool:
+        return all(bits(g) == bits(self.grad_norms[0]) for g in self.grad_norms)
 
     def bitwise_equal(self) -> bool:
-        same = all(x == self.losses[0] for x in self.losses) and all(g == self.grad_norms[0] for g in self.grad_norms)
+        same = all(bits(x) == bits(self.losses[0]) for x in self.losses) and self.grad_norms_equal()
         return same and self.fingerprints_match is not False
 
     def within(self, rtol: float, atol: float) -> bool:
-        return all(
-            abs(x - self.losses[0]) <= atol + rtol * abs(self.losses[0])
-            or (math.isnan(x) and math.isnan(self.losses[0]))
-            for x in self.losses
-        )
+        """Every loss within atol + rtol * |first run's loss|; equal bits (NaN, inf) always are."""
+        first = self.losses[0]
+        return all(bits(x) == bits(first) or abs(x - first) <= atol + rtol * abs(first) for x in self.losses)
 
 
 def compare_series(series: list[dict[int, dict]]) -> list[StepComparison]:
@@ -81,7 +207,7 @@ def format_table(rows: list[StepComparison], names: list[str]) -> str:
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
         fingerprints = {None: "-", True: "match", False: "DIFFER"}[row.fingerprints_match]
-        norms_equal = "yes" if all(g == row.grad_norms[0] for g in row.grad_norms) else "no"
+        norms_equal = "yes" if row.grad_norms_equal() else "no"
         cells = [str(row.step), *(f"{x:.9g}" for x in row.losses)]
         cells += [f"{row.max_abs_diff():.3e}", f"{row.max_rel_diff():.3e}", norms_equal, fingerprints]
         lines.append(" | ".join(cells))

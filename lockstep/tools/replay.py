@@ -2,7 +2,9 @@
 
     [torchrun --nproc_per_node N] -m lockstep.tools.replay --replay-run RUN --replay-step K --replay-out CAPTURE.pt
 
-Starts from the run's newest checkpoint before step K (or from its initial weights), trains up to
+Starts from the run's newest checkpoint before step K (or from its initial weights), read-only: the
+step folder is linked into a scratch checkpoint root, so the source run's folder is never written,
+pruned or overwritten (and its checkpoint is verified like any resume). Then it trains up to
 step K-1 without hooks, then runs step K capturing, for the global batch's first microbatch, every
 module's forward output and output gradient (first call, execution order), and after the step the
 reduced gradients and the updated parameters, all as full tensors (DTensors gathered). Ranks that
@@ -87,17 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lockstep.config import load_config
     from lockstep.parallel.mesh import axis_rank
+    from lockstep.train.launches import config_for_step
     from lockstep.train.trainer import Trainer
 
     start = checkpoint_before(args.run, args.step)
     scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
     overrides = ["--job.dump_folder", str(scratch), "--debug.no-fingerprint", "--debug.nonfinite", "ignore"]
     if start is not None:
-        overrides += ["--checkpoint.enable", "--checkpoint.folder", str((args.run / "checkpoint").resolve())]
-        overrides += ["--checkpoint.load_step", str(start)]
+        source = folders.step_folder((args.run / "checkpoint").resolve(), start)
+        readonly_root = scratch / "source-checkpoint"
+        readonly_root.mkdir()
+        folders.step_folder(readonly_root, start).symlink_to(source, target_is_directory=True)
+        overrides += ["--checkpoint.enable", "--checkpoint.folder", str(readonly_root)]
+        overrides += ["--checkpoint.load_step", str(start), "--checkpoint.interval", str(1 << 30)]
     else:
         overrides += ["--checkpoint.no-enable"]
-    config = load_config(str(args.run / "config.toml"), overrides)
+    config = load_config(str(config_for_step(args.run, args.step)), overrides)  # the launch that trained it
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
             trainer.train_step()

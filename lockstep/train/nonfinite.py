@@ -9,9 +9,41 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lockstep.errors import LockstepError
 
-class NonFiniteError(RuntimeError):
-    pass
+
+class NonFiniteError(LockstepError, RuntimeError):
+    """A NaN/Inf loss or gradient stopped the run (debug.nonfinite = stop, or too many skips in a row).
+
+    A LockstepError, so the CLI prints it as one line and exits 2: the fix is in the settings (a lower
+    optimizer.lr, cleaner data, debug.nonfinite = skip), not in lockstep. Still a RuntimeError for
+    callers that caught it as one."""
+
+
+class ConsecutiveSkips:
+    """Counts non-finite steps in a row under debug.nonfinite = skip and stops the run at the limit:
+    a run that only skips is diverging, and would otherwise log NaN to the end and exit 0."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.first_step: int | None = None
+        self.count = 0
+
+    def finite(self) -> None:
+        self.first_step, self.count = None, 0
+
+    def skipped(self, step: int, message: str) -> None:
+        """Record a skipped step; raises NonFiniteError when it is the limit-th in a row."""
+        if self.first_step is None:
+            self.first_step = step
+        self.count += 1
+        if self.count >= self.limit:
+            steps = f"step {step} was" if step == self.first_step else f"steps {self.first_step}-{step} were all"
+            raise NonFiniteError(
+                f"{steps} non-finite and skipped (debug.max_consecutive_skips = "
+                f"{self.limit}); last one: {message}; the run is diverging: lower optimizer.lr or raise "
+                "lr_scheduler.warmup_steps, check the data, or resume from an earlier checkpoint"
+            )
 
 
 def _finite(value) -> bool:

@@ -1,6 +1,10 @@
 """The run folder, the contract that the tools (compare, bisect) read:
 config.toml (resolved; ``--config`` on it reproduces the run), env.json (versions, git revision,
-host, device, seeds, data fingerprints) and metrics.jsonl (one JSON object per logged step)."""
+host, device, seeds, data fingerprints) and metrics.jsonl (one JSON object per logged step).
+
+config.toml and env.json are the latest launch's; every launch (first, resumed, rerun) keeps its own
+copies and step range under launches/NNN (lockstep.train.launches). ``.lock`` names the run that
+holds the folder (lockstep.train.run_lock)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lockstep.train.metrics import json_floats
 
 PACKAGES = ("lockstep", "torch", "numpy", "tokenizers", "datasets", "safetensors", "rich", "tensorboard")
 
@@ -68,7 +74,8 @@ def environment(
 
 
 def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: int | None = None) -> Path:
-    """Write config.toml and env.json, and return the metrics.jsonl path. A fresh run keeps an earlier
+    """Write config.toml and env.json (the latest launch's: launches/ keeps every launch's, so start_launch
+    runs first), and return the metrics.jsonl path. A fresh run keeps an earlier
     run's metrics.jsonl under a numbered name; a run resumed from step k appends to it, after moving
     any records past step k (steps that are about to be recomputed) to metrics.rewound.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +103,7 @@ def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: in
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    """Every logged step of a run folder, in order."""
+    """Every logged step of a run folder, in order, non-finite values as floats again (written as
+    "NaN"/"Infinity"/"-Infinity" strings; older files' bare NaN tokens are read too)."""
     with open(Path(folder) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json_floats(json.loads(line)) for line in f if line.strip()]

@@ -34,6 +34,18 @@ def measure_cpu_matmul_peak(size: int = 1024, seconds: float = 0.5) -> float:
     return best
 
 
+def peak_cache_key(threads: int) -> str:
+    """The key of a measured CPU peak in peak_flops.json: the peak depends on the host and thread count."""
+    return f"{platform.node()}/{platform.processor()}/threads={threads}"
+
+
+def mfu_percent(tflops: float, device_peak_flops: float, world_size: int) -> float:
+    """Model FLOPs utilisation in percent. ``tflops`` is the whole run's rate (global tokens/s times
+    FLOPs per token), so it is measured against the peak of every device in the run, not of one
+    (which would inflate MFU by the world size)."""
+    return 100 * tflops * 1e12 / (world_size * device_peak_flops)
+
+
 def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> float:
     """FLOP/s that MFU is measured against: a data-sheet figure on known GPUs, else the measured
     matmul peak of this CPU (cached per host and thread count)."""
@@ -43,7 +55,7 @@ def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> f
             if key in name:
                 return peaks["bf16" if mixed_precision == "bf16" else "fp32"]
         return CUDA_PEAK_FLOPS["H100"]["bf16"]
-    key = f"{platform.node()}/{platform.processor()}/threads={torch.get_num_threads()}"
+    key = peak_cache_key(torch.get_num_threads())
     cached = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
     if key not in cached:
         cached[key] = measure_cpu_matmul_peak()

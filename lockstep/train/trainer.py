@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lockstep.checkpoint import folders
 from lockstep.checkpoint.initial import load_initial_weights
 from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
@@ -34,15 +35,24 @@ from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.train.fingerprint import model_fingerprint
+from lockstep.train.launches import (
+    check_config_change,
+    config_record,
+    reset_optimizer_hyperparameters,
+    resumed_config,
+    resumed_seed,
+    start_launch,
+)
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.moe_balance import moe_blocks, pool_over_stages, update_expert_biases
-from lockstep.train.nonfinite import NonFiniteError, first_nonfinite_module
+from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank
 from lockstep.train.run_folder import environment, prepare_run_folder
-from lockstep.train.throughput import peak_flops, peak_memory_gib
+from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
+from lockstep.train.throughput import mfu_percent, peak_flops, peak_memory_gib
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -100,10 +110,20 @@ class GracefulStop:
 
 
 class Trainer:
+    stopped_by_signal: bool = False
+    """Set by train() when SIGTERM/SIGINT ended it early (after saving): the CLI exits 75, so that a
+    scheduler or script can tell a stop to resume from from a finished run."""
+
+    @releases_run_lock_on_error
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
         self.config = config
+        self.run_folder = Path(config.job.dump_folder)
+        # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
+        self.run_lock = RunLock.acquire(self.run_folder, self._log) if self.world.is_main else None
+        if self.run_lock is not None and config.debug.seed is None:
+            config.debug.seed = resumed_seed(config.checkpoint, self.run_folder)  # a resumed run keeps its seed
         self.device = resolve_device(config.training)
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
         check_model_fits_layout(config.model, self.dims)
@@ -148,15 +168,18 @@ class Trainer:
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
+        self.consecutive_skips = ConsecutiveSkips(config.debug.max_consecutive_skips)
         self.checkpoint_states, self.checkpointer = self._checkpointing(windows.fingerprint)
         resumed = self._resume_or_initialize()
 
-        self.run_folder = Path(config.job.dump_folder)
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
-        self.metrics = None
+        self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
+            self.launch = start_launch(
+                self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, self._log
+            )
             metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env, resumed_at=resumed)
             self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
@@ -185,6 +208,7 @@ class Trainer:
             "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
             "fingerprints": {"dataset": dataset_fingerprint, "tokenizer": self.tokenizer.fingerprint},
             "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
+            "config": config_record(dump_toml(config), self.global_batch),  # what a resume compares its config with
         }
         states = {
             "model": ModelState(self.model.parts),
@@ -257,6 +281,7 @@ class Trainer:
         """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
         policy = self.config.debug.nonfinite
         if policy == "ignore" or bool(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm)):
+            self.consecutive_skips.finite()
             return False
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -277,6 +302,7 @@ class Trainer:
         )
         if policy == "stop":
             raise NonFiniteError(message + " (debug.nonfinite = skip would drop such steps)")
+        self.consecutive_skips.skipped(step, message)  # raises at debug.max_consecutive_skips in a row
         self._log(f"warning: {message}; step skipped")
         return True
 
@@ -323,7 +349,16 @@ class Trainer:
 
     def close(self) -> None:
         """Tear down the process group (after any last collective, e.g. full_weights)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
         destroy_process_group()
+
+    def _end_launch(self) -> None:
+        """Record where this launch ended and release the run folder: the run writes nothing more."""
+        if self.launch is not None:
+            self.launch.finish(self.state.step, completed=self.state.step >= self.config.training.steps)
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def __enter__(self) -> Trainer:
         return self
@@ -349,6 +384,7 @@ class Trainer:
             self.checkpointer.save(0, self.checkpoint_states, model_only=True)
             self.display.print(f"seed checkpoint written to {self.checkpointer.root}")
             self.display.close()
+            self._end_launch()
             return self.run_folder
         with GracefulStop().installed() as stop:
             try:
@@ -373,12 +409,14 @@ class Trainer:
                     self._maybe_save(stopping)
                     self.display.step(self.state.step, None)
                 self.checkpointer.close()
+                self.stopped_by_signal = stopping
                 if stopping:
                     self.display.print(f"stopped by signal after step {self.state.step}")
             finally:
                 if self.metrics is not None:
                     self.metrics.close()
                 self.display.close()
+                self._end_launch()
         return self.run_folder
 
     def _maybe_save(self, stopping: bool) -> None:
@@ -395,10 +433,11 @@ class Trainer:
     def _resume_or_initialize(self) -> int | None:
         """Load the newest checkpoint of this run (returns its step), or else the initial weights of
         checkpoint.initial_load_path (returns None)."""
-        folder = self.checkpointer.find_resume_folder()
+        folder = self.resumed_from = self.checkpointer.resume(self.checkpoint_states, accept=self._accept_checkpoint)
         if folder is not None:
-            self.checkpointer.check_identity(folder)
-            self.checkpointer.load(folder, self.checkpoint_states)
+            # What the config says, not what the checkpoint carried: hyperparameters, then the lr schedule.
+            reset_optimizer_hyperparameters(self.optimizers, self.config.optimizer)
+            self.checkpoint_states["lr_scheduler"].apply()
             return self.state.step
         if self.config.checkpoint.initial_load_path:
             path = Path(self.config.checkpoint.initial_load_path)
@@ -407,6 +446,13 @@ class Trainer:
                 path, self.checkpointer, self.checkpoint_states, spec, self.model.args, self.model.parts
             )
         return None
+
+    def _accept_checkpoint(self, folder: Path) -> None:
+        """Refuse a checkpoint of another setup, or one whose config differs in ways not allowed."""
+        self.checkpointer.check_identity(folder)
+        previous, source = resumed_config(folders.read_manifest(folder), self.run_folder)
+        allow = self.config.checkpoint.allow_config_change
+        check_config_change(previous, self.checkpointer.identity["config"], allow, folder, source, self._log)
 
     def _log(self, message: str) -> None:
         if self.world.is_main:
@@ -425,7 +471,7 @@ class Trainer:
                 "lr": lr,
                 "tokens_per_sec": tokens_per_sec,
                 "tflops": tflops,
-                "mfu": 100 * tflops * 1e12 / self.peak_flops,
+                "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size),
                 "memory_gib": peak_memory_gib(self.device),
                 "tokens_seen": self.state.tokens_seen,
             }

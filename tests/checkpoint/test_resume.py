@@ -66,6 +66,8 @@ def test_fsdp_checkpoint_resumes_bitwise_in_any_layout(tmp_path, uninterrupted):
             assert all(torch.allclose(weights[k], uninterrupted[1][k], rtol=1e-4, atol=1e-5) for k in weights)
         else:
             assert_bitwise(result(folder), uninterrupted)
+        launch = json.loads((folder / "run" / "launches" / "002" / "launch.json").read_text())
+        assert ("layout.dp_shard" in launch["changed_since_previous_launch"]) == (name != "fsdp2")  # recorded
 
 
 def test_metrics_after_the_checkpoint_are_rewound(tmp_path):

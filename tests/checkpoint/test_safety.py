@@ -1,18 +1,51 @@
-"""Loading a checkpoint never runs code from it."""
+"""Loading a checkpoint never runs code from it: not the metadata, not any non-tensor item, not on
+resume, initial_load_path, convert or replay; a crafted checkpoint is refused by name and resume
+falls back to the next older one."""
 
 import os
 import pickle
+import shutil
 
 import pytest
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.safe_reader import SafeFileSystemReader, load_metadata_safely
-from tests.checkpoint.helpers import train
+from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.hf import export_to_hf, import_from_hf
+from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner, load_metadata_safely
+from lockstep.train.trainer import Trainer
+from tests.checkpoint.crafting import Payload, plant_payload
+from tests.checkpoint.helpers import CHECKPOINTED, train
+from tests.helpers import tiny_config
+
+ITEMS = [
+    "train_state.step",
+    "dataloader.next_sample_index",
+    "rng.pipeline_rank_0.python.state",
+    "lr_scheduler.last_epoch",
+    "optimizer.param_groups.output.weight.lr",
+]
+EIGHT = ["--training.steps", "8"]
 
 
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run with checkpoints at steps 4 and 8 (copied by each test before it is tampered with)."""
+    folder = tmp_path_factory.mktemp("trained")
+    train(folder, EIGHT)
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path, trained):
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return tmp_path
 
 
 def test_metadata_that_would_run_code_is_refused(tmp_path, monkeypatch):
@@ -22,10 +55,84 @@ def test_metadata_that_would_run_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_real_metadata_is_readable(tmp_path):
-    train(tmp_path, ["--training.steps", "4"])
-    folder = folders.step_folder(tmp_path / "run" / "checkpoint", 4)
+def test_metadata_cannot_reach_callables_through_allowed_modules():
+    """Pickle resolves dotted names by attribute walk: ``filesystem`` + ``os.system`` is os.system."""
+    raw = (
+        b"\x80\x04\x95" + b"\x00" * 8 + b"\x8c'torch.distributed.checkpoint.filesystem\x94\x8c\tos.system\x94\x93\x94."
+    )
+    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+        load_metadata_safely(raw)
+    with pytest.raises(pickle.UnpicklingError, match="_load_from_bytes"):
+        load_metadata_safely(b"\x80\x04\x8c\rtorch.storage\x8c\x10_load_from_bytes\x93.")
+
+
+def test_real_metadata_is_readable(trained):
+    folder = folders.step_folder(trained / "run" / "checkpoint", 4)
     keys = SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata
     assert "model.output.weight" in keys
     assert any(k.startswith("optimizer.state.output.weight.exp_avg") for k in keys)
     assert any(k.startswith("rng.pipeline_rank_0.torch_cpu") for k in keys)
+
+
+@pytest.mark.parametrize("item", ITEMS)
+def test_a_payload_in_any_item_is_refused_by_name(run, item):
+    folder = folders.step_folder(run / "run" / "checkpoint", 8)
+    marker = run / "pwned"
+    data_file = plant_payload(folder, item, marker)
+    problem = folders.problem_with(folder)
+    assert data_file in problem and item in problem and "posix.system" in problem
+    reader = SafeFileSystemReader(str(folder))
+    state = {item: None}  # DCP fills BYTE_IO items in place
+    with pytest.raises(dcp.api.CheckpointException) as failure:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    (error, _), *_ = failure.value.failures.values()
+    assert isinstance(error, CheckpointError) and str(folder) in str(error) and item in str(error)
+    assert "\n" not in str(error)
+    with pytest.raises(dcp.api.CheckpointException, match="SafeLoadPlanner"):
+        dcp.load(state, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+    assert not marker.exists()
+
+
+def test_resume_skips_a_crafted_checkpoint_for_the_older_one(run, capsys):
+    root = run / "run" / "checkpoint"
+    marker = run / "pwned"
+    plant_payload(folders.step_folder(root, 8), "train_state.step", marker)
+    with Trainer(tiny_config(run, *CHECKPOINTED, *EIGHT), show_progress=False) as trainer:
+        assert trainer.state.step == 4
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "train_state.step" in out and "posix.system" in out
+    assert (root / "step-00000008.unloadable").is_dir()  # set aside, not deleted or overwritten
+    with pytest.raises(CheckpointError, match="train_state.step"):
+        Trainer(tiny_config(run, *CHECKPOINTED, *EIGHT, "--checkpoint.folder", "elsewhere",
+                            "--checkpoint.initial_load_path", str(root / "step-00000008.unloadable")))  # fmt: skip
+    assert not marker.exists()
+
+
+def test_initial_load_path_convert_and_replay_refuse_a_crafted_checkpoint(run, tmp_path):
+    from lockstep.tools.replay import main as replay
+
+    root = run / "run" / "checkpoint"
+    marker = tmp_path / "pwned"
+    for step in (4, 8):
+        plant_payload(folders.step_folder(root, step), "optimizer.param_groups.output.weight.lr", marker)
+    other = tmp_path / "other"
+    with pytest.raises(CheckpointError, match="optimizer.param_groups"):
+        Trainer(tiny_config(other, *CHECKPOINTED, "--checkpoint.initial_load_path", str(folders.step_folder(root, 8))))
+    with pytest.raises(CheckpointError, match="optimizer.param_groups"):
+        export_to_hf(folders.step_folder(root, 8), tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="optimizer.param_groups"):
+        replay(["--replay-run", str(run / "run"), "--replay-step", "6", "--replay-out", str(tmp_path / "cap")])
+    assert not marker.exists()
+
+
+def test_hugging_face_pickles_are_never_read(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    torch_pickle = pickle.dumps(Payload(tmp_path / "pwned"))
+    (hf / "pytorch_model.bin").write_bytes(torch_pickle)
+    with pytest.raises(CheckpointError, match=r"pickled weights \(pytorch_model.bin\).*safetensors"):
+        import_from_hf(hf, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        Trainer(tiny_config(tmp_path, "--checkpoint.initial_load_path", str(hf)))
+    assert not (tmp_path / "pwned").exists()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from lockstep.cli import main
 from lockstep.config import dump_toml
 from tests.helpers import tiny_config
 
@@ -60,3 +61,77 @@ def test_run_compares_two_git_revisions(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no difference (bitwise)" in done.stdout
     assert not (tmp_path / "out" / "worktree-0").exists()  # worktrees are removed afterwards
+
+
+def _gate(capsys, *args):
+    """lockstep compare in this process (no interpreter start): (exit code, stdout, stderr)."""
+    code = main(["compare", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_gate_fails_on_steps_it_did_not_compare(tmp_path, capsys):
+    full = _losses(tmp_path / "full.jsonl", [8.0 - 0.1 * i for i in range(10)])
+    crashed = _losses(tmp_path / "crashed.jsonl", [8.0 - 0.1 * i for i in range(6)])  # steps 1-6 of the same run
+    code, out, _ = _gate(capsys, full, crashed, "--assert-equal")
+    assert code == 1
+    assert f"{crashed} lacks 4 step(s) the other runs logged: 7-10" in out
+    assert _gate(capsys, full, crashed, "--rtol", "1e-6")[0] == 1
+    assert _gate(capsys, full, crashed, "--assert-equal", "--common-steps-only")[0] == 0
+    assert _gate(capsys, full, crashed)[0] == 0  # no gate: the table and the note only
+    later = tmp_path / "later.jsonl"
+    later.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (11, 12)))
+    code, out, _ = _gate(capsys, full, later, "--assert-equal", "--common-steps-only")
+    assert code == 1 and "no common step" in out
+
+
+def test_an_empty_or_malformed_run_is_one_line_and_exit_2(tmp_path, capsys):
+    good = _losses(tmp_path / "good.jsonl", [1.0, 2.0])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss":\n')
+    (tmp_path / "nostep.jsonl").write_text('{"loss": 1.0}\n')
+    (tmp_path / "folder").mkdir()  # a run folder without metrics.jsonl
+    for bad in ("empty.jsonl", "broken.jsonl", "nostep.jsonl", "folder", "absent.jsonl"):
+        code, out, err = _gate(capsys, good, tmp_path / bad, "--assert-equal")
+        assert code == 2, bad
+        assert len(err.splitlines()) == 1 and err.startswith("lockstep compare: error: "), err
+        assert bad in err and out == ""
+
+
+def test_identical_nans_are_equal_whether_bare_or_strings(tmp_path, capsys):
+    bare = tmp_path / "bare.jsonl"  # Python's json writes NaN/Infinity as bare tokens
+    bare.write_text('{"step": 1, "loss": 2.5, "grad_norm": Infinity}\n{"step": 2, "loss": NaN, "grad_norm": NaN}\n')
+    strict = tmp_path / "strict.jsonl"  # strict JSON writers give them as strings
+    strict.write_text(
+        '{"step": 1, "loss": 2.5, "grad_norm": "Infinity"}\n{"step": 2, "loss": "NaN", "grad_norm": "NaN"}\n'
+    )
+    code, out, _ = _gate(capsys, bare, strict, "--assert-equal")
+    assert code == 0 and "no difference (bitwise) at the 2 common step(s)" in out
+    assert _gate(capsys, bare, strict, "--rtol", "1e-9")[0] == 0
+    finite = _losses(tmp_path / "finite.jsonl", [2.5, 3.0])
+    code, out, _ = _gate(capsys, bare, finite, "--assert-equal")
+    assert code == 1 and "first differing step (bitwise): 1" in out  # inf vs 1.0 grad norm at step 1
+
+
+def test_config_and_environment_differences_are_printed_above_the_table(tmp_path, capsys):
+    runs = []
+    for name, lr, threads, dp in (("a", "0.001", 1, 1), ("b", "0.002", 4, 2)):
+        run = tmp_path / name
+        run.mkdir()
+        run.joinpath("config.toml").write_text(f'[job]\ndump_folder = "{run}"\n[optimizer]\nlr = {lr}\neps = 1e-8\n')
+        env = {"versions": {"torch": "2.13.0", "numpy": name}, "threads": threads, "world_size": dp}
+        env |= {"git": {"revision": "abc", "dirty": False}, "layout": {"degrees": {"dp": dp, "tp": 1}}, "host": name}
+        run.joinpath("env.json").write_text(json.dumps(env))
+        _losses(run / "metrics.jsonl", [1.0, 2.0])
+        runs.append(run)
+    code, out, _ = _gate(capsys, *runs, "--assert-equal")
+    assert code == 0
+    above = out.split("step | ")[0].splitlines()
+    assert above == [
+        "config differs:",
+        "  optimizer.lr: 0.001 vs 0.002",
+        "environment differs:",
+        "  layout.degrees.dp: 1 vs 2",
+        "  threads: 1 vs 4",
+        "  world_size: 1 vs 2",
+    ]
