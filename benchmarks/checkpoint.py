@@ -5,8 +5,9 @@ For each case: a full checkpoint (model + AdamW state + the rest) or a model-onl
 bf16, saved synchronously or asynchronously (for async, "blocking" is the time the training loop
 waits: staging a copy; the write finishes in the background), then loaded back. The content
 checksums' share is measured directly: the time spent hashing inside the writer's stream during the
-save (checksum_save_s) and the verification before the load (verify_s: re-hashing every file and
-unpickling the non-tensor items through the allow-list), each as a fraction of the rest.
+save (checksum_save_s), and during the load what only verification costs (verify_s: the size and
+allow-list checks before it, hashing the bytes as the reader reads them, and reading the gaps between
+the items it needs), each as a fraction of the rest.
 
     .venv/bin/python benchmarks/checkpoint.py [--flavors debug 1B]
 """

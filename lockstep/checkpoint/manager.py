@@ -119,6 +119,7 @@ class CheckpointManager:
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self._pending: tuple[Future, int, Path, dict, ChecksumWriter] | None = None
         self._verified: set[Path] = set()
+        self._failed: dict[Path, str] = {}  # why a checkpoint failed while loading (resume)
         self._problems: dict[Path, str] = {}  # why a folder was found damaged (named if it is in the way)
         self._loading: set[str] = set()  # the parts the last load wrote (or was writing when it failed)
         self._replaceable: set[int] = set()
@@ -152,7 +153,8 @@ class CheckpointManager:
         if in_the_way and not self.config.discard_newer:
             listed = ", ".join(str(s) for s, _ in in_the_way)
             what = f"training from step {resumed}" if folder is not None else "a fresh start (nothing there loads)"
-            damage = "".join(f"; step {s}: {self._problems[f]}" for s, f in in_the_way if f in self._problems)
+            reasons = self._problems | self._failed
+            damage = "".join(f"; step {s}: {reasons[f]}" for s, f in in_the_way if f in reasons)
             raise CheckpointError(
                 self.root, f"checkpoints newer than the one resumed exist (steps {listed}) and {what} would overwrite them{damage}",
                 "pass --checkpoint.discard_newer to delete them, or resume from the newest",
@@ -172,9 +174,10 @@ class CheckpointManager:
         """Load the newest intact checkpoint into `states` and return its folder (None: nothing to
         resume): find_resume_folder, then `accept(folder)` (the caller's checks of its manifest, which
         may raise), then load. A checkpoint that fails while loading (a checksum, verified as it is
-        read) is reported and set aside like one found damaged before, and the next older one is
-        loaded; it overwrites every part the failed load wrote, or the resume stops with the way out.
-        With an explicit checkpoint.load_step the failure is the error."""
+        read) is then treated like one found damaged before (reported, and set aside once an older one
+        is found), and the next older one is loaded; it overwrites every part the failed load wrote,
+        or the resume stops with the way out. With an explicit checkpoint.load_step the failure is the
+        error."""
         written: set[str] = set()
         while (folder := self.find_resume_folder()) is not None:
             accept(folder)
@@ -186,9 +189,8 @@ class CheckpointManager:
                         folder, f"damaged checkpoint: {e.problem}", "choose another checkpoint.load_step"
                     ) from None
                 written |= self._loading
-                self.log(f"skipping damaged checkpoint {folder}: {e.problem}")
-                self._set_aside([folder])
-                self._barrier()
+                self._failed[folder] = e.problem  # every rank has the same failure (DCP gathers them)
+                self._verified.discard(folder)
                 continue
             if leftover := sorted(written - self._loading):
                 raise CheckpointError(
@@ -196,10 +198,10 @@ class CheckpointManager:
                     "run the same command again: the damaged checkpoint is set aside, so the resume starts clean from this one",
                 )  # fmt: skip
             return folder
-        if written:  # nothing older loads: the states are not fresh either
+        if written:  # nothing older loads (the failed one was discarded): the states are not fresh either
             raise CheckpointError(
-                self.root, "the newest checkpoint failed its checksum while loading and no older one loads",
-                "run the same command again to start fresh (the damaged checkpoint is set aside)",
+                self.root, "a checkpoint failed its checksum while loading and no older one loads",
+                "run the same command again to start fresh",
             )  # fmt: skip
         return None
 
@@ -207,6 +209,8 @@ class CheckpointManager:
         """folders.problem_with (sizes on every rank, the allow-listed items on rank 0), with the
         verdicts agreed (so every rank takes the same decision); a clean folder is not checked again
         on load. The checksums are verified during the load."""
+        if folder in self._failed:  # failed while loading (the ranks agree already)
+            return self._failed[folder]
         started = time.perf_counter()
         problem = folders.problem_with(folder, content=self.rank == 0)
         if self.distributed:

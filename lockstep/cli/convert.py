@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -26,8 +25,9 @@ def run(argv: list[str]) -> int:
             timings = export_to_hf(args.source, args.out_dir, args.dtype)
         else:
             timings = import_from_hf(args.hf_dir, args.out_dir, args.model)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"lockstep convert: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a folder that is not what it claims to be
+        from lockstep.cli import report
+
+        return report("convert", e)
     print(f"wrote {args.out_dir}  " + "  ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return 0

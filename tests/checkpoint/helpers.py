@@ -17,6 +17,7 @@ CHECKPOINTED = [
     "--checkpoint.enable", "--checkpoint.interval", "4", "--training.steps", "12",
     "--training.global_batch_size", "8", "--debug.deterministic",
 ]  # fmt: skip
+EIGHT = ["--training.steps", "8"]
 
 
 def stop_after(trainer: Trainer, step: int) -> None:

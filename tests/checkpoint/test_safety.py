@@ -4,7 +4,6 @@ falls back to the next older one."""
 
 import os
 import pickle
-import shutil
 
 import pytest
 import torch.distributed.checkpoint as dcp
@@ -15,9 +14,10 @@ from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import export_to_hf, import_from_hf
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner, load_metadata_safely
 from lockstep.train.trainer import Trainer
+from tests.checkpoint.conftest import EIGHT
 from tests.checkpoint.crafting import Payload, plant_payload
-from tests.checkpoint.helpers import CHECKPOINTED, train
-from tests.helpers import tiny_config
+from tests.checkpoint.helpers import CHECKPOINTED
+from tests.helpers import tiny_config, tiny_overrides
 
 ITEMS = [
     "train_state.step",
@@ -26,26 +26,11 @@ ITEMS = [
     "lr_scheduler.last_epoch",
     "optimizer.param_groups.output.weight.lr",
 ]
-EIGHT = ["--training.steps", "8"]
 
 
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run with checkpoints at steps 4 and 8 (copied by each test before it is tampered with)."""
-    folder = tmp_path_factory.mktemp("trained")
-    train(folder, EIGHT)
-    return folder
-
-
-@pytest.fixture
-def run(tmp_path, trained):
-    shutil.copytree(trained / "run", tmp_path / "run")
-    return tmp_path
 
 
 def test_metadata_that_would_run_code_is_refused(tmp_path, monkeypatch):
@@ -105,6 +90,22 @@ def test_resume_skips_a_crafted_checkpoint_for_the_older_one(run, capsys):
     with pytest.raises(CheckpointError, match="train_state.step"):
         Trainer(tiny_config(run, *CHECKPOINTED, *EIGHT, "--checkpoint.folder", "elsewhere",
                             "--checkpoint.initial_load_path", str(root / "step-00000008.unloadable")))  # fmt: skip
+    assert not marker.exists()
+
+
+def test_cli_resume_into_a_crafted_only_checkpoint_is_one_line(tmp_path, capsys):
+    """`lockstep train` run again on its own folder, whose only checkpoint now carries a payload."""
+    from lockstep.cli import main
+
+    argv = ["train", "--config", "llama3_debug", *tiny_overrides(tmp_path), *CHECKPOINTED, "--training.steps", "4"]
+    assert main(argv) == 0
+    marker = tmp_path / "pwned"
+    data_file = plant_payload(folders.step_folder(tmp_path / "run" / "checkpoint", 4), "train_state.step", marker)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("lockstep train: error: ")
+    assert data_file in err and "train_state.step" in err
     assert not marker.exists()
 
 
