@@ -9,7 +9,7 @@ save (checksum_save_s), and during the load what only verification costs (verify
 allow-list checks before it, hashing the bytes as the reader reads them, and reading the gaps between
 the items it needs), each as a fraction of the rest.
 
-    .venv/bin/python benchmarks/checkpoint.py [--flavors debug 1B]
+    .venv/bin/python benchmarks/checkpoint.py [--flavors debug 1B] [--modes disabled async]
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def measure(model, optimizer, kind: str, dtype: str, mode: str, scratch: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavors", nargs="+", default=["debug", "1B"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["disabled", "async"], help="async needs a second copy in memory (1B: ~22 GiB)"
+    )
     args = parser.parse_args()
     cases = [
         ("full", "fp32", "disabled"),
@@ -92,7 +95,7 @@ def main() -> None:
     for flavor in args.flavors:
         model, optimizer = build(flavor)
         params = sum(p.numel() for p in model.parameters())
-        for kind, dtype, mode in cases:
+        for kind, dtype, mode in (case for case in cases if case[2] in args.modes):
             with tempfile.TemporaryDirectory(dir=".") as scratch:
                 result = measure(model, optimizer, kind, dtype, mode, Path(scratch))
             row = {"flavor": flavor, "params": params, "kind": kind, "dtype": dtype, "mode": mode, **result}
