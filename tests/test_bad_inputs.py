@@ -228,3 +228,10 @@ def test_user_sees_one_line_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("lockstep train: error: ")
     assert f"{tmp_path / 'bad.toml'}:1:" in done.stderr
+
+
+def test_missing_load_step_lists_the_published_steps(tmp_path, capsys):
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--training.steps", "2", "--checkpoint.enable"]
+    assert main(["train", *args]) == 0
+    line = _error_line(capsys, [*args, "--checkpoint.load_step", "5"])
+    assert "no checkpoint for step 5 (published steps: 2)" in line

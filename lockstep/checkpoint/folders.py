@@ -96,7 +96,9 @@ def find_checkpoint(
         folder = dict(published).get(load_step)
         if folder is None:
             steps = ", ".join(str(s) for s, _ in published) or "none"
-            raise FileNotFoundError(f"no checkpoint for step {load_step} in {root} (published steps: {steps})")
+            raise CheckpointError(
+                root, f"no checkpoint for step {load_step} (published steps: {steps})", "choose one of those steps"
+            )
         if problem := check(folder):
             raise CheckpointError(folder, f"damaged checkpoint: {problem}", "choose another checkpoint.load_step")
         return folder

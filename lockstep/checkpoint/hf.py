@@ -57,7 +57,9 @@ def resolve_checkpoint_folder(path: Path, check=folders.problem_with) -> Path:
         found = folders.find_checkpoint(root, -1, print, check=check)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no lockstep checkpoint in {path} (looked for step-N folders here and in checkpoint/)")
+    raise CheckpointError(
+        path, "holds no lockstep checkpoint (looked for step-N folders here and in checkpoint/)", "give a run folder"
+    )
 
 
 def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from lockstep.checkpoint import folders
+from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, read_hf_weights, resolve_checkpoint_folder
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
 from lockstep.models.registry import ModelSpec
@@ -21,7 +22,9 @@ def load_initial_weights(
     path: Path, checkpointer: CheckpointManager, states: dict, spec: ModelSpec, args, parts: list[nn.Module]
 ) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint.initial_load_path {path} does not exist")
+        raise CheckpointError(
+            path, "checkpoint.initial_load_path does not exist", "give an existing checkpoint or HF folder"
+        )
     if is_hf_folder(path):
         check_hf_config(path, spec, args)
         shapes = {name: p.shape for part in parts for name, p in part.named_parameters()}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lockstep.checkpoint import folders
+from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.manager import CheckpointMismatch
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
@@ -131,7 +132,7 @@ def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path):
     assert "skipping damaged checkpoint" in warnings[0] and "bytes" in warnings[0]
     with pytest.raises(ValueError, match="damaged"):
         folders.find_checkpoint(root, 8, warnings.append)
-    with pytest.raises(FileNotFoundError, match="published steps: 4, 8"):
+    with pytest.raises(CheckpointError, match="published steps: 4, 8"):
         folders.find_checkpoint(root, 5, warnings.append)
 
 
