@@ -291,8 +291,11 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'reliability.json'}")
+    out = RESULTS / "reliability.json"
+    if args.only is not None and out.exists():  # one part rerun: keep the others' latest figures
+        report = json.loads(out.read_text()) | report
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
