@@ -50,7 +50,11 @@ def published_steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / MANIFEST).read_text())
+    """The manifest; ValueError for one that is not a JSON object of lockstep's (damaged or crafted)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ValueError(f"{folder / MANIFEST} is not a lockstep manifest")
+    return manifest
 
 
 def has_manifest(folder: Path) -> bool:

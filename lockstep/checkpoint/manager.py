@@ -133,16 +133,19 @@ class CheckpointManager:
 
     # -- resume ---------------------------------------------------------------------------------
 
-    def find_resume_folder(self) -> Path | None:
+    def find_resume_folder(self, accept: Callable[[Path], None] = lambda folder: None) -> Path | None:
         """The checkpoint to resume from (verified), after settling what happens to newer step folders:
         refused unless checkpoint.discard_newer (then deleted), set aside if damaged, or (the run's own
-        model-only exports) replaced when training reaches them."""
+        model-only exports) replaced when training reaches them. `accept(folder)` (the caller's checks,
+        which may raise) runs before anything is deleted or set aside, so a refused resume loses nothing."""
         if not self.config.enable:
             return None
         steps = folders.published_steps(self.root)
         folder = folders.find_checkpoint(
             self.root, self.config.load_step, self.log, prefer_full=True, check=self.problem_with
         )
+        if folder is not None:
+            accept(folder)
         resumed = next((s for s, f in steps if f == folder), -1)
         newer = [(s, f) for s, f in steps if s > resumed]
         in_the_way, exports = newer, []
@@ -172,15 +175,14 @@ class CheckpointManager:
 
     def resume(self, states: dict, accept: Callable[[Path], None] = lambda folder: None) -> Path | None:
         """Load the newest intact checkpoint into `states` and return its folder (None: nothing to
-        resume): find_resume_folder, then `accept(folder)` (the caller's checks of its manifest, which
-        may raise), then load. A checkpoint that fails while loading (a checksum, verified as it is
+        resume): find_resume_folder, with `accept(folder)` (the caller's checks of its manifest, which
+        may raise) before anything is deleted or set aside, then load. A checkpoint that fails while loading (a checksum, verified as it is
         read) is then treated like one found damaged before (reported, and set aside once an older one
         is found), and the next older one is loaded; it overwrites every part the failed load wrote,
         or the resume stops with the way out. With an explicit checkpoint.load_step the failure is the
         error."""
         written: set[str] = set()
-        while (folder := self.find_resume_folder()) is not None:
-            accept(folder)
+        while (folder := self.find_resume_folder(accept)) is not None:
             try:
                 self.load(folder, states)
             except CheckpointError as e:
@@ -337,6 +339,11 @@ class CheckpointManager:
                 use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
             )
         )
+
+    @property
+    def saving(self) -> bool:
+        """An async save is still being written."""
+        return self._pending is not None
 
     def wait(self) -> None:
         """Finish and publish an async save still in flight."""

@@ -189,8 +189,8 @@ class SafeFileSystemReader(FileSystemReader):
         self._metadata_digest = xxhash.xxh3_128(raw).hexdigest()
         try:
             metadata = load_metadata_safely(raw)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise CheckpointError(self.path, f"file {Path(path).name}: {e}", _FIX) from None
+        except Exception as e:  # garbage pickles raise KeyError, MemoryError, ...: all mean "damaged"
+            raise CheckpointError(self.path, f"file {Path(path).name}: {type(e).__name__}: {e}", _FIX) from None
         for info in (metadata.storage_data or {}).values():
             name = getattr(info, "relative_path", "")
             if not name or "/" in name or name.startswith("."):
@@ -311,11 +311,14 @@ def unsafe_item(folder: Path) -> str | None:
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             per_file.setdefault(info.relative_path, []).append((info.offset, info.length, index.fqn))
     for name, items in per_file.items():
-        with open(folder / name, "rb") as f:
-            for offset, length, fqn in sorted(items):
-                f.seek(offset)
-                try:
-                    load_value_safely(f.read(length))
-                except pickle.UnpicklingError as e:
-                    return f"file {name}, item {fqn}: {e}"
+        try:
+            with open(folder / name, "rb") as f:
+                for offset, length, fqn in sorted(items):
+                    f.seek(offset)
+                    try:
+                        load_value_safely(f.read(length))
+                    except Exception as e:  # refused by the allow-list, or simply damaged
+                        return f"file {name}, item {fqn}: {e}"
+        except OSError as e:
+            return f"file {name} named by .metadata cannot be read ({e.strerror})"
     return None

@@ -73,10 +73,11 @@ class Capture:
 
 
 def checkpoint_before(run: Path, step: int) -> int | None:
-    """Newest published full checkpoint of `run` at a step < `step`."""
+    """Newest intact full checkpoint of `run` at a step < `step` (damaged ones are passed over)."""
     candidates = [
         s for s, folder in folders.published_steps(run / "checkpoint")
-        if s < step and not folders.read_manifest(folder).get("model_only")
+        if s < step and folders.problem_with(folder, content=False) is None
+        and not folders.read_manifest(folder).get("model_only")
     ]  # fmt: skip
     return max(candidates) if candidates else None
 

@@ -28,7 +28,7 @@ import torch
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.manager import UNSET, describe_differences, differences
-from lockstep.config.sections import CheckpointConfig, OptimizerConfig
+from lockstep.config.sections import CheckpointConfig
 from lockstep.errors import LockstepError
 
 LAUNCHES = "launches"
@@ -141,18 +141,22 @@ def check_config_change(
     return changed
 
 
-def reset_optimizer_hyperparameters(optimizers: list[torch.optim.Optimizer], optimizer: OptimizerConfig) -> None:
-    """After a resume, set what the optimizer state carried in its param groups back to the config's
-    (betas, eps, weight_decay, and the peak lr the schedule scales); the lr itself is then set by the
-    schedule (SchedulerState.apply). Unchanged values are rewritten as the same numbers."""
-    for each in optimizers:
-        for group in each.param_groups:
-            group.update(
-                betas=tuple(optimizer.betas),
-                eps=optimizer.eps,
-                weight_decay=optimizer.weight_decay,
-                initial_lr=optimizer.lr,
-            )
+def optimizer_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
+    """Every param group's settings but its parameters, as built from the config (taken before a
+    resume loads the checkpoint's param groups over them)."""
+    return [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
+
+
+def reset_optimizer_hyperparameters(
+    optimizers: list[torch.optim.Optimizer], from_config: list[list[dict[str, Any]]]
+) -> None:
+    """After a resume, set every param-group setting the checkpoint carried (lr, betas, eps,
+    weight_decay, the implementation: foreach/fused...) back to what the config built
+    (`optimizer_hyperparameters` before the load); the lr itself is then set by the schedule
+    (SchedulerState.apply). Unchanged values are rewritten as the same numbers."""
+    for each, groups in zip(optimizers, from_config, strict=True):
+        for group, settings in zip(each.param_groups, groups, strict=True):
+            group.update(settings | {"initial_lr": settings.get("initial_lr", settings["lr"])})
 
 
 def resumed_seed(checkpoint: CheckpointConfig, run_folder: Path) -> int | None:

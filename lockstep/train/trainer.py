@@ -38,6 +38,7 @@ from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.launches import (
     check_config_change,
     config_record,
+    optimizer_hyperparameters,
     reset_optimizer_hyperparameters,
     resumed_config,
     resumed_seed,
@@ -349,15 +350,17 @@ class Trainer:
 
     def close(self) -> None:
         """Tear down the process group (after any last collective, e.g. full_weights)."""
-        if self.run_lock is not None:
+        if self.run_lock is not None and not self.checkpointer.saving:  # see _end_launch
             self.run_lock.release()
         destroy_process_group()
 
     def _end_launch(self) -> None:
-        """Record where this launch ended and release the run folder: the run writes nothing more."""
+        """Record where this launch ended and release the run folder: the run writes nothing more. An
+        async save still in flight (the loop ended by an error) keeps the lock until the process exits,
+        so no other run can prune its .partial folder meanwhile."""
         if self.launch is not None:
             self.launch.finish(self.state.step, completed=self.state.step >= self.config.training.steps)
-        if self.run_lock is not None:
+        if self.run_lock is not None and not self.checkpointer.saving:
             self.run_lock.release()
 
     def __enter__(self) -> Trainer:
@@ -433,10 +436,11 @@ class Trainer:
     def _resume_or_initialize(self) -> int | None:
         """Load the newest checkpoint of this run (returns its step), or else the initial weights of
         checkpoint.initial_load_path (returns None)."""
+        from_config = optimizer_hyperparameters(self.optimizers)
         folder = self.resumed_from = self.checkpointer.resume(self.checkpoint_states, accept=self._accept_checkpoint)
         if folder is not None:
             # What the config says, not what the checkpoint carried: hyperparameters, then the lr schedule.
-            reset_optimizer_hyperparameters(self.optimizers, self.config.optimizer)
+            reset_optimizer_hyperparameters(self.optimizers, from_config)
             self.checkpoint_states["lr_scheduler"].apply()
             return self.state.step
         if self.config.checkpoint.initial_load_path:

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.errors import LockstepError
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.conftest import EIGHT
 from tests.checkpoint.crafting import flip_byte, flip_tensor_byte
@@ -150,3 +151,24 @@ def test_publish_never_replaces_a_checkpoint_unless_allowed(run):
         folders.publish(partial, folders.step_folder(root, 8), {"step": 8})
     folders.publish(partial, folders.step_folder(root, 8), {"step": 8}, replace=True)
     assert folders.problem_with(folders.step_folder(root, 8)) is None
+
+
+def test_a_refused_resume_deletes_nothing(run):
+    """The config check runs before --checkpoint.discard_newer deletes anything: a refused resume
+    leaves every checkpoint in place."""
+    root = run / "run" / "checkpoint"
+    with pytest.raises(LockstepError, match="optimizer.lr"):
+        _resume(run, "--checkpoint.load_step", "4", "--checkpoint.discard_newer", "--optimizer.lr", "0.5")
+    assert [s for s, _ in folders.published_steps(root)] == [4, 8]
+
+
+@pytest.mark.parametrize("damage", ["garbage metadata", "manifest not an object"])
+def test_garbage_metadata_or_manifest_falls_back(run, capsys, damage):
+    step_8 = folders.step_folder(run / "run" / "checkpoint", 8)
+    if damage == "garbage metadata":  # a pickle that fails with KeyError (a missing memo entry), same size
+        metadata = step_8 / ".metadata"
+        metadata.write_bytes(b"\x80\x04h\x05." + b"\0" * (metadata.stat().st_size - 5))
+    else:
+        (step_8 / folders.MANIFEST).write_text("[1, 2, 3]")
+    assert _resume(run) == 4
+    assert "step-00000008" in capsys.readouterr().out

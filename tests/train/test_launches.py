@@ -75,6 +75,7 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, four_steps):
 def test_changed_lr_is_refused_then_takes_effect_when_allowed(tmp_path, four_steps, capsys):
     shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
     changed = ["--training.steps", "6", "--optimizer.lr", "0.0123", "--optimizer.weight_decay", "0.05"]
+    changed += ["--optimizer.implementation", "for-loop"]
     assert main(["train", "--config", "llama3_debug", *tiny_overrides(tmp_path), *SAVING, *changed]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "optimizer.lr: 0.003 -> 0.0123; optimizer.weight_decay: 0.1 -> 0.05;" in error[0]
@@ -84,7 +85,7 @@ def test_changed_lr_is_refused_then_takes_effect_when_allowed(tmp_path, four_ste
     config = tiny_config(tmp_path, *SAVING, *changed, "--checkpoint.allow_config_change")
     with Trainer(config, show_progress=False) as trainer:
         group = trainer.optimizers[0].param_groups[0]
-        assert (group["initial_lr"], group["weight_decay"]) == (0.0123, 0.05)
+        assert (group["initial_lr"], group["weight_decay"], group["foreach"]) == (0.0123, 0.05, False)
         assert group["lr"] == 0.0123 * lr_factor(4, 6, config.lr_scheduler)
         trainer.train()
     assert [m["lr"] for m in read_metrics(tmp_path / "run")[4:]] == [
