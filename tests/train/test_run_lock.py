@@ -25,7 +25,9 @@ def snapshot(folder) -> dict:
     return {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
-def test_second_run_is_refused_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("launcher", [["lockstep.train"], ["lockstep", "train", "--nproc", "2"]])
+def test_second_run_is_refused_and_changes_nothing(tmp_path, launcher):
+    """Also under --nproc: the launcher checks the lock before it starts any process."""
     run = tmp_path / "run"
     leftover = run / "checkpoint" / "step-00000004.partial"  # a live run's save in flight: not pruned
     leftover.mkdir(parents=True)
@@ -33,7 +35,7 @@ def test_second_run_is_refused_and_changes_nothing(tmp_path):
     lock = RunLock.acquire(run)
     try:
         before = snapshot(run)
-        command = [sys.executable, "-m", "lockstep.train", "--config", "llama3_debug", *tiny_overrides(tmp_path)]
+        command = [sys.executable, "-m", *launcher, "--config", "llama3_debug", *tiny_overrides(tmp_path)]
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"}
         )
