@@ -38,8 +38,11 @@ def init_process_group(world: WorldInfo, device: torch.device) -> None:
     dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timedelta(minutes=10))
 
 
-def destroy_process_group() -> None:
-    """Tear down cleanly: gloo otherwise sometimes aborts at interpreter exit."""
+def destroy_process_group(barrier: bool = True) -> None:
+    """Tear down cleanly: gloo otherwise sometimes aborts at interpreter exit. After a failure pass
+    barrier=False: a peer that died or failed elsewhere would never arrive, and the barrier would hold
+    this rank for the whole collective timeout instead of letting it exit (and torchrun tear down)."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

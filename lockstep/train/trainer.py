@@ -348,11 +348,12 @@ class Trainer:
             total.add([microbatch_loss.detach().float().reshape(1)])
         return total.result()[0]
 
-    def close(self) -> None:
-        """Tear down the process group (after any last collective, e.g. full_weights)."""
+    def close(self, failed: bool = False) -> None:
+        """Tear down the process group (after any last collective, e.g. full_weights); after a
+        failure without the closing barrier, so this rank exits promptly whatever its peers do."""
         if self.run_lock is not None and not self.checkpointer.saving:  # see _end_launch
             self.run_lock.release()
-        destroy_process_group()
+        destroy_process_group(barrier=not failed)
 
     def _end_launch(self) -> None:
         """Record where this launch ended and release the run folder: the run writes nothing more. An
@@ -366,8 +367,8 @@ class Trainer:
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(failed=exc_type is not None)
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """This rank's parameters as full tensors (DTensors gathered), for tests and tools."""

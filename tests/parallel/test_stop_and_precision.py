@@ -57,3 +57,33 @@ def test_fsdp_bf16_tracks_fp32(tmp_path):
     fp32 = [m["loss"] for m in read_metrics(tmp_path / "fp32" / "run")]
     assert bf16 != fp32
     assert all(abs(a - b) < 0.02 * b for a, b in zip(bf16, fp32, strict=True))
+
+
+def _fail_on_rank_0(folder) -> None:
+    """Rank 0 fails inside the run; rank 1 is busy for a long while and never reaches the closing
+    barrier. Rank 0 must still leave at once (it writes how long its close took)."""
+    try:
+        with Trainer(tiny_config(folder, "--training.steps", "1"), show_progress=False) as trainer:
+            trainer.train()
+            if trainer.world.rank == 1:
+                time.sleep(30)  # stands for a rank stuck elsewhere (a hung collective, a slow save)
+                os._exit(0)
+            started = time.monotonic()
+            raise RuntimeError("rank 0 fails")
+    except RuntimeError:
+        (folder / "close_seconds").write_text(str(time.monotonic() - started))
+
+
+def test_a_failed_rank_does_not_wait_in_the_closing_barrier(tmp_path):
+    import multiprocessing
+
+    from tests.distributed import _entry, free_port
+
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    ranks = [context.Process(target=_entry, args=(_fail_on_rank_0, r, 2, port, (tmp_path,))) for r in range(2)]
+    for process in ranks:
+        process.start()
+    ranks[0].join(60)
+    ranks[1].kill()
+    ranks[1].join()
+    assert float((tmp_path / "close_seconds").read_text()) < 5  # with the barrier: until rank 1 arrives (30 s)
