@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from lockstep.config.sections import (
     ZERO_BUBBLE_SCHEDULES,
     CompileConfig,
@@ -23,6 +25,9 @@ from lockstep.config.sections import (
 )
 
 _TORCH_ALERT = re.compile(r"^(\S+) does not have a deterministic implementation")
+_ATTENTION_ALERT = re.compile(r"^(.+?) defaults to a non-deterministic algorithm")
+"""Flash and memory-efficient SDPA on CUDA warn this in warn-only mode; in strict debug.deterministic
+they take a deterministic backward instead."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,14 @@ def config_findings(
     if compile_config.enable:
         found.append(AuditFinding("lockstep", "compile.enable", "ok",
                                   "inductor without max-autotune: kernel choice is fixed; eager and compiled differ"))  # fmt: skip
+    on_cuda = training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
+    if model.attention == "sdpa" and on_cuda:
+        strict = debug.deterministic and not debug.deterministic_warn_only
+        found.append(AuditFinding("lockstep", "SDPA on CUDA (flash, memory-efficient, cuDNN)",
+                                  "ok" if strict else "nondeterministic",
+                                  "backward is deterministic only under strict debug.deterministic: flash and "
+                                  "memory-efficient switch to their deterministic kernels, cuDNN attention (which "
+                                  "raises no alert) is turned off by lockstep"))  # fmt: skip
     if model.attention == "flex":
         found.append(AuditFinding("lockstep", "model.attention = flex", "ok", "compiled once without max-autotune"))
     if not debug.deterministic:
@@ -87,12 +100,14 @@ def torch_alerts(run: Callable[[], None]) -> list[AuditFinding]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run()
-    ops = []
+    found: dict[str, str] = {}
     for warning in caught:
-        match = _TORCH_ALERT.match(str(warning.message))
-        if match and match.group(1) not in ops:
-            ops.append(match.group(1))
-    return [AuditFinding("torch", op, "nondeterministic", "no deterministic kernel on this device") for op in ops]
+        message = str(warning.message)
+        if match := _TORCH_ALERT.match(message):
+            found.setdefault(match.group(1), "no deterministic kernel on this device")
+        elif match := _ATTENTION_ALERT.match(message):
+            found.setdefault(match.group(1), "nondeterministic backward unless debug.deterministic is strict")
+    return [AuditFinding("torch", op, "nondeterministic", note) for op, note in found.items()]
 
 
 def format_findings(findings: list[AuditFinding]) -> str:

@@ -78,4 +78,7 @@ def configure_determinism(debug: DebugConfig) -> None:
         torch.backends.cudnn.benchmark = False
         # Filling fresh memory with NaN costs time and does not change any result of a correct program.
         torch.utils.deterministic.fill_uninitialized_memory = False
+        # SDPA on CUDA: flash and memory-efficient attention take a deterministic backward in strict mode
+        # (and warn in warn-only mode); cuDNN attention has none and raises no alert, so it is turned off.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     torch.autograd.set_detect_anomaly(debug.detect_anomaly)

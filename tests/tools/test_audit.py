@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from lockstep.config import load_config
-from lockstep.tools.audit import config_findings
+from lockstep.tools.audit import config_findings, torch_alerts
 from tests.helpers import tiny_overrides
 
 LOCKSTEP = os.path.join(os.path.dirname(sys.executable), "lockstep")
@@ -41,3 +41,44 @@ def test_layout_dependent_features_are_named():
     assert items["optimizer.implementation = fused"] == "layout-dependent"
     assert items["debug.layout_invariant_reductions = false"] == "layout-dependent"
     assert items["debug.deterministic = false"] == "nondeterministic"
+
+
+def test_cuda_attention_is_flagged_unless_strictly_deterministic():
+    def sdpa_verdict(*overrides: str) -> str:
+        config = load_config("llama3_debug", ["--training.device", "cuda", *overrides])
+        findings = config_findings(
+            config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+        )
+        return next(f.verdict for f in findings if f.item.startswith("SDPA on CUDA"))
+
+    assert sdpa_verdict("--debug.deterministic") == "ok"
+    assert sdpa_verdict("--debug.deterministic", "--debug.deterministic_warn_only") == "nondeterministic"
+    assert sdpa_verdict() == "nondeterministic"
+
+
+def test_attention_warnings_are_caught_as_alerts():
+    import warnings
+
+    def run() -> None:  # what flash / memory-efficient SDPA emit on CUDA in warn-only mode
+        warnings.warn(
+            "Memory Efficient attention defaults to a non-deterministic algorithm. To explicitly ...", stacklevel=1
+        )
+        warnings.warn("Flash Attention defaults to a non-deterministic algorithm. To explicitly ...", stacklevel=1)
+
+    items = [f.item for f in torch_alerts(run)]
+    assert items == ["Memory Efficient attention", "Flash Attention"]
+
+
+def test_deterministic_mode_turns_cudnn_attention_off():
+    import torch
+
+    from lockstep.config.sections import DebugConfig
+    from lockstep.train.determinism import configure_determinism
+
+    was = torch.backends.cuda.cudnn_sdp_enabled(), torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_determinism(DebugConfig(deterministic=True))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was[0])
+        torch.use_deterministic_algorithms(was[1])
