@@ -73,6 +73,10 @@ def configure_determinism(debug: DebugConfig) -> None:
     if debug.deterministic:
         # cuBLAS needs this before its first handle is created to pick deterministic reductions.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # NCCL picks ring or tree per message size and topology, and the two sum in different orders.
+        # The canonical reductions do no arithmetic in NCCL, but FSDP's native bf16 reduce-scatter does:
+        # pin one algorithm (read when the communicator is created, so before the process group).
+        os.environ.setdefault("NCCL_ALGO", "Ring")
         torch.use_deterministic_algorithms(True, warn_only=debug.deterministic_warn_only)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

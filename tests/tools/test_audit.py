@@ -79,6 +79,7 @@ def test_deterministic_mode_turns_cudnn_attention_off():
     try:
         configure_determinism(DebugConfig(deterministic=True))
         assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert os.environ["NCCL_ALGO"] == "Ring"  # one NCCL summation order for native reductions
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was[0])
         torch.use_deterministic_algorithms(was[1])
