@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
+import sys
+from pathlib import Path
 
 import torch
 
+import lockstep
 from lockstep.config import JobConfig, load_config
 from lockstep.config.sections import ModelConfig
 from lockstep.models.registry import model_args
@@ -53,3 +58,32 @@ def merged_rank_weights(folder, tag: str = "final") -> dict[str, torch.Tensor]:
             assert name not in weights or torch.equal(weights[name], value), f"ranks disagree on {name}"
             weights[name] = value
     return weights
+
+
+_LOCKSTEP_SOURCE = str(Path(lockstep.__file__).parent)
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Count reads of tensor values into Python (item, tolist, int, float, bool, index) by calling
+    file: each is a host sync on an accelerator. The CPU has no sync to count, so this counts calls.
+    Calls from lockstep's own modules are keyed by file name, all others by "outside lockstep"."""
+    counts: collections.Counter = collections.Counter()
+    names = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            counts[caller.rsplit("/", 1)[-1] if caller.startswith(_LOCKSTEP_SOURCE) else "outside lockstep"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counted(original))
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

@@ -1,6 +1,10 @@
 """Hugging Face safetensors folders: export a lockstep checkpoint, import into one, and read HF weights
 into any layout through DCP's Hugging Face storage reader. Each phase is timed.
 
+Reading into a sharded model never builds a full tensor: each rank reads, from the safetensors files,
+only the boxes its shards cover (the model's adapter says where each element lives, see
+lockstep.models.common.hf_source), so its memory grows with its shard, as at 70B it must.
+
 Only safetensors are read from a Hugging Face folder (a folder of pickled ``.bin``/``.pt`` weights is
 refused, never unpickled); lockstep checkpoints are verified and read through the pickle allow-list."""
 
@@ -9,18 +13,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
+from lockstep.models.common.hf_source import HFPiece
 from lockstep.models.registry import ModelSpec, model_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -120,20 +132,141 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
     return timings
 
 
-def read_hf_weights(hf_dir: Path, spec: ModelSpec, args, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Full lockstep-named tensors of the shapes in `shapes`, read from a Hugging Face folder through
-    DCP's Hugging Face storage reader (each rank reads; no pickles involved)."""
-    hf_state = {
-        spec.hf_adapter.hf_name(name): torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()
-    }
-    dcp.load(hf_state, storage_reader=HuggingFaceStorageReader(str(hf_dir)))
-    return spec.hf_adapter.from_hf(hf_state, args)
+@dataclasses.dataclass(frozen=True)
+class _BoxRead:
+    """Box `at` (extent dest.shape) of Hugging Face tensor `name` goes into `dest`, a view."""
+
+    name: str
+    hf_shape: tuple[int, ...]
+    at: tuple[int, ...]
+    dest: torch.Tensor
+
+
+class _BoxLoadPlanner(LoadPlanner):
+    """Reads the given boxes of Hugging Face tensors straight into the given views, and nothing else:
+    no state dict of full tensors is built and nothing is unpickled (there are no byte items)."""
+
+    def __init__(self, reads: list[_BoxRead]) -> None:
+        self.reads = reads
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for i, read in enumerate(self.reads):
+            stored = self.metadata.state_dict_metadata[read.name]
+            box = ChunkStorageMetadata(offsets=torch.Size(read.at), sizes=read.dest.shape)
+            for item in create_read_items_for_chunk_list(read.name, stored, [box]):  # one per stored chunk
+                items.append(dataclasses.replace(item, dest_index=MetadataIndex(str(i), item.dest_index.offset)))
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        raise ValueError(f"{read_item.storage_index.fqn} is not a tensor; Hugging Face folders hold only tensors")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        dest = self.reads[int(read_item.dest_index.fqn)].dest
+        return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view of the destination: the data is already in place
+
+
+def _shard_box(name: str, target: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """This rank's values of `target` (a view to write into) and their offset in the full tensor; the
+    box is the one DCP itself would read for the DTensor."""
+    if not isinstance(target, DTensor):
+        return target, (0,) * target.dim()
+    local, chunks = target.to_local(), target.__create_chunk_list__()
+    if len(chunks) != 1 or tuple(chunks[0].sizes) != tuple(local.shape):
+        raise ValueError(f"cannot read Hugging Face weights into {name}: placements {target.placements}")
+    return local, tuple(chunks[0].offsets)
+
+
+def _piece_reads(name: str, pieces: tuple[HFPiece, ...], dest: torch.Tensor, at: tuple[int, ...]) -> list[_BoxRead]:
+    """The reads that fill `dest`, the box of lockstep tensor `name` at `at`, from the pieces it meets."""
+    reads, covered = [], 0
+    for piece in pieces:
+        start = [max(a, b) for a, b in zip(piece.at, at, strict=True)]
+        stop = [min(a + n, b + m) for a, n, b, m in zip(piece.at, piece.size, at, dest.shape, strict=True)]
+        if any(a >= b for a, b in zip(start, stop, strict=True)):
+            continue
+        view = dest[tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, at, strict=True))]
+        dropped = dest.dim() - len(piece.hf_at)  # leading dims of extent 1 that HF does not have
+        view = view[(0,) * dropped]
+        inside = zip(piece.hf_at, start[dropped:], piece.at[dropped:], strict=True)
+        hf_at = tuple(h + a - p for h, a, p in inside)
+        reads.append(_BoxRead(piece.name, piece.hf_shape, hf_at, view))
+        covered += view.numel()
+    if covered != dest.numel():
+        raise ValueError(f"the Hugging Face adapter covers {covered} of the {dest.numel()} elements of {name}")
+    return reads
+
+
+def _check_reads(hf_dir: Path, reads: list[_BoxRead], stored: Mapping[str, TensorStorageMetadata]) -> None:
+    """Refuse a folder that lacks a tensor or holds one of another shape, before anything is read."""
+    for read in reads:
+        if read.name not in stored:
+            raise CheckpointError(hf_dir, f"has no tensor {read.name}", "give the folder of a matching model")
+        if tuple(stored[read.name].size) != read.hf_shape:
+            raise CheckpointError(
+                hf_dir, f"holds {read.name} of shape {list(stored[read.name].size)}, this model needs "
+                f"{list(read.hf_shape)}", "give the folder of a matching model",
+            )  # fmt: skip
+
+
+def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, torch.Tensor]) -> None:
+    """Fill `targets` (lockstep name -> a full tensor, or a DTensor of which this rank fills only its
+    shard) from a Hugging Face folder, in place. Each rank reads only the boxes of the safetensors
+    files that its shards cover, so its memory grows with its shard and never holds a full tensor
+    (beyond a block-aligned margin where a row transform meets a shard boundary inside a block). The
+    ranks read independently: no collective is involved."""
+    reader = HuggingFaceStorageReader(str(hf_dir))
+    stored = reader.read_metadata().state_dict_metadata
+    reads: list[_BoxRead] = []
+    transforms: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, int]] = []
+    with torch.no_grad():
+        for name, target in targets.items():
+            local, at = _shard_box(name, target)
+            if local.numel() == 0:
+                continue
+            source = spec.hf_adapter.hf_source(name, target.shape, stored.keys(), args)
+            buffer, buffer_at = local, at
+            if source.row_block:  # read whole blocks of rows, then transform them
+                block, rows = source.row_block, local.shape[0]
+                first, last = at[0] // block * block, -(-(at[0] + rows) // block) * block
+                if (first, last) != (at[0], at[0] + rows):  # a shard boundary splits a block
+                    buffer, buffer_at = local.new_empty((last - first, *local.shape[1:])), (first, *at[1:])
+                transforms.append((source.rows_from_hf, buffer, local, at[0] - first))
+            reads += _piece_reads(name, source.pieces, buffer, buffer_at)
+        _check_reads(hf_dir, reads, stored)
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: here it means no collectives
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({}, storage_reader=reader, planner=_BoxLoadPlanner(reads), no_dist=True)
+        for rows_from_hf, buffer, local, skip in transforms:  # one parameter's shard at a time
+            rows = rows_from_hf(buffer)
+            if rows.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
+                rows = rows.clone()  # a transform that came out as a view: copy_ must not overlap
+            local.copy_(rows[skip : skip + local.shape[0]])
+
+
+_ARCHITECTURE_FIELDS = (
+    "dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim",  # Llama
+    "n_dense_layers", "inter_dim", "moe_inter_dim", "n_routed_experts", "n_shared_experts", "n_activated_experts",
+    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",  # DeepSeek-V3
+)  # fmt: skip
 
 
 def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
     """Refuse a Hugging Face model whose architecture differs from this run's flavor."""
     theirs = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim")
+    fields = [f for f in _ARCHITECTURE_FIELDS if hasattr(args, f)]  # the ones this model family has
     differences = [
         f"{f}: {getattr(theirs, f)} vs {getattr(args, f)}" for f in fields if getattr(theirs, f) != getattr(args, f)
     ]
@@ -152,7 +285,8 @@ def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> d
     args = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in spec.build(args, "sdpa").named_parameters()}
-    weights = read_hf_weights(hf_dir, spec, args, shapes)
+    weights = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
+    load_hf_weights(hf_dir, spec, args, weights)
     timings["load_and_convert_s"] = time.perf_counter() - started
     started = time.perf_counter()
     partial, final = folders.partial_folder(out_dir, 0), folders.step_folder(out_dir, 0)

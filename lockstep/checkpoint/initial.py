@@ -1,6 +1,7 @@
 """Initial weights from checkpoint.initial_load_path: a lockstep checkpoint (or a run folder holding
 one), or a Hugging Face folder (safetensors only), loaded into whatever layout this run has; a
-lockstep checkpoint is verified and read through the pickle allow-list, like a resume."""
+lockstep checkpoint is verified and read through the pickle allow-list, like a resume. Either way each
+rank reads only its own shards, so no rank ever holds the full model."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import json
 from pathlib import Path
 
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, read_hf_weights, resolve_checkpoint_folder
+from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, load_hf_weights, resolve_checkpoint_folder
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
 from lockstep.models.registry import ModelSpec
 
@@ -27,11 +27,8 @@ def load_initial_weights(
         )
     if is_hf_folder(path):
         check_hf_config(path, spec, args)
-        shapes = {name: p.shape for part in parts for name, p in part.named_parameters()}
-        weights = read_hf_weights(path, spec, args, shapes)
-        for part in parts:
-            own = {name: weights[name] for name, _ in part.named_parameters()}
-            set_model_state_dict(part, own, options=StateDictOptions(full_state_dict=True))
+        # Straight into this rank's shards (DTensors or, unsharded, whole tensors): no full model here.
+        load_hf_weights(path, spec, args, {name: p for part in parts for name, p in part.named_parameters()})
         checkpointer.log(f"initial weights from Hugging Face folder {path}")
         return
     folder = resolve_checkpoint_folder(path, check=checkpointer.problem_with)  # verified, split over ranks

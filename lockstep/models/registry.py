@@ -33,7 +33,8 @@ class ModelSpec:
     args_from_dict: Callable[[dict], Any]
     """Rebuilds *Args from the plain dict recorded in a checkpoint manifest."""
     hf_adapter: Any
-    """Module with hf_name(name), to_hf(state, args), from_hf(state, args), hf_config(args, dtype),
+    """Module with hf_name(name), to_hf(state, args), from_hf(state, args), hf_source(name, shape,
+    hf_names, args) (what sharded readers read, see models.common.hf_source), hf_config(args, dtype),
     args_from_hf_config(config)."""
 
 

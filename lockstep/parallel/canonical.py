@@ -7,8 +7,10 @@ exactly that tree in every layout:
 
 - within a rank, a binary-counter accumulator (``TreeSum``) adds microbatch results as they come,
   keeping at most log2(m)+1 partial sums;
-- each data-parallel rank holds a contiguous, power-of-two block of microbatches, so its local
-  tree is a complete subtree of the global one;
+- microbatches are placed so that every partial sum is a complete subtree of the global tree
+  (lockstep.data.loader.placement): a contiguous block per rank when the rank sums its own tree
+  first, or strided over the FSDP shard ranks when each micro-step is reduce-scattered at once and
+  the tree over micro-steps is kept on the shards;
 - across ranks, ``tree_all_reduce`` (all-to-all, a local tree per chunk, all-gather) finishes the
   tree in rank order, identically on every rank (``all_reduce(SUM)`` fixes no order beyond two
   operands).
@@ -22,8 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 
 class TreeSum:
@@ -43,6 +48,10 @@ class TreeSum:
             torch._foreach_add_(left, item)
             level, item = level + 1, left
         self._stack.append((level, item))
+
+    def numel(self) -> int:
+        """Elements held on this rank by the partial sums (a DTensor counts its local shard)."""
+        return sum(local_tensor(t).numel() for _, item in self._stack for t in item)
 
     def result(self) -> list[torch.Tensor]:
         if not self._stack:
@@ -89,14 +98,21 @@ class GradientTree:
     A post-accumulate-grad hook moves every fresh ``.grad`` into the parameter's ``TreeSum`` and
     clears it; when the step's last microbatch arrives it puts the tree's total back into ``.grad``,
     so what runs next (FSDP's reduce-scatter, the cross-replica sum, the optimizer) sees one sum in
-    canonical order. Under FSDP the watched tensors are the unsharded parameters that autograd
-    accumulates into, found after FSDP gathers them (``watch_when_gathered``).
+    canonical order. Under FSDP the watched tensors are either the sharded parameters, into which
+    FSDP reduce-scatters every micro-step's gradient and then calls the same hooks
+    (``watch_sharded``: the tree lives on the shards), or the unsharded parameters that autograd
+    accumulates into, found after FSDP gathers them (``watch_when_gathered``: the tree is summed
+    unsharded and reduce-scattered once, for pipeline schedules that sync after the last microbatch).
     """
 
     def __init__(self) -> None:
         self._watched: set[int] = set()
         self._trees: dict[torch.Tensor, tuple[TreeSum, list[int]]] = {}
         self._microbatches = 0
+        self._held_numel = 0
+        self.peak_held_numel = 0
+        """Most gradient elements the partial sums held at once on this rank in the last step (the
+        final sums, which become ``.grad``, included): the accumulation's memory cost."""
 
     def watch(self, params) -> None:
         for p in params:
@@ -110,13 +126,25 @@ class GradientTree:
         for module in fsdp_modules:
             module.register_forward_pre_hook(lambda m, args: self.watch(unsharded_parameters(m)))
 
+    def watch_sharded(self, fsdp_modules: list[nn.Module]) -> None:
+        """Watch each FSDP module's sharded parameters. FSDP runs their post-accumulate-grad hooks
+        itself, right after it writes a reduce-scattered gradient shard (in its reduce-scatter
+        stream, so the tree's additions are ordered before the optimizer reads ``.grad``). With
+        gradient sync on at every micro-step, the per-rank tree then holds shards only."""
+        for module in fsdp_modules:
+            self.watch(sharded_parameters(module))
+
     def begin_step(self, num_microbatches: int) -> None:
         self._trees.clear()
         self._microbatches = num_microbatches
+        self._held_numel = self.peak_held_numel = 0
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         tree, count = self._trees.setdefault(param, (TreeSum(), [0]))
+        self._held_numel -= tree.numel()
         tree.add([param.grad])
+        self._held_numel += tree.numel()
+        self.peak_held_numel = max(self.peak_held_numel, self._held_numel)
         count[0] += 1
         param.grad = tree.result()[0] if count[0] == self._microbatches else None
 
@@ -128,6 +156,27 @@ class GradientTree:
                 f"{len(partial)} parameters got {sorted(set(partial))} gradients this step, expected one per "
                 f"microbatch ({self._microbatches}); the canonical gradient tree cannot be formed"
             )
+
+
+def sharded_parameters(fsdp_module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an FSDP module manages itself (not its submodules'), as sharded DTensors."""
+    state = fsdp_module._get_fsdp_state()
+    return [fp.sharded_param for group in state._fsdp_param_groups for fp in group.fsdp_params]
+
+
+def shard_block_loss(losses: torch.Tensor, shard_group: dist.ProcessGroup) -> torch.Tensor:
+    """The loss of this replica's block from the per-micro-step losses [K] of every shard rank, placed
+    strided (shard s had block microbatch k * S + s at micro-step k): gathered, put back in block
+    order and summed as a pairwise tree, so it is the same subtree as a rank that held the block.
+
+    Shard rank 0 returns it and the others return 0: the data-parallel loss sum that follows (a tree
+    over dp ranks, whose lowest levels pair the shard ranks of one replica) then adds exact zeros,
+    the way pipeline stages other than the last contribute 0."""
+    shards = dist.get_world_size(shard_group)
+    gathered = torch.empty(shards * losses.numel(), dtype=losses.dtype, device=losses.device)
+    dist.all_gather_into_tensor(gathered, losses.contiguous(), group=shard_group)
+    total = tree_reduce_rows(gathered.view(shards, -1).t().reshape(-1))
+    return total if dist.get_rank(shard_group) == 0 else torch.zeros_like(total)
 
 
 def unsharded_parameters(fsdp_module: nn.Module) -> list[nn.Parameter]:
@@ -182,15 +231,89 @@ def grad_norm_fp64(
 ) -> torch.Tensor:
     """L2 norm over all parameters of the model (all pipeline stages): a vector of per-parameter fp64
     squared norms in the model's fixed name order, summed, sqrt, fp32. Each pipeline stage fills its
-    own slots and the stages add their vectors: every slot has one non-zero term, so that sum is exact."""
+    own slots and the stages add their vectors: every slot has one non-zero term, so that sum is exact.
+
+    A parameter's squared norm is the sum of its full vector of fp64 row sums (dim 0; a vector's
+    elements), exactly as for an unsharded gradient. Sharded gradients do not gather rows one parameter
+    at a time: each rank writes its local row sums into a zero vector of the full rows of every
+    parameter, and ``sum_over_shards`` adds those vectors with one all-reduce per sharded mesh axis. A
+    row held by one rank gets exactly one non-zero term, so the sum rebuilds it bit for bit."""
     device = next(iter(named_grads.values())).device
     squares = torch.zeros(len(all_names), dtype=torch.float64, device=device)
-    for i, name in enumerate(all_names):
-        if name in named_grads:
-            squares[i] = squared_norm_fp64(named_grads[name])
+    slots = {name: i for i, name in enumerate(all_names)}
+    sharded = {name: _without_partial(g) for name, g in named_grads.items() if isinstance(g, DTensor)}
+    totals = sum_over_shards(list(sharded.values()), [_local_row_sums(g) for g in sharded.values()])
+    for name, rows in zip(sharded, totals, strict=True):
+        squares[slots[name]] = rows.clone().sum()  # a fresh tensor: same alignment, so same sum, as unsharded
+    for name, grad in named_grads.items():
+        if name not in sharded:
+            squares[slots[name]] = squared_norm_fp64(grad)
     if stage_group is not None and dist.get_world_size(stage_group) > 1:
         dist.all_reduce(squares, group=stage_group)
     return squares.sum().sqrt().float()
+
+
+def _without_partial(t: DTensor) -> DTensor:
+    """`t` with pending (Partial) sums reduced: squares are not linear. Only tensor-parallel gradients
+    of replicated parameters can be Partial; they are few and this costs one collective each."""
+    if not any(p.is_partial() for p in t.placements):
+        return t
+    return t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
+
+
+def _local_row_sums(grad: DTensor) -> torch.Tensor:
+    """This rank's share of the fp64 row sums of `grad`'s full value: its local rows' sums (over the
+    columns it holds) placed at their global row index, zeros elsewhere."""
+    local = grad.to_local()
+    squares = local.double().square()
+    rows = squares.sum(dim=tuple(range(1, squares.ndim))) if squares.ndim > 1 else squares
+    offset, _ = shard_box(grad)
+    full = torch.zeros(grad.shape[0] if grad.ndim else 1, dtype=torch.float64, device=local.device)
+    full[offset[0] : offset[0] + rows.numel()] = rows.reshape(-1) if grad.ndim else rows.reshape(1)
+    return full
+
+
+def _is_sharding(placement: Placement) -> bool:
+    return isinstance(placement, (Shard, _StridedShard))
+
+
+def shard_box(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global offset, shape) of the part of `t` this rank holds. A DTensor's local shard is a box of the
+    global tensor (FSDP's strided shard over tensor parallelism included; DCP relies on the same)."""
+    if isinstance(t, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return tuple(offset), tuple(local_shape)
+    return (0,) * t.ndim, tuple(t.shape)
+
+
+def sum_over_shards(tensors: list[DTensor], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum each ``parts[i]`` (this rank's contribution for ``tensors[i]``, a tensor of a shape every rank
+    agrees on) over the ranks holding the distinct shards of ``tensors[i]``, with a fixed number of
+    collectives: one all-reduce per (mesh, mesh axis that shards any of the tensors), of all the parts
+    on that mesh in one flat buffer, whatever the number of tensors.
+
+    Along an axis a tensor is replicated on, only coordinate 0 contributes (the others are zeroed), so
+    each shard counts once. Axes that shard none of a mesh's tensors are not reduced: every rank there
+    already has the whole sum. The caller makes the sum exact (one non-zero term per element, or
+    integers), so the backend's reduction order cannot matter."""
+    by_mesh: dict[DeviceMesh, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if any(_is_sharding(p) for p in t.placements):
+            by_mesh.setdefault(t.device_mesh, []).append(i)
+    out = list(parts)
+    for mesh, indices in by_mesh.items():
+        axes = sorted({axis for i in indices for axis, p in enumerate(tensors[i].placements) if _is_sharding(p)})
+        coordinate = mesh.get_coordinate()
+        pieces = []
+        for i in indices:
+            replica = any(coordinate[a] != 0 and not _is_sharding(tensors[i].placements[a]) for a in axes)
+            pieces.append(torch.zeros_like(parts[i]).reshape(-1) if replica else parts[i].reshape(-1))
+        flat = torch.cat(pieces)
+        for axis in axes:
+            dist.all_reduce(flat, group=mesh.get_group(axis))
+        for i, piece in zip(indices, flat.split([parts[i].numel() for i in indices]), strict=True):
+            out[i] = piece.view(parts[i].shape)
+    return out
 
 
 def clip_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:

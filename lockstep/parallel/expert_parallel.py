@@ -5,18 +5,28 @@ The MoE block stays single-device code: it sorts its tokens by expert and calls 
 ``apply_expert_parallel`` swaps that method for one that sends each expert's tokens to the rank that
 holds it, runs the local experts, and sends the results back. Both all-to-alls are autograd-aware and
 move tokens in a fixed (source rank, expert, token) order, so dispatch and combine are deterministic.
+
+FSDP ignores the expert weights, so its mixed-precision policy does not cast them: the local experts
+are cast here to the dtype of the tokens they receive (bf16 under FSDP's bf16 policy), as FSDP would
+cast its own parameters. The parameters and their AdamW state stay fp32, and the cast's backward
+hands fp32 gradients to them.
+
+Host syncs: the all-to-alls need their split sizes as Python ints, so each forward (and each
+activation-checkpoint recompute) makes exactly one device-to-host transfer, of 2 x ep integers.
+Everything else (the regrouping permutation included) is built on the device.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Parameter]:
@@ -38,32 +48,43 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Para
     return expert_params
 
 
-def _expert_parallel_compute(local_compute, group, x_sorted, counts, w1, w2, w3) -> torch.Tensor:
-    """x_sorted: this rank's token slots grouped by (global) expert; counts [E]: slots per expert."""
+def _expert_parallel_compute(
+    local_compute: Callable[..., torch.Tensor],
+    group: dist.ProcessGroup,
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w1: DTensor,
+    w2: DTensor,
+    w3: DTensor,
+) -> torch.Tensor:
+    """x_sorted [T, dim]: this rank's token slots grouped by (global) expert; counts [E]: slots per expert."""
     ep = dist.get_world_size(group)
-    local_experts = counts.shape[0] // ep
-    send_counts = counts.view(ep, local_experts)  # [destination rank, its local expert]
+    send_counts = counts.view(ep, counts.shape[0] // ep)  # [destination rank, its local expert]
     recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
     dist.all_to_all_single(recv_counts, send_counts, group=group)
-    input_splits, output_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+    # The layer's one host transfer: the all-to-alls take their split sizes as Python ints.
+    input_splits, output_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+    num_received = sum(output_splits)
     received = all_to_all_single(
-        x_sorted.new_empty(sum(output_splits), x_sorted.shape[1]), x_sorted, output_splits, input_splits, group
+        x_sorted.new_empty(num_received, x_sorted.shape[1]), x_sorted, output_splits, input_splits, group
     )
     # Received slots are grouped (source rank, local expert); the experts want (local expert, source rank).
-    by_expert = _source_major_to_expert_major(recv_counts)
-    local_out = local_compute(received[by_expert], recv_counts.sum(0), w1.to_local(), w2.to_local(), w3.to_local())
-    back = local_out[torch.argsort(by_expert)]
+    expert_major_position = _regrouped_positions(recv_counts, num_received)
+    source_major_position = _regrouped_positions(recv_counts.t(), num_received)
+    weights = [w.to_local().to(x_sorted.dtype) for w in (w1, w2, w3)]
+    local_out = local_compute(received[source_major_position], recv_counts.sum(0), *weights)
+    back = local_out[expert_major_position]
     return all_to_all_single(x_sorted.new_empty(x_sorted.shape), back, input_splits, output_splits, group)
 
 
-def _source_major_to_expert_major(recv_counts: torch.Tensor) -> torch.Tensor:
-    """Permutation of received slot positions: from (source, expert) blocks to (expert, source) blocks."""
-    sources, experts = recv_counts.shape
-    starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
-    starts = starts.view(sources, experts)
-    pieces = [
-        torch.arange(int(starts[s, e]), int(starts[s, e] + recv_counts[s, e]), device=recv_counts.device)
-        for e in range(experts)
-        for s in range(sources)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=recv_counts.device)
+def _regrouped_positions(counts_AB: torch.Tensor, total: int) -> torch.Tensor:
+    """Slots laid out in blocks (a, b), row-major, block (a, b) holding counts_AB[a, b] slots: for each
+    slot, its position once the blocks are laid out (b, a) instead, each block's slots kept in order.
+    `total` (the sum of the counts, known on the host) lets repeat_interleave skip its own sync."""
+    rows, cols = counts_AB.shape
+    counts = counts_AB.reshape(-1)
+    start = torch.cumsum(counts, 0) - counts  # where block (a, b) starts now
+    counts_BA = counts_AB.t().reshape(-1)
+    start_after = (torch.cumsum(counts_BA, 0) - counts_BA).view(cols, rows).t().reshape(-1)  # ... and after
+    block = torch.repeat_interleave(counts, output_size=total)  # the block of every slot
+    return torch.arange(total, device=counts.device) - start[block] + start_after[block]

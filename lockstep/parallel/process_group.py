@@ -31,11 +31,25 @@ def world_from_env() -> WorldInfo:
 
 
 def init_process_group(world: WorldInfo, device: torch.device) -> None:
-    """gloo on CPU, NCCL on CUDA; nothing for a single process."""
+    """gloo on CPU, NCCL on CUDA; nothing for a single process.
+
+    On CUDA the process first makes its GPU (LOCAL_RANK unless `device` names one) the current device:
+    otherwise every rank of a node would put NCCL's communicator, and any CUDA work that names no
+    device, on GPU 0. ``device_id`` then binds the communicator to that GPU when the group is created
+    (NCCL's eager init) instead of at the first collective, which would have to guess the device."""
+    cuda = device.type == "cuda"
+    if cuda:
+        device = torch.device("cuda", world.local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
     if world.world_size == 1 or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size, timeout=timedelta(minutes=10))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=timedelta(minutes=10),
+        device_id=device if cuda else None,
+    )
 
 
 def destroy_process_group(barrier: bool = True) -> None:

@@ -96,7 +96,9 @@ def build_model(
                 layout.mesh["dp_shard"],
                 layout.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
-                canonical_reduce_scatter=layout.canonical_reductions,
+                # The canonical tree is summed in fp32 only; in bf16 nothing is promised, so FSDP uses
+                # the backend's own reduce-scatter (NCCL's, pinned to one algorithm when deterministic).
+                canonical_reduce_scatter=layout.canonical_reductions and layout.mixed_precision == "fp32",
                 ignored_params=set(expert_params),
             )
         part.init_weights(layout.root_seed, layout.device)

@@ -51,10 +51,10 @@ class CrossRankReducer:
         return loss.reshape(())
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (so all ranks stop after the same step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    box = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
+def any_rank_flag(flag: bool, device: torch.device) -> torch.Tensor:
+    """1 on every rank if `flag` is True on any, else 0 (so all ranks stop after the same step); left
+    on the device, for the caller to read with the step's other values in one transfer."""
+    box = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return box.reshape(())

@@ -8,6 +8,7 @@ forward/backward each with the loss normalised by the global valid-token count, 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -30,7 +31,7 @@ from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import AttentionMasks
 from lockstep.models.registry import model_args
-from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64
+from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64, shard_block_loss
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
@@ -47,10 +48,10 @@ from lockstep.train.launches import (
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
-from lockstep.train.moe_balance import moe_blocks, pool_over_stages, update_expert_biases
+from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
 from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
-from lockstep.train.reduction import CrossRankReducer, any_rank
+from lockstep.train.reduction import CrossRankReducer, any_rank_flag
 from lockstep.train.run_folder import environment, prepare_run_folder
 from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
 from lockstep.train.throughput import mfu_percent, peak_flops, peak_memory_gib
@@ -85,7 +86,18 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     fingerprints: dict[str, str] = field(default_factory=dict)
-    moe_stats: dict[str, float] = field(default_factory=dict)
+    moe: MoEStats | None = None
+    """This rank's MoE load statistics, on the device (read on logged steps only)."""
+    loss_value: float = math.nan
+    grad_norm_value: float = math.nan
+    stop: bool = False
+    """Some rank asked to stop (SIGTERM/Ctrl-C): every rank stops after this step."""
+
+    def read(self, stop_flag: torch.Tensor) -> None:
+        """The step's one device-to-host read: loss, grad norm and the agreed stop flag together
+        (fp32 values are exact in fp64)."""
+        values = torch.stack([self.loss.double(), self.grad_norm.double(), stop_flag.double()]).tolist()
+        self.loss_value, self.grad_norm_value, self.stop = values[0], values[1], values[2] > 0
 
 
 class GracefulStop:
@@ -160,9 +172,12 @@ class Trainer:
             if hasattr(part, "set_force_load_balance"):
                 part.set_force_load_balance(config.debug.moe_force_load_balance)
         self.moe_blocks = moe_blocks(self.model.parts)
-        self.gradient_tree = self._gradient_tree(
-            canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
-        )
+        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
+        # FSDP without pipelining reduce-scatters every micro-step and keeps the tree on the shards
+        # (1/dp_shard of the gradients per rank); its microbatches are placed strided over the shards.
+        self.tree_on_shards = use_tree and self.dims.fsdp and self.model.pipeline is None
+        self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
+        self.gradient_tree = self._gradient_tree(use_tree)
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
@@ -189,12 +204,17 @@ class Trainer:
         )
 
     def _gradient_tree(self, enabled: bool) -> GradientTree | None:
-        """The canonical per-microbatch gradient tree, hooked where autograd accumulates: the
-        unsharded FSDP parameters (and those FSDP ignores), or the parameters themselves."""
+        """The canonical per-microbatch gradient tree, hooked where each microbatch's gradient lands:
+        the sharded FSDP parameters (reduce-scattered every micro-step), the unsharded ones (pipeline
+        stages, which reduce-scatter once after the last microbatch), the parameters FSDP ignores, or
+        the parameters themselves."""
         if not enabled:
             return None
         tree = GradientTree()
-        if self.model.fsdp_modules:
+        if self.tree_on_shards:
+            tree.watch_sharded(self.model.fsdp_modules)
+            tree.watch(self.model.unmanaged_params)
+        elif self.model.fsdp_modules:
             tree.watch_when_gathered(self.model.fsdp_modules)
             tree.watch(self.model.unmanaged_params)
         else:
@@ -227,21 +247,29 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _masks(self, inputs: torch.Tensor) -> AttentionMasks | None:
+    def _masks(self, inputs: torch.Tensor, deferred: bool = False) -> AttentionMasks | None:
         if not self.config.data.document_masking:
             return None
-        return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id)
+        return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id, deferred)
 
-    def train_step(self, fingerprint: bool = False, observe: Callable[[str, dict], None] | None = None) -> StepResult:
-        """One optimizer step over the global batch: loss and grad norm (fp32 tensors), and with
-        `fingerprint` the hashes of the gradients (before clipping) and of the updated parameters.
-        `observe(what, tensors)` (tools such as bisect) sees "gradients" and "parameters" by name."""
-        microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp)
+    def train_step(
+        self,
+        fingerprint: bool = False,
+        observe: Callable[[str, dict], None] | None = None,
+        stop_requested: bool = False,
+    ) -> StepResult:
+        """One optimizer step over the global batch: loss and grad norm (fp32 tensors, and read once as
+        floats together with the stop flag agreed over all ranks: the step's only host sync by
+        default), and with `fingerprint` the hashes of the gradients (before clipping) and of the
+        updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
+        "parameters" by name."""
+        microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
         loss = self._forward_backward_any(microbatches, global_tokens)
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
         self.reducer.sum_replicas(list(named_grads.values()))
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
         result = StepResult(self.reducer.global_loss(loss), grad_norm)
+        result.read(any_rank_flag(stop_requested, self.device))
         if fingerprint:
             result.fingerprints["grad_fingerprint"] = model_fingerprint(
                 named_grads, self.model.param_names, self.reducer.pp_group
@@ -257,9 +285,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         speed = getattr(self.model.args, "bias_update_speed", 0.0)
-        result.moe_stats = update_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
-        if hasattr(self.model.args, "n_routed_experts"):  # stages hold different MoE layers
-            result.moe_stats = pool_over_stages(result.moe_stats, self.reducer.pp_group)
+        result.moe = move_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
         if observe is not None:
             observe("parameters", dict(self.named_params))
         if fingerprint:
@@ -281,7 +307,7 @@ class Trainer:
     def _nonfinite(self, result: StepResult, microbatches: list[Microbatch], global_tokens: int) -> bool:
         """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
         policy = self.config.debug.nonfinite
-        if policy == "ignore" or bool(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm)):
+        if policy == "ignore" or (math.isfinite(result.loss_value) and math.isfinite(result.grad_norm_value)):
             self.consecutive_skips.finite()
             return False
         for optimizer in self.optimizers:
@@ -298,7 +324,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
         step = self.state.step + 1
         message = (
-            f"non-finite loss ({result.loss.item()}) or grad norm ({result.grad_norm.item()}) at step {step}; "
+            f"non-finite loss ({result.loss_value}) or grad norm ({result.grad_norm_value}) at step {step}; "
             f"first non-finite value: {where}"
         )
         if policy == "stop":
@@ -308,20 +334,24 @@ class Trainer:
         return True
 
     def _forward_backward(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
-        """Forward and backward of this rank's microbatches; returns their summed loss (tree order)."""
-        model, losses = self.model.parts[0], TreeSum()
+        """Forward and backward of this rank's microbatches; returns their summed loss (tree order).
+        FSDP's gradient sync stays on: each micro-step's gradients are reduce-scattered during its
+        backward, and with the tree on the shards the hooks sum the shards over micro-steps."""
+        model, losses = self.model.parts[0], []
         if self.gradient_tree is not None:
             self.gradient_tree.begin_step(len(microbatches))
-        for i, mb in enumerate(microbatches):
-            if self.model.fsdp_modules and self.gradient_tree is not None:
-                # Sum the local tree unsharded; reduce-scatter it once, after the last microbatch.
-                model.set_requires_gradient_sync(i == len(microbatches) - 1)
+        for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
             with self._autocast():
                 microbatch_loss = self.loss_fn(model(inputs, self._masks(inputs)), labels, global_tokens)
             microbatch_loss.backward()
-            losses.add([microbatch_loss.detach().reshape(1)])
-        return losses.result()[0]
+            losses.append(microbatch_loss.detach().reshape(1))
+        if self.tree_on_shards:  # placed strided: the replica's losses are summed in block order
+            return shard_block_loss(torch.cat(losses), self.mesh.get_group("dp_shard")).reshape(1)
+        total = TreeSum()
+        for microbatch_loss in losses:
+            total.add([microbatch_loss])
+        return total.result()[0]
 
     def _forward_backward_pipeline(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """This rank's samples go through the schedule in one call, cut into pipeline microbatches;
@@ -329,7 +359,7 @@ class Trainer:
         pipeline = self.model.pipeline
         inputs = torch.cat([mb.inputs for mb in microbatches]).to(self.device)
         labels = torch.cat([mb.labels for mb in microbatches]).to(self.device)
-        masks = self._masks(inputs)
+        masks = self._masks(inputs, deferred=True)  # each stage builds one microbatch's mask at a time
         kwargs = {} if masks is None else {"attention_masks": masks}
         self.pipeline_loss.global_tokens = global_tokens
         if self.gradient_tree is not None:
@@ -397,12 +427,12 @@ class Trainer:
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
                     fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
-                    result = self.train_step(fingerprint)
+                    result = self.train_step(fingerprint, stop_requested=stop.requested)
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     interval_steps += 1
                     # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
-                    stopping = any_rank(stop.requested, self.device)
+                    stopping = result.stop
                     if self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
                         record = self._record(result, lr, interval_steps * tokens_per_step / elapsed)
@@ -466,13 +496,23 @@ class Trainer:
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
 
+    def _moe_record(self, stats: MoEStats | None) -> dict[str, float]:
+        """The MoE statistics of every stage (one read, on logged steps; all ranks log the same steps,
+        so the pooling collective lines up)."""
+        if stats is None:
+            return {}
+        record = stats.as_floats()
+        if hasattr(self.model.args, "n_routed_experts"):  # stages hold different MoE layers
+            record = pool_over_stages(record, self.reducer.pp_group)
+        return record
+
     def _record(self, result: StepResult, lr: float, tokens_per_sec: float) -> dict:
         tflops = tokens_per_sec * self.model.flops_per_token / 1e12
         return (
             {
                 "step": self.state.step,
-                "loss": result.loss.item(),
-                "grad_norm": result.grad_norm.item(),
+                "loss": result.loss_value,
+                "grad_norm": result.grad_norm_value,
                 "lr": lr,
                 "tokens_per_sec": tokens_per_sec,
                 "tflops": tflops,
@@ -481,5 +521,5 @@ class Trainer:
                 "tokens_seen": self.state.tokens_seen,
             }
             | result.fingerprints
-            | result.moe_stats
+            | self._moe_record(result.moe)
         )

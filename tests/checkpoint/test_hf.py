@@ -1,5 +1,6 @@
 """Hugging Face interop against transformers itself (CPU, fp32, eager attention)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,25 +8,31 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from lockstep.checkpoint.hf import export_to_hf, import_from_hf
-from lockstep.models.llama3 import hf_adapter
+from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.hf import export_to_hf, import_from_hf, load_hf_weights
+from lockstep.config import load_config
+from lockstep.config.sections import ModelConfig
+from lockstep.models.deepseek_v3 import hf_adapter as deepseek_hf
+from lockstep.models.llama3 import LLAMA3_FLAVORS, hf_adapter
+from lockstep.models.registry import model_args, model_spec
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 VOCAB = 2048  # the built-in tokenizer's, so a tiny run can start from these weights
 
 
-def _tiny_hf_llama(folder):
+def _tiny_hf_llama(folder, kv_heads: int = 2):
     """A random transformers Llama with lockstep's `tiny` flavor shape, saved with save_pretrained."""
     torch.manual_seed(3)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads,
         vocab_size=VOCAB, max_position_embeddings=32, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )  # fmt: skip
@@ -95,19 +102,88 @@ def test_sharded_export_writes_an_index(tmp_path):
     assert torch.equal(hf.lm_head.weight, load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"])
 
 
-def _initial_weights(folder, hf_dir) -> None:
-    overrides = [*CHECKPOINTED, "--checkpoint.initial_load_path", str(hf_dir)]
-    with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
+# `tiny` with one kv head: wk's 16 rows (one head) split 8/8 over 2 ranks, so the q/k permutation
+# meets a shard boundary inside a head; wq's 4 heads split 2/2 on head boundaries.
+TINY_MQA = ["--model.flavor", "tiny_mqa"]
+
+
+def _initial_weights(folder, hf_dir, config: str, overrides: list[str]) -> None:
+    LLAMA3_FLAVORS["tiny_mqa"] = dataclasses.replace(LLAMA3_FLAVORS["tiny"], n_kv_heads=1)
+    overrides = [*CHECKPOINTED, "--checkpoint.initial_load_path", str(hf_dir), *overrides]
+    with Trainer(load_config(config, tiny_overrides(folder) + overrides), show_progress=False) as trainer:
+        assert all(p.to_local().numel() < p.numel() for p in trainer.model.parts[0].parameters())  # sharded
         weights = trainer.full_weights()
     if os.environ.get("RANK", "0") == "0":
         torch.save(weights, folder / "initial.pt")
 
 
-def test_initial_load_path_reads_hf_weights_into_fsdp(tmp_path):
-    hf = _tiny_hf_llama(tmp_path / "hf")
-    run_on_ranks(_initial_weights, 2, tmp_path, tmp_path / "hf")
-    args = hf_adapter.args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
-    expected = hf_adapter.from_hf(hf.state_dict(), args)
-    loaded = torch.load(tmp_path / "initial.pt")
+def _one_process_load(hf_dir, model: str, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `lockstep convert from-hf` reads: whole tensors, in one process."""
+    spec = model_spec(model)
+    args = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+    weights = {name: torch.empty_like(value) for name, value in expected.items()}
+    load_hf_weights(hf_dir, spec, args, weights)
+    return weights
+
+
+def _assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def test_initial_load_path_reads_hf_weights_into_fsdp(tmp_path):
+    hf = _tiny_hf_llama(tmp_path / "hf", kv_heads=1)
+    run_on_ranks(_initial_weights, 2, tmp_path, tmp_path / "hf", "llama3_debug", TINY_MQA)
+    args = hf_adapter.args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    expected = hf_adapter.from_hf(hf.state_dict(), args)
+    _assert_same(torch.load(tmp_path / "initial.pt"), expected)
+    _assert_same(_one_process_load(tmp_path / "hf", "llama3", expected), expected)
+
+
+def test_initial_load_path_reads_deepseek_hf_weights_into_fsdp(tmp_path):
+    """Grouped experts [E, out, in] come from one Hugging Face tensor per expert: each rank reads its
+    experts only. The fused in-memory layout of transformers (gate_up_proj) reads the same."""
+    spec, args = model_args(ModelConfig(name="deepseek_v3", flavor="debug"), VOCAB, 32)
+    with torch.device("meta"):
+        model = spec.build(args, "sdpa")
+    model.init_weights(5, "cpu")
+    expected = {name: p.detach() for name, p in model.named_parameters()}
+    hf_state = {k: v.contiguous() for k, v in deepseek_hf.to_hf(expected, args).items()}
+    for folder, state in (("hf", hf_state), ("fused", _fused_experts(hf_state))):
+        (tmp_path / folder).mkdir()
+        save_file(state, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / folder / "config.json").write_text(json.dumps(deepseek_hf.hf_config(args)))
+        _assert_same(_one_process_load(tmp_path / folder, "deepseek_v3", expected), expected)
+    run_on_ranks(_initial_weights, 2, tmp_path, tmp_path / "hf", "deepseek_v3_debug", ["--model.flavor", "debug"])
+    _assert_same(torch.load(tmp_path / "initial.pt"), expected)
+
+
+def test_a_missing_or_misshapen_hf_tensor_is_refused_before_reading(tmp_path):
+    hf = _tiny_hf_llama(tmp_path / "hf")
+    args = hf_adapter.args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    expected = hf_adapter.from_hf(hf.state_dict(), args)
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    for problem, broken in (
+        ("has no tensor lm_head.weight", {k: v for k, v in state.items() if k != "lm_head.weight"}),
+        (r"holds model.norm.weight of shape \[32\]", state | {"model.norm.weight": torch.ones(32)}),
+    ):
+        save_file(broken, tmp_path / "hf" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=problem):
+            _one_process_load(tmp_path / "hf", "llama3", expected)
+
+
+def _fused_experts(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory DeepSeek-V3 layout: per layer gate_up_proj [E, 2I, H] and down_proj."""
+    fused, experts = {}, {}
+    for name, value in hf_state.items():
+        prefix, _, rest = name.partition(".mlp.experts.")
+        if not rest:
+            fused[name] = value
+            continue
+        expert, projection, _ = rest.split(".")
+        experts.setdefault(prefix, {}).setdefault(projection, {})[int(expert)] = value
+    for prefix, by_projection in experts.items():
+        stacked = {k: torch.stack([v[e] for e in sorted(v)]) for k, v in by_projection.items()}
+        fused[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], 1)
+        fused[f"{prefix}.mlp.experts.down_proj"] = stacked["down_proj"]
+    return fused

@@ -6,7 +6,7 @@ import pytest
 from lockstep.config.sections import DataConfig, ModelConfig, TrainingConfig
 from lockstep.data.corpus import builtin_corpus, corpus_documents
 from lockstep.data.dataset import IGNORE_INDEX
-from lockstep.data.loader import DataLoader, build_token_windows
+from lockstep.data.loader import DataLoader, build_token_windows, placement
 from lockstep.data.order import SampleOrder
 from lockstep.data.tokenizer import BytesTokenizer, build_tokenizer
 
@@ -52,6 +52,17 @@ def test_step_samples_do_not_depend_on_rank_layout(dp_degree, local_batch):
         ordered = [m for batches in rank_batches for m in batches]
         assert np.array_equal(np.concatenate([m.inputs for m in ordered]), whole.inputs)
         assert np.array_equal(np.concatenate([m.labels for m in ordered]), whole.labels)
+
+
+def test_placement_strides_over_the_shards_of_each_replica():
+    """HSDP 2x2: each replica holds a contiguous half, its 2 shard ranks alternate inside it, so every
+    micro-step's reduce-scatter sums an aligned pair; without sharding, contiguous blocks."""
+    assert [placement(8, rank, 4, shard_degree=2) for rank in range(4)] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert [placement(8, rank, 2) for rank in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    loader, reference = _loader(2), _loader(2)
+    (whole, tokens), (strided, rank_tokens) = reference.next_step(), loader.next_step(1, 2, shard_degree=2)
+    assert rank_tokens == tokens
+    assert [m.inputs.tolist() for m in strided] == [whole[1].inputs.tolist(), whole[3].inputs.tolist()]
 
 
 def test_loader_state_round_trip_and_fingerprint_check():

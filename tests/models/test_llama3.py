@@ -38,6 +38,22 @@ def test_document_mask_isolates_documents():
     assert not torch.allclose(masked[0][:, 3:12], masked[1][:, 3:12])
 
 
+def test_deferred_masks_build_the_same_mask_inside_forward():
+    """Pipelining passes only [B, S] document ids; each stage's forward builds the mask of its own
+    microbatch, with the same logits as a mask built up front."""
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(2))
+    eos = int(tokens[0, 5])
+    deferred = model.get_attention_masks(tokens, eos, deferred=True)
+    assert deferred.sdpa_mask is None and deferred.document_ids.shape == (2, 32)
+    assert torch.equal(model(tokens, deferred), model(tokens, model.get_attention_masks(tokens, eos)))
+    half = deferred.document_ids[1:]  # one microbatch's share, as the schedule splits it
+    assert torch.equal(
+        model(tokens[1:], type(deferred)(document_ids=half)),
+        model(tokens[1:], model.get_attention_masks(tokens[1:], eos)),
+    )
+
+
 def test_document_ids_and_block_causal_mask():
     tokens = torch.tensor([[5, 9, 1, 4, 9, 9, 2]])
     doc_ids = document_ids_from_tokens(tokens, eos_id=9)

@@ -1,17 +1,29 @@
 """The MoE model across layouts: FSDP is bitwise, expert parallelism agrees to 1e-5 (its expert GEMMs
-see the tokens of all ranks in one call, so the sums are not batch-invariant), and checkpoints carry
-the router bias and reshard from EP 2 to one process."""
+see the tokens of all ranks in one call, so the sums are not batch-invariant) and runs in bf16 (with
+FSDP and with PP), checkpoints carry the router bias and reshard from EP 2 to one process, and the
+expert dispatch reads the device once per layer."""
 
+import dataclasses
 import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.config.sections import ActivationCheckpointConfig
+from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3
+from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
+from lockstep.parallel.expert_parallel import apply_expert_parallel
+from lockstep.train.moe_balance import moe_blocks, move_expert_biases
 from lockstep.train.run_folder import read_metrics
+from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import assert_bitwise, result, train
 from tests.distributed import run_on_ranks
+from tests.helpers import host_reads, tiny_config
 
 MOE = ["--model.name", "deepseek_v3", "--model.flavor", "debug", "--training.steps", "10"]
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
@@ -42,9 +54,41 @@ def _assert_close(got, expected) -> None:
         torch.testing.assert_close(value, ref_weights[name], rtol=1e-4, atol=1e-5)
 
 
-def test_expert_parallel_2_is_within_1e5_of_one_process(tmp_path, one_process):
-    run_on_ranks(train, 2, tmp_path, MOE + EP2)
-    _assert_close(result(tmp_path), one_process)
+@pytest.fixture(scope="module")
+def expert_parallel_2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("moe-ep2")
+    run_on_ranks(train, 2, folder, MOE + EP2)
+    return result(folder)
+
+
+def test_expert_parallel_2_is_within_1e5_of_one_process(expert_parallel_2, one_process):
+    _assert_close(expert_parallel_2, one_process)
+
+
+def _train_bf16(folder, overrides: list[str]) -> None:
+    """Three steps in bf16 (the fixtures' settings otherwise); the expert weights, which FSDP ignores,
+    must still be fp32 shards with fp32 AdamW state."""
+    settings = ["--training.global_batch_size", "8", "--debug.deterministic", "--training.mixed_precision", "bf16"]
+    with Trainer(tiny_config(folder, *MOE, *settings, "--training.steps", "3", *overrides), show_progress=False) as t:
+        t.train()
+        for part, optimizer in zip(t.model.parts, t.optimizers, strict=True):
+            for _, moe in moe_blocks([part]):
+                for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+                    assert isinstance(w, DTensor) and w.dtype == torch.float32
+                    assert all(v.dtype == torch.float32 for v in optimizer.state[w].values() if v.dim())
+
+
+def test_expert_parallel_runs_in_bf16_with_fsdp_and_pipeline(tmp_path, expert_parallel_2):
+    """EP 2 under FSDP's bf16 policy (2 ranks), and PP 2 x EP 2 (4 ranks), track EP 2 in fp32. Only the
+    first three losses are compared: with 2 warmup steps they do not depend on the schedule's length,
+    so three steps suffice (PP 2 x EP 2 in fp32 gave EP 2's fp32 losses bitwise when measured)."""
+    pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2"]
+    fp32 = [loss for _, loss, _ in expert_parallel_2[0][:3]]
+    for name, ranks, layout in (("fsdp", 2, EP2), ("pp", 4, EP2 + pipeline)):
+        run_on_ranks(_train_bf16, ranks, tmp_path / name, layout)
+        bf16 = [m["loss"] for m in read_metrics(tmp_path / name / "run")]
+        assert len(bf16) == 3 and bf16 != fp32, name  # it ran, and in bf16
+        assert all(abs(a - b) < 1e-2 * b for a, b in zip(bf16, fp32, strict=True)), (name, bf16, fp32)
 
 
 def test_expert_parallel_checkpoint_resumes_in_one_process(tmp_path, one_process):
@@ -99,3 +143,39 @@ def test_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path, one_process
     run_on_ranks(train, 2, first, MOE + ["--parallelism.tensor_parallel_degree", "2"], 5, "first")
     train(first, MOE)
     _assert_close(result(first), one_process)
+
+
+def test_dispatch_and_balance_read_the_device_once_per_layer_and_step():
+    """One transfer per MoE layer and forward (the all-to-all's split sizes), again in an activation-
+    checkpoint recompute, none without EP; the bias update none, its statistics one for all layers.
+    (Before: 2 + 2E reads per layer and forward, 4 per layer for the statistics.)"""
+    args = dataclasses.replace(DEEPSEEK_V3_FLAVORS["debug"], vocab_size=97, max_seq_len=32)
+    tokens = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        models = []
+        for expert_parallel in (False, True):
+            with torch.device("meta"):
+                model = DeepSeekV3(args)
+            if expert_parallel:
+                apply_expert_parallel(model, init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",)))
+                apply_activation_checkpointing(model.layers, ActivationCheckpointConfig(mode="full"))
+            model.init_weights(0, "cpu")
+            models.append(model)
+        with host_reads() as plain:
+            expected = models[0](tokens)
+        with host_reads() as forward:
+            out = models[1](tokens)
+        with host_reads() as backward:
+            out.square().mean().backward()
+        blocks = moe_blocks([models[1]])
+        with host_reads() as balance:
+            stats = move_expert_biases(blocks, 1e-3, None)
+        with host_reads() as read:
+            floats = stats.as_floats()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, expected)  # EP over one rank is the same computation
+    assert plain == {} and balance == {} and len(floats) == 4 * len(blocks) == 12
+    assert forward == backward == {"expert_parallel.py": len(blocks)}
+    assert read == {"moe_balance.py": 1}

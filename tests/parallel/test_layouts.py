@@ -80,6 +80,39 @@ def test_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
 
 
+FOUR_MICROSTEPS = [*DETERMINISTIC, "--training.steps", "2", "--training.local_batch_size", "1"]  # 8 microbatches
+
+
+def test_fsdp_tree_over_four_micro_steps_is_bitwise(tmp_path):
+    """FSDP 2 with 4 micro-steps per rank: the tree over micro-steps is kept on the shards, and a tree
+    of 4 differs from plain accumulation, so this checks its order (2 micro-steps could not tell)."""
+    reference = _run(tmp_path / "one", 1, FOUR_MICROSTEPS)
+    metrics, weights = _run(tmp_path / "fsdp2", 2, FOUR_MICROSTEPS)
+    assert len(metrics) == 2 and metrics == reference[0]
+    assert all(torch.equal(weights[k], reference[1][k]) for k in weights)
+
+
+def _tree_memory(folder) -> None:
+    """One step of FSDP 2 with 4 microbatches (2 per rank); rank 0 writes what the gradient tree held."""
+    config = tiny_config(folder, *DETERMINISTIC, "--training.steps", "1", "--training.global_batch_size", "4")
+    with Trainer(config, show_progress=False) as trainer:
+        trainer.train()
+        shard = sum(p.to_local().numel() for _, p in trainer.named_params)
+        model = sum(p.numel() for _, p in trainer.named_params)
+        figures = {"peak_held": trainer.gradient_tree.peak_held_numel, "shard": shard, "model": model}
+        if trainer.world.is_main:
+            (folder / "tree_memory.json").write_text(json.dumps(figures))
+
+
+def test_fsdp_gradient_tree_holds_one_shard_not_the_model(tmp_path):
+    """The per-rank gradient accumulation holds this rank's shard (1/2 of the model on 2 ranks), not
+    unsharded copies of the model."""
+    run_on_ranks(_tree_memory, 2, tmp_path)
+    figures = json.loads((tmp_path / "tree_memory.json").read_text())
+    assert figures["peak_held"] == figures["shard"]
+    assert figures["shard"] * 2 <= figures["model"] * 1.01  # FSDP pads dim 0 to a multiple of 2
+
+
 def _assert_close(metrics, weights, reference, rtol: float) -> None:
     reference_metrics, reference_weights = reference
     assert [m[0] for m in metrics] == [m[0] for m in reference_metrics]

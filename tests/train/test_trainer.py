@@ -16,7 +16,7 @@ from lockstep.train.loss import global_batch_loss
 from lockstep.train.optimizer import lr_factor
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import host_reads, tiny_config, tiny_model
 
 
 def _run(config) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -154,3 +154,16 @@ def test_plain_reductions_agree_to_rounding(tmp_path):
     for a, b in zip(canonical, plain, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_one_host_read_per_step(tmp_path):
+    """Loss, grad norm, the non-finite check and the stop flag are read from the device together,
+    once per step (the loader's int() calls read CPU tensors of sample indices, not the device)."""
+    with Trainer(tiny_config(tmp_path, "--training.global_batch_size", "4"), show_progress=False) as trainer:
+        trainer.train_step()  # first step: lazy set-up (optimizer state, caches) is not the steady state
+        with host_reads() as reads:
+            for _ in range(3):
+                trainer.train_step()
+    reads.pop("loader.py", None)
+    reads.pop("outside lockstep", None)  # torch's own (AdamW's CPU step counters)
+    assert reads == {"trainer.py": 3}

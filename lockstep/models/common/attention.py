@@ -25,6 +25,16 @@ class AttentionMasks:
     sdpa_mask: torch.Tensor | None = None
     """Additive float mask [B, 1, S, S] (0 = attend, -inf = not)."""
     block_mask: object | None = None
+    document_ids: torch.Tensor | None = None
+    """Deferred: the [B, S] document ids from which the model builds the mask when its forward starts
+    (``resolve``). A pipeline schedule splits these per microbatch, so each stage builds one
+    microbatch's [b, 1, S, S] mask at a time instead of receiving the whole rank batch's."""
+
+    def resolve(self, backend: str) -> AttentionMasks:
+        """The masks to attend with: built from the document ids when deferred, else these."""
+        if self.document_ids is None:
+            return self
+        return build_attention_masks(self.document_ids, backend)
 
 
 # A pytree node, so a pipeline schedule splits the masks by microbatch along with the tokens.

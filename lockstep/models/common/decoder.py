@@ -45,14 +45,20 @@ class Decoder(nn.Module):
             return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
         return init_fns.trunc_normal(0.02)
 
-    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int) -> AttentionMasks:
-        """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel."""
-        return build_attention_masks(document_ids_from_tokens(tokens_BS, eos_id), self.attention_backend)
+    def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int, deferred: bool = False) -> AttentionMasks:
+        """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel;
+        `deferred` returns only the document ids, from which forward builds the mask (pipelining)."""
+        document_ids = document_ids_from_tokens(tokens_BS, eos_id)
+        if deferred:
+            return AttentionMasks(document_ids=document_ids)
+        return build_attention_masks(document_ids, self.attention_backend)
 
     def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
         """Logits [B, S, vocab] (hidden states on a stage without the output). Without masks attention is
         plain causal over the whole sequence."""
         h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        if attention_masks is not None:
+            attention_masks = attention_masks.resolve(self.attention_backend)
         for layer in self.layers.values():
             h = layer(h, self.rope_cos_sin, attention_masks)
         h = self.norm(h) if self.norm is not None else h

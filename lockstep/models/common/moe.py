@@ -1,6 +1,11 @@
 """Mixture of experts, single-device code: a top-k router (sigmoid or softmax scores, optional
 group-limited routing, auxiliary-loss-free bias), routed experts stored as grouped weights, shared
-experts, and a dispatch/combine with no atomics (deterministic on every device).
+experts, and a dispatch/combine whose forward is order-fixed (a stable sort, gathers, and a per-token
+sum of the k expert outputs in slot order). Its backward is not atomic-free: the dispatch gather's
+gradient (index_put with accumulate) adds each token's k slot gradients, which PyTorch documents as
+nondeterministic on CPU and which compiled (Inductor) CUDA kernels add with atomics;
+``torch.use_deterministic_algorithms``, set by ``debug.deterministic``, selects order-fixed kernels.
+The forward makes no host sync unless the per-expert loop runs (one ``tolist`` of the counts).
 
 Expert parallelism is applied from outside (``lockstep.parallel.expert_parallel``) by replacing
 ``GroupedExperts.compute`` with an all-to-all version; nothing here knows about ranks.
@@ -138,7 +143,7 @@ class MoE(nn.Module):
                 self.tokens_per_expert += counts
             inverse = torch.argsort(order)
         routed = self.experts(flat[order // top_k], counts)[inverse].view(-1, top_k, dim)
-        # Combine without atomics: each token sums its k expert outputs in slot order.
+        # Combine without atomics (forward): each token sums its k expert outputs in slot order.
         out = (routed * weights.unsqueeze(-1).to(routed.dtype)).sum(dim=1).view(batch, seq_len, dim)
         if self.seq_aux_loss_alpha > 0 and self.training:
             out = AddAuxiliaryLoss.apply(out, self._sequence_aux_loss(flat, indices, batch))
@@ -156,20 +161,20 @@ class MoE(nn.Module):
         f = chosen.mean(1) * num_experts / top_k
         return self.seq_aux_loss_alpha * (f * scores.mean(1)).sum(-1).mean()
 
+    LOAD_STATS = ("load_min", "load_max", "load_cv", "bias_absmax")
+    """Names of the values ``update_expert_bias`` returns, in order."""
+
     @torch.no_grad()
-    def update_expert_bias(self, global_counts: torch.Tensor, speed: float) -> dict[str, float]:
+    def update_expert_bias(self, global_counts: torch.Tensor, speed: float) -> torch.Tensor:
         """Raise the bias of under-loaded experts and lower it for over-loaded ones (by `speed`), from
-        the step's token counts over all ranks; returns load statistics for the metrics."""
+        the step's token counts over all ranks; returns the load statistics (``LOAD_STATS``) as one
+        fp32 tensor on the device, so that nothing here waits for the device."""
         mean = global_counts.mean()
         if speed > 0:
             self.expert_bias += speed * torch.sign(mean - global_counts)
         self.tokens_per_expert.zero_()
-        return {
-            "load_min": global_counts.min().item(),
-            "load_max": global_counts.max().item(),
-            "load_cv": (global_counts.std(unbiased=False) / mean.clamp_min(1e-9)).item(),
-            "bias_absmax": self.expert_bias.abs().max().item(),
-        }
+        cv = global_counts.std(unbiased=False) / mean.clamp_min(1e-9)
+        return torch.stack([global_counts.min(), global_counts.max(), cv, self.expert_bias.abs().max()]).float()
 
 
 class AddAuxiliaryLoss(torch.autograd.Function):

@@ -9,9 +9,11 @@ no permutation: both sides rotate interleaved pairs (HF's ``rope_interleave=True
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
+from lockstep.models.common.hf_source import HFPiece, HFSource, whole
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
 _TOP = {
@@ -98,6 +100,29 @@ def from_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, t
     for (layer, projection), per_expert in experts.items():
         out[f"layers.{layer}.{ours[projection]}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     return out
+
+
+def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: DeepSeekV3Args) -> HFSource:
+    """How a rank reads its shard of `name`. Grouped experts [E, out, in] are E pieces, one per
+    Hugging Face expert tensor, so a rank holding experts [a, b) reads only those; a folder in the
+    fused layout (gate_up_proj [E, 2*out, in]) gives w1 its first and w3 its second half of rows."""
+    match = _LAYER.match(name)
+    if match is None or match.group(2) not in _EXPERTS:
+        return HFSource((whole(hf_name(name), shape),))
+    prefix, projection = f"model.layers.{match.group(1)}.mlp.experts", _EXPERTS[match.group(2)]
+    experts, rows, cols = shape
+    if f"{prefix}.0.{projection}.weight" not in hf_names and f"{prefix}.down_proj" in hf_names:
+        if projection == "down_proj":
+            return HFSource((whole(f"{prefix}.down_proj", shape),))
+        start = rows if projection == "up_proj" else 0
+        fused = HFPiece(f"{prefix}.gate_up_proj", (experts, 2 * rows, cols), (0, 0, 0), tuple(shape), (0, start, 0))
+        return HFSource((fused,))
+    return HFSource(
+        tuple(
+            HFPiece(f"{prefix}.{e}.{projection}.weight", (rows, cols), (e, 0, 0), (1, rows, cols), (0, 0))
+            for e in range(experts)
+        )
+    )
 
 
 def hf_config(args: DeepSeekV3Args, dtype: str = "float32") -> dict:

@@ -8,9 +8,11 @@ on the way out and back on the way in; the two layouts compute identical attenti
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
+from lockstep.models.common.hf_source import HFSource, whole
 from lockstep.models.common.rope import Llama3RopeScaling
 from lockstep.models.llama3.args import Llama3Args
 
@@ -85,6 +87,16 @@ def from_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch
             value = _halves_to_interleaved(value, args.kv_heads)
         out[ours] = value
     return out
+
+
+def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Llama3Args) -> HFSource:
+    """How a rank reads its shard of `name`: the rows of one Hugging Face tensor; wq and wk also go
+    from halves back to interleaved pairs, a permutation within each head, hence per block of
+    head_dim rows."""
+    piece = whole(hf_name(name), shape)
+    if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        return HFSource((piece,), args.head_dim, lambda w: _halves_to_interleaved(w, w.shape[0] // args.head_dim))
+    return HFSource((piece,))
 
 
 def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
