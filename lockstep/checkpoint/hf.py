@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -74,14 +74,19 @@ def resolve_checkpoint_folder(path: Path, check=folders.problem_with) -> Path:
     )
 
 
-def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The full model weights of a checkpoint, in one process, whatever layout wrote them."""
-    reader = SafeFileSystemReader(str(folder))
+def read_model_weights(
+    folder: Path, names: Collection[str] | None = None, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full model weights of a checkpoint (or only those in `names`), in one process, whatever
+    layout wrote them. With `verify`, every data file of the checkpoint is hashed and checked (read
+    whole in one streaming pass, however few of its items are wanted)."""
+    wanted = None if names is None else set(names)
+    reader = SafeFileSystemReader(str(folder), verify=verify)
     metadata = reader.read_metadata().state_dict_metadata
     state = {
         key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.items()
-        if key.startswith("model.")
+        if key.startswith("model.") and (wanted is None or key.removeprefix("model.") in wanted)
     }
     try:  # the checksums are verified as the files are read
         dcp.load({"model": state}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
@@ -91,44 +96,86 @@ def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclasses.dataclass
+class _HFShard:
+    """One safetensors file of an export: its Hugging Face tensors (name -> bytes, in order) and the
+    lockstep tensors they are made from."""
+
+    hf_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    sources: list[str] = dataclasses.field(default_factory=list)
+
+
+def _plan_hf_shards(folder: Path, spec: ModelSpec, args, dtype: torch.dtype, max_shard_bytes: int) -> list[_HFShard]:
+    """Pack the export's tensors into files of at most max_shard_bytes (a bigger tensor alone), in
+    checkpoint order, without reading a weight: the adapter converts meta tensors, which gives the
+    Hugging Face names and shapes. A lockstep tensor whose pieces (experts) span two files is a
+    source of both."""
+    stored = SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    element = torch.empty((), dtype=dtype).element_size()
+    shards, size = [_HFShard()], 0
+    for key, meta in stored.items():
+        if not key.startswith("model."):
+            continue
+        name = key.removeprefix("model.")
+        fake = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device="meta")
+        for hf_name, value in spec.hf_adapter.to_hf({name: fake}, args).items():
+            nbytes = value.numel() * element
+            if shards[-1].hf_bytes and size + nbytes > max_shard_bytes:
+                shards.append(_HFShard())
+                size = 0
+            shards[-1].hf_bytes[hf_name] = nbytes
+            size += nbytes
+            if not shards[-1].sources or shards[-1].sources[-1] != name:
+                shards[-1].sources.append(name)
+    return shards
+
+
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard_bytes: int = 5 << 30) -> dict:
     """Write `checkpoint`'s model as safetensors (sharded with an index past max_shard_bytes) and a
-    config.json that transformers loads; returns the phase timings in seconds."""
-    timings, started = {}, time.perf_counter()
+    config.json that transformers loads; returns the phase timings in seconds (summed over files).
+
+    It streams, one output file at a time: read that file's lockstep tensors (a subset, through the
+    allow-list reader), convert them one by one, write the file and free it; so memory peaks near
+    one file (plus one lockstep tensor), not the model, and any checkpoint exports on one host. The
+    first read verifies every data file's checksum (a streaming hash pass); the later reads trust
+    the files just verified rather than hash the whole checkpoint once per output file."""
+    timings = dict.fromkeys(("load_s", "convert_s", "save_s"), 0.0)
+    started = time.perf_counter()
     folder = resolve_checkpoint_folder(checkpoint)
     manifest = folders.read_manifest(folder)
     spec = model_spec(manifest["model"]["name"])
     args = spec.args_from_dict(manifest["model"]["args"])
-    weights = read_model_weights(folder)
-    timings["load_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    hf_state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in spec.hf_adapter.to_hf(weights, args).items()}
-    timings["convert_s"] = time.perf_counter() - started
-    started = time.perf_counter()
+    shards = _plan_hf_shards(folder, spec, args, DTYPES[dtype], max_shard_bytes)
+    timings["load_s"] += time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, tensor in hf_state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(shard, file)
-        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]  # fmt: skip
+    for i, (shard, file) in enumerate(zip(shards, files, strict=True)):
+        started = time.perf_counter()
+        weights = read_model_weights(folder, shard.sources, verify=i == 0)
+        timings["load_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        hf_state = {}
+        for name in shard.sources:  # one lockstep tensor at a time, freed once converted
+            for hf_name, value in spec.hf_adapter.to_hf({name: weights.pop(name)}, args).items():
+                if hf_name in shard.hf_bytes:
+                    hf_state[hf_name] = value.to(DTYPES[dtype]).contiguous()
+        hf_state = {hf_name: hf_state[hf_name] for hf_name in shard.hf_bytes}  # the planned order
+        timings["convert_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        save_file(hf_state, str(out_dir / file), metadata={"format": "pt"})
+        del hf_state
+        timings["save_s"] += time.perf_counter() - started
+    started = time.perf_counter()
+    if len(shards) > 1:
+        weight_map = {name: file for shard, file in zip(shards, files, strict=True) for name in shard.hf_bytes}
+        total = sum(nbytes for shard in shards for nbytes in shard.hf_bytes.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = spec.hf_adapter.hf_config(args, DTYPE_NAMES[DTYPES[dtype]])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    timings["save_s"] = time.perf_counter() - started
+    timings["save_s"] += time.perf_counter() - started
     return timings
 
 
@@ -277,7 +324,11 @@ def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
 
 
 def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> dict:
-    """Write a model-only lockstep checkpoint (step 0) of a Hugging Face folder; returns timings."""
+    """Write a model-only lockstep checkpoint (step 0) of a Hugging Face folder; returns timings.
+
+    A one-process convenience: it holds every tensor of the model (DCP's writer takes the whole state
+    dict at once). A model that fits no one host is read sharded instead: give its folder to
+    checkpoint.initial_load_path, and each rank reads only its shards' boxes (load_hf_weights)."""
     timings, started = {}, time.perf_counter()
     if not is_hf_folder(hf_dir):
         raise CheckpointError(hf_dir, "is not a Hugging Face model folder (config.json and *.safetensors)")

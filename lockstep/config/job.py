@@ -156,15 +156,17 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     global_batch = resolve_global_batch_size(config.training, dims.dp)
     if dims.pp > 1:
         _validate_pipeline(config, global_batch // dims.dp)
+    if config.training.loss_chunk_tokens and (dims.pp > 1 or dims.tp > 1):
+        raise ConfigError(
+            "training.loss_chunk_tokens",
+            f"a chunked loss with pipeline or tensor parallelism is {NOT_YET_SUPPORTED}: it runs inside the "
+            "whole model's forward, but a pipeline's loss runs outside its last stage and tensor parallelism "
+            "shards the logits; set training.loss_chunk_tokens = 0 for this layout",
+        )
     microbatches_per_rank = global_batch // (config.training.local_batch_size * dims.dp)
     invariant = config.debug.layout_invariant_reductions
     if invariant and dims.dp > 1:
         _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank)
-    if config.checkpoint.create_seed_checkpoint and world_size != 1:
-        raise ConfigError(
-            "checkpoint.create_seed_checkpoint",
-            f"a seed checkpoint is written by one process (got {world_size}); run it without torchrun / --nproc",
-        )
 
 
 def _validate_invariant_batch(

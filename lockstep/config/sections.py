@@ -100,6 +100,8 @@ class TrainingConfig:
     """File or folder for dataset = text, json (a "text" field per record) or parquet."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
+    loss_chunk_tokens: int = 0
+    """Project and take the cross-entropy this many tokens at a time (no full [B, S, vocab] logits); 0 = off."""
 
     def validate(self) -> None:
         _require(self.steps > 0, "training.steps", f"must be > 0; got {self.steps}")
@@ -125,6 +127,7 @@ class TrainingConfig:
             "to use it, or drop it (--training.dataset_path=)",
         )
         _one_of(self.device, ("auto", "cpu", "cuda"), "training.device")
+        _require(self.loss_chunk_tokens >= 0, "training.loss_chunk_tokens", "must be >= 0 (0 disables chunking)")
 
 
 @dataclass
@@ -375,7 +378,7 @@ class CheckpointConfig:
     export_dtype: str = "fp32"
     """Model dtype of model-only checkpoints (fp32 or bf16); full checkpoints always keep fp32."""
     create_seed_checkpoint: bool = False
-    """Write the step-0 weights (one process, no parallelism) and exit; runs of any layout then start from them."""
+    """Write the step-0 weights and exit (any layout writes the same ones, each rank its shards); runs of any layout start from them."""
     ignore_mismatch: bool = False
     """Resume even if the model, tokenizer or dataset fingerprint differs from the checkpoint's."""
     allow_config_change: bool = False

@@ -54,7 +54,8 @@ def _launch(sides: list[tuple[str, Path | None]], overrides: list[str], out_dir:
     first_config, first_tree = sides[0]
     seed_args = ["--config", first_config, "--job.dump_folder", str(seed_folder), "--debug.seed", str(seed)]
     seed_args += ["--checkpoint.create_seed_checkpoint", *overrides]
-    _run([sys.executable, "-m", "lockstep.train", *seed_args], first_tree, out_dir / "seed.log")
+    # Written in the runs' own layout, so a model that fits one device only sharded gets a seed too.
+    _run([*_train_command(nproc), "-m", "lockstep.train", *seed_args], first_tree, out_dir / "seed.log")
     folders = []
     for i, (config, tree) in enumerate(sides):
         folder = out_dir / f"run-{i}"

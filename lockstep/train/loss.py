@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lockstep.data.dataset import IGNORE_INDEX
 
@@ -19,6 +21,37 @@ def summed_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> t
 
 def global_batch_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, global_valid_tokens: int) -> torch.Tensor:
     return summed_cross_entropy(logits_BSV, labels_BS) / global_valid_tokens
+
+
+def _chunk_summed_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    """One run's summed cross-entropy. It takes the weight, not the module, so that calling it once per
+    run (and again in backward) runs no module hooks: to FSDP, `output` is used once, by the root."""
+    return summed_cross_entropy(F.linear(h_ND, weight_VD).unsqueeze(0), labels_N.unsqueeze(0))
+
+
+def chunked_global_batch_loss(
+    h_BSD: torch.Tensor,
+    output: nn.Linear,
+    labels_BS: torch.Tensor,
+    global_valid_tokens: int,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """`global_batch_loss(output(h_BSD), ...)` without ever holding the [B, S, V] logits: the tokens are
+    cut into runs of `chunk_tokens` (flattened batch order), each run's logits live only while its
+    cross-entropy is taken, and backward recomputes them one run at a time (activation checkpointing
+    per run). The fp32 run sums are added left to right, a fixed order that depends only on the
+    microbatch, so every layout gets the same bits; against the unchunked loss only the summation
+    order differs (rounding, about 1e-7 relative). Called inside the model's forward, so FSDP's root
+    holds the unsharded `output.weight` while it runs."""
+    h_chunks = h_BSD.flatten(0, 1).split(chunk_tokens)  # split, not slicing: one cat in backward
+    label_chunks = labels_BS.flatten().split(chunk_tokens)
+    total = None
+    for h_ND, labels_N in zip(h_chunks, label_chunks, strict=True):
+        chunk = checkpoint(
+            _chunk_summed_cross_entropy, h_ND, output.weight, labels_N, use_reentrant=False, preserve_rng_state=False
+        )
+        total = chunk if total is None else total + chunk
+    return total / global_valid_tokens
 
 
 class PipelineLoss:

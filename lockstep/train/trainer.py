@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from lockstep.train.launches import (
     resumed_seed,
     start_launch,
 )
-from lockstep.train.loss import PipelineLoss, global_batch_loss
+from lockstep.train.loss import PipelineLoss, chunked_global_batch_loss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
@@ -343,7 +344,7 @@ class Trainer:
         for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
             with self._autocast():
-                microbatch_loss = self.loss_fn(model(inputs, self._masks(inputs)), labels, global_tokens)
+                microbatch_loss = self._microbatch_loss(model, inputs, labels, global_tokens)
             microbatch_loss.backward()
             losses.append(microbatch_loss.detach().reshape(1))
         if self.tree_on_shards:  # placed strided: the replica's losses are summed in block order
@@ -352,6 +353,17 @@ class Trainer:
         for microbatch_loss in losses:
             total.add([microbatch_loss])
         return total.result()[0]
+
+    def _microbatch_loss(self, model, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
+        """The microbatch's share of the global-batch loss; with training.loss_chunk_tokens the model
+        runs the loss itself, a chunk of tokens at a time (eager), so no [B, S, vocab] logits exist."""
+        chunk_tokens = self.config.training.loss_chunk_tokens
+        if not chunk_tokens:
+            return self.loss_fn(model(inputs, self._masks(inputs)), labels, global_tokens)
+        head = partial(
+            chunked_global_batch_loss, labels_BS=labels, global_valid_tokens=global_tokens, chunk_tokens=chunk_tokens
+        )
+        return model(inputs, self._masks(inputs), head=head)
 
     def _forward_backward_pipeline(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """This rank's samples go through the schedule in one call, cut into pipeline microbatches;
@@ -415,7 +427,10 @@ class Trainer:
         self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
         interval_start, interval_steps = time.perf_counter(), 0
         if self.config.checkpoint.create_seed_checkpoint:
+            # Any layout writes the same seed checkpoint (initialisation is per element, layout-free):
+            # each rank saves its shards, so a model that fits no single device gets one too.
             self.checkpointer.save(0, self.checkpoint_states, model_only=True)
+            self.checkpointer.close()  # an async save must be published before the launch ends
             self.display.print(f"seed checkpoint written to {self.checkpointer.root}")
             self.display.close()
             self._end_launch()

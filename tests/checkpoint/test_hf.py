@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.hf import export_to_hf, import_from_hf, load_hf_weights
+from lockstep.checkpoint.hf import export_to_hf, import_from_hf, load_hf_weights, read_model_weights
 from lockstep.config import load_config
 from lockstep.config.sections import ModelConfig
 from lockstep.models.deepseek_v3 import hf_adapter as deepseek_hf
@@ -100,6 +101,45 @@ def test_sharded_export_writes_an_index(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sharded", local_files_only=True)
     assert torch.equal(hf.lm_head.weight, load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"])
+
+
+def _files_union(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors |= load_file(file)
+    return tensors
+
+
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3"])
+def test_streamed_export_in_many_files_equals_the_whole_model_conversion(tmp_path, model):
+    """One tensor per file (max_shard_bytes=1): Llama's q/k rows are permuted per tensor, and each
+    DeepSeek grouped-expert tensor is the source of one file per expert; the files together hold
+    exactly what converting the whole model at once gives, and the index names each tensor's file."""
+    if model == "llama3":
+        _tiny_hf_llama(tmp_path / "hf")
+    else:
+        spec, args = model_args(ModelConfig(name=model, flavor="debug"), VOCAB, 32)
+        with torch.device("meta"):
+            built = spec.build(args, "sdpa")
+        built.init_weights(5, "cpu")
+        hf_state = {k: v.contiguous() for k, v in deepseek_hf.to_hf(dict(built.named_parameters()), args).items()}
+        (tmp_path / "hf").mkdir()
+        save_file(hf_state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(deepseek_hf.hf_config(args)))
+    import_from_hf(tmp_path / "hf", tmp_path / "ckpt", model)
+    export_to_hf(tmp_path / "ckpt", tmp_path / "files", max_shard_bytes=1)
+    step0 = folders.step_folder(tmp_path / "ckpt", 0)
+    manifest = folders.read_manifest(step0)
+    spec = model_spec(model)
+    args = spec.args_from_dict(manifest["model"]["args"])
+    whole = spec.hf_adapter.to_hf(read_model_weights(step0), args)  # what the export was before streaming
+    index = json.loads((tmp_path / "files" / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == list(whole)
+    assert len(set(index["weight_map"].values())) == len(whole)
+    union = _files_union(tmp_path / "files")
+    assert union.keys() == whole.keys()
+    assert all(torch.equal(union[k], whole[k]) for k in whole)
+    assert all(torch.equal(union[k], v) for k, v in load_file(tmp_path / "hf" / "model.safetensors").items())
 
 
 # `tiny` with one kv head: wk's 16 rows (one head) split 8/8 over 2 ranks, so the q/k permutation

@@ -14,6 +14,7 @@ import torch
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.hf import read_model_weights
 from lockstep.checkpoint.manager import CheckpointMismatch
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
@@ -158,6 +159,27 @@ def test_seed_checkpoint_starts_every_layout(tmp_path, uninterrupted):
     assert json.loads((step0 / folders.MANIFEST).read_text())["model_only"] is True
     run_on_ranks(train, 2, tmp_path, [])  # FSDP 2 starts from the seed weights
     assert_bitwise(result(tmp_path), uninterrupted)
+
+
+def write_seed_checkpoint(folder) -> None:
+    """Write the seed checkpoint of the CHECKPOINTED run into folder/run, in this process's layout."""
+    with Trainer(tiny_config(folder, *CHECKPOINTED, "--checkpoint.create_seed_checkpoint"), show_progress=False) as t:
+        t.train()
+
+
+def test_fsdp_seed_checkpoint_equals_one_process_seed(tmp_path, uninterrupted):
+    """A seed checkpoint written by FSDP 2 (each rank its shards) holds the one-process weights, bitwise,
+    and a one-process run started from it is the uninterrupted run."""
+    (tmp_path / "fsdp").mkdir()
+    run_on_ranks(write_seed_checkpoint, 2, tmp_path / "fsdp")
+    write_seed_checkpoint(tmp_path / "one")
+    seeds = [folders.step_folder(tmp_path / side / "run" / "checkpoint", 0) for side in ("fsdp", "one")]
+    assert folders.read_manifest(seeds[0])["layout"] != folders.read_manifest(seeds[1])["layout"]
+    sharded, whole = (read_model_weights(seed) for seed in seeds)
+    assert sharded.keys() == whole.keys()
+    assert all(torch.equal(sharded[k], whole[k]) for k in whole)
+    train(tmp_path / "fsdp", [])
+    assert_bitwise(result(tmp_path / "fsdp"), uninterrupted)
 
 
 def test_keep_latest_k(tmp_path):

@@ -51,6 +51,19 @@ def test_run_launches_two_configs_from_one_seed_checkpoint(tmp_path):
     assert (tmp_path / "out" / "compare.png").exists()
 
 
+def test_run_writes_the_seed_checkpoint_in_the_runs_layout(tmp_path, monkeypatch):
+    """With --nproc 2 the seed checkpoint is written by torchrun too, so a model that fits one device
+    only sharded gets one (the launches are recorded, not run)."""
+    from lockstep.tools import run_pair
+
+    launched = []
+    monkeypatch.setattr(run_pair, "_run", lambda command, cwd, log: launched.append(command))
+    run_pair.launch_pair(["a.toml", "b.toml"], [], [], tmp_path, seed=0, nproc=2)
+    assert len(launched) == 3
+    assert all(c[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] for c in launched)
+    assert "--checkpoint.create_seed_checkpoint" in launched[0]
+
+
 def test_run_compares_two_git_revisions(tmp_path):
     """The same revision twice (HEAD): checked out with git worktree, bitwise equal."""
     config = tmp_path / "tiny.toml"

@@ -7,6 +7,8 @@ hold to None. Subclasses build those parts and their own initialisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,16 +55,26 @@ class Decoder(nn.Module):
             return AttentionMasks(document_ids=document_ids)
         return build_attention_masks(document_ids, self.attention_backend)
 
-    def forward(self, tokens_BS: torch.Tensor, attention_masks: AttentionMasks | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        attention_masks: AttentionMasks | None = None,
+        head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits [B, S, vocab] (hidden states on a stage without the output). Without masks attention is
-        plain causal over the whole sequence."""
+        plain causal over the whole sequence. `head(h_BSD, output)`, when given, replaces the output
+        projection and its result is returned: a loss that projects a few tokens at a time never holds
+        the [B, S, vocab] logits, and running it here keeps it inside FSDP's forward of the root (which
+        holds `output`)."""
         h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
         if attention_masks is not None:
             attention_masks = attention_masks.resolve(self.attention_backend)
         for layer in self.layers.values():
             h = layer(h, self.rope_cos_sin, attention_masks)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        return self.output(h) if head is None else head(h, self.output)
 
 
 class FeedForward(nn.Module):
