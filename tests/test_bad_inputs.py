@@ -235,3 +235,30 @@ def test_missing_load_step_lists_the_published_steps(tmp_path, capsys):
     assert main(["train", *args]) == 0
     line = _error_line(capsys, [*args, "--checkpoint.load_step", "5"])
     assert "no checkpoint for step 5 (published steps: 2)" in line
+
+
+def test_a_torn_metrics_line_does_not_stop_the_resume(tmp_path, capsys):
+    """A crash or a full disk can cut metrics.jsonl's last line; the resume moves it aside."""
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--checkpoint.enable", "--checkpoint.interval", "2"]
+    assert main(["train", *args, "--training.steps", "4"]) == 0
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    assert main(["train", *args, "--training.steps", "6"]) == 0
+    # step 4's record was the torn one: resumed from step 4's checkpoint, it is not recomputed
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 5, 6]
+    assert '{"step": 4' in (tmp_path / "run" / "metrics.rewound.jsonl").read_text()  # kept, not lost
+
+
+def test_a_file_where_the_next_launch_goes_is_one_line(tmp_path, capsys):
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--training.steps", "2"]
+    assert main(["train", *args]) == 0
+    (tmp_path / "run" / "launches" / "002").write_text("junk")
+    assert "cannot record this launch" in _error_line(capsys, args)
+
+
+def test_compare_of_a_run_with_itself_is_refused(tmp_path, capsys):
+    args = ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--training.steps", "2"]
+    assert main(["train", *args]) == 0
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "link"), "--assert-equal"]) == 2
+    assert "compared with itself" in capsys.readouterr().err

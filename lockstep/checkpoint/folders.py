@@ -159,14 +159,25 @@ def publish(partial: Path, final: Path, manifest: dict, replace: bool = False) -
     _fsync_folder(final.parent)
 
 
+def _holds_only_its_files(folder: Path) -> bool:
+    """The step folder holds nothing but the files its manifest lists (and the manifest)."""
+    try:
+        listed = set(read_manifest(folder).get("files", {})) | {MANIFEST}
+    except (OSError, ValueError):
+        return False
+    return all(entry.name in listed and entry.is_file() for entry in folder.iterdir())
+
+
 def prune(root: Path, keep_latest_k: int, in_progress: Path | None = None) -> None:
     """Delete all but the newest `keep_latest_k` published checkpoints (0 keeps all) and any
-    leftover partial folders of interrupted saves. Step folders without a manifest are never
-    pruned: what they hold is unknown, so a person decides."""
+    leftover partial folders of interrupted saves. Step folders without a manifest, or holding
+    anything their manifest does not list, are never pruned: what they hold is unknown, so a person
+    decides."""
     if keep_latest_k > 0:
         published = [folder for _, folder in published_steps(root) if has_manifest(folder)]
         for folder in published[:-keep_latest_k]:
-            shutil.rmtree(folder, ignore_errors=True)
+            if _holds_only_its_files(folder):  # anything else put there is not lockstep's to delete
+                shutil.rmtree(folder, ignore_errors=True)
     for leftover in root.glob(f"step-*{PARTIAL}"):
         if leftover != in_progress:
             shutil.rmtree(leftover, ignore_errors=True)

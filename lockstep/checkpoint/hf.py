@@ -139,6 +139,10 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
     one file (plus one lockstep tensor), not the model, and any checkpoint exports on one host. The
     first read verifies every data file's checksum (a streaming hash pass); the later reads trust
     the files just verified rather than hash the whole checkpoint once per output file."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(
+            out_dir, "exists and is not an empty folder; an export never overwrites", "give a new or empty folder"
+        )
     timings = dict.fromkeys(("load_s", "convert_s", "save_s"), 0.0)
     started = time.perf_counter()
     folder = resolve_checkpoint_folder(checkpoint)

@@ -51,6 +51,13 @@ def run(argv: list[str]) -> int:
     if len(runs) < 2:
         parser.error("give at least two runs")
     names = [str(r) for r in runs]
+    resolved = [Path(r).resolve() for r in runs]
+    if len(set(resolved)) < len(resolved):  # a run against itself proves nothing: a gate must not pass on it
+        from lockstep.errors import InputError
+
+        same = next(r for r in resolved if resolved.count(r) > 1)
+        raise InputError(same, "is given twice (or through a link); a run compared with itself proves nothing",
+                         "give two different runs")  # fmt: skip
     series = [compare.load_series(r) for r in runs]  # InputError: one line, exit 2
     gated = args.assert_equal or args.rtol is not None or args.atol is not None
     for line in compare.describe_run_differences(runs):

@@ -8,6 +8,7 @@ resolved here, once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lockstep.config.errors import ConfigError
@@ -152,6 +153,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         if validate is not None:
             validate()
     _validate_unsupported_axes(config.parallelism)
+    _validate_checkpoint_folder(config.job, config.checkpoint)
     dims = resolve_parallel_dims(config.parallelism, world_size)
     global_batch = resolve_global_batch_size(config.training, dims.dp)
     if dims.pp > 1:
@@ -194,6 +196,21 @@ def _validate_invariant_batch(
             f"{why} a power-of-two number of microbatches per rank (got {microbatches_per_rank}); use "
             f"global_batch_size = {lower * per_microstep} or {2 * lower * per_microstep} "
             f"(local_batch_size x dp degree x 2^k = {training.local_batch_size} x {dims.dp} x 2^k), {off}",
+        )
+
+
+def _validate_checkpoint_folder(job: JobSectionConfig, checkpoint: CheckpointConfig) -> None:
+    """The checkpoint folder must lie inside the run folder: the run lock covers that folder only, so
+    a folder outside it could be shared by two runs (one pruning the other's in-flight save, or
+    resuming the other's checkpoint)."""
+    dump_folder = Path(job.dump_folder).resolve()
+    root = (dump_folder / checkpoint.folder).resolve()
+    if root != dump_folder and dump_folder not in root.parents:
+        raise ConfigError(
+            "checkpoint.folder",
+            f"{checkpoint.folder!r} resolves to {root}, outside job.dump_folder ({dump_folder}); the run-folder "
+            "lock protects only that folder, so give a folder inside it (e.g. the default 'checkpoint'), "
+            "and use checkpoint.initial_load_path to start from another run's checkpoint",
         )
 
 

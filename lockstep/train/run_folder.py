@@ -9,6 +9,7 @@ holds the folder (lockstep.train.run_lock)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -90,9 +91,9 @@ def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: in
             n += 1
         os.replace(metrics, folder / f"metrics.{n}.jsonl")
         return metrics
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
-    rewound = [line for line in lines if json.loads(line)["step"] > resumed_at]
+    lines = [line for line in metrics.read_text(errors="replace").splitlines() if line.strip()]
+    kept = [line for line in lines if _logged_step(line) <= resumed_at]
+    rewound = [line for line in lines if _logged_step(line) > resumed_at]  # torn lines too: kept aside
     if rewound:
         with open(folder / "metrics.rewound.jsonl", "a") as f:
             f.write("\n".join(rewound) + "\n")
@@ -100,6 +101,15 @@ def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: in
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, metrics)
     return metrics
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl record; +inf for a line that is not one (a write torn by a crash or
+    a full disk), which then moves aside with the records to recompute instead of stopping the resume."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -30,6 +30,7 @@ from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
+from lockstep.errors import InputError
 from lockstep.models.common.attention import AttentionMasks
 from lockstep.models.registry import model_args
 from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64, shard_block_loss
@@ -194,11 +195,17 @@ class Trainer:
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
-            self.launch = start_launch(
-                self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, self._log
-            )
-            metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env, resumed_at=resumed)
-            self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
+            try:
+                self.launch = start_launch(
+                    self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, self._log
+                )
+                metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env, resumed_at=resumed)
+                self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
+            except OSError as e:  # e.g. a file where launches/NNN or metrics.jsonl belongs
+                raise InputError(
+                    e.filename or self.run_folder, f"cannot record this launch ({e.strerror})",
+                    "move the file or folder in the way out of the run folder",
+                ) from e  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"

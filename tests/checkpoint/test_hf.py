@@ -101,6 +101,10 @@ def test_sharded_export_writes_an_index(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "sharded", local_files_only=True)
     assert torch.equal(hf.lm_head.weight, load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sharded").iterdir()}
+    with pytest.raises(CheckpointError, match="never overwrites"):  # nor into a checkpoint's own folder
+        export_to_hf(tmp_path / "ckpt", tmp_path / "sharded")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sharded").iterdir()} == before
 
 
 def _files_union(folder) -> dict[str, torch.Tensor]:

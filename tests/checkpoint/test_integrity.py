@@ -172,3 +172,18 @@ def test_garbage_metadata_or_manifest_falls_back(run, capsys, damage):
         (step_8 / folders.MANIFEST).write_text("[1, 2, 3]")
     assert _resume(run) == 4
     assert "step-00000008" in capsys.readouterr().out
+
+
+def test_pruning_never_deletes_what_a_step_folder_was_not_written_with(run):
+    root = run / "run" / "checkpoint"
+    stranger = folders.step_folder(root, 4) / "notes.txt"  # e.g. someone's run folder put in there
+    stranger.write_text("mine")
+    folders.prune(root, 1)
+    assert stranger.read_text() == "mine" and [s for s, _ in folders.published_steps(root)] == [4, 8]
+
+
+def test_a_checkpoint_folder_outside_the_run_folder_is_refused(tmp_path):
+    from lockstep.config import ConfigError, validate_job_config
+
+    with pytest.raises(ConfigError, match="outside job.dump_folder"):
+        validate_job_config(tiny_config(tmp_path, "--checkpoint.folder", "../shared-checkpoints"), world_size=1)
