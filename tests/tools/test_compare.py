@@ -34,7 +34,9 @@ def test_one_ulp_is_found_at_its_step(tmp_path):
     assert "first differing step (bitwise): 7" in done.stdout
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert _compare(a, b, "--rtol", "1e-9").returncode == 0
-    assert _compare(a, a, "--assert-equal").returncode == 0
+    copy = _losses(tmp_path / "a_again.jsonl", values)
+    assert _compare(a, copy, "--assert-equal").returncode == 0
+    assert _compare(a, a, "--assert-equal").returncode == 2  # a run against itself proves nothing
 
 
 def test_run_launches_two_configs_from_one_seed_checkpoint(tmp_path):
