@@ -33,6 +33,9 @@ class Layout:
     device: torch.device
     mixed_precision: str
     canonical_reductions: bool
+    """Sum gradients in the canonical tree (FSDP's reduce-scatter included). Off when nothing is
+    promised: the reductions are off, or FSDP computes in bf16 (then the backend's own reduce-scatter
+    runs, NCCL's pinned to one algorithm when deterministic)."""
     root_seed: int
 
 
@@ -96,9 +99,7 @@ def build_model(
                 layout.mesh["dp_shard"],
                 layout.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
-                # The canonical tree is summed in fp32 only; in bf16 nothing is promised, so FSDP uses
-                # the backend's own reduce-scatter (NCCL's, pinned to one algorithm when deterministic).
-                canonical_reduce_scatter=layout.canonical_reductions and layout.mixed_precision == "fp32",
+                canonical_reduce_scatter=layout.canonical_reductions,
                 ignored_params=set(expert_params),
             )
         part.init_weights(layout.root_seed, layout.device)

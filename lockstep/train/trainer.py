@@ -30,7 +30,6 @@ from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
-from lockstep.errors import InputError
 from lockstep.models.common.attention import AttentionMasks
 from lockstep.models.registry import model_args
 from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64, shard_block_loss
@@ -42,19 +41,19 @@ from lockstep.train.launches import (
     check_config_change,
     config_record,
     optimizer_hyperparameters,
+    record_launch,
     reset_optimizer_hyperparameters,
     resumed_config,
     resumed_seed,
-    start_launch,
 )
 from lockstep.train.loss import PipelineLoss, chunked_global_batch_loss, global_batch_loss
-from lockstep.train.metrics import ConsoleDisplay, MetricsLogger, format_record
+from lockstep.train.metrics import ConsoleDisplay, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
 from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.reduction import CrossRankReducer, any_rank_flag
-from lockstep.train.run_folder import environment, prepare_run_folder
+from lockstep.train.run_folder import environment
 from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
 from lockstep.train.throughput import mfu_percent, peak_flops, peak_memory_gib
 
@@ -164,7 +163,8 @@ class Trainer:
         # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
         # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
         canonical = config.debug.layout_invariant_reductions
-        layout = Layout(self.dims, self.mesh, self.device, training.mixed_precision, canonical, config.debug.seed)
+        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
+        layout = Layout(self.dims, self.mesh, self.device, training.mixed_precision, use_tree, config.debug.seed)
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
             self.tokenizer.vocab_size, training.seq_len, self.pipeline_loss,
@@ -174,7 +174,6 @@ class Trainer:
             if hasattr(part, "set_force_load_balance"):
                 part.set_force_load_balance(config.debug.moe_force_load_balance)
         self.moe_blocks = moe_blocks(self.model.parts)
-        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
         # FSDP without pipelining reduce-scatters every micro-step and keeps the tree on the shards
         # (1/dp_shard of the gradients per rank); its microbatches are placed strided over the shards.
         self.tree_on_shards = use_tree and self.dims.fsdp and self.model.pipeline is None
@@ -195,17 +194,10 @@ class Trainer:
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
-            try:
-                self.launch = start_launch(
-                    self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, self._log
-                )
-                metrics_file = prepare_run_folder(self.run_folder, dump_toml(config), env, resumed_at=resumed)
-                self.metrics = MetricsLogger(config.metrics, self.run_folder, metrics_file, self.run_folder.name)
-            except OSError as e:  # e.g. a file where launches/NNN or metrics.jsonl belongs
-                raise InputError(
-                    e.filename or self.run_folder, f"cannot record this launch ({e.strerror})",
-                    "move the file or folder in the way out of the run folder",
-                ) from e  # fmt: skip
+            self.launch, self.metrics = record_launch(
+                self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, resumed, config.metrics,
+                self._log,
+            )  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
