@@ -21,7 +21,7 @@ from lockstep.models.registry import model_args
 from lockstep.parallel.compile import apply_compile
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.distributed import run_on_ranks
+from tests.distributed import free_port, run_on_ranks
 from tests.helpers import tiny_config
 
 BATCH = ["--training.steps", "3", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
@@ -44,17 +44,17 @@ def _is_compiled(forward) -> bool:
     return hasattr(forward, "_torchdynamo_orig_callable")
 
 
-def _train_layouts(folder) -> None:
+def _train_layouts(folder, ports: list[int]) -> None:
     """Every layout, eager then compiled; each rank records its parameter names, graph count and
-    where FSDP's hooks run."""
+    where FSDP's hooks run. `ports`: one free port per process group, chosen by the test (free when
+    chosen, unlike neighbours of MASTER_PORT, which another socket may hold)."""
     rank = os.environ["RANK"]
-    first_port = int(os.environ["MASTER_PORT"])
     # Two blocks per model: were blocks compiled one graph each, the second would raise (not fall back).
     torch._dynamo.config.recompile_limit = 1
     for index, (name, (overrides, _, _)) in enumerate(LAYOUTS.items()):
         for mode in ("eager", "compiled"):
             # A fresh store per process group: on the old port a fast rank can join the group being torn down.
-            os.environ["MASTER_PORT"] = str(first_port + 1 + 2 * index + (mode == "compiled"))
+            os.environ["MASTER_PORT"] = str(ports[2 * index + (mode == "compiled")])
             torch._dynamo.reset()
             counters.clear()
             run = folder / name / mode
@@ -79,7 +79,8 @@ def _train_layouts(folder) -> None:
 
 
 def test_compiled_layouts_match_eager(tmp_path):
-    run_on_ranks(_train_layouts, 2, tmp_path, timeout=420)
+    ports = sorted({free_port() for _ in range(4 * len(LAYOUTS))})[: 2 * len(LAYOUTS)]  # distinct
+    run_on_ranks(_train_layouts, 2, tmp_path, ports, timeout=420)
     for name, (_, graphs, fsdp_blocks) in LAYOUTS.items():
         eager, compiled = (read_metrics(tmp_path / name / mode / "run") for mode in ("eager", "compiled"))
         assert len(eager) == len(compiled) == 3, name
