@@ -1,5 +1,6 @@
-"""Tokens/s of llama3_debug at one process, FSDP (dp_shard) 2 and DDP (replicate) 2, one thread per
-rank, with the layout-invariant (canonical tree) reductions and with the plain ones, to price them.
+"""Tokens/s of llama3_debug at one process, FSDP (dp_shard) 2, DDP (replicate) 2, HSDP 2x2 and PP 2,
+one thread per rank, with the layout-invariant (canonical tree) reductions and with the plain ones,
+to price them.
 
     .venv/bin/python benchmarks/data_parallel.py [--steps 30] [--seq-len 256]
 """
@@ -25,6 +26,8 @@ def main() -> None:
         "one process": (1, []),
         "dp_shard 2 (FSDP)": (2, ["--parallelism.data_parallel_shard_degree", "2"]),
         "dp_replicate 2 (DDP)": (2, ["--parallelism.data_parallel_replicate_degree", "2"]),
+        "HSDP 2x2": (4, ["--parallelism.data_parallel_replicate_degree", "2"]),
+        "pp 2 (1F1B)": (2, ["--parallelism.pipeline_parallel_degree", "2"]),
     }
     layouts = {k: v for k, v in layouts.items() if not args.only or k in args.only}
     rows = []

@@ -8,6 +8,8 @@ Phases, each measured from a reset of the kernel's peak-RSS mark (``/proc/self/c
            ``set_model_state_dict(full_state_dict=True)``)
   step     one fp32 deterministic training step with 4 microbatches per rank (the Trainer; its
            own, possibly smaller, shape: ``--step-layers``)
+  from-hf  ``lockstep convert from-hf`` of that Hugging Face folder on --nproc ranks (each reads and
+           writes its shards; lockstep.checkpoint.hf_import), into a scratch folder
 
 Per rank: the peak RSS (VmHWM) and the peak anonymous RSS (RssAnon, sampled every 10 ms; it leaves
 out file pages that safetensors maps while reading), both over the rank's RSS just before the model
@@ -16,7 +18,7 @@ exists (torch, gloo), divided by the full fp32 model's bytes.
 The Hugging Face folder is written first from random weights through the model's adapter, one
 safetensors file per block (as published checkpoints are split), in a scratch folder unless --hf-dir.
 
-    .venv/bin/python benchmarks/scale.py [--flavor 1B] [--vocab 2048] [--phases init hf-load step]
+    .venv/bin/python benchmarks/scale.py [--flavor 1B] [--vocab 2048] [--phases init hf-load step from-hf] [--nproc 2]
 """
 
 from __future__ import annotations
@@ -191,6 +193,15 @@ def measure_step(options: argparse.Namespace, flavor: str, baseline: dict[str, i
     return {"step": _record(peak, baseline, model_bytes)}
 
 
+def measure_from_hf(options: argparse.Namespace, baseline: dict[str, int], model_bytes: int) -> dict:
+    """(d) `lockstep convert from-hf` on this launch's ranks: what its workers run, into a scratch folder."""
+    from lockstep.checkpoint.hf_import import import_from_hf
+
+    with _Peak() as peak:
+        import_from_hf(Path(options.hf_dir), Path(options.scratch) / "from-hf", "llama3")
+    return {"from-hf": _record(peak, baseline, model_bytes)}
+
+
 def rank_main(options: argparse.Namespace) -> None:
     """One rank under torchrun: measure the asked phases, write this rank's JSON."""
     import torch.distributed as dist
@@ -201,6 +212,10 @@ def rank_main(options: argparse.Namespace) -> None:
     if options.phases == ["step"]:
         flavor = _register(options.flavor, options.step_layers)
         results = measure_step(options, flavor, baseline, _model_bytes(flavor, options.vocab))  # closes the group
+    elif options.phases == ["from-hf"]:
+        flavor = _register(options.flavor, options.layers)
+        results = measure_from_hf(options, baseline, _model_bytes(flavor, options.vocab))
+        dist.destroy_process_group()
     else:
         flavor = _register(options.flavor, options.layers)
         results = measure_init_and_load(options, flavor, baseline, _model_bytes(flavor, options.vocab))
@@ -225,7 +240,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="blocks of the init/hf-load model (0: the flavor's)")
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary (the built-in tokenizer's: 2048)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--phases", nargs="+", default=["init", "hf-load", "step"], choices=["init", "hf-load", "step"])
+    parser.add_argument(
+        "--phases", nargs="+", default=["init", "hf-load", "step"], choices=["init", "hf-load", "step", "from-hf"]
+    )
     parser.add_argument("--hf-reader", default="shard", choices=["shard", "full"], help="full: the pre-issue-11 way")
     parser.add_argument("--hf-dir", help="reuse (or keep) this Hugging Face folder instead of a scratch one")
     parser.add_argument("--step-layers", type=int, default=2, help="blocks of the step phase's model (0: all)")
@@ -248,10 +265,11 @@ def main() -> None:
         "hf_reader": options.hf_reader,
     }
     # Fresh processes per group, so one group's freed memory cannot hide in the next one's figures.
-    groups = [[p for p in options.phases if p != "step"], ["step"] if "step" in options.phases else []]
+    groups = [[p for p in options.phases if p in ("init", "hf-load")]]
+    groups += [[p] for p in ("from-hf", "step") if p in options.phases]
     with tempfile.TemporaryDirectory(prefix="lockstep-scale-") as scratch:
         hf_dir = Path(options.hf_dir or Path(scratch) / "hf")
-        if "hf-load" in options.phases and not (hf_dir / "config.json").is_file():
+        if {"hf-load", "from-hf"} & set(options.phases) and not (hf_dir / "config.json").is_file():
             started = time.perf_counter()
             write_hf_folder(hf_dir, flavor, options.vocab, options.seq_len)
             report["hf_folder_write_s"] = round(time.perf_counter() - started, 1)

@@ -47,3 +47,13 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> 
             p.kill()
     failed = {r: p.exitcode for r, p in enumerate(processes) if p.exitcode not in (0, None)}
     assert not hung and not failed, f"ranks hung: {hung}, ranks failed (exit codes): {failed}"
+
+
+def run_in_folder(fn: Callable, world_size: int, folder, *args) -> None:
+    """fn(folder, *args) in this process when world_size is 1 (no process group), else on
+    world_size ranks; the folder is created first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if world_size == 1:
+        fn(folder, *args)
+    else:
+        run_on_ranks(fn, world_size, folder, *args)

@@ -44,8 +44,8 @@ def _data_args(tmp_path: Path, kind: str, path: Path, *more: str) -> list[str]:
 
 
 def _no_cache_entry(tmp_path: Path) -> bool:
-    tokens = tmp_path / "cache" / "tokens"
-    return not tokens.exists() or not any(tokens.iterdir())
+    """No usable cache entry: a prepared cache folder is used only once its manifest is written."""
+    return not any((tmp_path / "cache").glob("prepared/*/manifest.json"))
 
 
 # --- config files and options -------------------------------------------------------------------
@@ -262,3 +262,9 @@ def test_compare_of_a_run_with_itself_is_refused(tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path / "run")
     assert main(["compare", str(tmp_path / "run"), str(tmp_path / "link"), "--assert-equal"]) == 2
     assert "compared with itself" in capsys.readouterr().err
+
+
+def test_flex_attention_on_the_cpu_is_one_line(tmp_path, capsys):
+    """Explicit flex is refused off CUDA (auto would pick sdpa there); torch 2.13 has no CPU backward."""
+    line = _error_line(capsys, ["--config", "llama3_debug", *tiny_overrides(tmp_path), "--model.attention", "flex"])
+    assert "model.attention: FlexAttention has no CPU backward" in line

@@ -41,6 +41,15 @@ def partial_folder(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}{PARTIAL}"
 
 
+def require_new_or_empty(out_dir: Path, what: str) -> None:
+    """Refuse an output folder of a conversion that exists and is not empty (or is a file): `what`
+    ("an export") writes only where it can destroy nothing."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(
+            out_dir, f"exists and is not an empty folder; {what} never overwrites", "give a new or empty folder"
+        )
+
+
 def published_steps(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every step folder (published, or with its manifest lost), oldest first."""
     if not root.is_dir():

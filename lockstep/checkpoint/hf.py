@@ -1,5 +1,6 @@
-"""Hugging Face safetensors folders: export a lockstep checkpoint, import into one, and read HF weights
-into any layout through DCP's Hugging Face storage reader. Each phase is timed.
+"""Hugging Face safetensors folders: export a lockstep checkpoint, and read HF weights into any layout
+through DCP's Hugging Face storage reader (for checkpoint.initial_load_path and for `convert from-hf`,
+lockstep.checkpoint.hf_import). Each phase is timed.
 
 Reading into a sharded model never builds a full tensor: each rank reads, from the safetensors files,
 only the boxes its shards cover (the model's adapter says where each element lives, see
@@ -29,7 +30,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.models.common.hf_source import HFPiece
@@ -139,10 +139,7 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
     one file (plus one lockstep tensor), not the model, and any checkpoint exports on one host. The
     first read verifies every data file's checksum (a streaming hash pass); the later reads trust
     the files just verified rather than hash the whole checkpoint once per output file."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CheckpointError(
-            out_dir, "exists and is not an empty folder; an export never overwrites", "give a new or empty folder"
-        )
+    folders.require_new_or_empty(out_dir, "an export")
     timings = dict.fromkeys(("load_s", "convert_s", "save_s"), 0.0)
     started = time.perf_counter()
     folder = resolve_checkpoint_folder(checkpoint)
@@ -325,35 +322,3 @@ def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
         raise ValueError(
             f"the Hugging Face model in {hf_dir} does not match this run's model ({'; '.join(differences)})"
         )
-
-
-def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> dict:
-    """Write a model-only lockstep checkpoint (step 0) of a Hugging Face folder; returns timings.
-
-    A one-process convenience: it holds every tensor of the model (DCP's writer takes the whole state
-    dict at once). A model that fits no one host is read sharded instead: give its folder to
-    checkpoint.initial_load_path, and each rank reads only its shards' boxes (load_hf_weights)."""
-    timings, started = {}, time.perf_counter()
-    if not is_hf_folder(hf_dir):
-        raise CheckpointError(hf_dir, "is not a Hugging Face model folder (config.json and *.safetensors)")
-    spec = model_spec(model_name)
-    args = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in spec.build(args, "sdpa").named_parameters()}
-    weights = {name: torch.empty(shape, dtype=torch.float32) for name, shape in shapes.items()}
-    load_hf_weights(hf_dir, spec, args, weights)
-    timings["load_and_convert_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    partial, final = folders.partial_folder(out_dir, 0), folders.step_folder(out_dir, 0)
-    dcp.save({"model": weights}, storage_writer=ChecksumWriter(str(partial)), no_dist=True)
-    manifest = {
-        "format": folders.FORMAT,
-        "step": 0,
-        "model_only": True,
-        "parts": ["model"],
-        "model": {"name": model_name, "flavor": f"hf:{hf_dir.name}", "args": dataclasses.asdict(args)},
-        "source": str(hf_dir),
-    }
-    folders.publish(partial, final, manifest)
-    timings["save_s"] = time.perf_counter() - started
-    return timings

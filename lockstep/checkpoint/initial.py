@@ -15,6 +15,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, load_hf_weights, resolve_checkpoint_folder
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
+from lockstep.checkpoint.states import persistent_tensors
 from lockstep.models.registry import ModelSpec
 
 
@@ -28,7 +29,7 @@ def load_initial_weights(
     if is_hf_folder(path):
         check_hf_config(path, spec, args)
         # Straight into this rank's shards (DTensors or, unsharded, whole tensors): no full model here.
-        load_hf_weights(path, spec, args, {name: p for part in parts for name, p in part.named_parameters()})
+        load_hf_weights(path, spec, args, {n: t for part in parts for n, t in persistent_tensors(part).items()})
         checkpointer.log(f"initial weights from Hugging Face folder {path}")
         return
     folder = resolve_checkpoint_folder(path, check=checkpointer.problem_with)  # verified, split over ranks

@@ -279,11 +279,18 @@ class CheckpointManager:
         if missing:
             raise CheckpointMismatch(f"checkpoint {folder} has no {', '.join(missing)} (it holds {sorted(stored)})")
         self._loading = wanted
+        keys = reader.read_metadata().state_dict_metadata
+        for name in wanted:  # keys added since the checkpoint was written keep their defaults
+            optional = getattr(states[name], "optional", ())
+            states[name].absent = {key for key in optional if f"{name}.{key}" not in keys} if optional else set()
         try:
             dcp.load({name: states[name] for name in sorted(wanted)}, storage_reader=reader, planner=SafeLoadPlanner())
         except CheckpointException as failure:
             raise (_checkpoint_error(failure) or failure) from None
         finally:
+            for name in wanted:
+                if getattr(states[name], "optional", ()):
+                    states[name].absent = set()
             self.timings["verify_s"] = self.timings.get("verify_s", 0.0) + reader.verify_seconds
         self.timings["load_s"] = time.perf_counter() - started
         self.log(f"loaded {', '.join(sorted(wanted))} from {folder} in {self.timings['load_s']:.2f}s")

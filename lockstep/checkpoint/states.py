@@ -26,6 +26,17 @@ from torch.distributed.checkpoint.state_dict import (
 _OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name (the MoE router bias is a buffer): what a model
+    checkpoint holds, without building a state dict (FSDP's parameters come back as they are)."""
+    tensors = dict(module.named_parameters())
+    for prefix, submodule in module.named_modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if name not in submodule._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buffer
+    return tensors
+
+
 class ModelState:
     def __init__(self, parts: list[nn.Module], dtype: torch.dtype | None = None) -> None:
         self.parts = parts
@@ -134,14 +145,20 @@ class RNGState:
 
 
 class ObjectState:
-    """Adapts an object with state_dict()/load_state_dict() of plain values (loader, train state)."""
+    """Adapts an object with state_dict()/load_state_dict() of plain values (loader, train state).
 
-    def __init__(self, obj, check_on_load: bool = True) -> None:
+    `optional` names keys added in a later version of lockstep: a checkpoint saved before them still
+    loads (the manager sets ``absent`` to those it lacks, and the object's load_state_dict keeps its
+    default for them), where DCP would otherwise refuse the missing key."""
+
+    def __init__(self, obj, check_on_load: bool = True, optional: tuple[str, ...] = ()) -> None:
         self.obj = obj
         self.check_on_load = check_on_load
+        self.optional = optional
+        self.absent: set[str] = set()
 
     def state_dict(self) -> dict:
-        return self.obj.state_dict()
+        return {k: v for k, v in self.obj.state_dict().items() if k not in self.absent}
 
     def load_state_dict(self, state: dict) -> None:
         if self.check_on_load:

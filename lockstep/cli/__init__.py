@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lockstep.cli.convert", "Hugging Face <-> lockstep checkpoints (to-hf, from-hf)"),
     "compare": ("lockstep.cli.compare", "compare runs step by step (tables, plots, exact/tolerance gates)"),
     "bisect": ("lockstep.cli.bisect", "find the first step and module where two runs differ"),
+    "eval": ("lockstep.cli.eval", "held-out loss of a run, a checkpoint or a Hugging Face folder"),
+    "data": ("lockstep.cli.data", "prepare a dataset once (parallel, resumable), finalize and verify it"),
+    "generate": ("lockstep.cli.generate", "continue prompts with a run, a checkpoint or a Hugging Face folder"),
     "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
     "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
 }

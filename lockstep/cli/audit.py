@@ -22,8 +22,9 @@ def run(argv: list[str]) -> int:
 
     config = load_config(args.config, overrides)
     known = config_findings(
-        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
-    )
+        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model,
+        config.data.document_masking,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         audited = load_config(args.config, overrides + audit_overrides(args.steps, f"{folder}/run"))
         from lockstep.train.trainer import Trainer

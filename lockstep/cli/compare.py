@@ -4,7 +4,8 @@ Above the table: the config keys and environment facts that differ between the r
 (``--assert-equal``, ``--rtol``, ``--atol``) it exits 1 on a difference, when the runs logged different
 steps (a run that crashed early; ``--common-steps-only`` gates on the common ones) and when no step is
 common, so that a gate never passes on runs it did not compare; an empty, unreadable or malformed
-run is one line and exit 2.
+run is one line and exit 2. Where the runs logged ``val_loss``, a second table compares it at their
+common evaluation steps, under the same gate (evaluation steps only some runs have are noted, not gated).
 """
 
 from __future__ import annotations
@@ -76,15 +77,40 @@ def run(argv: list[str]) -> int:
         print(f"first differing step{tolerance}: {first}")
     else:
         print(f"no difference{tolerance} at the {len(rows)} common step(s)")
+    evaluations, val_first = _report_validation(series, names, args.rtol, args.atol, tolerance)
     plot = args.plot or (args.out / "compare.png" if args.run else None)
     if plot is not None and rows:
-        compare.plot(rows, names, plot)
+        compare.plot(rows, names, plot, evaluations)
         print(f"plot: {plot}")
     if not gated:
         return 0
-    if not rows or first is not None:
+    if not rows or first is not None or val_first is not None:
         return 1
     if any(missing) and not args.common_steps_only:
         print("the runs logged different steps: the gate fails (--common-steps-only gates on the common ones)")
         return 1
     return 0
+
+
+def _report_validation(
+    series: list[dict[int, dict]], names: list[str], rtol: float | None, atol: float | None, tolerance: str
+) -> tuple[list, int | None]:
+    """Print the val_loss table, notes and verdict (nothing when no run logged a val_loss); return the
+    compared evaluations and the first differing evaluation step (None: none)."""
+    from lockstep.tools import compare
+
+    evaluations = compare.compare_validation(series)
+    first = compare.first_difference(evaluations, rtol, atol)
+    if evaluations:
+        print()
+        print(compare.format_validation_table(evaluations, names))
+    for name, steps in zip(names, compare.evaluations_missing(series), strict=True):
+        if steps:
+            print(
+                f"{name} lacks val_loss at {len(steps)} step(s) another run evaluated: " + compare.describe_steps(steps)
+            )
+    if first is not None:
+        print(f"first differing evaluation step{tolerance}: {first}")
+    elif evaluations:
+        print(f"no val_loss difference{tolerance} at the {len(evaluations)} common evaluation step(s)")
+    return evaluations, first

@@ -1,4 +1,5 @@
-"""Start this machine's processes of a run through torchrun (``lockstep train --nproc N``).
+"""Start this machine's processes of a command through torchrun (``lockstep train --nproc N``,
+``lockstep convert from-hf --nproc N``).
 
 torchrun's launcher (``torch.distributed.run``, its own argument parser and agent) runs inside this
 process rather than as a child, for two reasons:
@@ -29,7 +30,7 @@ from lockstep.config import ConfigError
 from lockstep.errors import LockstepError
 
 LAUNCHED_ENV = "LOCKSTEP_LAUNCHED"
-"""Set for the workers of ``lockstep train --nproc``: a bad-input error goes to torchrun's error file
+"""Set for the workers of ``lockstep COMMAND --nproc``: a bad-input error goes to torchrun's error file
 only, and the launcher prints it once (plain torchrun workers also print theirs)."""
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
@@ -147,7 +148,7 @@ def _environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
-def _exit_code(failed, received: list[int]) -> int:
+def _exit_code(failed, received: list[int], command: str) -> int:
     """The command's exit code for torchrun's ChildFailedError (failures by global rank)."""
     codes = [f.exitcode for f in failed.failures.values()]
     # Stopped: a rank exited 75 (stop saved; the ranks leave together after a barrier) or a signal was
@@ -162,14 +163,15 @@ def _exit_code(failed, received: list[int]) -> int:
     if first.exitcode == EXIT_BAD_INPUT and isinstance(message, str):
         raise LockstepError(f"rank {rank}: {message}")
     how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-    print(f"lockstep train: rank {rank} failed ({how}); its output above says why", flush=True)
+    print(f"lockstep {command}: rank {rank} failed ({how}); its output above says why", flush=True)
     return first.exitcode if first.exitcode > 0 else EXIT_FAILURE
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this command under torchrun --standalone with N processes (one machine), one share of the
-    CPU threads each unless OMP_NUM_THREADS is set. Returns the exit code: 0, 75 when stopped by
-    SIGINT/SIGTERM, else the first failed rank's (a bad input raises its one line instead)."""
+def launch_torchrun(nproc: int, argv: list[str], command: str = "train") -> int:
+    """Run ``lockstep COMMAND argv`` (less --nproc) under torchrun --standalone with N processes (one
+    machine), one share of the CPU threads each unless OMP_NUM_THREADS is set. Returns the exit code:
+    0, 75 when stopped by SIGINT/SIGTERM, else the first failed rank's (a bad input raises its one
+    line instead)."""
     check_nproc(nproc)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -180,14 +182,15 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     torchrun_args = ["--standalone", f"--nproc-per-node={nproc}"]
     if forward:
         torchrun_args.append(f"--signals-to-handle={AGENT_SIGNALS}")
-    args = torchrun.get_args_parser().parse_args([*torchrun_args, "-m", "lockstep.train", *_without_nproc(argv)])
+    entry = ["-m", "lockstep.train"] if command == "train" else ["-m", "lockstep.cli.worker", command]
+    args = torchrun.get_args_parser().parse_args([*torchrun_args, *entry, *_without_nproc(argv)])
     forwarder = _SignalForwarder()
     with _environment({"OMP_NUM_THREADS": threads, LAUNCHED_ENV: "1"}), _quiet_outcome_logs():
         with forwarder.installed() if forward else contextlib.nullcontext():
             try:
                 torchrun.run(args)
             except ChildFailedError as failed:
-                return _exit_code(failed, forwarder.received)
+                return _exit_code(failed, forwarder.received, command)
             except SignalException:  # torchrun's agent stopped the workers (SIGTERM, then SIGKILL)
                 return EXIT_STOPPED
     return EXIT_OK

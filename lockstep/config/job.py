@@ -27,6 +27,7 @@ from lockstep.config.sections import (
     OptimizerConfig,
     ParallelismConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 
 SECTION_TYPES: dict[str, type] = {
@@ -42,6 +43,7 @@ SECTION_TYPES: dict[str, type] = {
     "metrics": MetricsConfig,
     "parallelism": ParallelismConfig,
     "checkpoint": CheckpointConfig,
+    "validation": ValidationConfig,
 }
 
 
@@ -59,6 +61,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     custom: dict[str, Any] = field(default_factory=dict)
     """Sections added by job.custom_config_module, by name."""
 
@@ -146,8 +149,58 @@ def resolve_global_batch_size(training: TrainingConfig, dp_degree: int) -> int:
     return training.global_batch_size
 
 
+@dataclass(frozen=True)
+class ValidationBatches:
+    """The validation batch shape, resolved against training and the layout."""
+
+    local_batch: int
+    global_batch: int
+    seq_len: int
+
+
+def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatches:
+    """Defaults from training, and the limits pipelining sets: its schedule runs a fixed number of
+    microbatches of fixed shape, so evaluation uses training's global batch, the pipeline
+    microbatch and training's seq_len there."""
+    validation, training, parallelism = config.validation, config.training, config.parallelism
+    if validation.dataset == "" and training.dataset != "builtin":
+        raise ConfigError(
+            "validation.dataset",
+            f"is required when training.dataset = {training.dataset} (only the built-in corpus has a validation "
+            "split); set validation.dataset and validation.dataset_path",
+        )
+    seq_len = validation.seq_len or training.seq_len
+    local = validation.local_batch_size or training.local_batch_size
+    global_batch = validation.global_batch_size
+    if dims.pp > 1:
+        microbatch = parallelism.pipeline_parallel_microbatch_size
+        training_global = resolve_global_batch_size(training, dims.dp)
+        local = validation.local_batch_size or microbatch
+        global_batch = training_global if global_batch == -1 else global_batch
+        for key, value, needed in (
+            ("local_batch_size", local, microbatch),
+            ("global_batch_size", global_batch, training_global),
+            ("seq_len", seq_len, training.seq_len),
+        ):
+            if value != needed:
+                raise ConfigError(
+                    f"validation.{key}",
+                    f"must be {needed} under pipeline parallelism (its schedule runs fixed microbatches); "
+                    "leave it at its default",
+                )
+    if global_batch == -1:
+        global_batch = local * dims.dp
+    if global_batch % (local * dims.dp):
+        raise ConfigError(
+            "validation.global_batch_size",
+            f"{global_batch} is not divisible by local_batch_size x data-parallel degree = {local} x {dims.dp}",
+        )
+    return ValidationBatches(local, global_batch, seq_len)
+
+
 def validate_job_config(config: JobConfig, world_size: int) -> None:
     """Every check, section by section and then across sections; raises ConfigError."""
+    _validate_data_source(config.training, config.data)
     for section in config.sections().values():
         validate = getattr(section, "validate", None)
         if validate is not None:
@@ -158,13 +211,14 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     global_batch = resolve_global_batch_size(config.training, dims.dp)
     if dims.pp > 1:
         _validate_pipeline(config, global_batch // dims.dp)
-    if config.training.loss_chunk_tokens and (dims.pp > 1 or dims.tp > 1):
+    if config.training.loss_chunk_tokens and dims.tp > 1:
         raise ConfigError(
             "training.loss_chunk_tokens",
-            f"a chunked loss with pipeline or tensor parallelism is {NOT_YET_SUPPORTED}: it runs inside the "
-            "whole model's forward, but a pipeline's loss runs outside its last stage and tensor parallelism "
-            "shards the logits; set training.loss_chunk_tokens = 0 for this layout",
+            "a chunked loss with tensor parallelism is not offered: loss parallelism already shards the logits "
+            "over the vocabulary (parallelism.loss_parallel = true); set training.loss_chunk_tokens = 0",
         )
+    if config.validation.enable:
+        resolve_validation(config, dims)
     microbatches_per_rank = global_batch // (config.training.local_batch_size * dims.dp)
     invariant = config.debug.layout_invariant_reductions
     if invariant and dims.dp > 1:
@@ -196,6 +250,28 @@ def _validate_invariant_batch(
             f"{why} a power-of-two number of microbatches per rank (got {microbatches_per_rank}); use "
             f"global_batch_size = {lower * per_microstep} or {2 * lower * per_microstep} "
             f"(local_batch_size x dp degree x 2^k = {training.local_batch_size} x {dims.dp} x 2^k), {off}",
+        )
+
+
+def _validate_data_source(training: TrainingConfig, data: DataConfig) -> None:
+    """A mixture replaces training.dataset_path and needs prepared folders; prepared needs one or the other.
+    Checked before the sections, so a mixture with another dataset kind is named as the mixture's problem."""
+    if data.mixture and training.dataset != "prepared":
+        raise ConfigError(
+            "data.mixture",
+            f"mixes prepared folders, but training.dataset = {training.dataset}; set --training.dataset prepared "
+            "(prepare each source with lockstep data prepare), or drop data.mixture",
+        )
+    if data.mixture and training.dataset_path:
+        raise ConfigError(
+            "data.mixture",
+            "replaces training.dataset_path; drop the path (--training.dataset_path=) or add it to the mixture "
+            f"as {training.dataset_path}:WEIGHT",
+        )
+    if training.dataset == "prepared" and not data.mixture and not training.dataset_path:
+        raise ConfigError(
+            "training.dataset_path",
+            "is required when training.dataset = prepared (or set data.mixture = FOLDER:WEIGHT,... for several)",
         )
 
 

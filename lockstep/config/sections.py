@@ -18,6 +18,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from lockstep.config.errors import ConfigError
+from lockstep.config.mixture import parse_mixture
 
 NOT_YET_SUPPORTED = "not yet supported in this version of lockstep"
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
@@ -60,8 +61,9 @@ class ModelConfig:
     """Tokenizer kind: builtin (BPE trained on the built-in corpus), bytes, or hf (a tokenizer.json)."""
     tokenizer_path: str = ""
     """Path of a Hugging Face tokenizer.json (or its folder) when tokenizer = hf."""
-    attention: str = "sdpa"
-    """Attention kernel: sdpa, or flex (FlexAttention; CUDA only, it has no CPU backward in torch 2.13)."""
+    attention: str = "auto"
+    """Attention kernel: auto (flex on CUDA, sdpa elsewhere; env.json records which), sdpa, or flex
+    (FlexAttention with a compiled block mask; CUDA only, it has no CPU backward in torch 2.13)."""
 
     def validate(self) -> None:
         _one_of(self.tokenizer, ("builtin", "bytes", "hf"), "model.tokenizer")
@@ -76,7 +78,7 @@ class ModelConfig:
             f"has no effect with model.tokenizer = {self.tokenizer}; set model.tokenizer = hf to use it, "
             "or drop it (--model.tokenizer_path=)",
         )
-        _one_of(self.attention, ("sdpa", "flex"), "model.attention")
+        _one_of(self.attention, ("auto", "sdpa", "flex"), "model.attention")
 
 
 @dataclass
@@ -95,13 +97,15 @@ class TrainingConfig:
     mixed_precision: str = "fp32"
     """Compute dtype: fp32 or bf16 (autocast; parameters and optimizer state stay fp32)."""
     dataset: str = "builtin"
-    """builtin (the corpus made from the Python standard library), text, json or parquet."""
+    """builtin (the corpus made from the Python standard library), text, json, parquet, or prepared (a folder
+    written by lockstep data prepare; train with its tokenizer)."""
     dataset_path: str = ""
-    """File or folder for dataset = text, json (a "text" field per record) or parquet."""
+    """File or folder for dataset = text, json (a "text" field per record) or parquet; the folder for prepared."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda."""
     loss_chunk_tokens: int = 0
-    """Project and take the cross-entropy this many tokens at a time (no full [B, S, vocab] logits); 0 = off."""
+    """Project and take the cross-entropy this many tokens at a time (no full [B, S, vocab] logits), also on a
+    pipeline's last stage; 0 = off. Not with tensor parallelism, whose parallelism.loss_parallel shards the logits."""
 
     def validate(self) -> None:
         _require(self.steps > 0, "training.steps", f"must be > 0; got {self.steps}")
@@ -114,20 +118,65 @@ class TrainingConfig:
         _require(self.seq_len > 0, "training.seq_len", "must be > 0")
         _require(self.max_norm >= 0, "training.max_norm", "must be >= 0 (0 disables clipping)")
         _one_of(self.mixed_precision, ("fp32", "bf16"), "training.mixed_precision")
-        _one_of(self.dataset, ("builtin", "text", "json", "parquet"), "training.dataset")
+        _one_of(self.dataset, ("builtin", "text", "json", "parquet", "prepared"), "training.dataset")
         _require(
-            self.dataset == "builtin" or bool(self.dataset_path),
+            self.dataset in ("builtin", "prepared") or bool(self.dataset_path),  # prepared: or data.mixture (job.py)
             "training.dataset_path",
             f"is required when training.dataset = {self.dataset}",
         )
         _require(
             self.dataset != "builtin" or not self.dataset_path,
             "training.dataset_path",
-            "has no effect with training.dataset = builtin; set training.dataset to text, json or parquet "
-            "to use it, or drop it (--training.dataset_path=)",
+            "has no effect with training.dataset = builtin; set training.dataset to text, json, parquet or "
+            "prepared to use it, or drop it (--training.dataset_path=)",
         )
         _one_of(self.device, ("auto", "cpu", "cuda"), "training.device")
         _require(self.loss_chunk_tokens >= 0, "training.loss_chunk_tokens", "must be >= 0 (0 disables chunking)")
+
+
+@dataclass
+class ValidationConfig:
+    enable: bool = False
+    """Evaluate the held-out loss during training (val_loss, val_ppl, val_tokens in metrics)."""
+    freq: int = 500
+    """Evaluate every this many steps (and after the last step)."""
+    steps: int = -1
+    """Global batches per evaluation; -1 = the whole split. Windows are read in order, never shuffled."""
+    dataset: str = ""
+    """builtin, text, json, parquet or prepared (a `lockstep data prepare` folder); empty = the built-in
+    corpus's validation split when training on it."""
+    dataset_path: str = ""
+    """File or folder for dataset = text, json, parquet or prepared."""
+    local_batch_size: int = 0
+    """Samples per forward on one data-parallel rank; 0 = training.local_batch_size (under pipelining, the
+    pipeline microbatch size)."""
+    global_batch_size: int = -1
+    """Samples per evaluation step over all ranks; -1 = local_batch_size x data-parallel degree (under
+    pipelining, training's global batch: the schedule's microbatch count is fixed)."""
+    seq_len: int = 0
+    """Tokens per sample; 0 = training.seq_len (which pipelining requires)."""
+
+    def validate(self) -> None:
+        _require(self.freq > 0, "validation.freq", f"must be > 0; got {self.freq}")
+        _require(self.steps == -1 or self.steps > 0, "validation.steps", "must be > 0, or -1 for the whole split")
+        _one_of(self.dataset, ("", "builtin", "text", "json", "parquet", "prepared"), "validation.dataset")
+        _require(
+            self.dataset in ("", "builtin") or bool(self.dataset_path),
+            "validation.dataset_path",
+            f"is required when validation.dataset = {self.dataset}",
+        )
+        _require(
+            self.dataset not in ("", "builtin") or not self.dataset_path,
+            "validation.dataset_path",
+            "needs validation.dataset = text, json, parquet or prepared; set it, or drop the path",
+        )
+        _require(self.local_batch_size >= 0, "validation.local_batch_size", "must be >= 0 (0 = training's)")
+        _require(
+            self.global_batch_size == -1 or self.global_batch_size > 0,
+            "validation.global_batch_size",
+            "must be > 0, or -1 for local_batch_size x data-parallel degree",
+        )
+        _require(self.seq_len >= 0, "validation.seq_len", "must be >= 0 (0 = training's)")
 
 
 @dataclass
@@ -139,9 +188,14 @@ class DataConfig:
     cache_folder: str = ""
     """Where tokenized datasets, the built-in corpus and tokenizer are cached; empty means
     $LOCKSTEP_CACHE or ~/.cache/lockstep."""
+    mixture: list[str] = field(default_factory=list)
+    """Train on several prepared folders as FOLDER:WEIGHT entries (CLI: A:0.7,B:0.3), with training.dataset =
+    prepared and no training.dataset_path; weights are normalised to sum 1 and interleaved exactly; a source is
+    named by its folder's name (metrics: data/tokens/NAME)."""
 
     def validate(self) -> None:
         _require(bool(self.text_field), "data.text_field", "must not be empty")
+        parse_mixture(self.mixture)
 
 
 @dataclass
@@ -309,6 +363,8 @@ class ParallelismConfig:
     """FSDP shards; -1 fills what the other degrees leave of the world size."""
     tensor_parallel_degree: int = 1
     """Tensor (and sequence) parallel degree."""
+    loss_parallel: bool = True
+    """With tensor parallelism: keep the logits sharded over the vocabulary and take the cross-entropy on the shards."""
     pipeline_parallel_degree: int = 1
     """Pipeline stages."""
     pipeline_parallel_schedule: str = "1F1B"
@@ -324,6 +380,9 @@ class ParallelismConfig:
     """Context (sequence) parallel degree."""
     expert_parallel_degree: int = 1
     """Expert parallel degree (MoE models)."""
+    replicate_bucket_mb: float = 25.0
+    """Size of the buckets in which gradients are summed over the replicate axis (DDP, HSDP's replicas),
+    each started as soon as backward has finished its gradients, overlapping the rest of backward."""
 
     def validate(self) -> None:
         for name in (
@@ -334,6 +393,7 @@ class ParallelismConfig:
             "expert_parallel_degree",
         ):
             _require(getattr(self, name) >= 1, f"parallelism.{name}", "must be >= 1")
+        _require(self.replicate_bucket_mb > 0, "parallelism.replicate_bucket_mb", "must be > 0 (MiB)")
         _require(
             self.data_parallel_shard_degree == -1 or self.data_parallel_shard_degree >= 1,
             "parallelism.data_parallel_shard_degree",

@@ -1,50 +1,24 @@
-"""Tokenize documents once into a flat token file, then serve fixed-size windows by index.
+"""Tokenize documents once into token files, then serve fixed-size windows by index.
 
 Layout (Megatron-style pre-tokenisation): every document becomes BOS + tokens + EOS, appended to
-one uint16/uint32 array cached on disk and memory-mapped. Window w is tokens
-[w*(S+1), (w+1)*(S+1)); inputs are its first S tokens, labels its last S. Any window can be read
-in O(1), so the sample order can be any pure function of (seed, index) and resuming needs only
-a sample index.
+a uint16/uint32 token stream kept on disk in shards and memory-mapped (lockstep.data.prepared).
+Window w is tokens [w*(S+1), (w+1)*(S+1)); inputs are its first S tokens, labels its last S. Any
+window can be read in O(1), so the sample order can be any pure function of (seed, index) and
+resuming needs only a sample index.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lockstep.data.cache import atomic_path, cache_root
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.errors import InputError
 
 IGNORE_INDEX = -100
-_ENCODE_CHUNK = 512
-
-
-def _dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def tokenize_to_file(source: DocumentSource, tokenizer: Tokenizer, target: Path) -> None:
-    """Stream documents through the tokenizer into `target` (written under a temporary name)."""
-    dtype = _dtype_for(tokenizer.vocab_size)
-    with atomic_path(target) as tmp, open(tmp, "wb") as out:
-        chunk: list[str] = []
-
-        def flush() -> None:
-            for ids in tokenizer.encode_batch(chunk):
-                np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype).tofile(out)
-            chunk.clear()
-
-        for document in source.documents():
-            chunk.append(document)
-            if len(chunk) == _ENCODE_CHUNK:
-                flush()
-        flush()
 
 
 @dataclass
@@ -66,6 +40,19 @@ class TokenWindows:
         start = index * (self.seq_len + 1)
         return self.tokens[start : start + self.seq_len + 1]
 
+    def valid_tokens(self, window_indices: list[int]) -> int:
+        """How many labels of these windows take a loss: all but those that are a BOS (see ``batch``),
+        i.e. the documents starting at label positions, counted from the document index when the
+        tokens have one (prepared shards), else from the token ids. No tensors are built, and with
+        the index no token of a window this rank does not train on is read."""
+        span = self.seq_len + 1
+        counter = getattr(self.tokens, "documents_starting_in", None)
+        if counter is not None:
+            return sum(self.seq_len - counter(w * span + 1, (w + 1) * span) for w in window_indices)
+        starts = np.asarray(window_indices, dtype=np.int64) * span
+        labels = self.tokens[(starts[:, None] + np.arange(1, span)).reshape(-1)]
+        return int(labels.size - np.count_nonzero(labels == self.bos_id))
+
     def batch(self, window_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels), int64 [n, seq_len]. A label that is a BOS (the start of the next
         document, which nothing before it can predict) is ignored."""
@@ -76,25 +63,24 @@ class TokenWindows:
 
 
 def load_token_windows(
-    source: DocumentSource | None,
+    source: DocumentSource,
     tokenizer: Tokenizer,
     seq_len: int,
     cache_folder: str,
     source_fingerprint: str | None = None,
 ) -> TokenWindows:
-    """Tokenize (cached by source and tokenizer fingerprints) and view as windows of seq_len + 1."""
-    fingerprint_in = source_fingerprint or source.fingerprint()
-    fingerprint = hashlib.sha256(f"{fingerprint_in}/{tokenizer.fingerprint}".encode()).hexdigest()
-    target = cache_root(cache_folder) / "tokens" / f"{fingerprint[:32]}.bin"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tokenize_to_file(source, tokenizer, target)
-    dtype = _dtype_for(tokenizer.vocab_size)
-    num_tokens = target.stat().st_size // dtype.itemsize
-    if num_tokens < seq_len + 1:  # also keeps np.memmap away from an empty file, which it cannot map
-        raise _too_small(source, num_tokens, seq_len)
-    tokens = np.memmap(target, dtype=dtype, mode="r")
-    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, fingerprint)
+    """Prepare `source` into the cache once per machine (lockstep.data.auto_prepare: the machinery of
+    ``lockstep data prepare``) and view it as windows of seq_len + 1. The fingerprint is the documents'
+    (`source_fingerprint` when given, else the content digests taken while preparing) with the
+    tokenizer's; a start once the cache exists reads no data, only file sizes and times."""
+    from lockstep.data.auto_prepare import prepare_cached  # it imports this module
+    from lockstep.data.prepared import load_prepared_windows, read_manifest
+
+    folder, _ = prepare_cached(source, tokenizer, cache_folder, source_fingerprint)
+    manifest = read_manifest(folder)
+    if manifest["num_tokens"] < seq_len + 1:
+        raise _too_small(source, manifest["num_tokens"], seq_len)
+    return load_prepared_windows(folder, tokenizer, seq_len, manifest)
 
 
 def _too_small(source: DocumentSource | None, num_tokens: int, seq_len: int) -> InputError:

@@ -6,13 +6,17 @@ offsets, so a checkpoint taken with one layout resumes with any other.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lockstep.config.sections import DataConfig, TrainingConfig
 from lockstep.data.corpus import builtin_corpus
 from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_token_windows
+from lockstep.data.mixture import MixtureWindows, load_mixture
 from lockstep.data.order import SampleOrder
 from lockstep.data.sources import DocumentSource, file_source
 from lockstep.data.tokenizer import Tokenizer
@@ -35,30 +39,75 @@ class DataLoader:
     into M = global_batch / local_batch microbatches (which samples form global microbatch j depends
     on nothing else). Which rank takes which microbatch is ``placement``: each rank's partial sums
     must be subtrees of the canonical summation tree over the global microbatch index
-    (lockstep.parallel.canonical)."""
+    (lockstep.parallel.canonical).
 
-    def __init__(self, windows: TokenWindows, seed: int, global_batch: int, local_batch: int) -> None:
+    A rank reads only its own microbatches; the step's valid-token count (the loss denominator) comes
+    from the windows' counts (``TokenWindows.valid_tokens``), not from the other ranks' samples. The
+    next step's batches are read by a background thread while this one trains (the order is a pure
+    function of the sample index, so reading ahead cannot change it); ``take_wait_s`` says how long
+    the trainer waited for data since it last asked.
+
+    With a mixture (lockstep.data.mixture) the windows are its sources' and the order its interleaving;
+    ``take_source_tokens`` gives the valid tokens per source of the steps consumed since it last asked."""
+
+    def __init__(self, windows: TokenWindows | MixtureWindows, seed: int, global_batch: int, local_batch: int) -> None:
         self.windows = windows
-        self.order = SampleOrder(seed, windows.num_windows)
+        mixture = isinstance(windows, MixtureWindows)
+        self.order = windows.sample_order(seed) if mixture else SampleOrder(seed, windows.num_windows)
         self.global_batch = global_batch
         self.local_batch = local_batch
         self.next_sample_index = 0
+        self.pin_memory = False
+        """Pin the read-ahead batches (CUDA: the copies to the device can then be asynchronous)."""
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockstep-data")
+        self._ahead: tuple[tuple, Future] | None = None
+        self._wait_s = 0.0
+        self._source_tokens: dict[str, int] = {}
 
     def global_microbatch(self, step_start: int, microbatch_index: int) -> Microbatch:
         start = step_start + microbatch_index * self.local_batch
         inputs, labels = self.windows.batch(self.order.windows_of(range(start, start + self.local_batch)))
         return Microbatch(inputs, labels)
 
+    def _read_step(self, step_start: int, mine: tuple[int, ...]) -> tuple[list[Microbatch], int, dict[str, int]]:
+        microbatches = [self.global_microbatch(step_start, j) for j in mine]
+        if self.pin_memory:
+            microbatches = [Microbatch(mb.inputs.pin_memory(), mb.labels.pin_memory()) for mb in microbatches]
+        step_windows = self.order.windows_of(range(step_start, step_start + self.global_batch))
+        if isinstance(self.windows, MixtureWindows):
+            by_source = self.windows.valid_tokens_by_source(step_windows)
+            return microbatches, sum(by_source.values()), by_source
+        return microbatches, self.windows.valid_tokens(step_windows), {}
+
     def next_step(self, dp_rank: int = 0, dp_degree: int = 1, shard_degree: int = 1) -> tuple[list[Microbatch], int]:
         """This rank's microbatches of the next step in micro-step order (see ``placement``), and the
         valid-token count of the whole global batch (the loss denominator, identical on every rank)."""
-        step_start = self.next_sample_index
-        num_microbatches = self.global_batch // self.local_batch
-        all_microbatches = [self.global_microbatch(step_start, k) for k in range(num_microbatches)]
-        global_tokens = sum(m.num_valid_tokens for m in all_microbatches)
+        mine = tuple(placement(self.global_batch // self.local_batch, dp_rank, dp_degree, shard_degree))
+        key = (self.next_sample_index, mine)
+        started = time.perf_counter()
+        if self._ahead is not None and self._ahead[0] == key:
+            result = self._ahead[1].result()
+        else:
+            result = self._read_step(*key)
+        self._wait_s += time.perf_counter() - started
+        microbatches, global_tokens, by_source = result
+        for name, tokens in by_source.items():  # counted here, when the step is consumed, not when read ahead
+            self._source_tokens[name] = self._source_tokens.get(name, 0) + tokens
         self.next_sample_index += self.global_batch
-        mine = placement(num_microbatches, dp_rank, dp_degree, shard_degree)
-        return [all_microbatches[j] for j in mine], global_tokens
+        following = (self.next_sample_index, mine)
+        self._ahead = (following, self._reader.submit(self._read_step, *following))
+        return microbatches, global_tokens
+
+    def take_wait_s(self) -> float:
+        """Seconds spent waiting for data in next_step since the last call."""
+        waited, self._wait_s = self._wait_s, 0.0
+        return waited
+
+    def take_source_tokens(self) -> dict[str, int]:
+        """Valid (loss-taking) tokens per mixture source in the steps next_step returned since the last
+        call, for metrics as data/tokens/NAME; empty without a mixture."""
+        taken, self._source_tokens = self._source_tokens, {}
+        return taken
 
     def state_dict(self) -> dict:
         return {"next_sample_index": self.next_sample_index, "fingerprint": self.windows.fingerprint}
@@ -70,6 +119,7 @@ class DataLoader:
                 "the data or tokenizer changed since it was saved"
             )
         self.next_sample_index = int(state["next_sample_index"])
+        self._ahead = None  # read for another position
 
 
 def placement(num_microbatches: int, dp_rank: int, dp_degree: int, shard_degree: int = 1) -> list[int]:
@@ -88,15 +138,25 @@ def placement(num_microbatches: int, dp_rank: int, dp_degree: int, shard_degree:
     return [replica * block + k * shard_degree + shard for k in range(num_microbatches // dp_degree)]
 
 
-def document_source(training: TrainingConfig, data: DataConfig) -> tuple[DocumentSource, str]:
-    """The configured documents and their fingerprint (the built-in corpus uses its sha256)."""
+def document_source(training: TrainingConfig, data: DataConfig) -> tuple[DocumentSource, str | None]:
+    """The configured documents and their fingerprint: the built-in corpus's sha256, or None for files
+    (then the digests taken while preparing them give it, so a start does not re-read the data)."""
     if training.dataset == "builtin":
         corpus = builtin_corpus(data.cache_folder)
         return DocumentSource("builtin", (corpus.train_path,), "text"), corpus.sha256
-    source = file_source(training.dataset, training.dataset_path, data.text_field)
-    return source, source.fingerprint()
+    return file_source(training.dataset, training.dataset_path, data.text_field), None
 
 
-def build_token_windows(training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer) -> TokenWindows:
+def build_token_windows(
+    training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer
+) -> TokenWindows | MixtureWindows:
+    """The training windows: a mixture of prepared folders (data.mixture), a prepared folder as it is
+    (lockstep data prepare), anything else prepared into the cache first (once per machine)."""
+    if data.mixture:
+        return load_mixture(data.mixture, tokenizer, training.seq_len)
+    if training.dataset == "prepared":
+        from lockstep.data.prepared import load_prepared_windows
+
+        return load_prepared_windows(Path(training.dataset_path), tokenizer, training.seq_len)
     source, fingerprint = document_source(training, data)
     return load_token_windows(source, tokenizer, training.seq_len, data.cache_folder, fingerprint)

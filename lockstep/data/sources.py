@@ -157,15 +157,15 @@ def _parquet_texts(file: Path, text_field: str) -> Iterator[str]:
         raise InputError(file, f"cannot read the parquet data ({e})", where=f"row {row}") from e
 
 
-def file_source(kind: str, path: str, text_field: str) -> DocumentSource:
-    """A file, or every matching file in a folder (sorted), of the given dataset kind."""
+def file_source(kind: str, path: str, text_field: str, key: str = "training.dataset_path") -> DocumentSource:
+    """A file, or every matching file in a folder (sorted), of the given dataset kind; errors name `key`."""
     root = Path(path)
     if root.is_dir():
         files = tuple(sorted(p for p in root.rglob("*") if p.suffix in _EXTENSIONS[kind]))
     elif root.is_file():
         files = (root,)
     else:
-        raise ConfigError("training.dataset_path", f"no such file or folder: {path}")
+        raise ConfigError(key, f"no such file or folder: {path}")
     if not files:
-        raise ConfigError("training.dataset_path", f"no {'/'.join(_EXTENSIONS[kind])} files under {path}")
+        raise ConfigError(key, f"no {'/'.join(_EXTENSIONS[kind])} files under {path}")
     return DocumentSource(kind, files, text_field)

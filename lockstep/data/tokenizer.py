@@ -71,6 +71,8 @@ class HFTokenizer:
             ) from e
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = hashlib.sha256(file.read_bytes()).hexdigest()
+        self.path = file
+        """The tokenizer.json read (a prepared dataset folder copies it, with its tokenizer_config.json)."""
         named = _special_tokens_from_config(file.parent / "tokenizer_config.json")
         self.bos_id = self._special_id(named.get("bos_token"), BOS_CANDIDATES, "BOS", file)
         self.eos_id = self._special_id(named.get("eos_token"), EOS_CANDIDATES, "EOS", file)

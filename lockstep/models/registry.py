@@ -25,9 +25,10 @@ class ModelSpec:
     name: str
     flavors: dict[str, Any]
     build: Callable[[Any, str], nn.Module]
-    """(args, attention backend) -> model; call it under torch.device("meta")."""
-    tensor_parallel_plan: Callable[[nn.Module], dict[str, Any]]
-    """model (or pipeline stage) -> {module name: torch ParallelStyle}."""
+    """(args, attention backend) -> model; call it under torch.device("meta"). The backend is sdpa or
+    flex: model.attention with auto resolved for the device (attention.resolve_attention_backend)."""
+    tensor_parallel_plan: Callable[[nn.Module, bool], dict[str, Any]]
+    """(model or pipeline stage, loss_parallel) -> {module name: torch ParallelStyle}."""
     check_tensor_parallel_degree: Callable[[Any, int], str | None]
     """(args, degree) -> why the degree cannot split the model, or None."""
     args_from_dict: Callable[[dict], Any]

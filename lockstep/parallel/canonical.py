@@ -98,11 +98,9 @@ class GradientTree:
     A post-accumulate-grad hook moves every fresh ``.grad`` into the parameter's ``TreeSum`` and
     clears it; when the step's last microbatch arrives it puts the tree's total back into ``.grad``,
     so what runs next (FSDP's reduce-scatter, the cross-replica sum, the optimizer) sees one sum in
-    canonical order. Under FSDP the watched tensors are either the sharded parameters, into which
-    FSDP reduce-scatters every micro-step's gradient and then calls the same hooks
-    (``watch_sharded``: the tree lives on the shards), or the unsharded parameters that autograd
-    accumulates into, found after FSDP gathers them (``watch_when_gathered``: the tree is summed
-    unsharded and reduce-scattered once, for pipeline schedules that sync after the last microbatch).
+    canonical order. Under FSDP the watched tensors are the sharded parameters, into which FSDP
+    reduce-scatters every micro-step's gradient (pipeline stages included) and then calls the same
+    hooks (``watch_sharded``: the tree lives on the shards).
     """
 
     def __init__(self) -> None:
@@ -119,12 +117,6 @@ class GradientTree:
             if p.requires_grad and id(p) not in self._watched:
                 self._watched.add(id(p))
                 p.register_post_accumulate_grad_hook(self._on_gradient)
-
-    def watch_when_gathered(self, fsdp_modules: list[nn.Module]) -> None:
-        """Watch each FSDP module's unsharded parameters, which exist from its first all-gather on
-        (FSDP's pre-forward hook runs first: it is registered with prepend=True)."""
-        for module in fsdp_modules:
-            module.register_forward_pre_hook(lambda m, args: self.watch(unsharded_parameters(m)))
 
     def watch_sharded(self, fsdp_modules: list[nn.Module]) -> None:
         """Watch each FSDP module's sharded parameters. FSDP runs their post-accumulate-grad hooks
@@ -177,12 +169,6 @@ def shard_block_loss(losses: torch.Tensor, shard_group: dist.ProcessGroup) -> to
     dist.all_gather_into_tensor(gathered, losses.contiguous(), group=shard_group)
     total = tree_reduce_rows(gathered.view(shards, -1).t().reshape(-1))
     return total if dist.get_rank(shard_group) == 0 else torch.zeros_like(total)
-
-
-def unsharded_parameters(fsdp_module: nn.Module) -> list[nn.Parameter]:
-    """The parameters an FSDP module's forward uses (its gathered, unsharded ones)."""
-    state = fsdp_module._get_fsdp_state()
-    return [fp.unsharded_param for group in state._fsdp_param_groups for fp in group.fsdp_params]
 
 
 class TreeReduceScatter(ReduceScatter):

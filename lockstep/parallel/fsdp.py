@@ -3,9 +3,10 @@
 Gradients are always reduced with SUM and a divide factor of 1: the loss is already divided by the
 global token count, and gloo has neither PREMUL_SUM nor AVG. With layout-invariant reductions in
 fp32 the reduce-scatter is ``TreeReduceScatter`` (canonical order); otherwise (bf16 compute, or the
-reductions off) it is the backend's own, which is faster and promises no order. The replicate axis of HSDP is summed by
-the trainer (lockstep.train.reduction), in canonical order when asked, rather than by FSDP's
-all-reduce, whose order over more than two replicas is not fixed.
+reductions off) it is the backend's own, which is faster and promises no order. The replicate
+axis of HSDP is summed by lockstep.parallel.replicate (in buckets overlapped with backward, in
+canonical order when asked) rather than by FSDP's all-reduce, whose order over more than two
+replicas is not fixed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ global token count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
@@ -108,6 +110,42 @@ def _without_side_effects_in_metadata_inference(stage: PipelineStage) -> None:
         setattr(stage, name, paused)
 
 
+_FSDP_SYNC_SETTERS = ("set_is_last_backward", "set_reshard_after_backward", "set_requires_gradient_sync")
+
+
+@contextlib.contextmanager
+def _fsdp_flags_fixed(module: FSDPModule):
+    """Ignore the stage's own calls to FSDP's sync setters on `module` (it turns sync off for every
+    backward but the schedule's last) while the block runs."""
+    for name in _FSDP_SYNC_SETTERS:
+        setattr(module, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name in _FSDP_SYNC_SETTERS:
+            delattr(module, name)
+
+
+def _reduce_scatter_every_microbatch(stage: PipelineStage) -> None:
+    """Make an FSDP stage reduce-scatter every microbatch's gradients during its backward, as FSDP does
+    without pipelining, instead of accumulating unsharded gradients until the schedule's final
+    reduce. The canonical gradient tree can then be kept on the shards (1/dp_shard of the stage's
+    gradients per rank, not unsharded copies); the schedule's closing reduce finds nothing left to
+    reduce-scatter. Parameters stay gathered between microbatches (no reshard after backward)."""
+    backward = stage.backward_maybe_with_nosync
+    if not isinstance(stage.submod, FSDPModule):
+        return
+
+    def synced(*args, **kwargs):
+        stage.submod.set_is_last_backward(True)
+        stage.submod.set_reshard_after_backward(False)
+        stage.submod.set_requires_gradient_sync(True)
+        with _fsdp_flags_fixed(stage.submod):
+            return backward(*args, **kwargs)
+
+    stage.backward_maybe_with_nosync = synced
+
+
 def pipeline_llm(
     model: nn.Module,
     pp_mesh: DeviceMesh,
@@ -116,9 +154,12 @@ def pipeline_llm(
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     parallelize_stage: Callable[[nn.Module], nn.Module],
+    sync_every_microbatch: bool = False,
 ) -> Pipeline:
     """Split a meta-device decoder into pp_degree x (1 or 2) stages, parallelize and materialise this
-    rank's stages with `parallelize_stage`, and build the configured schedule over them."""
+    rank's stages with `parallelize_stage`, and build the configured schedule over them. With
+    `sync_every_microbatch`, FSDP stages reduce-scatter each microbatch's gradients in its backward
+    (see ``_reduce_scatter_every_microbatch``)."""
     pp_degree, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     schedule_name = parallelism.pipeline_parallel_schedule
     stage_ids = stages_of_rank(pp_rank, pp_degree, schedule_name)
@@ -131,6 +172,8 @@ def pipeline_llm(
         parts.append(part)
         stage = PipelineStage(part, stage_id, num_stages, device, group=pp_mesh.get_group())
         _without_side_effects_in_metadata_inference(stage)
+        if sync_every_microbatch:
+            _reduce_scatter_every_microbatch(stage)
         stages.append(stage)
     schedule_class = get_schedule_class(schedule_name)
     single = issubclass(schedule_class, PipelineScheduleSingle)

@@ -23,6 +23,7 @@ from lockstep.config.sections import (
     ParallelismConfig,
     TrainingConfig,
 )
+from lockstep.models.common.attention import resolve_attention_backend
 
 _TORCH_ALERT = re.compile(r"^(\S+) does not have a deterministic implementation")
 _ATTENTION_ALERT = re.compile(r"^(.+?) defaults to a non-deterministic algorithm")
@@ -47,8 +48,10 @@ def config_findings(
     training: TrainingConfig,
     compile_config: CompileConfig,
     model: ModelConfig,
+    document_masking: bool = True,
 ) -> list[AuditFinding]:
-    """What lockstep knows about the configured features, from the config alone."""
+    """What lockstep knows about the configured features, from the config alone (`document_masking`:
+    data.document_masking; without it attention takes SDPA whatever the backend)."""
     found = []
     if not debug.layout_invariant_reductions:
         found.append(AuditFinding("lockstep", "debug.layout_invariant_reductions = false", "layout-dependent",
@@ -72,15 +75,19 @@ def config_findings(
         found.append(AuditFinding("lockstep", "compile.enable", "ok",
                                   "inductor without max-autotune: kernel choice is fixed; eager and compiled differ"))  # fmt: skip
     on_cuda = training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available())
-    if model.attention == "sdpa" and on_cuda:
+    backend = resolve_attention_backend(model.attention, "cuda" if on_cuda else "cpu")
+    flex = backend == "flex" and document_masking
+    if on_cuda and not flex:
         strict = debug.deterministic and not debug.deterministic_warn_only
         found.append(AuditFinding("lockstep", "SDPA on CUDA (flash, memory-efficient, cuDNN)",
                                   "ok" if strict else "nondeterministic",
                                   "backward is deterministic only under strict debug.deterministic: flash and "
                                   "memory-efficient switch to their deterministic kernels, cuDNN attention (which "
                                   "raises no alert) is turned off by lockstep"))  # fmt: skip
-    if model.attention == "flex":
-        found.append(AuditFinding("lockstep", "model.attention = flex", "ok", "compiled once without max-autotune"))
+    if flex:
+        found.append(AuditFinding("lockstep", "FlexAttention (model.attention resolves to flex)", "ok",
+                                  "Triton backward writes each dQ and dK/dV block once, no atomics; compiled "
+                                  "without max-autotune, one kernel config (see models/common/attention.py)"))  # fmt: skip
     if not debug.deterministic:
         found.append(AuditFinding("lockstep", "debug.deterministic = false", "nondeterministic",
                                   "nondeterministic kernels (e.g. CUDA atomics) are allowed; turn it on"))  # fmt: skip

@@ -4,6 +4,10 @@ A run is a run folder (its metrics.jsonl) or a reference loss file (JSON Lines, 
 records with at least "step" and "loss"). Non-finite numbers may be bare JSON tokens (NaN, Infinity,
 -Infinity, which Python's json reads) or strings ("NaN", "Infinity", "-Infinity"), as strict JSON
 writers give them. "Equal" means the same bits of the float, so identical NaNs are equal.
+
+Records with ``val_loss`` (the in-loop validation's held-out loss) are compared too, at the evaluation
+steps every run has one: a second table, and the same gates. Where only some runs evaluated at a step
+it is noted, not gated (the validation settings are in the config differences printed above).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import tomllib
 from lockstep.errors import InputError
 
 FINGERPRINTS = ("grad_fingerprint", "param_fingerprint")
-NUMBERS = ("loss", "grad_norm")
+NUMBERS = ("loss", "grad_norm", "val_loss")
+"""Read as floats; a record without grad_norm or val_loss holds None for it."""
 ENVIRONMENT_FACTS = ("versions.torch", "threads", "world_size", "git.revision", "git.dirty", "layout")
 """env.json entries whose differences can explain differing numbers (layout is flattened)."""
 IGNORED_CONFIG_KEYS = ("job.dump_folder",)
@@ -144,6 +149,22 @@ def describe_run_differences(paths: list[Path]) -> list[str]:
     return lines
 
 
+def _max_abs_diff(values: list[float]) -> float:
+    """The largest |value - first value|; 0 where the bits are equal (NaN - NaN), NaN if any is NaN."""
+    diffs = [0.0 if bits(x) == bits(values[0]) else abs(x - values[0]) for x in values]
+    return math.nan if any(map(math.isnan, diffs)) else max(diffs)  # max() drops a NaN after a number
+
+
+def _same_bits(values: list[float | None]) -> bool:
+    return all(bits(x) == bits(values[0]) for x in values)
+
+
+def _within(values: list[float], rtol: float, atol: float) -> bool:
+    """Every value within atol + rtol * |first value|; equal bits (NaN, inf) always are."""
+    first = values[0]
+    return all(bits(x) == bits(first) or abs(x - first) <= atol + rtol * abs(first) for x in values)
+
+
 @dataclass
 class StepComparison:
     step: int
@@ -152,28 +173,41 @@ class StepComparison:
     fingerprints_match: bool | None
     """None when not every run recorded fingerprints at this step."""
 
-    def _abs_diffs(self) -> list[float]:
-        first = self.losses[0]
-        return [0.0 if bits(x) == bits(first) else abs(x - first) for x in self.losses]  # NaN - NaN: 0 when equal
-
     def max_abs_diff(self) -> float:
-        diffs = self._abs_diffs()
-        return math.nan if any(map(math.isnan, diffs)) else max(diffs)  # max() drops a NaN after a number
+        return _max_abs_diff(self.losses)
 
     def max_rel_diff(self) -> float:
         return self.max_abs_diff() / max(abs(self.losses[0]), 1e-30)
 
     def grad_norms_equal(self) -> bool:
-        return all(bits(g) == bits(self.grad_norms[0]) for g in self.grad_norms)
+        return _same_bits(self.grad_norms)
 
     def bitwise_equal(self) -> bool:
-        same = all(bits(x) == bits(self.losses[0]) for x in self.losses) and self.grad_norms_equal()
-        return same and self.fingerprints_match is not False
+        return _same_bits(self.losses) and self.grad_norms_equal() and self.fingerprints_match is not False
 
     def within(self, rtol: float, atol: float) -> bool:
         """Every loss within atol + rtol * |first run's loss|; equal bits (NaN, inf) always are."""
-        first = self.losses[0]
-        return all(bits(x) == bits(first) or abs(x - first) <= atol + rtol * abs(first) for x in self.losses)
+        return _within(self.losses, rtol, atol)
+
+
+@dataclass
+class EvaluationComparison:
+    """val_loss of every run at one evaluation step."""
+
+    step: int
+    val_losses: list[float]
+
+    def max_abs_diff(self) -> float:
+        return _max_abs_diff(self.val_losses)
+
+    def max_rel_diff(self) -> float:
+        return self.max_abs_diff() / max(abs(self.val_losses[0]), 1e-30)
+
+    def bitwise_equal(self) -> bool:
+        return _same_bits(self.val_losses)
+
+    def within(self, rtol: float, atol: float) -> bool:
+        return _within(self.val_losses, rtol, atol)
 
 
 def compare_series(series: list[dict[int, dict]]) -> list[StepComparison]:
@@ -193,8 +227,22 @@ def compare_series(series: list[dict[int, dict]]) -> list[StepComparison]:
     return rows
 
 
-def first_difference(rows: list[StepComparison], rtol: float | None = None, atol: float | None = None) -> int | None:
-    """The first step that differs: bitwise (loss, grad norm, fingerprints), or beyond the tolerance."""
+def compare_validation(series: list[dict[int, dict]]) -> list[EvaluationComparison]:
+    """Per step (in order) at which every run logged a val_loss; empty when some run never evaluated."""
+    steps = set.intersection(*({step for step, r in s.items() if r.get("val_loss") is not None} for s in series))
+    return [EvaluationComparison(step, [s[step]["val_loss"] for s in series]) for step in sorted(steps)]
+
+
+def evaluations_missing(series: list[dict[int, dict]]) -> list[list[int]]:
+    """Per run, the steps at which some other run logged a val_loss and it did not."""
+    return steps_missing([{step: r for step, r in s.items() if r.get("val_loss") is not None} for s in series])
+
+
+def first_difference(
+    rows: list[StepComparison] | list[EvaluationComparison], rtol: float | None = None, atol: float | None = None
+) -> int | None:
+    """The first step that differs: bitwise (loss, grad norm, fingerprints; or val_loss), or beyond the
+    tolerance."""
     for row in rows:
         differs = not row.within(rtol or 0.0, atol or 0.0) if (rtol or atol) else not row.bitwise_equal()
         if differs:
@@ -214,22 +262,47 @@ def format_table(rows: list[StepComparison], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[StepComparison], names: list[str], out: Path) -> None:
-    """Loss curves (top) and |loss - loss of the first run| (bottom, log scale) as a PNG."""
+def format_validation_table(rows: list[EvaluationComparison], names: list[str]) -> str:
+    header = ["eval step", *(f"val_loss {n}" for n in names), "max abs diff", "max rel diff", "bitwise equal"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for row in rows:
+        cells = [str(row.step), *(f"{x:.9g}" for x in row.val_losses)]
+        cells += [f"{row.max_abs_diff():.3e}", f"{row.max_rel_diff():.3e}", "yes" if row.bitwise_equal() else "no"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(
+    rows: list[StepComparison], names: list[str], out: Path, evaluations: list[EvaluationComparison] | None = None
+) -> None:
+    """Loss curves (top) and |loss - loss of the first run| (bottom, log scale) as a PNG. val_loss, where
+    compared, is drawn on the same axes as dashed lines with circles (the run's colour), and its
+    difference as circles below: held-out and training loss read on one scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evaluations = evaluations or []
     steps = [r.step for r in rows]
+    eval_steps = [e.step for e in evaluations]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    colors = [f"C{i}" for i in range(len(names))]
     for i, name in enumerate(names):
-        top.plot(steps, [r.losses[i] for r in rows], label=name)
+        top.plot(steps, [r.losses[i] for r in rows], color=colors[i], label=name)
+        if evaluations:
+            val = [e.val_losses[i] for e in evaluations]
+            top.plot(eval_steps, val, color=colors[i], linestyle="--", marker="o", label=f"val_loss {name}")
     top.set_ylabel("loss")
     top.legend()
     for i, name in enumerate(names[1:], start=1):
         diffs = [abs(r.losses[i] - r.losses[0]) for r in rows]
-        bottom.plot(steps, [d if d > 0 else float("nan") for d in diffs], marker=".", label=f"|{name} - {names[0]}|")
+        label = f"|{name} - {names[0]}|"
+        bottom.plot(steps, [d if d > 0 else math.nan for d in diffs], color=colors[i], marker=".", label=label)
+        if evaluations:
+            val_diffs = [abs(e.val_losses[i] - e.val_losses[0]) for e in evaluations]
+            shown = [d if d > 0 else math.nan for d in val_diffs]
+            bottom.plot(eval_steps, shown, color=colors[i], linestyle="none", marker="o", label=f"val_loss {label}")
     bottom.set_yscale("log")
     bottom.set_xlabel("step")
     bottom.set_ylabel("abs loss difference")

@@ -14,6 +14,7 @@ import secrets
 import numpy as np
 import torch
 
+from lockstep.config.errors import ConfigError
 from lockstep.config.sections import DebugConfig
 
 
@@ -85,4 +86,21 @@ def configure_determinism(debug: DebugConfig) -> None:
         # SDPA on CUDA: flash and memory-efficient attention take a deterministic backward in strict mode
         # (and warn in warn-only mode); cuDNN attention has none and raises no alert, so it is turned off.
         torch.backends.cuda.enable_cudnn_sdp(False)
+        refuse_timed_kernel_choice()
     torch.autograd.set_detect_anomaly(debug.detect_anomaly)
+
+
+def refuse_timed_kernel_choice() -> None:
+    """Fail closed on inductor's max-autotune (e.g. TORCHINDUCTOR_MAX_AUTOTUNE=1): it picks compiled
+    kernels, FlexAttention's among them, by timing candidate tilings, so two runs can pick different
+    ones and sum in different orders. Without it each kernel has one configuration, and torch's
+    deterministic mode narrows the reductions' candidates to one (inductor reads it when compiling).
+    Inductor's own deterministic mode (TORCHINDUCTOR_DETERMINISTIC=1) chooses without timing: allowed."""
+    import torch._inductor.config as inductor
+
+    if (inductor.max_autotune or inductor.max_autotune_gemm) and not inductor.deterministic:
+        raise ConfigError(
+            "debug.deterministic",
+            "inductor max-autotune picks kernels by timing them; unset TORCHINDUCTOR_MAX_AUTOTUNE(_GEMM) "
+            "or set TORCHINDUCTOR_DETERMINISTIC=1",
+        )

@@ -43,7 +43,9 @@ NUMERIC_KEYS = ("debug.seed", "debug.layout_invariant_reductions", "debug.moe_fo
 RECORDED_KEYS = (
     "training.steps",  # the schedule follows the new total
     "training.device",  # like the layout: where the run computes (env.json records the device)
+    "model.attention",  # the kernel, like the device: env.json records the one auto resolved to
     "training.dataset_path",  # where the data is; its content is checked by the dataset fingerprint
+    "data.mixture",  # where its folders are; their content and weights are in the dataset fingerprint
     "model.tokenizer_path",  # likewise, checked by the tokenizer fingerprint
     "data.cache_folder",
 )

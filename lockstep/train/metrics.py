@@ -85,6 +85,8 @@ def format_record(record: dict[str, Any]) -> str:
         f"lr {record['lr']:.2e}  tok/s {record['tokens_per_sec']:,.0f}  mfu {record['mfu']:.1f}%  "
         f"mem {record['memory_gib']:.2f} GiB"
     )
+    if "val_loss" in record:
+        line += f"  val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
     load_cvs = [v for k, v in record.items() if k.startswith("moe/") and k.endswith("/load_cv")]
     if load_cvs:  # one summary of expert balance: the worst layer's coefficient of variation
         line += f"  expert load cv max {max(load_cvs):.2f}"

@@ -37,6 +37,8 @@ class Layout:
     promised: the reductions are off, or FSDP computes in bf16 (then the backend's own reduce-scatter
     runs, NCCL's pinned to one algorithm when deterministic)."""
     root_seed: int
+    attention_backend: str
+    """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
 
 
 @dataclass
@@ -81,12 +83,13 @@ def build_model(
     spec, args = model_args(model, vocab_size, seq_len)
     dims = layout.dims  # check_model_fits_layout ran before the process group started
     with torch.device("meta"):
-        whole = spec.build(args, model.attention)
+        whole = spec.build(args, layout.attention_backend)
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
     def parallelize(part: nn.Module) -> nn.Module:
         if dims.tp > 1:
-            apply_tensor_parallel(part, layout.mesh["tp"], spec.tensor_parallel_plan(part))
+            plan = spec.tensor_parallel_plan(part, parallelism.loss_parallel)
+            apply_tensor_parallel(part, layout.mesh["tp"], plan)
         expert_params = []
         if dims.ep > 1:
             expert_params = apply_expert_parallel(part, layout.mesh["dp_shard"])
@@ -107,8 +110,9 @@ def build_model(
 
     if dims.pp > 1:
         built.pipeline = pipeline_llm(
-            whole, layout.mesh["pp"], parallelism, num_pipeline_microbatches, layout.device, pipeline_loss, parallelize
-        )
+            whole, layout.mesh["pp"], parallelism, num_pipeline_microbatches, layout.device, pipeline_loss, parallelize,
+            sync_every_microbatch=layout.canonical_reductions and dims.fsdp,  # the tree kept on the shards
+        )  # fmt: skip
         built.parts = built.pipeline.model_parts
     else:
         built.parts = [parallelize(whole)]

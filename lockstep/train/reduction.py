@@ -12,7 +12,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from lockstep.config.job import ParallelDims
-from lockstep.parallel.canonical import local_tensor, tree_all_reduce
+from lockstep.parallel.canonical import tree_all_reduce
+from lockstep.parallel.replicate import ReplicaGradientSum
+from lockstep.train.model_factory import BuiltModel
 
 
 def _group(mesh: DeviceMesh | None, axis: str, size: int):
@@ -32,14 +34,23 @@ class CrossRankReducer:
         dist.all_reduce(flat, group=group)
         return flat
 
-    def sum_replicas(self, grads: list[torch.Tensor]) -> None:
-        """Sum gradients over the replicate axis, in place, through one flat buffer."""
+    def replica_gradient_sum(
+        self, model: BuiltModel, bucket_mb: float, fsdp_syncs_once: bool
+    ) -> ReplicaGradientSum | None:
+        """The replicate-axis gradient sum, hooked on the tensors that hold each final gradient: the
+        parameters themselves (FSDP's are its shards). FSDP-managed ones are final after their
+        micro-step's reduce-scatter, except in pipeline stages that sync once after the last
+        microbatch (`fsdp_syncs_once`: the tree is not kept on the shards); everything else
+        accumulates every microbatch."""
         if self.replicate_group is None:
-            return
-        local = [local_tensor(g) for g in grads]
-        flat = self._sum(torch.cat([t.reshape(-1) for t in local]), self.replicate_group)
-        for t, piece in zip(local, flat.split([t.numel() for t in local]), strict=True):
-            t.copy_(piece.view_as(t))
+            return None
+        replica_sum = ReplicaGradientSum(self.replicate_group, self.canonical, int(bucket_mb * 2**20))
+        unmanaged = {id(p) for p in model.unmanaged_params}
+        params = [p for part in model.parts for p in part.parameters()]
+        synced_once = bool(model.fsdp_modules) and model.pipeline is not None and fsdp_syncs_once
+        replica_sum.watch([p for p in params if id(p) not in unmanaged], per_microbatch=not synced_once)
+        replica_sum.watch([p for p in params if id(p) in unmanaged], per_microbatch=True)
+        return replica_sum
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """This rank's share of the loss -> the global batch's loss, on every rank. Stages other than

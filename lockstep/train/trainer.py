@@ -14,39 +14,33 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from lockstep.checkpoint import folders
-from lockstep.checkpoint.initial import load_initial_weights
-from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import resolve_global_batch_size, resolve_parallel_dims
+from lockstep.config.job import resolve_global_batch_size, resolve_parallel_dims, resolve_validation
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
-from lockstep.models.common.attention import AttentionMasks
+from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args
-from lockstep.parallel.canonical import GradientTree, TreeSum, clip_, full_value, grad_norm_fp64, shard_block_loss
+from lockstep.parallel.canonical import GradientTree, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
+from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.train.fingerprint import model_fingerprint
+from lockstep.train.forward_backward import ForwardBackward, LossSettings
 from lockstep.train.launches import (
-    check_config_change,
     config_record,
-    optimizer_hyperparameters,
     record_launch,
-    reset_optimizer_hyperparameters,
-    resumed_config,
     resumed_seed,
 )
-from lockstep.train.loss import PipelineLoss, chunked_global_batch_loss, global_batch_loss
+from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
@@ -56,6 +50,7 @@ from lockstep.train.reduction import CrossRankReducer, any_rank_flag
 from lockstep.train.run_folder import environment
 from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
 from lockstep.train.throughput import mfu_percent, peak_flops, peak_memory_gib
+from lockstep.train.validation import Validator, validation_windows
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -74,12 +69,15 @@ def resolve_device(training: TrainingConfig) -> torch.device:
 class TrainState:
     step: int = 0
     tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    """Wall time since the run's first step, summed over its launches (time-to-target-loss)."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
 
 
 @dataclass
@@ -141,8 +139,7 @@ class Trainer:
         self.device = resolve_device(config.training)
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
         check_model_fits_layout(config.model, self.dims)
-        if config.model.attention == "flex" and self.device.type != "cuda":
-            raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use sdpa on CPU")
+        self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
         configure_determinism(config.debug)
         init_process_group(self.world, self.device)
         self.mesh = build_mesh(self.dims, self.device)
@@ -154,48 +151,77 @@ class Trainer:
         windows = build_token_windows(training, config.data, self.tokenizer)
         self.global_batch = resolve_global_batch_size(training, self.dims.dp)
         self.dp_rank = axis_rank(self.mesh, "dp")
-        self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, training.local_batch_size)
+        # Under pipelining the tree's leaves are the schedule's microbatches, so the loader cuts those.
+        microbatch = training.local_batch_size
+        if self.dims.pp > 1:
+            microbatch = config.parallelism.pipeline_parallel_microbatch_size
+        self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, microbatch)
+        self.loader.pin_memory = self.device.type == "cuda"
+        if summary := getattr(windows, "summary", None):  # a mixture says how its weights were resolved
+            self._log(summary())
 
-        self.loss_fn = global_batch_loss
+        loss_fn = global_batch_loss
         if config.compile.enable and "loss" in config.compile.components:
-            self.loss_fn = torch.compile(global_batch_loss)
-        self.pipeline_loss = PipelineLoss(self.loss_fn)
+            loss_fn = torch.compile(global_batch_loss)
+        pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
         # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
         # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
         canonical = config.debug.layout_invariant_reductions
         use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
-        layout = Layout(self.dims, self.mesh, self.device, training.mixed_precision, use_tree, config.debug.seed)
+        layout = Layout(
+            self.dims, self.mesh, self.device, training.mixed_precision, use_tree, config.debug.seed, self.attention_backend
+        )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
-            self.tokenizer.vocab_size, training.seq_len, self.pipeline_loss,
+            self.tokenizer.vocab_size, training.seq_len, pipeline_loss,
             self.global_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
         )  # fmt: skip
         for part in self.model.parts:
             if hasattr(part, "set_force_load_balance"):
                 part.set_force_load_balance(config.debug.moe_force_load_balance)
         self.moe_blocks = moe_blocks(self.model.parts)
-        # FSDP without pipelining reduce-scatters every micro-step and keeps the tree on the shards
-        # (1/dp_shard of the gradients per rank); its microbatches are placed strided over the shards.
-        self.tree_on_shards = use_tree and self.dims.fsdp and self.model.pipeline is None
+        # FSDP reduce-scatters every micro-step and keeps the tree on the shards (1/dp_shard of the
+        # gradients per rank, pipeline stages too); its microbatches are placed strided over the shards.
+        self.tree_on_shards = use_tree and self.dims.fsdp
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
         self.gradient_tree = self._gradient_tree(use_tree)
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
+        self.replica_sum = self.reducer.replica_gradient_sum(
+            self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not self.tree_on_shards
+        )
+        settings = LossSettings(
+            loss_fn, pipeline_loss, training.loss_chunk_tokens,
+            loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel,
+            autocast=training.mixed_precision == "bf16" and not self.dims.fsdp,  # FSDP casts by its policy
+            document_masking=config.data.document_masking, eos_id=self.tokenizer.eos_id,
+        )  # fmt: skip
+        shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards else None
+        self.forward_backward = ForwardBackward(
+            self.model, settings, self.device, self.gradient_tree, self.replica_sum, shard_group
+        )
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
+        self.validator = self._validator() if config.validation.enable else None
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
         self.consecutive_skips = ConsecutiveSkips(config.debug.max_consecutive_skips)
-        self.checkpoint_states, self.checkpointer = self._checkpointing(windows.fingerprint)
-        resumed = self._resume_or_initialize()
+        self.checkpoints = RunCheckpoints(
+            config.checkpoint, self.run_folder, self._checkpoint_identity(windows.fingerprint),
+            self._checkpoint_states(), self.device, self._log,
+        )  # fmt: skip
+        spec = model_args(config.model, 1, 1)[0]
+        resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
+        layout_record["attention"] = self.attention_backend  # model.attention = auto: the kernel that ran
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
             self.launch, self.metrics = record_launch(
-                self.run_folder, dump_toml(config), env, self.state.step, self.resumed_from, resumed, config.metrics,
+                self.run_folder, dump_toml(config), env, self.state.step, self.checkpoints.resumed_from,
+                self.state.step if resumed else None, config.metrics,
                 self._log,
             )  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
@@ -205,52 +231,48 @@ class Trainer:
 
     def _gradient_tree(self, enabled: bool) -> GradientTree | None:
         """The canonical per-microbatch gradient tree, hooked where each microbatch's gradient lands:
-        the sharded FSDP parameters (reduce-scattered every micro-step), the unsharded ones (pipeline
-        stages, which reduce-scatter once after the last microbatch), the parameters FSDP ignores, or
-        the parameters themselves."""
+        the sharded FSDP parameters (reduce-scattered every micro-step, pipeline stages included) and
+        the parameters FSDP ignores, or the parameters themselves."""
         if not enabled:
             return None
         tree = GradientTree()
         if self.tree_on_shards:
             tree.watch_sharded(self.model.fsdp_modules)
             tree.watch(self.model.unmanaged_params)
-        elif self.model.fsdp_modules:
-            tree.watch_when_gathered(self.model.fsdp_modules)
-            tree.watch(self.model.unmanaged_params)
         else:
             tree.watch(p for part in self.model.parts for p in part.parameters())
         return tree
 
-    def _checkpointing(self, dataset_fingerprint: str) -> tuple[dict, CheckpointManager]:
-        """What a checkpoint holds, and the manager that saves it; `identity` is what a resumed
-        checkpoint must match (the layout is recorded but may differ)."""
+    def _validator(self) -> Validator:
+        """Built from the validation section; it evaluates through the same forward as training."""
         config = self.config
-        identity = {
+        batches = resolve_validation(config, self.dims)
+        windows = validation_windows(config.validation, config.data, self.tokenizer, batches.seq_len)
+        groups = [self.reducer.dp_group, self.reducer.pp_group]
+        summed_losses = self.forward_backward.summed_losses
+        return Validator(
+            config.validation, windows, batches, self.dp_rank, self.dims.dp, summed_losses, groups, self.device
+        )
+
+    def _checkpoint_identity(self, dataset_fingerprint: str) -> dict:
+        """What a resumed checkpoint must match (the layout is recorded but may differ)."""
+        config = self.config
+        return {
             "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
             "fingerprints": {"dataset": dataset_fingerprint, "tokenizer": self.tokenizer.fingerprint},
             "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
             "config": config_record(dump_toml(config), self.global_batch),  # what a resume compares its config with
         }
-        states = {
+
+    def _checkpoint_states(self) -> dict:
+        return {
             "model": ModelState(self.model.parts),
             "optimizer": OptimizerState(self.model.parts, self.optimizers),
             "lr_scheduler": SchedulerState(self.lr_schedulers),
-            "dataloader": ObjectState(self.loader, check_on_load=not config.checkpoint.ignore_mismatch),
-            "train_state": ObjectState(self.state),
+            "dataloader": ObjectState(self.loader, check_on_load=not self.config.checkpoint.ignore_mismatch),
+            "train_state": ObjectState(self.state, optional=("elapsed_s",)),  # added after format 2
             "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
         }
-        manager = CheckpointManager(config.checkpoint, Path(config.job.dump_folder), identity, self.device, self._log)
-        return states, manager
-
-    def _autocast(self):
-        if self.config.training.mixed_precision == "bf16" and not self.dims.fsdp:  # FSDP casts by its policy
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _masks(self, inputs: torch.Tensor, deferred: bool = False) -> AttentionMasks | None:
-        if not self.config.data.document_masking:
-            return None
-        return self.model.parts[0].get_attention_masks(inputs, self.tokenizer.eos_id, deferred)
 
     def train_step(
         self,
@@ -264,9 +286,10 @@ class Trainer:
         updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
         "parameters" by name."""
         microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
-        loss = self._forward_backward_any(microbatches, global_tokens)
+        loss = self.forward_backward.run(microbatches, global_tokens)
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
-        self.reducer.sum_replicas(list(named_grads.values()))
+        if self.replica_sum is not None:  # started in backward, bucket by bucket
+            self.replica_sum.finish()
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
         result = StepResult(self.reducer.global_loss(loss), grad_norm)
         result.read(any_rank_flag(stop_requested, self.device))
@@ -295,15 +318,6 @@ class Trainer:
             )
         return result
 
-    def _forward_backward_any(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
-        if self.model.pipeline is not None:
-            loss = self._forward_backward_pipeline(microbatches, global_tokens)
-        else:
-            loss = self._forward_backward(microbatches, global_tokens)
-        if self.gradient_tree is not None:
-            self.gradient_tree.check_complete()
-        return loss
-
     def _nonfinite(self, result: StepResult, microbatches: list[Microbatch], global_tokens: int) -> bool:
         """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
         policy = self.config.debug.nonfinite
@@ -316,7 +330,7 @@ class Trainer:
         if self.model.pipeline is None:
             where = (
                 first_nonfinite_module(
-                    self.model.parts[0], lambda: self._forward_backward_any(microbatches, global_tokens)
+                    self.model.parts[0], lambda: self.forward_backward.run(microbatches, global_tokens)
                 )
                 or "no module output or gradient (the loss or the reduction)"
             )
@@ -333,66 +347,10 @@ class Trainer:
         self._log(f"warning: {message}; step skipped")
         return True
 
-    def _forward_backward(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
-        """Forward and backward of this rank's microbatches; returns their summed loss (tree order).
-        FSDP's gradient sync stays on: each micro-step's gradients are reduce-scattered during its
-        backward, and with the tree on the shards the hooks sum the shards over micro-steps."""
-        model, losses = self.model.parts[0], []
-        if self.gradient_tree is not None:
-            self.gradient_tree.begin_step(len(microbatches))
-        for mb in microbatches:
-            inputs, labels = mb.inputs.to(self.device), mb.labels.to(self.device)
-            with self._autocast():
-                microbatch_loss = self._microbatch_loss(model, inputs, labels, global_tokens)
-            microbatch_loss.backward()
-            losses.append(microbatch_loss.detach().reshape(1))
-        if self.tree_on_shards:  # placed strided: the replica's losses are summed in block order
-            return shard_block_loss(torch.cat(losses), self.mesh.get_group("dp_shard")).reshape(1)
-        total = TreeSum()
-        for microbatch_loss in losses:
-            total.add([microbatch_loss])
-        return total.result()[0]
-
-    def _microbatch_loss(self, model, inputs: torch.Tensor, labels: torch.Tensor, global_tokens: int) -> torch.Tensor:
-        """The microbatch's share of the global-batch loss; with training.loss_chunk_tokens the model
-        runs the loss itself, a chunk of tokens at a time (eager), so no [B, S, vocab] logits exist."""
-        chunk_tokens = self.config.training.loss_chunk_tokens
-        if not chunk_tokens:
-            return self.loss_fn(model(inputs, self._masks(inputs)), labels, global_tokens)
-        head = partial(
-            chunked_global_batch_loss, labels_BS=labels, global_valid_tokens=global_tokens, chunk_tokens=chunk_tokens
-        )
-        return model(inputs, self._masks(inputs), head=head)
-
-    def _forward_backward_pipeline(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
-        """This rank's samples go through the schedule in one call, cut into pipeline microbatches;
-        returns the summed loss on the last stage and 0 elsewhere."""
-        pipeline = self.model.pipeline
-        inputs = torch.cat([mb.inputs for mb in microbatches]).to(self.device)
-        labels = torch.cat([mb.labels for mb in microbatches]).to(self.device)
-        masks = self._masks(inputs, deferred=True)  # each stage builds one microbatch's mask at a time
-        kwargs = {} if masks is None else {"attention_masks": masks}
-        self.pipeline_loss.global_tokens = global_tokens
-        if self.gradient_tree is not None:
-            self.gradient_tree.begin_step(pipeline.num_microbatches)
-        losses: list[torch.Tensor] = []
-        target = labels if pipeline.has_last_stage else None
-        with self._autocast():
-            if pipeline.has_first_stage:
-                pipeline.schedule.step(inputs, target=target, losses=losses, **kwargs)
-            else:
-                pipeline.schedule.step(target=target, losses=losses, **kwargs)
-        if not pipeline.has_last_stage:
-            return torch.zeros(1, device=self.device)
-        total = TreeSum()
-        for microbatch_loss in losses:
-            total.add([microbatch_loss.detach().float().reshape(1)])
-        return total.result()[0]
-
     def close(self, failed: bool = False) -> None:
         """Tear down the process group (after any last collective, e.g. full_weights); after a
         failure without the closing barrier, so this rank exits promptly whatever its peers do."""
-        if self.run_lock is not None and not self.checkpointer.saving:  # see _end_launch
+        if self.run_lock is not None and not self.checkpoints.saving:  # see _end_launch
             self.run_lock.release()
         destroy_process_group(barrier=not failed)
 
@@ -402,7 +360,7 @@ class Trainer:
         so no other run can prune its .partial folder meanwhile."""
         if self.launch is not None:
             self.launch.finish(self.state.step, completed=self.state.step >= self.config.training.steps)
-        if self.run_lock is not None and not self.checkpointer.saving:
+        if self.run_lock is not None and not self.checkpoints.saving:
             self.run_lock.release()
 
     def __enter__(self) -> Trainer:
@@ -426,17 +384,14 @@ class Trainer:
         self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
         interval_start, interval_steps = time.perf_counter(), 0
         if self.config.checkpoint.create_seed_checkpoint:
-            # Any layout writes the same seed checkpoint (initialisation is per element, layout-free):
-            # each rank saves its shards, so a model that fits no single device gets one too.
-            self.checkpointer.save(0, self.checkpoint_states, model_only=True)
-            self.checkpointer.close()  # an async save must be published before the launch ends
-            self.display.print(f"seed checkpoint written to {self.checkpointer.root}")
+            self.display.print(f"seed checkpoint written to {self.checkpoints.save_seed()}")
             self.display.close()
             self._end_launch()
             return self.run_folder
         with GracefulStop().installed() as stop:
             try:
                 stopping = False
+                clock = time.perf_counter() - self.state.elapsed_s  # continues the run's earlier launches
                 while self.state.step < steps and not stopping:
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
@@ -444,19 +399,23 @@ class Trainer:
                     result = self.train_step(fingerprint, stop_requested=stop.requested)
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
+                    self.state.elapsed_s = time.perf_counter() - clock
                     interval_steps += 1
                     # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
                     stopping = result.stop
-                    if self._should_log(self.state.step, steps, stopping):
+                    evaluate = self.validator is not None and not stopping and self.validator.due(step, steps)
+                    if evaluate or self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
                         record = self._record(result, lr, interval_steps * tokens_per_step / elapsed)
+                        if evaluate:  # after the throughput is taken, which evaluation time must not lower
+                            record |= self.validator.evaluate().as_record()
                         if self.metrics is not None:
                             self.metrics.log(record)
                         self.display.print(format_record(record))
                         interval_start, interval_steps = time.perf_counter(), 0
-                    self._maybe_save(stopping)
+                    self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
                     self.display.step(self.state.step, None)
-                self.checkpointer.close()
+                self.checkpoints.close()
                 self.stopped_by_signal = stopping
                 if stopping:
                     self.display.print(f"stopped by signal after step {self.state.step}")
@@ -466,42 +425,6 @@ class Trainer:
                 self.display.close()
                 self._end_launch()
         return self.run_folder
-
-    def _maybe_save(self, stopping: bool) -> None:
-        checkpoint, step, last_step = self.config.checkpoint, self.state.step, self.config.training.steps
-        self.checkpointer.poll()
-        if not self.checkpointer.should_save(step, last_step, stopping):
-            return
-        model_only = checkpoint.model_only or (step == last_step and checkpoint.last_save_model_only)
-        states = self.checkpoint_states
-        if model_only and checkpoint.export_dtype == "bf16":
-            states = states | {"model": ModelState(self.model.parts, dtype=torch.bfloat16)}
-        self.checkpointer.save(step, states, model_only=model_only)
-
-    def _resume_or_initialize(self) -> int | None:
-        """Load the newest checkpoint of this run (returns its step), or else the initial weights of
-        checkpoint.initial_load_path (returns None)."""
-        from_config = optimizer_hyperparameters(self.optimizers)
-        folder = self.resumed_from = self.checkpointer.resume(self.checkpoint_states, accept=self._accept_checkpoint)
-        if folder is not None:
-            # What the config says, not what the checkpoint carried: hyperparameters, then the lr schedule.
-            reset_optimizer_hyperparameters(self.optimizers, from_config)
-            self.checkpoint_states["lr_scheduler"].apply()
-            return self.state.step
-        if self.config.checkpoint.initial_load_path:
-            path = Path(self.config.checkpoint.initial_load_path)
-            spec = model_args(self.config.model, 1, 1)[0]
-            load_initial_weights(
-                path, self.checkpointer, self.checkpoint_states, spec, self.model.args, self.model.parts
-            )
-        return None
-
-    def _accept_checkpoint(self, folder: Path) -> None:
-        """Refuse a checkpoint of another setup, or one whose config differs in ways not allowed."""
-        self.checkpointer.check_identity(folder)
-        previous, source = resumed_config(folders.read_manifest(folder), self.run_folder)
-        allow = self.config.checkpoint.allow_config_change
-        check_config_change(previous, self.checkpointer.identity["config"], allow, folder, source, self._log)
 
     def _log(self, message: str) -> None:
         if self.world.is_main:
@@ -533,7 +456,10 @@ class Trainer:
                 "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size),
                 "memory_gib": peak_memory_gib(self.device),
                 "tokens_seen": self.state.tokens_seen,
+                "elapsed_s": self.state.elapsed_s,
+                "data_wait_s": self.loader.take_wait_s(),  # since the last record: the loader's share of it
             }
+            | {f"data/tokens/{name}": tokens for name, tokens in self.loader.take_source_tokens().items()}
             | result.fingerprints
             | self._moe_record(result.moe)
         )

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.hf import export_to_hf, import_from_hf, load_hf_weights, read_model_weights
+from lockstep.checkpoint.hf import export_to_hf, load_hf_weights, read_model_weights
+from lockstep.checkpoint.hf_import import import_from_hf
+from lockstep.checkpoint.states import persistent_tensors
 from lockstep.config import load_config
 from lockstep.config.sections import ModelConfig
 from lockstep.models.deepseek_v3 import hf_adapter as deepseek_hf
@@ -123,10 +126,7 @@ def test_streamed_export_in_many_files_equals_the_whole_model_conversion(tmp_pat
         _tiny_hf_llama(tmp_path / "hf")
     else:
         spec, args = model_args(ModelConfig(name=model, flavor="debug"), VOCAB, 32)
-        with torch.device("meta"):
-            built = spec.build(args, "sdpa")
-        built.init_weights(5, "cpu")
-        hf_state = {k: v.contiguous() for k, v in deepseek_hf.to_hf(dict(built.named_parameters()), args).items()}
+        hf_state = {k: v.contiguous() for k, v in deepseek_hf.to_hf(_deepseek_weights(spec, args), args).items()}
         (tmp_path / "hf").mkdir()
         save_file(hf_state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
         (tmp_path / "hf" / "config.json").write_text(json.dumps(deepseek_hf.hf_config(args)))
@@ -151,12 +151,27 @@ def test_streamed_export_in_many_files_equals_the_whole_model_conversion(tmp_pat
 TINY_MQA = ["--model.flavor", "tiny_mqa"]
 
 
+def _deepseek_weights(spec, args) -> dict[str, torch.Tensor]:
+    """A tiny DeepSeek-V3's checkpoint tensors, with a non-zero router bias (a persistent buffer, which
+    must travel with the parameters)."""
+    with torch.device("meta"):
+        model = spec.build(args, "sdpa")
+    model.init_weights(5, "cpu")
+    tensors = {name: t.detach() for name, t in persistent_tensors(model).items()}
+    biases = [name for name in tensors if name.endswith("expert_bias")]
+    assert biases
+    for name in biases:
+        tensors[name].copy_(torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(3)))
+    return tensors
+
+
 def _initial_weights(folder, hf_dir, config: str, overrides: list[str]) -> None:
     LLAMA3_FLAVORS["tiny_mqa"] = dataclasses.replace(LLAMA3_FLAVORS["tiny"], n_kv_heads=1)
     overrides = [*CHECKPOINTED, "--checkpoint.initial_load_path", str(hf_dir), *overrides]
     with Trainer(load_config(config, tiny_overrides(folder) + overrides), show_progress=False) as trainer:
         assert all(p.to_local().numel() < p.numel() for p in trainer.model.parts[0].parameters())  # sharded
         weights = trainer.full_weights()
+        weights |= {n: b.clone() for n, b in persistent_tensors(trainer.model.parts[0]).items() if n not in weights}
     if os.environ.get("RANK", "0") == "0":
         torch.save(weights, folder / "initial.pt")
 
@@ -188,10 +203,7 @@ def test_initial_load_path_reads_deepseek_hf_weights_into_fsdp(tmp_path):
     """Grouped experts [E, out, in] come from one Hugging Face tensor per expert: each rank reads its
     experts only. The fused in-memory layout of transformers (gate_up_proj) reads the same."""
     spec, args = model_args(ModelConfig(name="deepseek_v3", flavor="debug"), VOCAB, 32)
-    with torch.device("meta"):
-        model = spec.build(args, "sdpa")
-    model.init_weights(5, "cpu")
-    expected = {name: p.detach() for name, p in model.named_parameters()}
+    expected = _deepseek_weights(spec, args)
     hf_state = {k: v.contiguous() for k, v in deepseek_hf.to_hf(expected, args).items()}
     for folder, state in (("hf", hf_state), ("fused", _fused_experts(hf_state))):
         (tmp_path / folder).mkdir()
@@ -231,3 +243,79 @@ def _fused_experts(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         fused[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], 1)
         fused[f"{prefix}.mlp.experts.down_proj"] = stacked["down_proj"]
     return fused
+
+
+LOCKSTEP = os.path.join(os.path.dirname(sys.executable), "lockstep")
+
+
+def _convert(*args) -> subprocess.CompletedProcess:
+    command = [LOCKSTEP, "convert", *map(str, args)]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+
+
+def _tiny_hf(folder, model: str) -> dict[str, torch.Tensor]:
+    """A tiny Hugging Face folder of `model`; returns the lockstep weights it holds. Llama has one kv
+    head, so on 2 ranks the q/k row permutation meets a shard boundary inside a head."""
+    if model == "llama3":
+        hf = _tiny_hf_llama(folder, kv_heads=1)
+        args = hf_adapter.args_from_hf_config(json.loads((folder / "config.json").read_text()))
+        return hf_adapter.from_hf(hf.state_dict(), args)
+    spec, args = model_args(ModelConfig(name=model, flavor="debug"), VOCAB, 32)
+    expected = _deepseek_weights(spec, args)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in deepseek_hf.to_hf(expected, args).items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(deepseek_hf.hf_config(args)))
+    return expected
+
+
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3"])
+def test_from_hf_on_two_ranks_writes_the_one_process_checkpoint(tmp_path, model):
+    """`convert from-hf --nproc 2` (torchrun): each rank writes only its shard, and the checkpoint
+    holds bitwise the tensors of the one-process conversion, with the same manifest but its files."""
+    expected = _tiny_hf(tmp_path / "hf", model)
+    import_from_hf(tmp_path / "hf", tmp_path / "one", model)
+    done = _convert("from-hf", tmp_path / "hf", tmp_path / "two", "--model", model, "--nproc", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1 and "save_s" in done.stdout  # rank 0 reports
+    one, two = folders.step_folder(tmp_path / "one", 0), folders.step_folder(tmp_path / "two", 0)
+    shards = sorted(two.glob("*.distcp"))
+    assert [p.name for p in shards] == ["__0_0.distcp", "__1_0.distcp"]
+    whole = sum(p.stat().st_size for p in one.glob("*.distcp"))
+    assert all(p.stat().st_size < 0.6 * whole for p in shards)  # about half the model each
+    _assert_same(read_model_weights(two), read_model_weights(one))
+    _assert_same(read_model_weights(one), expected)
+    recorded = [
+        {k: v for k, v in folders.read_manifest(f).items() if k not in ("files", "checksums")} for f in (one, two)
+    ]
+    assert recorded[0] == recorded[1]
+
+
+def test_from_hf_refusals_are_one_line_before_or_after_the_launch(tmp_path):
+    """Pickled weights and a non-empty output folder are refused before any process starts; a
+    folder that lacks a tensor is found by the ranks, and its one line comes back once. Nothing is
+    published."""
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    _tiny_hf_llama(tmp_path / "hf")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "broken" / "model.safetensors")
+    for source, out, problem in (
+        (pickled, tmp_path / "a", r"pickled weights \(pytorch_model.bin\)"),
+        (tmp_path / "hf", tmp_path / "full", "exists and is not an empty folder; an import never overwrites"),
+        (tmp_path / "broken", tmp_path / "b", r"rank \d: .*has no tensor lm_head.weight"),
+    ):
+        done = _convert("from-hf", source, out, "--nproc", "2")
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("lockstep convert: error: "), done.stderr
+        assert re.search(problem, errors[0]), errors[0]
+        assert "Traceback" not in done.stderr and not folders.published_steps(out)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]

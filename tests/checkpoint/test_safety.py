@@ -11,7 +11,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.hf import export_to_hf, import_from_hf
+from lockstep.checkpoint.hf import export_to_hf
+from lockstep.checkpoint.hf_import import import_from_hf
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner, load_metadata_safely
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.conftest import EIGHT

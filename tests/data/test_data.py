@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lockstep.config.sections import DataConfig, ModelConfig, TrainingConfig
 from lockstep.data.corpus import builtin_corpus, corpus_documents
@@ -30,6 +31,24 @@ def test_sample_order_is_a_permutation_per_epoch():
     assert SampleOrder(seed=6, num_windows=50).windows_of(range(50)) != first_epoch
 
 
+def test_sample_order_is_a_true_permutation_at_every_small_size():
+    """Exhaustive: every size up to 600 (odd bit widths and cycle walking included), two epochs each."""
+    for num_windows in [*range(1, 601), 4097]:
+        order = SampleOrder(seed=num_windows, num_windows=num_windows)
+        for epoch in range(2):
+            windows = order.windows_of(range(epoch * num_windows, (epoch + 1) * num_windows))
+            assert sorted(windows) == list(range(num_windows)), num_windows
+
+
+def test_sample_order_holds_no_state_that_grows_with_the_dataset():
+    """10^10 windows: any sample is computed on demand; what the order keeps is one epoch's round keys."""
+    order = SampleOrder(seed=1, num_windows=10**10)
+    windows = order.windows_of(range(3 * 10**10 - 4, 3 * 10**10 + 4))  # across the epoch 2 -> 3 boundary
+    assert all(0 <= w < 10**10 for w in windows) and len(set(windows)) == len(windows)
+    state = [v for v in vars(order).values() if hasattr(v, "__len__")]
+    assert sum(len(v) for v in state) <= 1 and all(k.nbytes <= 64 for k in order._keys.values())
+
+
 def _loader(local_batch: int, seq_len: int = 16) -> DataLoader:
     tokenizer = build_tokenizer(ModelConfig(), DataConfig())
     windows = build_token_windows(TrainingConfig(seq_len=seq_len), DataConfig(), tokenizer)
@@ -52,6 +71,23 @@ def test_step_samples_do_not_depend_on_rank_layout(dp_degree, local_batch):
         ordered = [m for batches in rank_batches for m in batches]
         assert np.array_equal(np.concatenate([m.inputs for m in ordered]), whole.inputs)
         assert np.array_equal(np.concatenate([m.labels for m in ordered]), whole.labels)
+
+
+def test_valid_token_count_and_read_ahead_match_reading_every_sample():
+    """The denominator counted from token ids equals the count over every sample's labels (documents
+    starting inside windows included), and what the background thread read ahead is what a fresh read
+    gives."""
+    loader, ignored = _loader(2, seq_len=256), 0
+    for _ in range(30):
+        start = loader.next_sample_index
+        microbatches, tokens = loader.next_step(1, 2)
+        everything = [loader.global_microbatch(start, k) for k in range(4)]
+        assert tokens == sum(m.num_valid_tokens for m in everything)
+        assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(microbatches, everything[2:], strict=True))
+        ignored += 8 * 256 - tokens
+    assert ignored > 0  # some labels were BOS, so the count was tested
+    assert loader._ahead is not None and loader._ahead[0][0] == loader.next_sample_index
+    assert loader.take_wait_s() >= 0 and loader.take_wait_s() == 0
 
 
 def test_placement_strides_over_the_shards_of_each_replica():

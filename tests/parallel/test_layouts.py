@@ -14,7 +14,7 @@ import torch
 from lockstep.config.errors import ConfigError
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.distributed import run_on_ranks
+from tests.distributed import run_in_folder, run_on_ranks
 from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config
 
 SAME_BATCH = ["--training.steps", "10", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
@@ -44,11 +44,7 @@ def _result(folder) -> tuple[list[tuple], dict[str, torch.Tensor]]:
 
 
 def _run(folder, world_size: int, overrides: list[str]):
-    folder.mkdir(parents=True, exist_ok=True)
-    if world_size == 1:
-        _train(folder, overrides)
-    else:
-        run_on_ranks(_train, world_size, folder, overrides)
+    run_in_folder(_train, world_size, folder, overrides)
     return _result(folder)
 
 
@@ -81,15 +77,35 @@ def test_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world
 
 
 FOUR_MICROSTEPS = [*DETERMINISTIC, "--training.steps", "2", "--training.local_batch_size", "1"]  # 8 microbatches
+PIPELINE_MICROBATCH_1 = [*_pipeline(2, "1F1B")[:-1], "1"]
 
 
-def test_fsdp_tree_over_four_micro_steps_is_bitwise(tmp_path):
-    """FSDP 2 with 4 micro-steps per rank: the tree over micro-steps is kept on the shards, and a tree
-    of 4 differs from plain accumulation, so this checks its order (2 micro-steps could not tell)."""
+def _train_recording_tree(folder, overrides: list[str]) -> None:
+    """_train, and rank 0 writes what its gradient tree held at most against its shard of the model."""
+    with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
+        trainer.train()
+        save_rank_weights(trainer, folder)
+        shard = sum(p.to_local().numel() for _, p in trainer.named_params)
+        if trainer.world.is_main:
+            figures = {"peak_held": trainer.gradient_tree.peak_held_numel, "shard": shard}
+            (folder / "tree_memory.json").write_text(json.dumps(figures))
+
+
+@pytest.mark.parametrize("world_size, layout", [(2, []), (4, PIPELINE_MICROBATCH_1)], ids=["fsdp2", "pp2xfsdp2"])
+def test_fsdp_tree_over_four_micro_steps_is_bitwise(tmp_path, world_size, layout):
+    """4 micro-steps per rank: the tree over micro-steps is kept on the shards (each micro-step's
+    gradients are reduce-scattered in its backward, pipeline stages included), and a tree of 4
+    differs from plain accumulation, so this checks its order (2 micro-steps could not tell). The
+    tree holds log2(4) = 2 shards at most, not unsharded copies."""
     reference = _run(tmp_path / "one", 1, FOUR_MICROSTEPS)
-    metrics, weights = _run(tmp_path / "fsdp2", 2, FOUR_MICROSTEPS)
+    folder = tmp_path / "layout"
+    folder.mkdir()
+    run_on_ranks(_train_recording_tree, world_size, folder, [*FOUR_MICROSTEPS, *layout])
+    metrics, weights = _result(folder)
     assert len(metrics) == 2 and metrics == reference[0]
     assert all(torch.equal(weights[k], reference[1][k]) for k in weights)
+    figures = json.loads((folder / "tree_memory.json").read_text())
+    assert figures["peak_held"] == 2 * figures["shard"]
 
 
 def _tree_memory(folder) -> None:

@@ -4,8 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch._inductor.config as inductor
+
 from lockstep.config import load_config
+from lockstep.config.errors import ConfigError
 from lockstep.tools.audit import config_findings, torch_alerts
+from lockstep.train.determinism import refuse_timed_kernel_choice
 from tests.helpers import tiny_overrides
 
 LOCKSTEP = os.path.join(os.path.dirname(sys.executable), "lockstep")
@@ -43,17 +48,41 @@ def test_layout_dependent_features_are_named():
     assert items["debug.deterministic = false"] == "nondeterministic"
 
 
+def _cuda_attention_findings(*overrides: str, document_masking: bool = True) -> dict[str, str]:
+    config = load_config("llama3_debug", ["--training.device", "cuda", *overrides])
+    findings = config_findings(
+        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model,
+        document_masking,
+    )  # fmt: skip
+    return {f.item.split(" (")[0]: f.verdict for f in findings if "SDPA" in f.item or "Flex" in f.item}
+
+
 def test_cuda_attention_is_flagged_unless_strictly_deterministic():
     def sdpa_verdict(*overrides: str) -> str:
-        config = load_config("llama3_debug", ["--training.device", "cuda", *overrides])
-        findings = config_findings(
-            config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
-        )
-        return next(f.verdict for f in findings if f.item.startswith("SDPA on CUDA"))
+        return _cuda_attention_findings("--model.attention", "sdpa", *overrides)["SDPA on CUDA"]
 
     assert sdpa_verdict("--debug.deterministic") == "ok"
     assert sdpa_verdict("--debug.deterministic", "--debug.deterministic_warn_only") == "nondeterministic"
     assert sdpa_verdict() == "nondeterministic"
+
+
+def test_flex_on_cuda_is_deterministic_and_plain_causal_runs_sdpa():
+    """auto is flex on CUDA: its Triton backward has no atomics, so it is ok even in warn-only mode;
+    without document masks attention is SDPA's causal kernel whatever the backend, and is flagged."""
+    warn_only = ("--debug.deterministic", "--debug.deterministic_warn_only")
+    assert _cuda_attention_findings(*warn_only) == {"FlexAttention": "ok"}
+    assert _cuda_attention_findings(*warn_only, document_masking=False) == {"SDPA on CUDA": "nondeterministic"}
+
+
+def test_max_autotune_is_refused_under_deterministic():
+    """Kernels picked by timing can differ run to run: deterministic mode fails closed."""
+    with inductor.patch(max_autotune=False, max_autotune_gemm=False):
+        refuse_timed_kernel_choice()  # the default: one configuration per kernel
+    refusing = inductor.patch(max_autotune=True, deterministic=False)  # another test may have left it on
+    with refusing, pytest.raises(ConfigError, match="debug.deterministic: inductor max"):
+        refuse_timed_kernel_choice()
+    with inductor.patch(max_autotune=True, deterministic=True):  # inductor then picks without timing
+        refuse_timed_kernel_choice()
 
 
 def test_attention_warnings_are_caught_as_alerts():

@@ -150,3 +150,47 @@ def test_config_and_environment_differences_are_printed_above_the_table(tmp_path
         "  threads: 1 vs 4",
         "  world_size: 1 vs 2",
     ]
+
+
+def _run_with_validation(folder, val_losses, steps=20, freq=10):
+    """A run folder whose metrics.jsonl holds val_loss (with val_ppl, val_tokens) every `freq` steps."""
+    folder.mkdir()
+    lines = []
+    for step in range(1, steps + 1):
+        record = {"step": step, "loss": 8.0 - 0.1 * step, "grad_norm": 1.0, "elapsed_s": 0.5 * step}
+        if step % freq == 0 and val_losses:
+            val = val_losses[step // freq - 1]
+            record |= {"val_loss": val, "val_ppl": math.exp(val), "val_tokens": 7418}
+        lines.append(json.dumps(record) + "\n")
+    (folder / "metrics.jsonl").write_text("".join(lines))
+    return folder
+
+
+def test_val_loss_gets_its_table_and_gate(tmp_path, capsys):
+    values = [6.8466615201, 6.4998088475]
+    changed = [values[0], math.nextafter(values[1], math.inf)]  # one ULP at the evaluation of step 20
+    a = _run_with_validation(tmp_path / "a", values)
+    b = _run_with_validation(tmp_path / "b", changed)
+    code, out, _ = _gate(capsys, a, b, "--assert-equal", "--plot", tmp_path / "plot.png")
+    assert code == 1
+    assert "no difference (bitwise) at the 20 common step(s)" in out  # the training losses agree
+    assert f"eval step | val_loss {a} | val_loss {b} | max abs diff | max rel diff | bitwise equal" in out
+    assert "\n10 | 6.84666152 | 6.84666152 | 0.000e+00 | 0.000e+00 | yes" in out
+    assert "\n20 | 6.49980885 | 6.49980885 | 8.882e-16 | 1.366e-16 | no" in out
+    assert "first differing evaluation step (bitwise): 20" in out
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert _gate(capsys, a, b, "--rtol", "1e-9")[0] == 0
+    code, out, _ = _gate(capsys, a, _run_with_validation(tmp_path / "a_again", values), "--assert-equal")
+    assert code == 0 and "no val_loss difference (bitwise) at the 2 common evaluation step(s)" in out
+
+
+def test_val_loss_only_some_runs_have_is_noted_not_gated(tmp_path, capsys):
+    with_val = _run_with_validation(tmp_path / "with", [6.8, 6.5])
+    without = _run_with_validation(tmp_path / "without", [])
+    code, out, _ = _gate(capsys, with_val, without, "--assert-equal")
+    assert code == 0
+    assert "eval step" not in out
+    assert f"{without} lacks val_loss at 2 step(s) another run evaluated: 10, 20" in out
+    code, out, _ = _gate(capsys, without, _run_with_validation(tmp_path / "neither", []), "--assert-equal")
+    assert code == 0  # runs without validation: as before
+    assert out.splitlines()[-1] == "no difference (bitwise) at the 20 common step(s)"

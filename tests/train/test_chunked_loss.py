@@ -44,10 +44,9 @@ def test_chunked_loss_and_gradients_match_full_logits(chunk_tokens):
     "overrides",
     [
         ["--training.loss_chunk_tokens", "-1"],
-        ["--training.loss_chunk_tokens", "64", "--parallelism.pipeline_parallel_degree", "2"],
         ["--training.loss_chunk_tokens", "64", "--parallelism.tensor_parallel_degree", "2"],
     ],
-    ids=["negative", "pipeline", "tensor-parallel"],
+    ids=["negative", "tensor-parallel"],  # pipelines take it (tests/parallel/test_loss_parallel.py)
 )
 def test_chunked_loss_config_is_refused_where_unsupported(tmp_path, overrides):
     with pytest.raises(ConfigError, match="loss_chunk_tokens"):

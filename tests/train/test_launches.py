@@ -11,6 +11,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
 from lockstep.cli import main
 from lockstep.config.sections import CheckpointConfig
+from lockstep.train.launches import changes_the_numbers
 from lockstep.train.optimizer import lr_factor
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
@@ -103,3 +104,9 @@ def test_identity_mismatch_names_only_the_differing_keys(tmp_path):
     manager = CheckpointManager(CheckpointConfig(), tmp_path, identity, torch.device("cpu"))
     with pytest.raises(CheckpointMismatch, match=r"\(checkpoint -> this run: model\.args\.dim: 64 -> 128\)\. Use"):
         manager.check_identity(checkpoint)
+
+
+def test_the_attention_kernel_is_recorded_not_refused():
+    """Like the device: a run from before model.attention = auto (recorded sdpa) resumes under auto."""
+    assert not changes_the_numbers("model.attention")
+    assert changes_the_numbers("model.flavor")

@@ -78,6 +78,7 @@ def test_run_folder_contract(tmp_path):
     assert env["seeds"]["root"] == config.debug.seed  # a drawn seed is logged...
     assert env["versions"]["torch"].startswith("2.13")
     assert len(env["fingerprints"]["dataset"]) == 64
+    assert env["layout"]["attention"] == "sdpa"  # model.attention = auto, resolved for the CPU
     reloaded = load_config(str(folder / "config.toml"), [])
     assert reloaded.debug.seed == config.debug.seed  # ...and written, so config.toml reproduces the run
     assert reloaded == config

@@ -2,33 +2,63 @@
 
 A mask is built once per microbatch by the model's ``get_attention_masks`` and passed into
 ``forward``; nothing is cached on a module, so a microbatch can never see another's mask.
-SDPA takes a boolean [B, 1, S, S] block-causal mask (or none: plain causal); FlexAttention
-takes a BlockMask built from the same document ids.
+SDPA takes an additive [B, 1, S, S] block-causal mask (or none: plain causal); FlexAttention
+takes a BlockMask built from the same document ids, compiled, so no [B, 1, S, S] tensor exists.
+
+``model.attention = auto`` (the default) is FlexAttention on CUDA and SDPA elsewhere; the run
+resolves it once (``resolve_attention_backend``) and the model is built with the result.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils._pytree import register_dataclass
+
+from lockstep.config.errors import ConfigError
+
+BACKENDS = ("sdpa", "flex")
+"""What a model is built with; ``auto`` is resolved to one of these first."""
+
+
+def resolve_attention_backend(setting: str, device_type: str) -> str:
+    """The kernel a run uses, from ``model.attention`` and the device type, resolved once per run.
+
+    auto is flex on CUDA (FlexAttention skips the masked-out 128x128 blocks of packed documents and
+    holds no [B, 1, S, S] mask) and sdpa elsewhere. Explicit flex is refused off CUDA: torch 2.13's
+    FlexAttention has a CPU forward but no CPU backward. Explicit sdpa is allowed everywhere.
+    """
+    if setting == "auto":
+        return "flex" if device_type == "cuda" else "sdpa"
+    if setting == "flex" and device_type != "cuda":
+        raise ConfigError("model.attention", "FlexAttention has no CPU backward in torch 2.13; use auto or sdpa")
+    if setting not in BACKENDS:
+        raise ConfigError("model.attention", f"must be one of auto, {', '.join(BACKENDS)}; got {setting!r}")
+    return setting
 
 
 @dataclass
 class AttentionMasks:
-    """What one microbatch's attention calls need: a boolean SDPA mask or a FlexAttention BlockMask.
+    """What one microbatch's attention calls need: an SDPA mask, a FlexAttention BlockMask, or the
+    document ids to build either from (deferred).
 
-    Both None means plain causal attention (no document boundaries).
+    All None means plain causal attention (no document boundaries).
     """
 
     sdpa_mask: torch.Tensor | None = None
     """Additive float mask [B, 1, S, S] (0 = attend, -inf = not)."""
-    block_mask: object | None = None
+    block_mask: BlockMask | None = None
+    """FlexAttention's [B, 1, S, S] mask in 128x128 blocks (see ``flex_block_mask``)."""
     document_ids: torch.Tensor | None = None
     """Deferred: the [B, S] document ids from which the model builds the mask when its forward starts
     (``resolve``). A pipeline schedule splits these per microbatch, so each stage builds one
-    microbatch's [b, 1, S, S] mask at a time instead of receiving the whole rank batch's."""
+    microbatch's mask ([b, 1, S, S], or a BlockMask of batch b) at a time instead of receiving the
+    whole rank batch's."""
 
     def resolve(self, backend: str) -> AttentionMasks:
         """The masks to attend with: built from the document ids when deferred, else these."""
@@ -37,7 +67,8 @@ class AttentionMasks:
         return build_attention_masks(self.document_ids, backend)
 
 
-# A pytree node, so a pipeline schedule splits the masks by microbatch along with the tokens.
+# A pytree node, so a pipeline schedule splits the deferred document ids by microbatch along with
+# the tokens (pipelining always defers, see flex_block_mask).
 register_dataclass(AttentionMasks)
 
 
@@ -60,7 +91,7 @@ def build_attention_masks(document_ids_BS: torch.Tensor | None, backend: str) ->
     if document_ids_BS is None:
         return AttentionMasks()
     if backend == "flex":
-        return AttentionMasks(block_mask=_flex_block_mask(document_ids_BS))
+        return AttentionMasks(block_mask=flex_block_mask(document_ids_BS))
     return AttentionMasks(sdpa_mask=additive_mask(block_causal_mask(document_ids_BS)))
 
 
@@ -72,34 +103,88 @@ def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill_(~allowed, float("-inf"))
 
 
-def _flex_block_mask(document_ids_BS: torch.Tensor) -> object:
-    from torch.nn.attention.flex_attention import create_block_mask
+def document_causal_mask_mod(document_ids_BS: torch.Tensor) -> Callable:
+    """FlexAttention's mask_mod of ``block_causal_mask``: the same rule, one (q, kv) pair at a time.
+
+    Every call returns a closure of the same code object, so the compiled ``create_block_mask``
+    reuses one graph for every microbatch of a shape (dynamo guards on the code, and lifts the
+    captured ids to a graph input)."""
 
     def document_causal(b, h, q_idx, kv_idx):
-        same = document_ids_BS[b, q_idx] == document_ids_BS[b, kv_idx]
-        return same & (q_idx >= kv_idx)
+        same_document = document_ids_BS[b, q_idx] == document_ids_BS[b, kv_idx]
+        return same_document & (q_idx >= kv_idx)
 
+    return document_causal
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """torch 2.13's way to compile it (its ``_compile=True`` flag is deprecated and does this).
+
+    Eager, create_block_mask evaluates mask_mod into a dense [B, 1, S, S] bool tensor (torch's
+    create_mask) and only then reduces it to 128x128 blocks; compiled, inductor fuses the evaluation
+    into the block reductions, so only [B, 1, S/128, S/128] buffers are allocated (tested). Static
+    shapes: one graph per (batch, seq) shape, and a run has one or two."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def flex_block_mask(document_ids_BS: torch.Tensor) -> BlockMask:
+    """The BlockMask of one (micro)batch's documents: [B, 1, S, S] in blocks, shared by all heads.
+
+    Under pipelining the model builds it inside the stage's forward from the microbatch's own
+    document ids (``AttentionMasks.resolve``), so no whole-batch mask is built. A built BlockMask
+    would survive a split too (torch 2.13 lifts the ids the mask_mod captures into pytree leaves and
+    splits them along the batch dim with the block tables; tested), but the ids are what travel."""
     batch, seq_len = document_ids_BS.shape
-    return create_block_mask(document_causal, batch, None, seq_len, seq_len, device=str(document_ids_BS.device))
+    mask_mod = document_causal_mask_mod(document_ids_BS)
+    return _compiled_create_block_mask()(mask_mod, batch, None, seq_len, seq_len, device=document_ids_BS.device)
 
 
-_compiled_flex_attention = None
+FLEX_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
+"""Pinned on CUDA: AUTO would take the decoding kernel for sequences under 128 (made for inference,
+it splits the keys and combines the splits) and may take others in later versions. The Triton
+forward gives each program one query block of one head. The Triton backward is deterministic: each
+program owns one block of dQ (one query block of one head, looping over key blocks) or one block of
+dK/dV (one key block, looping over the query heads of its group and the query blocks), and
+stores it once with ``tl.store``; no atomics (torch/_inductor/kernel/flex/templates/
+flex_backwards.py.jinja, grid in kernel/flex/flex_attention.py ``flex_attention_backward_grid``).
+Atomics appear only for gradients of tensors a score_mod captures (``zeros_and_scatter``, kernel/
+flex/common.py), and lockstep passes no score_mod. BACKEND = FLASH (flash-attn 4) is the one with
+a nondeterministic dQ (kernel/flex/flex_flash_attention.py: deterministic only on SM100+ with
+dq_write_order); AUTO does not choose it today, pinning TRITON keeps it so."""
 
 
-def _flex_attention(q, k, v, block_mask, enable_gqa: bool):
-    """FlexAttention compiled once; without max-autotune so kernels are chosen deterministically."""
-    global _compiled_flex_attention
-    if _compiled_flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention compiled once, static shapes. Its kernel configuration is chosen without timing:
+    without max-autotune inductor offers one forward and one backward config per (GPU, dtype, head
+    dim) (torch/_inductor/template_heuristics/triton.py ``get_flex_attn_*_configs``), and under
+    torch's deterministic mode the reductions around it are filtered to one config too
+    (runtime/triton_heuristics.py ``filter_reduction_configs_for_determinism``)."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    kernel_options = FLEX_KERNEL_OPTIONS if q.is_cuda else None
+    return _compiled_flex_attention()(
+        q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=kernel_options
+    )
 
 
 def attention(
     q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, masks: AttentionMasks | None
 ) -> torch.Tensor:
-    """Causal attention, restricted to documents when masks say so. GQA when k/v have fewer heads."""
+    """Causal attention, restricted to documents when masks say so. GQA when k/v have fewer heads.
+
+    Without document masks both backends take SDPA with is_causal rather than FlexAttention with a
+    causal BlockMask: on CUDA that is the flash (bf16) or memory-efficient (fp32) kernel, faster than
+    FlexAttention's Triton kernel on a plain causal pattern, with no BlockMask to build per microbatch;
+    its backward is deterministic under strict debug.deterministic (torch then runs the kernels'
+    deterministic backward), and ``lockstep audit`` flags it otherwise, whichever backend is set."""
     enable_gqa = k_BHSD.shape[1] != q_BHSD.shape[1]
     if masks is not None and masks.block_mask is not None:
         return _flex_attention(q_BHSD, k_BHSD, v_BHSD, masks.block_mask, enable_gqa)

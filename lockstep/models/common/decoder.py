@@ -2,7 +2,8 @@
 
 A decoder has ``tok_embeddings``, a ``layers`` ModuleDict of blocks called as
 ``block(h, rope_cos_sin, masks)``, ``norm`` and ``output``; a pipeline stage sets the parts it does not
-hold to None. Subclasses build those parts and their own initialisation.
+hold to None. Subclasses build those parts and their own initialisation. Decoding with a KV cache
+calls ``block(h, cos_sin, masks, layer_cache)`` (lockstep.models.common.kv_cache), on one device.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lockstep.models.common import init as init_fns
-from lockstep.models.common.attention import AttentionMasks, build_attention_masks, document_ids_from_tokens
+from lockstep.models.common.attention import BACKENDS, AttentionMasks, build_attention_masks, document_ids_from_tokens
+from lockstep.models.common.kv_cache import KVCache
 
 
 class Decoder(nn.Module):
     def __init__(self, args, attention_backend: str, layers: dict[str, nn.Module]) -> None:
-        """`args` needs dim, vocab_size, norm_eps and validate(); `layers` are the blocks by index."""
+        """`args` needs dim, vocab_size, norm_eps and validate(); `layers` are the blocks by index;
+        `attention_backend` is sdpa or flex, model.attention resolved for the device
+        (``resolve_attention_backend``): a model does not know its device when it is built."""
         super().__init__()
         args.validate()
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention backend {attention_backend!r}: resolve model.attention first")
         self.args = args
         self.attention_backend = attention_backend
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -47,6 +53,15 @@ class Decoder(nn.Module):
             return init_fns.trunc_normal(0.02 / (2 * (layer_id + 1)) ** 0.5)
         return init_fns.trunc_normal(0.02)
 
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate (from meta) on `device` for weights that are loaded next, instead of initialising
+        them (``init_weights`` would draw every parameter first): buffers are zeroed and the RoPE
+        table, which no checkpoint holds, is built."""
+        self.to_empty(device=device)
+        for buffer in self.buffers():
+            buffer.zero_()
+        self.rope_cos_sin = self._rope_table(device)
+
     def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int, deferred: bool = False) -> AttentionMasks:
         """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel;
         `deferred` returns only the document ids, from which forward builds the mask (pipelining)."""
@@ -60,13 +75,28 @@ class Decoder(nn.Module):
         tokens_BS: torch.Tensor,
         attention_masks: AttentionMasks | None = None,
         head: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, vocab] (hidden states on a stage without the output). Without masks attention is
         plain causal over the whole sequence. `head(h_BSD, output)`, when given, replaces the output
         projection and its result is returned: a loss that projects a few tokens at a time never holds
         the [B, S, vocab] logits, and running it here keeps it inside FSDP's forward of the root (which
-        holds `output`)."""
+        holds `output`). A pipeline passes it to every stage; only the last (which has `output`) calls
+        it, so that stage returns the microbatch loss. Under tensor parallelism the logits may be a
+        vocab-sharded DTensor (the plan's loss parallelism).
+
+        `kv_cache` (inference, one device): `tokens_BS` are the tokens after those already cached;
+        the cache gives their positions and masks (`attention_masks` must be None) and every layer
+        stores their keys and values in it. Without it the training path runs, unchanged."""
         h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
+        if kv_cache is not None:
+            if attention_masks is not None:
+                raise ValueError("with a KV cache the cache builds the attention masks; pass none")
+            positions_BS, masks = kv_cache.begin(tokens_BS.shape[1])
+            cos_sin = self.rope_cos_sin[positions_BS]  # [B, S, D/2, 2]: each row's own positions
+            for name, layer in self.layers.items():
+                h = layer(h, cos_sin, masks, kv_cache.layers[int(name)])
+            return self.output(self.norm(h))
         if attention_masks is not None:
             attention_masks = attention_masks.resolve(self.attention_backend)
         for layer in self.layers.values():

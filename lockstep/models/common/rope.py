@@ -54,11 +54,16 @@ def rope_cos_sin(
 
 
 def apply_rope(x_BSHD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim of x [B, S, H, D] by the table [S, D/2, 2]."""
+    """Rotate interleaved pairs of the last dim of x [B, S, H, D] by the table [S, D/2, 2] (positions
+    0..S-1, training), or by per-row rows of it [B, S, D/2, 2] (decoding: the table gathered at each
+    token's position, see lockstep.models.common.kv_cache)."""
     seq_len = x_BSHD.shape[1]
     pairs = x_BSHD.float().unflatten(-1, (-1, 2))
-    cos = cos_sin[:seq_len, None, :, 0]
-    sin = cos_sin[:seq_len, None, :, 1]
+    if cos_sin.dim() == 4:
+        cos, sin = cos_sin[:, :, None, :, 0], cos_sin[:, :, None, :, 1]
+    else:
+        cos = cos_sin[:seq_len, None, :, 0]
+        sin = cos_sin[:seq_len, None, :, 1]
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x_BSHD)

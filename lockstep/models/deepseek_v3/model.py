@@ -14,6 +14,7 @@ from torch import nn
 from lockstep.models.common import init as init_fns
 from lockstep.models.common.attention import AttentionMasks, attention
 from lockstep.models.common.decoder import Decoder, FeedForward
+from lockstep.models.common.kv_cache import LayerCache
 from lockstep.models.common.moe import MoE, Router
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
@@ -34,7 +35,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (decoding): store this step's decompressed per-head k/v and attend over all cached."""
         batch, seq_len, _ = x_BSD.shape
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
         q_nope, q_rope = q.view(batch, seq_len, -1, self.nope_dim + self.rope_dim).split(
@@ -46,7 +50,10 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(2), cos_sin).expand(-1, -1, k_nope.shape[2], -1)
         q = torch.cat([q_nope, apply_rope(q_rope, cos_sin)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, masks)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -66,8 +73,10 @@ class TransformerBlock(nn.Module):
             self.moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, a.n_shared_experts, router)
             self.moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin, masks)
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, masks, cache=cache)  # TP plans see 3 inputs
         ffn = self.feed_forward if hasattr(self, "feed_forward") else self.moe
         return h + ffn(self.ffn_norm(h))
 

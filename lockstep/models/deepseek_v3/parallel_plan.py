@@ -6,6 +6,8 @@ MLA's low-rank down-projections (wq_a, wkv_a) and their norms stay plain replica
 column-parallel up-projections after them all-reduce their input gradients, so those modules get the
 full gradient on every rank. The one exception is the RoPE part of the key, which all heads share and
 no column-parallel layer consumes: ``SharedKeyRopeGradient`` all-reduces its gradient explicitly.
+The output projection is split by vocabulary as in Llama's plan: with loss parallelism the logits stay
+vocab-sharded for ``loss_parallel()``, without it they are gathered whole.
 """
 
 from __future__ import annotations
@@ -58,11 +60,16 @@ class SharedKeyRopeGradient(ParallelStyle):
         return module
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def tensor_parallel_plan(model: nn.Module, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """`loss_parallel`: the logits come back as a vocab-sharded DTensor (else as whole plain tensors)."""
     plan: dict[str, ParallelStyle] = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
     }
     rope_dim = model.args.qk_rope_head_dim
     for name, layer in model.layers.items():

@@ -12,6 +12,7 @@ from torch import nn
 from lockstep.models.common import init as init_fns
 from lockstep.models.common.attention import AttentionMasks, attention
 from lockstep.models.common.decoder import Decoder, FeedForward
+from lockstep.models.common.kv_cache import LayerCache
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
 from lockstep.models.llama3.args import Llama3Args
 
@@ -25,14 +26,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (decoding): store this step's k/v (GQA: kv_heads of them) and attend over all cached."""
         batch, seq_len, _ = x_BSD.shape
         # -1 heads so tensor parallelism (which shards the head dim) needs no change here.
         q = self.wq(x_BSD).view(batch, seq_len, -1, self.head_dim)
         k = self.wk(x_BSD).view(batch, seq_len, -1, self.head_dim)
         v = self.wv(x_BSD).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, masks)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -44,8 +51,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin, masks)
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, masks, cache=cache)  # TP plans see 3 inputs
         return h + self.feed_forward(self.ffn_norm(h))
 
 

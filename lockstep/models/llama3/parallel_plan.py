@@ -3,7 +3,9 @@
 Between blocks the residual stream is sharded over the sequence (Shard(1)); each attention and
 feed-forward input is all-gathered, q/k/v and w1/w3 are split by output features (heads), wo and w2
 by input features, whose partial sums are reduce-scattered back to sequence shards. Norms run on
-sequence shards. The logits come back whole (Replicate), so the loss needs no change.
+sequence shards. The output projection is split by vocabulary: with loss parallelism the logits stay
+sharded over it (a DTensor, Shard(-1)) and the cross-entropy runs on the shards under torch's
+``loss_parallel()``, so no rank holds [B, S, vocab]; without it they are all-gathered whole (Replicate).
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+def tensor_parallel_plan(model: nn.Module, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """`loss_parallel`: the logits come back as a vocab-sharded DTensor (else as whole plain tensors)."""
     plan: dict[str, ParallelStyle] = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
     }
     for name in model.layers:
         block = f"layers.{name}"

@@ -1,0 +1,236 @@
+"""A prepared dataset folder: the format, and reading it back as memory-mapped token windows.
+
+Layout of FOLDER (written by lockstep.data.prepare)::
+
+    manifest.json          written last, once every shard is present: the folder is usable iff it exists
+    plan.json              the inputs, the tokenizer and the shard boundaries (written first)
+    tokenizer.json         the tokenizer the tokens were made with (+ tokenizer_config.json when it had one),
+    tokenizer.bytes        or this marker for the bytes tokenizer
+    shards/NNNNN.tokens    uint16/uint32 tokens: every document as BOS + ids + EOS, in input order
+    shards/NNNNN.docs      uint64 start offset of each document within the shard (the document index)
+    shards/NNNNN.json      the shard's record (counts, checksums); its presence marks the shard done
+
+The shards concatenated in order are exactly the token stream the one-file cache used to hold, so the
+windows (seq_len + 1 tokens each, over the whole stream) are the same. Start-up reads the manifest and
+checks every shard's size, but never re-hashes content (``lockstep data verify`` does that on demand):
+at a trillion tokens a start must not read the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
+from lockstep.errors import InputError
+
+if TYPE_CHECKING:
+    from lockstep.data.dataset import TokenWindows
+
+FORMAT = "lockstep-prepared"
+VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+SHARDS = "shards"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+BYTES_MARKER = "tokenizer.bytes"
+CHECKSUM = "xxh3_128"
+_OPEN_SHARDS = 256
+"""Memory maps kept open at once (each holds a file descriptor); older ones are closed and reopened on use."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (as the one-file cache stored them)."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def dataset_fingerprint(source_fingerprint: str, tokenizer_fingerprint: str) -> str:
+    """What a run records and checks on resume: the documents and the tokenizer (the formula the
+    one-file cache used, so runs on the built-in corpus keep their fingerprint)."""
+    return hashlib.sha256(f"{source_fingerprint}/{tokenizer_fingerprint}".encode()).hexdigest()
+
+
+def shard_path(folder: Path, name: str, suffix: str) -> Path:
+    return folder / SHARDS / f"{name}.{suffix}"
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object written by preparation; InputError (naming the file) when it is not one."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"cannot read it ({e})", "prepare the folder again (lockstep data prepare)") from e
+    if not isinstance(value, dict):
+        raise InputError(path, "is not a JSON object", "prepare the folder again (lockstep data prepare)")
+    return value
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a finished preparation; InputError naming what is missing otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "no such prepared dataset folder", "prepare one: lockstep data prepare --out FOLDER")
+    path = folder / MANIFEST
+    if not path.is_file():
+        fix = "run lockstep data finalize on it once every job is done"
+        if not (folder / PLAN).is_file():
+            fix = "prepare it first: lockstep data prepare ... --out FOLDER"
+        raise InputError(folder, "has no manifest.json (not a finished preparation)", fix)
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise InputError(
+            path,
+            f"is format {manifest.get('format')!r} version {manifest.get('version')!r}; this lockstep reads "
+            f"{FORMAT!r} version {VERSION}",
+            "prepare the data again with this lockstep",
+        )
+    names = [shard.get("name") for shard in manifest.get("shards", []) if isinstance(shard, dict)]
+    if manifest.get("dtype") not in ("uint16", "uint32") or not all(isinstance(n, str) and n.isdigit() for n in names):
+        raise InputError(path, "has an unknown token dtype or shard name", "prepare the data again")  # never a path
+    return manifest
+
+
+def folder_tokenizer(folder: Path, manifest: dict) -> Tokenizer:
+    """The tokenizer a prepared folder carries."""
+    if manifest["tokenizer"]["kind"] == "bytes":
+        return BytesTokenizer()
+    return HFTokenizer(Path(folder) / TOKENIZER_FILE)
+
+
+def tokenizer_fix(folder: Path, manifest: dict) -> str:
+    """The overrides that train with the folder's own tokenizer."""
+    if manifest["tokenizer"]["kind"] == "bytes":
+        return "train with --model.tokenizer bytes"
+    return f"train with the folder's own tokenizer: --model.tokenizer hf --model.tokenizer_path {folder}"
+
+
+class ShardedTokens:
+    """The shards' tokens as one read-only sequence: ``len``, an int, a slice or an int array of positions,
+    as a numpy array would answer (what TokenWindows asks of its tokens). Shards are memory-mapped on
+    first use; a window that crosses a shard boundary is stitched from both."""
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.paths = paths
+        self.dtype = dtype
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._document_maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _documents(self, index: int) -> np.ndarray:
+        """Shard `index`'s document index (start offsets within the shard, sorted), memory-mapped."""
+        starts = self._document_maps.get(index)
+        if starts is None:
+            path = self.paths[index].with_suffix(".docs")
+            starts = np.memmap(path, dtype=np.uint64, mode="r") if path.stat().st_size else np.empty(0, np.uint64)
+            self._document_maps[index] = starts
+            if len(self._document_maps) > _OPEN_SHARDS:
+                self._document_maps.popitem(last=False)
+        return starts
+
+    def documents_starting_in(self, start: int, stop: int) -> int:
+        """How many documents start at a position in [start, stop), from the document index alone (a
+        binary search per shard the range touches: no token is read)."""
+        count = 0
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop and first < len(self.paths):
+            base, end = int(self.offsets[first]), min(stop, int(self.offsets[first + 1]))
+            starts = self._documents(first)
+            count += int(np.searchsorted(starts, end - base) - np.searchsorted(starts, start - base))
+            start, first = end, first + 1
+        return count
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _shard(self, index: int) -> np.ndarray:
+        tokens = self._maps.get(index)
+        if tokens is None:
+            tokens = np.memmap(self.paths[index], dtype=self.dtype, mode="r")
+            self._maps[index] = tokens
+            if len(self._maps) > _OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(index)
+        return tokens
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            end = min(stop, int(self.offsets[first + 1]))
+            base = int(self.offsets[first])
+            parts.append(self._shard(first)[start - base : end - base])
+            start, first = end, first + 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self._range(start, stop)[::step] if stop > start else np.empty(0, self.dtype)
+            return self._range(start, max(start, stop))
+        if isinstance(key, (int, np.integer)):
+            position = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= position < len(self):
+                raise IndexError(f"token {key} of {len(self)}")
+            return self._range(position, position + 1)[0]
+        positions = np.asarray(key, dtype=np.int64)
+        shards = np.searchsorted(self.offsets, positions, side="right") - 1
+        out = np.empty(positions.shape, self.dtype)
+        for shard in np.unique(shards):
+            where = shards == shard
+            out[where] = self._shard(int(shard))[positions[where] - self.offsets[shard]]
+        return out
+
+
+def load_prepared_windows(
+    folder: Path,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    manifest: dict | None = None,
+) -> TokenWindows:
+    """Windows of seq_len + 1 tokens over a prepared folder. Refuses (one line) a tokenizer other than the
+    folder's and a shard whose size is not the manifest's; reads no token content."""
+    from lockstep.data.dataset import TokenWindows  # imported here: it pulls in torch, which workers do not need
+
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    recorded = manifest["tokenizer"]
+    if recorded["fingerprint"] != tokenizer.fingerprint:
+        raise InputError(
+            folder,
+            f"was prepared with another tokenizer (fingerprint {recorded['fingerprint'][:12]}, this run's is "
+            f"{tokenizer.fingerprint[:12]})",
+            tokenizer_fix(folder, manifest),
+        )
+    dtype = np.dtype(manifest["dtype"])
+    paths, counts = [], []
+    for shard in manifest["shards"]:
+        path = shard_path(folder, shard["name"], "tokens")
+        size = path.stat().st_size if path.is_file() else -1
+        if size != shard["tokens"] * dtype.itemsize:
+            found = "it is missing" if size < 0 else f"it has {size} bytes"
+            raise InputError(
+                path,
+                f"the manifest records {shard['tokens'] * dtype.itemsize} bytes but {found}",
+                "prepare the folder again, or run lockstep data verify on it",
+            )
+        paths.append(path)
+        counts.append(shard["tokens"])
+    tokens = ShardedTokens(paths, counts, dtype)
+    if len(tokens) < seq_len + 1:
+        fits = f"training.seq_len <= {len(tokens) - 1} would fit, " if len(tokens) >= 2 else ""
+        raise InputError(
+            folder,
+            f"has {len(tokens)} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
+            f"{fits}or add data",
+        )
+    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"])

@@ -1,0 +1,92 @@
+"""A run's checkpoints beside the training loop: what they hold, when they are saved, and how a launch
+starts from one (resume, initial weights, or a seed checkpoint).
+
+Built from the checkpoint section plus runtime objects (the states to save, the identity a resumed
+checkpoint must match); the trainer only calls ``start``, ``save_if_due`` and ``close``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lockstep.checkpoint import folders
+from lockstep.checkpoint.initial import load_initial_weights
+from lockstep.checkpoint.manager import CheckpointManager
+from lockstep.checkpoint.states import ModelState
+from lockstep.config.sections import CheckpointConfig
+from lockstep.train.launches import (
+    check_config_change,
+    optimizer_hyperparameters,
+    reset_optimizer_hyperparameters,
+    resumed_config,
+)
+
+
+class RunCheckpoints:
+    def __init__(
+        self,
+        checkpoint: CheckpointConfig,
+        run_folder: Path,
+        identity: dict,
+        states: dict,
+        device: torch.device,
+        log: Callable[[str], None],
+    ) -> None:
+        self.config = checkpoint
+        self.run_folder = run_folder
+        self.states = states
+        """What a checkpoint holds, by part (model, optimizer, lr_scheduler, dataloader, train_state, rng)."""
+        self.manager = CheckpointManager(checkpoint, run_folder, identity, device, log)
+        self.log = log
+        self.resumed_from: Path | None = None
+
+    def start(self, optimizers: list[torch.optim.Optimizer], spec, args, parts: list[nn.Module]) -> bool:
+        """Load the newest usable checkpoint of this run (True), or else the initial weights of
+        checkpoint.initial_load_path, if any (False). A resumed run keeps the optimizer
+        hyperparameters of its config, not those the checkpoint carried, then its lr schedule."""
+        from_config = optimizer_hyperparameters(optimizers)
+        self.resumed_from = self.manager.resume(self.states, accept=self._accept)
+        if self.resumed_from is not None:
+            reset_optimizer_hyperparameters(optimizers, from_config)
+            self.states["lr_scheduler"].apply()
+            return True
+        if self.config.initial_load_path:
+            load_initial_weights(Path(self.config.initial_load_path), self.manager, self.states, spec, args, parts)
+        return False
+
+    def _accept(self, folder: Path) -> None:
+        """Refuse a checkpoint of another setup, or one whose config differs in ways not allowed."""
+        self.manager.check_identity(folder)
+        previous, source = resumed_config(folders.read_manifest(folder), self.run_folder)
+        ours = self.manager.identity["config"]
+        check_config_change(previous, ours, self.config.allow_config_change, folder, source, self.log)
+
+    def save_seed(self) -> Path:
+        """The model alone as step 0, published before this returns; any layout writes the same one
+        (initialisation is per element, layout-free), each rank its shards."""
+        self.manager.save(0, self.states, model_only=True)
+        self.manager.close()
+        return self.manager.root
+
+    def save_if_due(self, step: int, last_step: int, stopping: bool, parts: list[nn.Module]) -> None:
+        self.manager.poll()
+        if not self.manager.should_save(step, last_step, stopping):
+            return
+        model_only = self.config.model_only or (step == last_step and self.config.last_save_model_only)
+        states = self.states
+        if model_only and self.config.export_dtype == "bf16":
+            states = states | {"model": ModelState(parts, dtype=torch.bfloat16)}
+        self.manager.save(step, states, model_only=model_only)
+
+    @property
+    def saving(self) -> bool:
+        """An async save is still being written."""
+        return self.manager.saving
+
+    def close(self) -> None:
+        """Wait for an async save and publish it."""
+        self.manager.close()
