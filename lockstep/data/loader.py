@@ -17,9 +17,10 @@ from lockstep.config.sections import DataConfig, TrainingConfig
 from lockstep.data.corpus import builtin_corpus
 from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_token_windows
 from lockstep.data.mixture import MixtureWindows, load_mixture
-from lockstep.data.order import SampleOrder
+from lockstep.data.order import ORDER_VERSION, SampleOrder
 from lockstep.data.sources import DocumentSource, file_source
 from lockstep.data.tokenizer import Tokenizer
+from lockstep.errors import LockstepError
 
 
 @dataclass
@@ -110,13 +111,24 @@ class DataLoader:
         return taken
 
     def state_dict(self) -> dict:
-        return {"next_sample_index": self.next_sample_index, "fingerprint": self.windows.fingerprint}
+        return {
+            "next_sample_index": self.next_sample_index,
+            "fingerprint": self.windows.fingerprint,
+            "order_version": ORDER_VERSION,
+        }
 
     def load_state_dict(self, state: dict, check: bool = True) -> None:
         if check and state["fingerprint"] != self.windows.fingerprint:
-            raise ValueError(
+            raise LockstepError(
                 "the checkpoint's dataset/tokenizer fingerprint differs from this run's; "
                 "the data or tokenizer changed since it was saved"
+            )
+        saved_order = int(state.get("order_version", 1))  # checkpoints before the version was recorded: 1
+        if check and saved_order != ORDER_VERSION:
+            raise LockstepError(
+                f"the checkpoint was written with sample order {saved_order}, this lockstep reads order "
+                f"{ORDER_VERSION} (lockstep.data.order): resumed steps would read other windows than the run "
+                "would have; --checkpoint.ignore_mismatch resumes with the new order anyway"
             )
         self.next_sample_index = int(state["next_sample_index"])
         self._ahead = None  # read for another position

@@ -24,6 +24,9 @@ import numpy as np
 _DATA_STREAM = 0xDA7A
 """Separates the data-order stream from every other stream derived from the root seed."""
 ROUNDS = 6
+ORDER_VERSION = 2
+"""Recorded in the loader's checkpoint state: 1 was a stored PCG64 permutation per epoch, 2 this
+Feistel network. A resume across versions would read other windows, so it is refused by default."""
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

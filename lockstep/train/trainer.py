@@ -269,7 +269,9 @@ class Trainer:
             "model": ModelState(self.model.parts),
             "optimizer": OptimizerState(self.model.parts, self.optimizers),
             "lr_scheduler": SchedulerState(self.lr_schedulers),
-            "dataloader": ObjectState(self.loader, check_on_load=not self.config.checkpoint.ignore_mismatch),
+            "dataloader": ObjectState(
+                self.loader, check_on_load=not self.config.checkpoint.ignore_mismatch, optional=("order_version",)
+            ),
             "train_state": ObjectState(self.state, optional=("elapsed_s",)),  # added after format 2
             "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
         }

@@ -212,3 +212,25 @@ def test_exclude_from_loading_skips_a_part(tmp_path, uninterrupted):
     assert metrics[:stopped] == uninterrupted[0][:stopped]
     assert metrics[stopped][1] == uninterrupted[0][stopped][1]  # same weights and data for the next forward
     assert metrics[stopped + 1 :] != uninterrupted[0][stopped + 1 :]  # but fresh AdamW moments after it
+
+
+def test_a_checkpoint_of_the_previous_sample_order_is_refused_unless_asked(tmp_path, monkeypatch):
+    """A checkpoint written before the sample order was versioned (order 1, a stored permutation) would
+    resume onto other windows: refused in one line, and resumed with --checkpoint.ignore_mismatch."""
+    from lockstep.data.loader import DataLoader
+    from lockstep.errors import LockstepError
+
+    current = DataLoader.state_dict
+    monkeypatch.setattr(
+        DataLoader, "state_dict", lambda self: {k: v for k, v in current(self).items() if k != "order_version"}
+    )
+    checkpointed = ["--checkpoint.enable", "--checkpoint.interval", "2"]
+    with Trainer(tiny_config(tmp_path, *checkpointed, "--training.steps", "2"), show_progress=False) as trainer:
+        trainer.train()
+    monkeypatch.setattr(DataLoader, "state_dict", current)
+    with pytest.raises(LockstepError, match="written with sample order 1"):
+        Trainer(tiny_config(tmp_path, *checkpointed, "--training.steps", "4"), show_progress=False)
+    config = tiny_config(tmp_path, *checkpointed, "--training.steps", "4", "--checkpoint.ignore_mismatch")
+    with Trainer(config, show_progress=False) as trainer:
+        assert trainer.state.step == 2
+        trainer.train()
