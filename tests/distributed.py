@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import socket
 import sys
 from collections.abc import Callable
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on. Under pytest-xdist each worker draws from its own range below the
+    kernel's ephemeral ports (32768 up), so two workers starting process groups at once never pick
+    the same one (a port found free by one could otherwise be handed to the other before it is bound)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    first = 10000 + 2000 * int(worker[2:])
+    for port in random.Random().sample(range(first, first + 2000), 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + 1999}")
 
 
 def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:

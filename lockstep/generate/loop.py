@@ -6,7 +6,7 @@ A row stops at EOS (which it keeps) or after max_new_tokens; the batch runs unti
 and the tokens a stopped row is still fed are never part of its output. Without the cache, every
 step runs the whole sequence through the model again (the baseline the cache is measured against).
 
-Runs under no_grad with MoE token counting paused: decoding must not move the router's balancing
+Runs under inference_mode with MoE token counting paused: decoding must not move the router's balancing
 bias (lockstep.models.common.moe).
 """
 
@@ -28,7 +28,7 @@ OnTokens = Callable[[list[tuple[int, int]]], None]
 """Called after every step with (row, token) for each row still generating."""
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
