@@ -86,8 +86,9 @@ class ForwardBackward:
             self.replica_sum.begin_step(count)
         if self.gradient_tree is not None:
             self.gradient_tree.begin_step(count)
-        losses = self._train_loop(microbatches, global_tokens) if pipeline is None else None
-        if pipeline is not None:
+        if pipeline is None:
+            losses = self._train_loop(microbatches, global_tokens)
+        else:
             losses = self._pipeline_losses(microbatches, global_tokens, evaluate=False)
         if self.gradient_tree is not None:
             self.gradient_tree.check_complete()
