@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lockstep.cli.eval", "held-out loss of a run, a checkpoint or a Hugging Face folder"),
     "data": ("lockstep.cli.data", "prepare a dataset once (parallel, resumable), finalize and verify it"),
     "generate": ("lockstep.cli.generate", "continue prompts with a run, a checkpoint or a Hugging Face folder"),
+    "lighthouse": ("lockstep.cli.lighthouse", "serve torchft's lighthouse for fault-tolerant replica groups"),
     "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
     "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
 }

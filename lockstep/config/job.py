@@ -20,6 +20,7 @@ from lockstep.config.sections import (
     CompileConfig,
     DataConfig,
     DebugConfig,
+    FaultToleranceConfig,
     JobSectionConfig,
     LRSchedulerConfig,
     MetricsConfig,
@@ -44,6 +45,7 @@ SECTION_TYPES: dict[str, type] = {
     "parallelism": ParallelismConfig,
     "checkpoint": CheckpointConfig,
     "validation": ValidationConfig,
+    "fault_tolerance": FaultToleranceConfig,
 }
 
 
@@ -62,6 +64,7 @@ class JobConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     custom: dict[str, Any] = field(default_factory=dict)
     """Sections added by job.custom_config_module, by name."""
 
@@ -135,6 +138,20 @@ def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> Pa
     )
 
 
+def replica_groups(config: JobConfig) -> int:
+    """Replica groups at full strength (fault_tolerance.group_size), 1 without fault tolerance. They
+    form the outermost data-parallel axis: the global batch is counted over all of them, and each
+    computes one block of global_batch / groups samples per step."""
+    return config.fault_tolerance.group_size if config.fault_tolerance.enable else 1
+
+
+def resolve_group_batch_size(config: JobConfig, dims: ParallelDims) -> tuple[int, int]:
+    """(global batch, one replica group's block of it), in samples."""
+    groups = replica_groups(config)
+    global_batch = resolve_global_batch_size(config.training, dims.dp * groups)
+    return global_batch, global_batch // groups
+
+
 def resolve_global_batch_size(training: TrainingConfig, dp_degree: int) -> int:
     """The global batch in samples; it must be a whole number of microbatches on every rank."""
     per_microstep = training.local_batch_size * dp_degree
@@ -174,7 +191,7 @@ def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatch
     global_batch = validation.global_batch_size
     if dims.pp > 1:
         microbatch = parallelism.pipeline_parallel_microbatch_size
-        training_global = resolve_global_batch_size(training, dims.dp)
+        training_global = resolve_group_batch_size(config, dims)[1]  # one schedule step
         local = validation.local_batch_size or microbatch
         global_batch = training_global if global_batch == -1 else global_batch
         for key, value, needed in (
@@ -208,9 +225,9 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     _validate_unsupported_axes(config.parallelism)
     _validate_checkpoint_folder(config.job, config.checkpoint)
     dims = resolve_parallel_dims(config.parallelism, world_size)
-    global_batch = resolve_global_batch_size(config.training, dims.dp)
+    global_batch, group_batch = resolve_group_batch_size(config, dims)
     if dims.pp > 1:
-        _validate_pipeline(config, global_batch // dims.dp)
+        _validate_pipeline(config, group_batch // dims.dp)
     if config.training.loss_chunk_tokens and dims.tp > 1:
         raise ConfigError(
             "training.loss_chunk_tokens",
@@ -219,9 +236,9 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         )
     if config.validation.enable:
         resolve_validation(config, dims)
-    microbatches_per_rank = global_batch // (config.training.local_batch_size * dims.dp)
+    microbatches_per_rank = group_batch // (config.training.local_batch_size * dims.dp)
     invariant = config.debug.layout_invariant_reductions
-    if invariant and dims.dp > 1:
+    if invariant and (dims.dp > 1 or global_batch > group_batch):  # each rank's (and group's) block: a subtree
         _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank)
 
 

@@ -15,6 +15,7 @@ reference is generated from these docstrings, so they are the documentation.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 from lockstep.config.errors import ConfigError
@@ -411,6 +412,59 @@ class ParallelismConfig:
             "has no effect without pipeline parallelism; set parallelism.pipeline_parallel_degree > 1, "
             "or drop it (--parallelism.pipeline_parallel_split_points=)",
         )
+
+
+@dataclass
+class FaultToleranceConfig:
+    enable: bool = False
+    """Run as one replica group of a torchft job: replica groups form the outer data-parallel axis, keep
+    training when one dies, and a restarted group heals from a live one (README, "Fault tolerance")."""
+    replica_id: int = 0
+    """This group's index, 0 .. group_size - 1; its run folder is <dump_folder>/replica_<id>."""
+    group_size: int = 1
+    """Replica groups at full strength. The global batch is counted over all of them."""
+    min_replica_size: int = 1
+    """Fewest replica groups a step may commit with."""
+    lighthouse: str = ""
+    """Address of the torchft lighthouse (lockstep lighthouse), e.g. http://host:29510; empty = $TORCHFT_LIGHTHOUSE."""
+    timeout_s: float = 60.0
+    """Cross-group collectives, commit votes and healing transfers fail after this many seconds."""
+    quorum_timeout_s: float = 120.0
+    """Waiting for a quorum of replica groups fails after this many seconds."""
+    keep_global_batch: bool = True
+    """True: the live groups compute the missing groups' microbatches too, so every committed step is bitwise
+    the step of a run without failures. False: torchft's own behaviour, a step shrinks to the live groups."""
+
+    def validate(self) -> None:
+        if not self.enable:
+            return
+        _require(self.group_size >= 1, "fault_tolerance.group_size", "must be >= 1")
+        _require(
+            0 <= self.replica_id < self.group_size,
+            "fault_tolerance.replica_id",
+            f"must be in 0 .. group_size - 1 = {self.group_size - 1}; got {self.replica_id}",
+        )
+        _require(
+            1 <= self.min_replica_size <= self.group_size,
+            "fault_tolerance.min_replica_size",
+            f"must be in 1 .. group_size = {self.group_size}; got {self.min_replica_size}",
+        )
+        _require(self.timeout_s > 0, "fault_tolerance.timeout_s", "must be > 0")
+        _require(self.quorum_timeout_s > 0, "fault_tolerance.quorum_timeout_s", "must be > 0")
+        _require(
+            bool(self.lighthouse_address()),
+            "fault_tolerance.lighthouse",
+            "no lighthouse address: set it (e.g. http://localhost:29510, as printed by lockstep lighthouse) or "
+            "export TORCHFT_LIGHTHOUSE",
+        )
+        _require(
+            importlib.util.find_spec("torchft") is not None,
+            "fault_tolerance.enable",
+            "needs the torchft package, which is not installed; pip install torchft==0.2.0",
+        )
+
+    def lighthouse_address(self) -> str:
+        return self.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE", "")
 
 
 @dataclass

@@ -70,11 +70,13 @@ class DataLoader:
         inputs, labels = self.windows.batch(self.order.windows_of(range(start, start + self.local_batch)))
         return Microbatch(inputs, labels)
 
-    def _read_step(self, step_start: int, mine: tuple[int, ...]) -> tuple[list[Microbatch], int, dict[str, int]]:
+    def _read_step(
+        self, step_start: int, mine: tuple[int, ...], step_samples: int
+    ) -> tuple[list[Microbatch], int, dict[str, int]]:
         microbatches = [self.global_microbatch(step_start, j) for j in mine]
         if self.pin_memory:
             microbatches = [Microbatch(mb.inputs.pin_memory(), mb.labels.pin_memory()) for mb in microbatches]
-        step_windows = self.order.windows_of(range(step_start, step_start + self.global_batch))
+        step_windows = self.order.windows_of(range(step_start, step_start + step_samples))
         if isinstance(self.windows, MixtureWindows):
             by_source = self.windows.valid_tokens_by_source(step_windows)
             return microbatches, sum(by_source.values()), by_source
@@ -83,8 +85,27 @@ class DataLoader:
     def next_step(self, dp_rank: int = 0, dp_degree: int = 1, shard_degree: int = 1) -> tuple[list[Microbatch], int]:
         """This rank's microbatches of the next step in micro-step order (see ``placement``), and the
         valid-token count of the whole global batch (the loss denominator, identical on every rank)."""
-        mine = tuple(placement(self.global_batch // self.local_batch, dp_rank, dp_degree, shard_degree))
-        key = (self.next_sample_index, mine)
+        (microbatches,), global_tokens = self.next_blocks((0,), 1, dp_rank, dp_degree, shard_degree)
+        return microbatches, global_tokens
+
+    def next_blocks(
+        self,
+        blocks: tuple[int, ...],
+        num_blocks: int,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+        shard_degree: int = 1,
+        step_samples: int | None = None,
+    ) -> tuple[list[list[Microbatch]], int]:
+        """This rank's microbatches of some blocks of the next step: the step's `step_samples` samples
+        (the global batch by default) cut into `num_blocks` equal blocks of consecutive microbatches,
+        each placed over the ranks as a step of its own (fault tolerance: replica groups compute
+        blocks). Returns them per block, and the valid-token count of the whole step."""
+        step_samples = self.global_batch if step_samples is None else step_samples
+        per_block = step_samples // self.local_batch // num_blocks
+        inside = placement(per_block, dp_rank, dp_degree, shard_degree)
+        mine = tuple(b * per_block + j for b in blocks for j in inside)
+        key = (self.next_sample_index, mine, step_samples)
         started = time.perf_counter()
         if self._ahead is not None and self._ahead[0] == key:
             result = self._ahead[1].result()
@@ -94,10 +115,18 @@ class DataLoader:
         microbatches, global_tokens, by_source = result
         for name, tokens in by_source.items():  # counted here, when the step is consumed, not when read ahead
             self._source_tokens[name] = self._source_tokens.get(name, 0) + tokens
-        self.next_sample_index += self.global_batch
-        following = (self.next_sample_index, mine)
+        self.next_sample_index += step_samples
+        following = (self.next_sample_index, mine, step_samples)
         self._ahead = (following, self._reader.submit(self._read_step, *following))
-        return microbatches, global_tokens
+        return [microbatches[i : i + len(inside)] for i in range(0, len(microbatches), len(inside))], global_tokens
+
+    def position(self) -> tuple[int, dict[str, int]]:
+        """Where the next step starts, with the source-token counts not yet taken (see ``rewind``)."""
+        return self.next_sample_index, dict(self._source_tokens)
+
+    def rewind(self, position: tuple[int, dict[str, int]]) -> None:
+        """Go back to a ``position``: a step that was not committed (fault tolerance) is read again."""
+        self.next_sample_index, self._source_tokens = position[0], dict(position[1])
 
     def take_wait_s(self) -> float:
         """Seconds spent waiting for data in next_step since the last call."""

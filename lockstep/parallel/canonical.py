@@ -41,8 +41,10 @@ class TreeSum:
     def __init__(self) -> None:
         self._stack: list[tuple[int, list[torch.Tensor]]] = []
 
-    def add(self, tensors: list[torch.Tensor]) -> None:
-        level, item = 0, tensors
+    def add(self, tensors: list[torch.Tensor], level: int = 0) -> None:
+        """Add the next item: one leaf, or (``level`` k) the finished sum of the next 2^k leaves. Fed
+        aligned blocks in order, the result is bitwise that of feeding their leaves one by one."""
+        item = tensors
         while self._stack and self._stack[-1][0] == level:
             _, left = self._stack.pop()
             torch._foreach_add_(left, item)

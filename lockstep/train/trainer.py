@@ -21,7 +21,7 @@ import torch
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import resolve_global_batch_size, resolve_parallel_dims, resolve_validation
+from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims, resolve_validation
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
@@ -91,6 +91,9 @@ class StepResult:
     grad_norm_value: float = math.nan
     stop: bool = False
     """Some rank asked to stop (SIGTERM/Ctrl-C): every rank stops after this step."""
+    committed: bool = True
+    """False when fault tolerance voted the step down (a replica group failed in it): nothing was
+    updated and the step is redone."""
 
     def read(self, stop_flag: torch.Tensor) -> None:
         """The step's one device-to-host read: loss, grad norm and the agreed stop flag together
@@ -132,6 +135,8 @@ class Trainer:
         validate_job_config(config, self.world.world_size)
         self.config = config
         self.run_folder = Path(config.job.dump_folder)
+        if config.fault_tolerance.enable:  # each replica group keeps its own run folder
+            self.run_folder = self.run_folder / f"replica_{config.fault_tolerance.replica_id}"
         # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
         self.run_lock = RunLock.acquire(self.run_folder, self._log) if self.world.is_main else None
         if self.run_lock is not None and config.debug.seed is None:
@@ -149,13 +154,19 @@ class Trainer:
         training = config.training
         self.tokenizer = build_tokenizer(config.model, config.data)
         windows = build_token_windows(training, config.data, self.tokenizer)
-        self.global_batch = resolve_global_batch_size(training, self.dims.dp)
+        # With fault tolerance the global batch spans all replica groups; this group's layout runs blocks of it.
+        self.global_batch, self.group_batch = resolve_group_batch_size(config, self.dims)
         self.dp_rank = axis_rank(self.mesh, "dp")
         # Under pipelining the tree's leaves are the schedule's microbatches, so the loader cuts those.
         microbatch = training.local_batch_size
         if self.dims.pp > 1:
             microbatch = config.parallelism.pipeline_parallel_microbatch_size
         self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, microbatch)
+        # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
+        # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
+        canonical = config.debug.layout_invariant_reductions
+        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
+        self.fault_tolerance = self._fault_tolerance(use_tree, microbatch) if config.fault_tolerance.enable else None
         self.loader.pin_memory = self.device.type == "cuda"
         if summary := getattr(windows, "summary", None):  # a mixture says how its weights were resolved
             self._log(summary())
@@ -164,17 +175,13 @@ class Trainer:
         if config.compile.enable and "loss" in config.compile.components:
             loss_fn = torch.compile(global_batch_loss)
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
-        # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
-        # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
-        canonical = config.debug.layout_invariant_reductions
-        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
         layout = Layout(
             self.dims, self.mesh, self.device, training.mixed_precision, use_tree, config.debug.seed, self.attention_backend
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
             self.tokenizer.vocab_size, training.seq_len, pipeline_loss,
-            self.global_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
+            self.group_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
         )  # fmt: skip
         for part in self.model.parts:
             if hasattr(part, "set_force_load_balance"):
@@ -212,6 +219,8 @@ class Trainer:
         )  # fmt: skip
         spec = model_args(config.model, 1, 1)[0]
         resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
+        if self.fault_tolerance is not None:
+            self.fault_tolerance.attach(self.checkpoints.states, self.state.step)
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
@@ -242,6 +251,29 @@ class Trainer:
         else:
             tree.watch(p for part in self.model.parts for p in part.parameters())
         return tree
+
+    def _fault_tolerance(self, canonical: bool, microbatch: int):
+        """Built from the fault_tolerance section, early (the group heartbeats from here on): this group's
+        torchft manager; each group computes blocks of group_batch samples."""
+        from lockstep.train.fault_tolerance import FaultTolerance
+
+        level = (self.group_batch // microbatch).bit_length() - 1  # blocks of 2^level microbatches
+        return FaultTolerance(
+            self.config.fault_tolerance, self.world, self.device, self.group_batch, level, canonical, self.run_folder
+        )
+
+    def _group_gradients(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
+        """Forward and backward of this rank's microbatches, gradients summed over the replica group's
+        ranks; returns the loss of the group's microbatches (every rank alike)."""
+        loss = self.forward_backward.run(microbatches, global_tokens)
+        if self.replica_sum is not None:  # started in backward, bucket by bucket
+            self.replica_sum.finish()
+        return self.reducer.global_loss(loss)
+
+    def _read_blocks(self, blocks: tuple[int, ...], num_blocks: int, step_samples: int | None):
+        return self.loader.next_blocks(
+            blocks, num_blocks, self.dp_rank, self.dims.dp, self.microbatch_stride, step_samples
+        )
 
     def _validator(self) -> Validator:
         """Built from the validation section; it evaluates through the same forward as training."""
@@ -287,13 +319,26 @@ class Trainer:
         default), and with `fingerprint` the hashes of the gradients (before clipping) and of the
         updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
         "parameters" by name."""
-        microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
-        loss = self.forward_backward.run(microbatches, global_tokens)
+        if self.fault_tolerance is None:
+            microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
+            loss = self._group_gradients(microbatches, global_tokens)
+        else:  # this group's blocks of the step, summed with the other groups'; redone if not committed
+            position, counters = self.loader.position(), [moe.tokens_per_expert for _, moe in self.moe_blocks]
+            params = [p for _, p in self.named_params]
+            step = self.state.step + 1
+            loss, microbatches, global_tokens = self.fault_tolerance.step_gradients(
+                step, self._read_blocks, self._group_gradients, params, counters
+            )
+            if not self.fault_tolerance.commit(step):
+                self.loader.rewind(position)
+                for tensor in counters:
+                    tensor.zero_()
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                return StepResult(loss, loss, committed=False)
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
-        if self.replica_sum is not None:  # started in backward, bucket by bucket
-            self.replica_sum.finish()
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
-        result = StepResult(self.reducer.global_loss(loss), grad_norm)
+        result = StepResult(loss, grad_norm)
         result.read(any_rank_flag(stop_requested, self.device))
         if fingerprint:
             result.fingerprints["grad_fingerprint"] = model_fingerprint(
@@ -354,6 +399,8 @@ class Trainer:
         failure without the closing barrier, so this rank exits promptly whatever its peers do."""
         if self.run_lock is not None and not self.checkpoints.saving:  # see _end_launch
             self.run_lock.release()
+        if getattr(self, "fault_tolerance", None) is not None:
+            self.fault_tolerance.close()
         destroy_process_group(barrier=not failed)
 
     def _end_launch(self) -> None:
@@ -395,10 +442,16 @@ class Trainer:
                 stopping = False
                 clock = time.perf_counter() - self.state.elapsed_s  # continues the run's earlier launches
                 while self.state.step < steps and not stopping:
+                    if self.fault_tolerance is not None:  # the step's quorum; a group that is behind heals here
+                        self.fault_tolerance.start_step(self.state.step)
+                        if self.state.step >= steps:
+                            break
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
                     fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
                     result = self.train_step(fingerprint, stop_requested=stop.requested)
+                    if not result.committed:
+                        continue
                     self.state.step += 1
                     self.state.tokens_seen += tokens_per_step
                     self.state.elapsed_s = time.perf_counter() - clock
@@ -464,4 +517,5 @@ class Trainer:
             | {f"data/tokens/{name}": tokens for name, tokens in self.loader.take_source_tokens().items()}
             | result.fingerprints
             | self._moe_record(result.moe)
+            | (self.fault_tolerance.record() if self.fault_tolerance is not None else {})
         )

@@ -1,0 +1,91 @@
+"""A replica group's live state, sent to a restarted group through torchft's checkpoint transport.
+
+The sender's side is every checkpoint part (model, optimizer, scheduler, loader position, train state,
+RNG; MoE router biases are model buffers) with each DTensor replaced by this rank's shard: replica
+groups run one layout, and the transport connects rank r of every group, so shards line up. The
+receiver asks its own parts for their state dicts (torch.distributed.checkpoint's way of loading:
+the optimizer's moments are created if it never stepped), fills them from what arrived, in place for
+its shards, and loads them.
+
+Nothing received may execute code. torchft's HTTP transport unpickles with ``weights_only=False``;
+``SafeHTTPTransport`` reads the same stream with torch's weights-only unpickler, which builds tensors
+and plain containers only, so the state must stay plain (it does: see lockstep.checkpoint.states).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torchft.checkpointing._serialization import _streaming_load
+from torchft.checkpointing.http_transport import HTTPTransport
+
+from lockstep.errors import LockstepError
+
+
+class SafeHTTPTransport(HTTPTransport):
+    """torchft's HTTP checkpoint transport, reading what a peer sends with the weights-only unpickler."""
+
+    @classmethod
+    def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+        import urllib.request
+
+        with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
+            return _streaming_load(f, weights_only=True)
+
+
+def plain(value: Any) -> Any:
+    """`value` with every DTensor replaced by this rank's shard and tuples by lists: what the
+    weights-only unpickler accepts, and what a peer with the same layout can load in place."""
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def fill(template: Any, received: Any, where: str) -> Any:
+    """`template` (this rank's own state dict) with the values of `received` (a peer's ``plain``):
+    shards are copied into the template's DTensors, other tensors moved to its device, the rest taken."""
+    if isinstance(template, DTensor):
+        local = template.to_local()
+        if not isinstance(received, torch.Tensor) or received.shape != local.shape:
+            got = tuple(received.shape) if isinstance(received, torch.Tensor) else type(received).__name__
+            raise LockstepError(
+                f"healing: {where} arrived as {got}, this rank holds a shard of {tuple(local.shape)}; every "
+                "replica group must run the same layout (parallelism section and --nproc)"
+            )
+        local.copy_(received)
+        return template
+    if isinstance(template, torch.Tensor) and isinstance(received, torch.Tensor):
+        return received.to(template.device)
+    if isinstance(template, dict) and isinstance(received, dict):
+        return {k: fill(template[k], v, f"{where}.{k}") if k in template else v for k, v in received.items()}
+    if isinstance(template, tuple) and isinstance(received, list):
+        return tuple(fill(t, r, where) for t, r in zip(template, received, strict=True))
+    return received
+
+
+class HealingState:
+    """The state_dict / load_state_dict pair torchft's Manager sends and receives, over the same parts
+    a checkpoint holds (``states``: name -> object with state_dict()/load_state_dict())."""
+
+    def __init__(self, states: dict) -> None:
+        self.states = states
+        self.received = 0
+        """How many times a peer's state was loaded here (a heal)."""
+
+    def state_dict(self) -> dict:
+        return {name: plain(part.state_dict()) for name, part in self.states.items()}
+
+    def load_state_dict(self, received: dict) -> None:
+        missing = sorted(set(self.states) - set(received))
+        if missing:
+            raise LockstepError(f"healing: the peer's state lacks {', '.join(missing)}")
+        for name, part in self.states.items():
+            part.load_state_dict(fill(part.state_dict(), received[name], name))
+        self.received += 1
