@@ -201,3 +201,39 @@ def test_seed_checkpoint_in_any_layout():
     config = load_config("llama3_debug", ["--checkpoint.create_seed_checkpoint"])
     validate_job_config(config, world_size=1)
     validate_job_config(config, world_size=2)  # each rank saves its shards of the same weights
+
+
+@pytest.mark.parametrize(
+    "overrides,key,fragment",
+    [
+        (["--fault_tolerance.group_size", "2", "--fault_tolerance.replica_id", "2"], "fault_tolerance.replica_id",
+         "0 .. group_size - 1 = 1"),
+        (["--fault_tolerance.min_replica_size", "3", "--fault_tolerance.group_size", "2"],
+         "fault_tolerance.min_replica_size", "1 .. group_size = 2"),
+        (["--fault_tolerance.lighthouse", ""], "fault_tolerance.lighthouse", "TORCHFT_LIGHTHOUSE"),
+        (["--fault_tolerance.group_size", "2", "--training.global_batch_size", "6"], "training.global_batch_size",
+         "data-parallel degree"),
+        (["--fault_tolerance.group_size", "3", "--training.global_batch_size", "18"], "training.global_batch_size",
+         "power-of-two number of microbatches per rank"),
+    ],
+)  # fmt: skip
+def test_fault_tolerance_settings_are_checked_before_any_process_group(overrides, key, fragment, monkeypatch):
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    base = ["--fault_tolerance.enable", "--fault_tolerance.lighthouse", "http://localhost:29510"]
+    config = load_config("llama3_debug", base + ["--training.local_batch_size", "2"] + overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_job_config(config, world_size=1)
+    assert error.value.key == key and fragment in str(error.value)
+
+
+def test_fault_tolerance_counts_the_global_batch_over_every_replica_group(monkeypatch):
+    from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims
+
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://localhost:29510")  # the default address
+    config = load_config(
+        "llama3_debug",
+        ["--fault_tolerance.enable", "--fault_tolerance.group_size", "3", "--training.local_batch_size", "2"],
+    )
+    validate_job_config(config, world_size=2)
+    dims = resolve_parallel_dims(config.parallelism, 2)
+    assert resolve_group_batch_size(config, dims) == (12, 4)  # 2 samples x 2 ranks x 3 groups; a group's block
