@@ -8,10 +8,10 @@ Exit codes: 0 trained to training.steps; 75 stopped by SIGTERM/SIGINT after savi
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
 from lockstep.config import JobConfig, load_config, validate_job_config
+from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
 
 
@@ -37,7 +37,7 @@ def run(argv: list[str]) -> int:
         validate_job_config(config, args.nproc)  # fail here, before N processes start
         from lockstep.train.run_lock import check_run_folder_free
 
-        check_run_folder_free(Path(config.job.dump_folder))  # rank 0 takes the lock itself once started
+        check_run_folder_free(run_folder(config))  # rank 0 takes the lock itself once started
         return launch_torchrun(args.nproc, argv)
     try:
         return _train(load_config(args.config, overrides))

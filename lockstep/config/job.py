@@ -138,6 +138,15 @@ def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> Pa
     )
 
 
+def run_folder(config: JobConfig) -> Path:
+    """Where this launch writes: job.dump_folder, or its replica_<id> folder under fault tolerance
+    (every replica group keeps its own)."""
+    folder = Path(config.job.dump_folder)
+    if config.fault_tolerance.enable:
+        return folder / f"replica_{config.fault_tolerance.replica_id}"
+    return folder
+
+
 def replica_groups(config: JobConfig) -> int:
     """Replica groups at full strength (fault_tolerance.group_size), 1 without fault tolerance. They
     form the outermost data-parallel axis: the global batch is counted over all of them, and each
@@ -239,11 +248,11 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     microbatches_per_rank = group_batch // (config.training.local_batch_size * dims.dp)
     invariant = config.debug.layout_invariant_reductions
     if invariant and (dims.dp > 1 or global_batch > group_batch):  # each rank's (and group's) block: a subtree
-        _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank)
+        _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank, replica_groups(config))
 
 
 def _validate_invariant_batch(
-    training: TrainingConfig, dims: ParallelDims, world_size: int, microbatches_per_rank: int
+    training: TrainingConfig, dims: ParallelDims, world_size: int, microbatches_per_rank: int, groups: int
 ) -> None:
     """Layout-invariant reductions sum gradients in a fixed binary tree over the global microbatch index,
     so each rank's block must be a whole subtree: power-of-two dp degree and microbatches per rank. The
@@ -260,13 +269,15 @@ def _validate_invariant_batch(
             f"tensor or pipeline parallelism so that the data-parallel degree is a power of two, {off}",
         )
     if not _is_power_of_two(microbatches_per_rank):
-        per_microstep = training.local_batch_size * dims.dp
+        per_microstep = training.local_batch_size * dims.dp * groups
         lower = 1 << (microbatches_per_rank.bit_length() - 1)
+        in_groups = f" x {groups} replica groups" if groups > 1 else ""
         raise ConfigError(
             "training.global_batch_size",
             f"{why} a power-of-two number of microbatches per rank (got {microbatches_per_rank}); use "
             f"global_batch_size = {lower * per_microstep} or {2 * lower * per_microstep} "
-            f"(local_batch_size x dp degree x 2^k = {training.local_batch_size} x {dims.dp} x 2^k), {off}",
+            f"(local_batch_size x dp degree{in_groups} x 2^k = {training.local_batch_size} x {dims.dp}"
+            f"{f' x {groups}' if groups > 1 else ''} x 2^k), {off}",
         )
 
 

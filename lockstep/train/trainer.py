@@ -21,7 +21,7 @@ import torch
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims, resolve_validation
+from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims, resolve_validation, run_folder
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
@@ -134,9 +134,7 @@ class Trainer:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
         self.config = config
-        self.run_folder = Path(config.job.dump_folder)
-        if config.fault_tolerance.enable:  # each replica group keeps its own run folder
-            self.run_folder = self.run_folder / f"replica_{config.fault_tolerance.replica_id}"
+        self.run_folder = run_folder(config)  # under fault tolerance, this replica group's own
         # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
         self.run_lock = RunLock.acquire(self.run_folder, self._log) if self.world.is_main else None
         if self.run_lock is not None and config.debug.seed is None:
