@@ -27,6 +27,7 @@ def run(argv: list[str]) -> int:
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         audited = load_config(args.config, overrides + audit_overrides(args.steps, f"{folder}/run"))
+        audited.fault_tolerance.enable = False  # a brief run alone, never in a live job's quorum
         from lockstep.train.trainer import Trainer
 
         def train_briefly() -> None:

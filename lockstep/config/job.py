@@ -147,6 +147,18 @@ def run_folder(config: JobConfig) -> Path:
     return folder
 
 
+def standalone(config: JobConfig, world_size: int) -> None:
+    """Turn fault tolerance off, keeping the global batch it counted over every replica group: for
+    tools that rerun or evaluate a replica group's run alone (replay, eval, audit), which must compute
+    the same steps and never join the live job's quorum."""
+    if not config.fault_tolerance.enable:
+        return
+    config.training.global_batch_size = resolve_group_batch_size(
+        config, resolve_parallel_dims(config.parallelism, world_size)
+    )[0]
+    config.fault_tolerance.enable = False
+
+
 def replica_groups(config: JobConfig) -> int:
     """Replica groups at full strength (fault_tolerance.group_size), 1 without fault tolerance. They
     form the outermost data-parallel axis: the global batch is counted over all of them, and each
@@ -234,6 +246,12 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     _validate_unsupported_axes(config.parallelism)
     _validate_checkpoint_folder(config.job, config.checkpoint)
     dims = resolve_parallel_dims(config.parallelism, world_size)
+    if config.fault_tolerance.enable and config.debug.seed is None:
+        raise ConfigError(
+            "debug.seed",
+            "fault tolerance needs a fixed seed: every replica group must start from the same weights and read the "
+            "same data order; pass --debug.seed N (the same N to every group)",
+        )
     global_batch, group_batch = resolve_group_batch_size(config, dims)
     if dims.pp > 1:
         _validate_pipeline(config, group_batch // dims.dp)

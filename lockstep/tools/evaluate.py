@@ -32,6 +32,7 @@ def evaluation_config(path: Path, config_name: str | None, overrides: list[str],
         raise InputError(path, "does not exist", "give a run folder, a checkpoint step folder or a Hugging Face folder")
     source = _config_source(path, config_name, scratch)
     config = load_config(str(source) if source else None, overrides)
+    config.fault_tolerance.enable = False  # a replica group's run is evaluated alone, never in its job
     config.job.dump_folder = str(scratch / "run")
     config.training.global_batch_size = -1  # the training batch plays no part, and must fit this layout
     config.checkpoint.enable = False

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lockstep.checkpoint import folders
+from lockstep.config.job import standalone
 from lockstep.parallel.canonical import full_value
 
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         overrides += ["--checkpoint.no-enable"]
     config = load_config(str(config_for_step(args.run, args.step)), overrides)  # the launch that trained it
+    standalone(config, int(os.environ.get("WORLD_SIZE", "1")))  # a replica group's run replays alone
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
             trainer.train_step()

@@ -18,16 +18,21 @@ come and go) and runs a step's gradients across groups:
 
 Quorum changes, uncommitted steps and heals go to ``faults.jsonl`` in the group's run folder.
 
-The manager is created early in a launch, before the model is built: the group heartbeats to the
-lighthouse from then on, and the lighthouse holds the first quorum until every heartbeating group has
-asked for it (torchft's split-brain rule), so groups started together begin together.
+The manager is created early in a launch, before the model is built, so the group heartbeats to the
+lighthouse from then on. The lighthouse forms no quorum of half or fewer of the heartbeating groups
+(torchft's split-brain rule), so two groups started together begin together; more may begin as a
+majority, the others healing when they join. At every new quorum the groups check that they run the
+same settings (those that change the numbers, the layout, the data): a mismatch stops the run.
 
 Fault drills: ``LOCKSTEP_FT_KILL_IN_SUM=K`` makes the group kill itself (SIGKILL) in its K-th
-cross-group sum, while the other groups wait in it.
+cross-group sum, while the other groups wait in it. ``LOCKSTEP_FT_HOLD=STEP:PATH`` holds the group
+before the quorum of step STEP until PATH exists (it keeps heartbeating, so no quorum forms without
+it): a drill can restart another group meanwhile and know that it will heal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,12 +51,14 @@ from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
 from lockstep.config.sections import FaultToleranceConfig
 from lockstep.data.loader import Microbatch
+from lockstep.errors import LockstepError
 from lockstep.parallel.block_sum import blocks_of, combine_blocks
 from lockstep.parallel.canonical import local_tensor
 from lockstep.parallel.process_group import WorldInfo
 from lockstep.train.healing import HealingState, SafeHTTPTransport
 
 KILL_IN_SUM_ENV = "LOCKSTEP_FT_KILL_IN_SUM"
+HOLD_ENV = "LOCKSTEP_FT_HOLD"
 
 ReadBlocks = Callable[[tuple[int, ...], int, int | None], tuple[list[list[Microbatch]], int]]
 """(blocks, number of blocks, step samples or None for the global batch) -> per-block microbatches,
@@ -115,12 +122,13 @@ class FaultTolerance:
         self.process_group = process_group
         self._own_store = None
         store_addr, store_port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-        if store_addr is None or store_port is None:  # one process without torchrun: the group's own store
-            self._own_store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            store_addr, store_port = "127.0.0.1", str(self._own_store.port)
         lighthouse = config.lighthouse_address()
         host = urlparse(lighthouse if "://" in lighthouse else f"http://{lighthouse}").hostname or ""
-        local = host in ("localhost", "127.0.0.1", "::1")
+        # What other groups dial: loopback when the lighthouse is on this machine (a one-machine run).
+        advertised = "127.0.0.1" if host in ("localhost", "127.0.0.1", "::1") else _hostname()
+        if store_addr is None or store_port is None:  # one process without torchrun: the group's own store
+            self._own_store = torch.distributed.TCPStore(advertised, 0, is_master=True, wait_for_workers=False)
+            store_addr, store_port = advertised, str(self._own_store.port)
         self.manager = Manager(
             pg=process_group,
             load_state_dict=lambda state: self.healing.load_state_dict(state),
@@ -136,7 +144,7 @@ class FaultTolerance:
             store_port=int(store_port),
             lighthouse_addr=lighthouse,
             replica_id=f"replica_{config.replica_id}",
-            hostname="127.0.0.1" if local else _hostname(),
+            hostname=advertised,
             checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
             init_sync=False,  # every group initialises the same weights from the seed
         )
@@ -147,51 +155,90 @@ class FaultTolerance:
         self._replicas: list[int] = []
         self.participants = 0
         self.participant = 0
+        self.step_samples = 0
+        """Samples of the last step computed (the global batch, unless it shrank with the live groups)."""
         self.last_heal_s = math.nan
+        self._settings = torch.zeros(8, dtype=torch.int32)
 
-    def attach(self, states: dict, step: int) -> None:
-        """What a heal sends and receives (the checkpoint's parts), and the step this launch starts
-        from (a resumed checkpoint's): torchft's step count is lockstep's. Before the first quorum."""
+    def attach(self, states: dict, step: int, settings: dict) -> None:
+        """What a heal sends and receives (the checkpoint's parts), the step this launch starts from (a
+        resumed checkpoint's: torchft's step count is lockstep's), and the settings every group must
+        share (JSON-able). Before the first quorum."""
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).digest()
+        self._settings = torch.frombuffer(bytearray(digest), dtype=torch.int32).clone()
         self.healing.states = states
         self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
 
-    def start_step(self, step: int) -> None:
-        """The quorum of the step after `step` committed ones; a group that is behind heals here (its
-        train state then says where it is)."""
+    def start_step(self) -> bool:
+        """The next step's quorum; True when this group was behind and healed here (its train state is
+        then a live peer's)."""
+        self._hold_drill()
         heals = self.healing.received
         started = time.perf_counter()
         self.manager.start_quorum()
         self.participants = self.manager.num_participants()
-        self.participant = self.manager.participating_rank() or 0
+        participant = self.manager.participating_rank()
+        if participant is None:
+            raise RuntimeError("torchft left this replica group out of the step it is computing")
+        self.participant = participant
         replicas = list(self.process_group.replica_ids)
-        if self.healing.received > heals:
+        healed = self.healing.received > heals
+        if healed:
             self.last_heal_s = time.perf_counter() - started
             self.log.write("heal", self.manager.current_step(), seconds=self.last_heal_s, participants=replicas)
         if replicas != self._replicas:
             self.log.write("quorum", self.manager.current_step() + 1, participants=replicas)
             self._replicas = replicas
+            self._check_same_settings(replicas)
+        return healed
+
+    def _hold_drill(self) -> None:
+        step, _, path = os.environ.get(HOLD_ENV, "").partition(":")
+        if step and int(step) == self.manager.current_step() + 1:
+            while not Path(path).exists():
+                time.sleep(0.05)
+
+    def _check_same_settings(self, replicas: list[int]) -> None:
+        """Every group of a new quorum must run the settings this one runs; each writes its digest into
+        its own row (integers: the sum is exact) and all compare."""
+        if self.participants < 2:
+            return
+        rows = torch.zeros(self.participants, self._settings.numel(), dtype=torch.int32)
+        rows[self.participant] = self._settings
+        if not self.manager.allreduce(rows, reduce_op=ReduceOp.SUM).wait():
+            return  # a group failed meanwhile: this step will not commit, and the next quorum checks again
+        if not all(torch.equal(row, self._settings) for row in rows):
+            raise LockstepError(
+                f"a replica group of the quorum {replicas} runs other settings than group {self.config.replica_id} "
+                "(seed, model, optimizer, schedule, data, batch or layout): start every group with the same "
+                "config, only fault_tolerance.replica_id differing"
+            )
 
     def step_gradients(
         self,
-        step: int,
         read_blocks: ReadBlocks,
         compute_block: ComputeBlock,
         params: list[nn.Parameter],
         counters: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, list[Microbatch], int]:
-        """This group's blocks of step `step`, summed with the other live groups' in canonical order
+    ) -> tuple[torch.Tensor, list[Microbatch], int] | None:
+        """This group's blocks of the step, summed with the other live groups' in canonical order
         into every parameter's .grad (and `counters`, e.g. MoE token counts, summed alike); returns the
-        step's loss, the first block's microbatches and the step's valid tokens."""
+        step's loss, the first block's microbatches and the step's valid tokens, or None when fewer
+        groups than fault_tolerance.min_replica_size are live (the step cannot commit)."""
         groups = self.config.group_size
         num_blocks = groups if self.config.keep_global_batch else self.participants
         if self.participants > groups:
             raise RuntimeError(
                 f"{self.participants} replica groups joined the quorum, fault_tolerance.group_size is {groups}"
             )
+        if self.participants < self.config.min_replica_size:  # the vote will refuse it: compute nothing
+            time.sleep(1.0)  # and do not spin on the lighthouse
+            return None
         blocks = tuple(blocks_of(self.participant, self.participants, num_blocks))
+        self.step_samples = num_blocks * self.block_samples
         step_samples = None  # the global batch: group_size blocks
         if not self.config.keep_global_batch:  # torchft's own way: the step is the live groups' blocks
-            step_samples = num_blocks * self.block_samples
+            step_samples = self.step_samples
         per_block, global_tokens = read_blocks(blocks, num_blocks, step_samples)
         packing = GradientPacking(params, counters)
         sums = {}

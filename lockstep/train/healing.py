@@ -2,20 +2,24 @@
 
 The sender's side is every checkpoint part (model, optimizer, scheduler, loader position, train state,
 RNG; MoE router biases are model buffers) with each DTensor replaced by this rank's shard: replica
-groups run one layout, and the transport connects rank r of every group, so shards line up. The
+groups run one layout, and the transport connects rank r of every group, so shards line up. It is a
+snapshot on the CPU, taken after the device has finished the last step's updates: torchft serves it
+from a thread while this group goes on training, and a transfer must not see a half-updated tensor. The
 receiver asks its own parts for their state dicts (torch.distributed.checkpoint's way of loading:
 the optimizer's moments are created if it never stepped), fills them from what arrived, in place for
 its shards, and loads them.
 
 Nothing received may execute code. torchft's HTTP transport unpickles with ``weights_only=False``;
 ``SafeHTTPTransport`` reads the same stream with torch's weights-only unpickler, which builds tensors
-and plain containers only, so the state must stay plain (it does: see lockstep.checkpoint.states).
+and plain containers only, so the state must stay plain (it does: see lockstep.checkpoint.states),
+and it fetches over http(s) only.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlparse
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -26,21 +30,38 @@ from lockstep.errors import LockstepError
 
 
 class SafeHTTPTransport(HTTPTransport):
-    """torchft's HTTP checkpoint transport, reading what a peer sends with the weights-only unpickler."""
+    """torchft's HTTP checkpoint transport, reading what a peer sends with the weights-only unpickler.
+
+    torchft's commit vote closes the served checkpoint (``disallow_checkpoint``) and gives up after
+    the transport's timeout if a transfer is still being read, raising out of ``should_commit`` after
+    the vote. Here it waits for the transfer instead: the receiver's own HTTP timeout bounds it."""
+
+    def __init__(self, timeout: timedelta, num_chunks: int) -> None:
+        super().__init__(timeout=timeout, num_chunks=num_chunks)
+        self._checkpoint_lock.timeout = -1  # block until the transfer in flight ends
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
         import urllib.request
 
+        if urlparse(address).scheme not in ("http", "https"):
+            raise LockstepError(f"healing: a peer announced {address!r}; only http(s) checkpoint addresses are read")
         with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
-            return _streaming_load(f, weights_only=True)
+            return read_peer_state(f)
+
+
+def read_peer_state(stream: IO[bytes]) -> object:
+    """A peer's state from torchft's stream format, through torch's weights-only unpickler."""
+    return _streaming_load(stream, weights_only=True)
 
 
 def plain(value: Any) -> Any:
-    """`value` with every DTensor replaced by this rank's shard and tuples by lists: what the
-    weights-only unpickler accepts, and what a peer with the same layout can load in place."""
+    """`value` as a CPU snapshot, every DTensor replaced by this rank's shard and tuples by lists: what
+    the weights-only unpickler accepts, and what a peer with the same layout can load in place."""
     if isinstance(value, DTensor):
-        return value.to_local()
+        value = value.to_local()
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -80,6 +101,8 @@ class HealingState:
         """How many times a peer's state was loaded here (a heal)."""
 
     def state_dict(self) -> dict:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the last step's optimizer and bias updates, queued on any stream
         return {name: plain(part.state_dict()) for name, part in self.states.items()}
 
     def load_state_dict(self, received: dict) -> None:

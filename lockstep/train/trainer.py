@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lockstep.checkpoint.manager import flatten
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
@@ -36,6 +37,7 @@ from lockstep.train.determinism import agree_on_seed, configure_determinism, res
 from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.forward_backward import ForwardBackward, LossSettings
 from lockstep.train.launches import (
+    changes_the_numbers,
     config_record,
     record_launch,
     resumed_seed,
@@ -91,6 +93,8 @@ class StepResult:
     grad_norm_value: float = math.nan
     stop: bool = False
     """Some rank asked to stop (SIGTERM/Ctrl-C): every rank stops after this step."""
+    samples: int = 0
+    """Samples the step trained on (the global batch, unless fault tolerance shrank it)."""
     committed: bool = True
     """False when fault tolerance voted the step down (a replica group failed in it): nothing was
     updated and the step is redone."""
@@ -218,7 +222,8 @@ class Trainer:
         spec = model_args(config.model, 1, 1)[0]
         resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
         if self.fault_tolerance is not None:
-            self.fault_tolerance.attach(self.checkpoints.states, self.state.step)
+            shared = self._shared_settings(self._checkpoint_identity(windows.fingerprint))
+            self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared)
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
@@ -259,6 +264,14 @@ class Trainer:
         return FaultTolerance(
             self.config.fault_tolerance, self.world, self.device, self.group_batch, level, canonical, self.run_folder
         )
+
+    @staticmethod
+    def _shared_settings(identity: dict) -> dict:
+        """What every replica group must run alike: the model, data and layout, and the settings that
+        change the numbers (the step count too: it sets the lr schedule)."""
+        config = flatten(identity["config"])
+        config = {k: v for k, v in config.items() if changes_the_numbers(k) or k == "training.steps"}
+        return {"model": identity["model"], "data": identity["fingerprints"], "layout": identity["layout"]} | config
 
     def _group_gradients(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's microbatches, gradients summed over the replica group's
@@ -324,19 +337,22 @@ class Trainer:
             position, counters = self.loader.position(), [moe.tokens_per_expert for _, moe in self.moe_blocks]
             params = [p for _, p in self.named_params]
             step = self.state.step + 1
-            loss, microbatches, global_tokens = self.fault_tolerance.step_gradients(
-                step, self._read_blocks, self._group_gradients, params, counters
-            )
-            if not self.fault_tolerance.commit(step):
+            computed = self.fault_tolerance.step_gradients(self._read_blocks, self._group_gradients, params, counters)
+            if computed is None or not self.fault_tolerance.commit(step):
                 self.loader.rewind(position)
                 for tensor in counters:
                     tensor.zero_()
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                return StepResult(loss, loss, committed=False)
+                nothing = torch.zeros((), device=self.device)
+                result = StepResult(nothing, nothing, committed=False)
+                result.read(any_rank_flag(stop_requested, self.device))  # a stop still ends the run here
+                return result
+            loss, microbatches, global_tokens = computed
         named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
         grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
-        result = StepResult(loss, grad_norm)
+        samples = self.fault_tolerance.step_samples if self.fault_tolerance is not None else self.global_batch
+        result = StepResult(loss, grad_norm, samples=samples)
         result.read(any_rank_flag(stop_requested, self.device))
         if fingerprint:
             result.fingerprints["grad_fingerprint"] = model_fingerprint(
@@ -388,6 +404,8 @@ class Trainer:
         )
         if policy == "stop":
             raise NonFiniteError(message + " (debug.nonfinite = skip would drop such steps)")
+        for _, moe in self.moe_blocks:  # the skipped step's routing counts move no bias
+            moe.tokens_per_expert.zero_()
         self.consecutive_skips.skipped(step, message)  # raises at debug.max_consecutive_skips in a row
         self._log(f"warning: {message}; step skipped")
         return True
@@ -427,9 +445,8 @@ class Trainer:
     def train(self) -> Path:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""
         training, steps = self.config.training, self.config.training.steps
-        tokens_per_step = self.global_batch * training.seq_len
         self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
-        interval_start, interval_steps = time.perf_counter(), 0
+        interval_start, interval_tokens = time.perf_counter(), 0
         if self.config.checkpoint.create_seed_checkpoint:
             self.display.print(f"seed checkpoint written to {self.checkpoints.save_seed()}")
             self.display.close()
@@ -440,32 +457,35 @@ class Trainer:
                 stopping = False
                 clock = time.perf_counter() - self.state.elapsed_s  # continues the run's earlier launches
                 while self.state.step < steps and not stopping:
-                    if self.fault_tolerance is not None:  # the step's quorum; a group that is behind heals here
-                        self.fault_tolerance.start_step(self.state.step)
+                    # The step's quorum under fault tolerance; a group that is behind heals here.
+                    if self.fault_tolerance is not None and self.fault_tolerance.start_step():
+                        clock = time.perf_counter() - self.state.elapsed_s  # the healed run's time
                         if self.state.step >= steps:
                             break
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
                     fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
                     result = self.train_step(fingerprint, stop_requested=stop.requested)
-                    if not result.committed:
+                    if not result.committed:  # redone with the next quorum, unless asked to stop
+                        stopping = result.stop
+                        self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
                         continue
                     self.state.step += 1
-                    self.state.tokens_seen += tokens_per_step
+                    self.state.tokens_seen += result.samples * training.seq_len
                     self.state.elapsed_s = time.perf_counter() - clock
-                    interval_steps += 1
+                    interval_tokens += result.samples * training.seq_len
                     # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
                     stopping = result.stop
                     evaluate = self.validator is not None and not stopping and self.validator.due(step, steps)
                     if evaluate or self._should_log(self.state.step, steps, stopping):
                         elapsed = time.perf_counter() - interval_start
-                        record = self._record(result, lr, interval_steps * tokens_per_step / elapsed)
+                        record = self._record(result, lr, interval_tokens / elapsed)
                         if evaluate:  # after the throughput is taken, which evaluation time must not lower
                             record |= self.validator.evaluate().as_record()
                         if self.metrics is not None:
                             self.metrics.log(record)
                         self.display.print(format_record(record))
-                        interval_start, interval_steps = time.perf_counter(), 0
+                        interval_start, interval_tokens = time.perf_counter(), 0
                     self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
                     self.display.step(self.state.step, None)
                 self.checkpoints.close()
@@ -485,6 +505,10 @@ class Trainer:
 
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
+
+    def _live_groups(self) -> int:
+        """Replica groups whose ranks computed the last step (the job's tokens/s is over all of them)."""
+        return self.fault_tolerance.participants if self.fault_tolerance is not None else 1
 
     def _moe_record(self, stats: MoEStats | None) -> dict[str, float]:
         """The MoE statistics of every stage (one read, on logged steps; all ranks log the same steps,
@@ -506,7 +530,7 @@ class Trainer:
                 "lr": lr,
                 "tokens_per_sec": tokens_per_sec,
                 "tflops": tflops,
-                "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size),
+                "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size * self._live_groups()),
                 "memory_gib": peak_memory_gib(self.device),
                 "tokens_seen": self.state.tokens_seen,
                 "elapsed_s": self.state.elapsed_s,

@@ -214,12 +214,13 @@ def test_seed_checkpoint_in_any_layout():
         (["--fault_tolerance.group_size", "2", "--training.global_batch_size", "6"], "training.global_batch_size",
          "data-parallel degree"),
         (["--fault_tolerance.group_size", "3", "--training.global_batch_size", "18"], "training.global_batch_size",
-         "power-of-two number of microbatches per rank"),
+         "global_batch_size = 12 or 24"),
+        (["--debug.seed", "none"], "debug.seed", "the same N to every group"),
     ],
 )  # fmt: skip
 def test_fault_tolerance_settings_are_checked_before_any_process_group(overrides, key, fragment, monkeypatch):
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
-    base = ["--fault_tolerance.enable", "--fault_tolerance.lighthouse", "http://localhost:29510"]
+    base = ["--fault_tolerance.enable", "--fault_tolerance.lighthouse", "http://localhost:29510", "--debug.seed", "1"]
     config = load_config("llama3_debug", base + ["--training.local_batch_size", "2"] + overrides)
     with pytest.raises(ConfigError) as error:
         validate_job_config(config, world_size=1)
@@ -232,7 +233,15 @@ def test_fault_tolerance_counts_the_global_batch_over_every_replica_group(monkey
     monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://localhost:29510")  # the default address
     config = load_config(
         "llama3_debug",
-        ["--fault_tolerance.enable", "--fault_tolerance.group_size", "3", "--training.local_batch_size", "2"],
+        [
+            "--fault_tolerance.enable",
+            "--fault_tolerance.group_size",
+            "3",
+            "--training.local_batch_size",
+            "2",
+            "--debug.seed",
+            "1",
+        ],  # fmt: skip
     )
     validate_job_config(config, world_size=2)
     dims = resolve_parallel_dims(config.parallelism, 2)

@@ -24,7 +24,7 @@ pytest.importorskip("torchft")
 
 from torchft.coordination import LighthouseServer  # noqa: E402
 
-from lockstep.train.fault_tolerance import KILL_IN_SUM_ENV  # noqa: E402
+from lockstep.train.fault_tolerance import HOLD_ENV, KILL_IN_SUM_ENV  # noqa: E402
 from lockstep.train.trainer import Trainer  # noqa: E402
 from tests.helpers import tiny_config, tiny_overrides  # noqa: E402
 
@@ -34,7 +34,7 @@ COMPARED = ("loss", "grad_norm", "param_fingerprint", "grad_fingerprint")
 
 @pytest.fixture
 def lighthouse():
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100, heartbeat_timeout_ms=1000)
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100, heartbeat_timeout_ms=2000)
     port = server.address().rsplit(":", 1)[1]
     yield f"http://127.0.0.1:{port}"
     server.shutdown()
@@ -47,11 +47,17 @@ def reference(folder: Path, steps: int) -> dict[int, dict]:
     return records(folder / "run" / "metrics.jsonl")
 
 
-def records(path: Path) -> dict[int, dict]:
-    """Step records by step; a step written by two launches (before a kill and after a heal) must agree."""
+def records(path: Path, complete: bool = True) -> dict[int, dict]:
+    """Step records by step; a step written by two launches (before a kill and after a heal) must agree.
+    A file still being written (not `complete`) may end in half a line."""
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if complete:
+                raise
+            continue
         if "loss" in record:
             step = record["step"]
             assert step not in by_step or all(by_step[step][k] == record[k] for k in COMPARED), step
@@ -93,25 +99,31 @@ def wait_for_step(folder: Path, replica: int, step: int, process: subprocess.Pop
     path = folder / "run" / f"replica_{replica}" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if path.exists() and any(r >= step for r in records(path)):
+        if path.exists() and any(r >= step for r in records(path, complete=False)):
             return
         time.sleep(0.02)
     raise AssertionError(f"replica {replica} never reached step {step}")
 
 
 def test_a_killed_group_heals_from_its_peer_and_every_step_is_bitwise(tmp_path, lighthouse):
-    steps = 150
+    steps, hold = 80, 60  # group 0 trains alone after the kill, then waits at step 60 for group 1 to be back
     expected = reference(tmp_path / "reference", steps)
-    group0 = start_group(tmp_path, lighthouse, 0, steps)
+    back = tmp_path / "group-1-is-back"
+    group0 = start_group(tmp_path, lighthouse, 0, steps, env={HOLD_ENV: f"{hold}:{back}"})
     group1 = start_group(tmp_path, lighthouse, 1, steps)
     wait_for_step(tmp_path, 1, 1, group1)
-    first = min(records(tmp_path / "run" / "replica_1" / "metrics.jsonl"))  # later than 1 if it healed at start
+    first = min(records(tmp_path / "run" / "replica_1" / "metrics.jsonl", complete=False))  # > 1: healed at start
     kill_at = first + random.Random().randint(2, 6)
+    assert kill_at < hold, "group 1 joined too late for this test"
     wait_for_step(tmp_path, 1, kill_at, group1)
     group1.send_signal(signal.SIGKILL)
     assert group1.wait() == -signal.SIGKILL
     time.sleep(0.5)
     group1 = start_group(tmp_path, lighthouse, 1, steps)  # the same command, into the same run folder
+    launches = tmp_path / "run" / "replica_1" / "launches"
+    while len(list(launches.iterdir())) < 2 and group1.poll() is None:  # its manager heartbeats by now
+        time.sleep(0.05)
+    back.touch()
     assert finish(group0) == 0 and finish(group1) == 0
     got0 = records(tmp_path / "run" / "replica_0" / "metrics.jsonl")
     assert sorted(got0) == list(range(min(got0), steps + 1))  # every step from its first committed, none lost
@@ -128,18 +140,26 @@ def test_a_killed_group_heals_from_its_peer_and_every_step_is_bitwise(tmp_path, 
     assert alone, "group 0 never trained alone"
 
 
+def run_with_group1_killed_in_sum(folder: Path, lighthouse: str, steps: int, sums: int, *extra: str):
+    """Both groups start; group 1 kills itself in its `sums`-th cross-group sum and group 0 finishes.
+    Returns group 0's step records and the one step it recorded as uncommitted."""
+    group0 = start_group(folder, lighthouse, 0, steps, *extra)
+    group1 = start_group(folder, lighthouse, 1, steps, *extra, env={KILL_IN_SUM_ENV: str(sums)})
+    assert finish(group1) == -signal.SIGKILL
+    assert finish(group0) == 0
+    got0 = records(folder / "run" / "replica_0" / "metrics.jsonl")
+    assert sorted(got0) == list(range(min(got0), steps + 1))  # every step from its first committed, none lost
+    uncommitted = [f["step"] for f in faults(folder, 0) if f["event"] == "uncommitted"]
+    assert uncommitted, "the step group 1 died in was committed"
+    return got0, uncommitted[0]
+
+
 def test_a_group_killed_inside_the_sum_is_redone_then_resumed_from_disk_alone(tmp_path, lighthouse):
     steps = 40
     expected = reference(tmp_path / "reference", steps)
     saving = ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
-    group0 = start_group(tmp_path, lighthouse, 0, steps, *saving)
-    group1 = start_group(tmp_path, lighthouse, 1, steps, *saving, env={KILL_IN_SUM_ENV: "3"})
-    assert finish(group1) == -signal.SIGKILL
-    assert finish(group0) == 0
-    got0 = records(tmp_path / "run" / "replica_0" / "metrics.jsonl")
-    assert sorted(got0) == list(range(min(got0), steps + 1))
+    got0, broken = run_with_group1_killed_in_sum(tmp_path, lighthouse, steps, 3, *saving)
     assert_same_steps(got0, expected)  # the broken step was redone by group 0 alone, bitwise
-    (broken,) = [f["step"] for f in faults(tmp_path, 0) if f["event"] == "uncommitted"]
     assert got0[broken]["ft/participants"] == 1 and got0[broken - 1]["ft/participants"] == 2
     # Group 1 never came back during the run. Started again, alone, it resumes from its own newest checkpoint
     # with one group instead of two, and still computes the same steps.
@@ -158,14 +178,8 @@ def test_without_keep_global_batch_the_step_shrinks_and_the_fault_is_recorded(tm
     steps = 30
     expected = reference(tmp_path / "reference", steps)
     shrink = ["--fault_tolerance.keep_global_batch", "false"]
-    group0 = start_group(tmp_path, lighthouse, 0, steps, *shrink)
-    group1 = start_group(tmp_path, lighthouse, 1, steps, *shrink, env={KILL_IN_SUM_ENV: "2"})
-    assert finish(group1) == -signal.SIGKILL
-    assert finish(group0) == 0
-    got0 = records(tmp_path / "run" / "replica_0" / "metrics.jsonl")
-    assert sorted(got0) == list(range(min(got0), steps + 1))
+    got0, broken = run_with_group1_killed_in_sum(tmp_path, lighthouse, steps, 2, *shrink)
     events = faults(tmp_path, 0)
-    (broken,) = [f["step"] for f in events if f["event"] == "uncommitted"]
     assert all(got0[s]["ft/participants"] == 1 for s in range(broken, steps + 1))
     assert any(f["event"] == "quorum" and f["participants"] == [0] for f in events)
     if all(got0[s]["ft/participants"] == 2 for s in range(min(got0), broken)) and min(got0) == 1:

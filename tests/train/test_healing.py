@@ -11,7 +11,8 @@ import torch  # noqa: E402
 from torch.distributed._serialization import _streaming_save  # noqa: E402
 
 from lockstep.config import load_config  # noqa: E402
-from lockstep.train.healing import HealingState, SafeHTTPTransport  # noqa: E402
+from lockstep.errors import LockstepError  # noqa: E402
+from lockstep.train.healing import HealingState, SafeHTTPTransport, read_peer_state  # noqa: E402
 from lockstep.train.trainer import Trainer  # noqa: E402
 from tests.helpers import tiny_overrides  # noqa: E402
 
@@ -69,6 +70,8 @@ def test_a_peer_cannot_make_the_receiver_run_code(tmp_path, monkeypatch):
     path = tmp_path / "state"
     with path.open("wb") as f:
         _streaming_save({"user": {"default": {"model": Payload()}}}, f)
-    with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):
-        SafeHTTPTransport._load_from_address(path.as_uri(), TIMEOUT)
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"), path.open("rb") as f:
+        read_peer_state(f)
     assert not (tmp_path / "pwned-by-a-peer").exists()
+    with pytest.raises(LockstepError, match="only http"):  # nor may a peer point the reader at a local file
+        SafeHTTPTransport._load_from_address(path.as_uri(), TIMEOUT)
