@@ -1,30 +1,32 @@
 """Fault tolerance (torchft replica groups) on llama3_debug, one thread per process, CPU: what it costs
 per step, how long a kill stalls the surviving group, how long a restarted group takes to heal, and
-(--fsdp-check) that groups of two FSDP ranks survive a kill bitwise.
+(--fsdp-check) that groups of two FSDP ranks survive a kill bitwise. The lighthouse runs in this process.
 
-Part "overhead": the median steady-state step time (from consecutive ``elapsed_s`` of metrics.jsonl,
-logged every step; the first --skip steps dropped) of
+Part "overhead": the median steady-state step time (consecutive ``elapsed_s`` of metrics.jsonl, logged
+every step; the first --skip steps dropped; --repeats runs of each layout in turn, pooled) of
   (a) two replica groups of one process each, fault tolerance on (global batch 2 x local batch),
       against (b) ``lockstep train --nproc 2`` DDP (dp_replicate 2), the same global batch, no FT;
   (c) one group alone (group_size 1), fault tolerance on, against (d) one plain process.
-Part "recovery": two groups; group 1 is killed (SIGKILL) once it has logged --kill-after steps, at a
-random moment of a step (--seed). This process polls group 0's metrics.jsonl and timestamps the first
-step record that appears after the kill and the first one computed without group 1 (ft/participants 1):
-the lighthouse drops group 1 only once its heartbeat is --heartbeat-ms old, which dominates the figure
-(faults.jsonl's "uncommitted" and "quorum" times break it down). Group 1 is then restarted with the
-same command: the "seconds" of its "heal" event (the quorum call that received the live state) and
-the wall time from the restart to its first committed step. The lighthouse runs in this process.
+Part "recovery": two groups; group 1 is killed (SIGKILL) once it has logged --kill-after steps, up to
+--kill-jitter-s later (--seed). This process polls group 0's metrics.jsonl and timestamps the first step
+record that appears after the kill and the first one computed without group 1 (ft/participants 1). The
+lighthouse forms a quorum without group 1 only once its heartbeat is --heartbeat-ms old (a quorum needs
+more than half of the heartbeating groups), which dominates the figure; faults.jsonl's "uncommitted"
+and "quorum" times break it down. Group 1 is then restarted with the same command: the "seconds" of its
+"heal" event (its whole quorum call, which received the live state) and the wall time from the restart
+to its first committed step.
 
---fsdp-check: two groups of two ranks each (``lockstep train --nproc 2`` with dp_shard 2, each a
-torchrun --standalone launch, so each picks its own free rendezvous and MASTER_PORT); group 1 is
-killed mid-run (every process of it, or with --fsdp-kill rank only its rank 1, torchrun then ending
-the rest) and restarted. PASS when every step group 0 logged, and every step group 1 logged after it
-healed, equals a one-process run of the same global batch bitwise (loss, grad_norm, param and grad
-fingerprints), group 0 logged every step, and group 1 healed.
+--fsdp-check: two groups of two ranks each (``lockstep train --nproc 2`` with dp_shard 2; each launch is
+torchrun --standalone, whose rendezvous takes a free port, so each group gets its own MASTER_PORT and
+nothing needs setting); group 1 is killed mid-run (all its processes, or with --fsdp-kill rank its rank
+1 only, torchrun then ending the rest) and restarted. PASS when every step group 0 logged and every step
+group 1 logged after it healed equal a one-process run of the same global batch bitwise (loss,
+grad_norm, param and grad fingerprints), group 0 logged every step and group 1 healed.
 
-    .venv/bin/python benchmarks/fault_tolerance.py [--parts overhead recovery] [--steps 40] \
+    .venv/bin/python benchmarks/fault_tolerance.py [--parts overhead recovery] [--repeats 2] [--steps 40]
         [--seq-len 128] [--local-batch 2] [--heartbeat-ms 1000] [--out benchmarks/results/fault_tolerance.json]
-    .venv/bin/python benchmarks/fault_tolerance.py --fsdp-check [--out benchmarks/results/fault_tolerance_fsdp.json]
+    .venv/bin/python benchmarks/fault_tolerance.py --fsdp-check [--fsdp-kill group|rank]
+        [--out benchmarks/results/fault_tolerance_fsdp.json]
 """
 
 from __future__ import annotations
@@ -438,6 +440,7 @@ def fsdp_check(args, work: Path, rng: random.Random) -> dict:
         "kill_to_group_1_launcher_exit_s": seen["launcher"] - killed_at,
         "kill_to_every_group_1_process_gone_s": seen["gone"] - killed_at,
         "heal_seconds": heals[0]["seconds"] if heals else None,
+        "restart_to_heal_event_s": heals[0]["time"] - restarted_at if heals else None,
         "restart_to_first_committed_step_s": healed_at - restarted_at,
         "steps_group_0_alone": sum(r["ft/participants"] == 1 for r in got0.values()),
         "faults_group_0": events(folder / "replica_0"),
@@ -498,8 +501,8 @@ def print_fsdp(r: dict) -> None:
     )
     heal = "n/a" if r["heal_seconds"] is None else f"{r['heal_seconds']:.2f} s"
     print(
-        f"heal {heal} (step {r['group_1_healed_at_step']}); restart -> first committed step "
-        f"{r['restart_to_first_committed_step_s']:.2f} s"
+        f"heal {heal} (step {r['group_1_healed_at_step']}); restart -> heal event "
+        f"{r['restart_to_heal_event_s']:.2f} s, -> first committed step {r['restart_to_first_committed_step_s']:.2f} s"
     )
 
 

@@ -191,6 +191,11 @@ class Launch:
         tmp.write_text(json.dumps(self.record, indent=2) + "\n")
         tmp.replace(self.folder / RECORD)
 
+    def healed(self, step: int) -> None:
+        """Fault tolerance replaced this launch's state by a live replica group's at `step` (a heal)."""
+        self.record["healed_at"] = self.record.get("healed_at", []) + [step]
+        self._write()
+
     def finish(self, end_step: int, completed: bool) -> None:
         """Record where this launch ended: training.steps reached, or stopped (signal, error) earlier."""
         self.record |= {

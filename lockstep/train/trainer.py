@@ -460,6 +460,7 @@ class Trainer:
                     # The step's quorum under fault tolerance; a group that is behind heals here.
                     if self.fault_tolerance is not None and self.fault_tolerance.start_step():
                         clock = time.perf_counter() - self.state.elapsed_s  # the healed run's time
+                        self._record_heal()
                         if self.state.step >= steps:
                             break
                     lr = self.lr_schedulers[0].get_last_lr()[0]
@@ -505,6 +506,11 @@ class Trainer:
 
     def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
         return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
+
+    def _record_heal(self) -> None:
+        self.display.print(f"healed from a live replica group: continuing after step {self.state.step}")
+        if self.launch is not None:
+            self.launch.healed(self.state.step)
 
     def _live_groups(self) -> int:
         """Replica groups whose ranks computed the last step (the job's tokens/s is over all of them)."""

@@ -133,6 +133,8 @@ def test_a_killed_group_heals_from_its_peer_and_every_step_is_bitwise(tmp_path, 
     heals = [f for f in faults(tmp_path, 1) if f["event"] == "heal"]
     assert heals and heals[-1]["step"] >= kill_at, "the restarted group did not heal from its peer"
     healed_at = heals[-1]["step"]
+    launches = sorted((tmp_path / "run" / "replica_1" / "launches").iterdir())
+    assert json.loads((launches[-1] / "launch.json").read_text())["healed_at"] == [healed_at]
     assert all(s in got1 for s in range(healed_at + 1, steps + 1))  # it trained every step after the heal
     quorums = [f["participants"] for f in faults(tmp_path, 0) if f["event"] == "quorum"]
     assert [0] in quorums and quorums[-1] == [0, 1]  # alone after the kill, both again after the heal
