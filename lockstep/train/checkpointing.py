@@ -43,6 +43,8 @@ class RunCheckpoints:
         self.manager = CheckpointManager(checkpoint, run_folder, identity, device, log)
         self.log = log
         self.resumed_from: Path | None = None
+        self.saved_step: int | None = None
+        """The step this launch saved last (a step redone under fault tolerance is not saved twice)."""
 
     def start(self, optimizers: list[torch.optim.Optimizer], spec, args, parts: list[nn.Module]) -> bool:
         """Load the newest usable checkpoint of this run (True), or else the initial weights of
@@ -74,13 +76,14 @@ class RunCheckpoints:
 
     def save_if_due(self, step: int, last_step: int, stopping: bool, parts: list[nn.Module]) -> None:
         self.manager.poll()
-        if not self.manager.should_save(step, last_step, stopping):
+        if step == self.saved_step or not self.manager.should_save(step, last_step, stopping):
             return
         model_only = self.config.model_only or (step == last_step and self.config.last_save_model_only)
         states = self.states
         if model_only and self.config.export_dtype == "bf16":
             states = states | {"model": ModelState(parts, dtype=torch.bfloat16)}
         self.manager.save(step, states, model_only=model_only)
+        self.saved_step = step
 
     @property
     def saving(self) -> bool:

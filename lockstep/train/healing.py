@@ -17,6 +17,7 @@ and it fetches over http(s) only.
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -52,7 +53,9 @@ class SafeHTTPTransport(HTTPTransport):
 
 def read_peer_state(stream: IO[bytes]) -> object:
     """A peer's state from torchft's stream format, through torch's weights-only unpickler."""
-    return _streaming_load(stream, weights_only=True)
+    with warnings.catch_warnings():  # tensors are built over the received bytes, which we own
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return _streaming_load(stream, weights_only=True)
 
 
 def plain(value: Any) -> Any:

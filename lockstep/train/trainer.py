@@ -468,8 +468,9 @@ class Trainer:
                     fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
                     result = self.train_step(fingerprint, stop_requested=stop.requested)
                     if not result.committed:  # redone with the next quorum, unless asked to stop
+                        if result.stop:  # save the last committed step (if this launch has not yet)
+                            self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
                         stopping = result.stop
-                        self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
                         continue
                     self.state.step += 1
                     self.state.tokens_seen += result.samples * training.seq_len
