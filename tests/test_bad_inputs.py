@@ -102,17 +102,16 @@ def test_wandb_missing_is_refused_at_validation(monkeypatch, capsys):
 
 
 def test_power_of_two_suggestions_pass_their_own_check(capsys):
-    line = _error_line(capsys, ["--config", "llama3_debug", "--nproc", "3"])  # refused before torchrun starts
-    assert "power-of-two data-parallel degree; got 3" in line and "run 2 or 4 processes" in line
-    config = load_config("llama3_debug", [])
-    for world_size in (2, 4):
-        validate_job_config(config, world_size)
-    config = load_config("llama3_debug", ["--training.global_batch_size", "48"])  # 3 microbatches per rank
-    with pytest.raises(ConfigError, match="use global_batch_size = 32 or 64") as error:
+    # FSDP 3 with two microbatches per rank: a micro-step's reduce-scatter sums a run of 3, not a subtree
+    line = _error_line(capsys, ["--config", "llama3_debug", "--nproc", "3", "--training.global_batch_size", "48"])
+    assert "power-of-two shard degree, or one microbatch per rank (global_batch_size = 24" in line
+    validate_job_config(load_config("llama3_debug", ["--training.global_batch_size", "24"]), 3)
+    ddp2 = ["--parallelism.data_parallel_replicate_degree", "2"]
+    config = load_config("llama3_debug", ddp2 + ["--training.global_batch_size", "48"])  # 3 microbatches per replica
+    with pytest.raises(ConfigError, match="use global_batch_size = 32 or 64"):
         validate_job_config(config, 2)
-    assert "2^k" in str(error.value)
     for suggested in ("32", "64"):
-        validate_job_config(load_config("llama3_debug", ["--training.global_batch_size", suggested]), 2)
+        validate_job_config(load_config("llama3_debug", ddp2 + ["--training.global_batch_size", suggested]), 2)
 
 
 # --- datasets and tokenizers ----------------------------------------------------------------------

@@ -252,7 +252,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
             "fault tolerance needs a fixed seed: every replica group must start from the same weights and read the "
             "same data order; pass --debug.seed N (the same N to every group)",
         )
-    global_batch, group_batch = resolve_group_batch_size(config, dims)
+    _, group_batch = resolve_group_batch_size(config, dims)
     if dims.pp > 1:
         _validate_pipeline(config, group_batch // dims.dp)
     if config.training.loss_chunk_tokens and dims.tp > 1:
@@ -263,39 +263,51 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         )
     if config.validation.enable:
         resolve_validation(config, dims)
-    microbatches_per_rank = group_batch // (config.training.local_batch_size * dims.dp)
-    invariant = config.debug.layout_invariant_reductions
-    if invariant and (dims.dp > 1 or global_batch > group_batch):  # each rank's (and group's) block: a subtree
-        _validate_invariant_batch(config.training, dims, world_size, microbatches_per_rank, replica_groups(config))
+    microbatch = config.training.local_batch_size
+    if dims.pp > 1:  # the tree's leaves are the schedule's microbatches
+        microbatch = config.parallelism.pipeline_parallel_microbatch_size
+    if config.debug.layout_invariant_reductions:
+        per_rank = group_batch // (microbatch * dims.dp)
+        _validate_invariant_batch(config.training, dims, per_rank, replica_groups(config))
 
 
-def _validate_invariant_batch(
-    training: TrainingConfig, dims: ParallelDims, world_size: int, microbatches_per_rank: int, groups: int
-) -> None:
-    """Layout-invariant reductions sum gradients in a fixed binary tree over the global microbatch index,
-    so each rank's block must be a whole subtree: power-of-two dp degree and microbatches per rank. The
-    message proposes values that pass this very check (no batch size can rescue a dp degree of 3)."""
-    why = "layout-invariant reductions sum gradients in a fixed tree over the global microbatch index, which needs"
+def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_rank: int, groups: int) -> None:
+    """Layout-invariant reductions sum gradients in one fixed tree over the global microbatch index (the
+    binary-counter tree of lockstep.parallel.canonical.TreeSum, for any count). Whatever a rank, a
+    replica or a replica group sums before it meets the others must be a node of that tree: a run of
+    2^k microbatches starting at a multiple of 2^k, unless it is the whole batch. Any degree passes
+    (3 replicas of 2^k microbatches each are 3 nodes); what can fail is the count inside each block.
+    The messages propose global batch sizes that pass this very check."""
+    why = "layout-invariant reductions sum gradients in a fixed tree over the global microbatch index, so"
     off = "or set debug.layout_invariant_reductions = false"
-    if not _is_power_of_two(dims.dp):
-        lower = 1 << (dims.dp.bit_length() - 1)
-        others = world_size // dims.dp
+    replicas, shards = dims.dp_replicate * groups, dims.dp_shard
+    per_microstep = training.local_batch_size * dims.dp * groups  # samples per microbatch on every rank
+
+    def batches(per_rank_choices: list[int]) -> str:
+        return " or ".join(f"{k * per_microstep}" for k in per_rank_choices)
+
+    if shards > 1 and per_rank > 1 and not _is_power_of_two(shards):
         raise ConfigError(
-            "parallelism",
-            f"{why} a power-of-two data-parallel degree; got {dims.dp} (world size {world_size}); run "
-            f"{lower * others} or {2 * lower * others} processes (--nproc), or give the extra ranks to "
-            f"tensor or pipeline parallelism so that the data-parallel degree is a power of two, {off}",
+            "parallelism.data_parallel_shard_degree",
+            f"{why} each micro-step's FSDP reduce-scatter, which sums a run of {shards} microbatches, must be a "
+            f"subtree: that needs a power-of-two shard degree, or one microbatch per rank (global_batch_size = "
+            f"{batches([1])}; got {per_rank}), {off}",
         )
-    if not _is_power_of_two(microbatches_per_rank):
-        per_microstep = training.local_batch_size * dims.dp * groups
-        lower = 1 << (microbatches_per_rank.bit_length() - 1)
-        in_groups = f" x {groups} replica groups" if groups > 1 else ""
+    if replicas > 1 and not _is_power_of_two(shards * per_rank):
+        lower = 1 << (per_rank.bit_length() - 1)
+        candidates = [k for k in (lower, 2 * lower) if _is_power_of_two(shards * k)] or [1]
         raise ConfigError(
             "training.global_batch_size",
-            f"{why} a power-of-two number of microbatches per rank (got {microbatches_per_rank}); use "
-            f"global_batch_size = {lower * per_microstep} or {2 * lower * per_microstep} "
-            f"(local_batch_size x dp degree{in_groups} x 2^k = {training.local_batch_size} x {dims.dp}"
-            f"{f' x {groups}' if groups > 1 else ''} x 2^k), {off}",
+            f"{why} each of the {replicas} replicas must sum a power-of-two number of microbatches (got "
+            f"{shards * per_rank}: {per_rank} per rank x {shards} shards); use global_batch_size = "
+            f"{batches(candidates)}, {off}",
+        )
+    if groups > 1 and not _is_power_of_two(dims.dp_replicate * shards * per_rank):
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{why} each of the {groups} replica groups must sum a power-of-two number of microbatches (got "
+            f"{dims.dp_replicate * shards * per_rank}); give parallelism.data_parallel_replicate_degree a power of "
+            f"two, {off}",
         )
 
 
@@ -370,12 +382,6 @@ def _validate_pipeline(config: JobConfig, samples_per_rank: int) -> None:
             f"{parallelism.pipeline_parallel_schedule} accumulates weight gradients outside autograd, so "
             "layout-invariant reductions cannot order them; use GPipe, 1F1B, Interleaved1F1B or LoopedBFS, "
             "or set debug.layout_invariant_reductions = false",
-        )
-    if not _is_power_of_two(num_microbatches):
-        raise ConfigError(
-            "training.global_batch_size",
-            f"layout-invariant reductions need a power-of-two number of pipeline microbatches per rank and step "
-            f"(got {num_microbatches} = {samples_per_rank} samples / microbatch size {microbatch})",
         )
 
 

@@ -170,8 +170,8 @@ def placement(num_microbatches: int, dp_rank: int, dp_degree: int, shard_degree:
     Each replica takes a contiguous block of M/replicas microbatches, and within it the
     `shard_degree` ranks that reduce-scatter together take them strided: shard s handles block
     microbatch k * shard_degree + s at micro-step k. So every micro-step's reduce-scatter sums an
-    aligned run of `shard_degree` microbatches (a complete subtree of the canonical tree, all
-    degrees being powers of two) and the sum over micro-steps can be kept on the shards. With
+    aligned run of `shard_degree` microbatches (a complete subtree of the canonical tree: a power-of-two
+    shard degree, or one micro-step) and the sum over micro-steps can be kept on the shards. With
     shard_degree 1 (the tree summed before any reduce-scatter) rank r takes the contiguous block
     [r * M/D, (r+1) * M/D)."""
     replica, shard = divmod(dp_rank, shard_degree)

@@ -65,15 +65,25 @@ class TreeSum:
 
 
 def tree_reduce_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Pairwise tree over dim 0 (length a power of two): ((r0+r1)+(r2+r3))..."""
-    while rows.shape[0] > 1:
-        rows = rows[0::2] + rows[1::2]
-    return rows[0]
+    """The canonical tree over dim 0, for any length: the order ``TreeSum`` adds the rows in. For a
+    power of two the pairwise tree ((r0+r1)+(r2+r3)); otherwise the pairwise trees of the runs given by
+    the length's binary digits (6 = 4 + 2: rows 0-3, rows 4-5), largest first, added left to right."""
+    count, start, total = rows.shape[0], 0, None
+    for bit in reversed(range(count.bit_length())):
+        if count >> bit & 1:
+            run = rows[start : start + (1 << bit)]
+            while run.shape[0] > 1:
+                run = run[0::2] + run[1::2]
+            total = run[0] if total is None else total + run[0]
+            start += 1 << bit
+    if total is None:
+        raise ValueError("tree_reduce_rows of no rows")
+    return total
 
 
 def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum a 1-D tensor over the ranks of `group` as a pairwise tree in rank order; the result is
-    bitwise the same on every rank. The world size must be a power of two.
+    """Sum a 1-D tensor over the ranks of `group` as the canonical tree in rank order (``tree_reduce_rows``:
+    any world size); the result is bitwise the same on every rank.
 
     Built as a reduce-scatter (all-to-all, then each rank finishes the tree for its chunk) followed
     by an all-gather: every element is summed in the same order as a one-process tree, and the bytes

@@ -96,13 +96,13 @@ def test_parallel_degrees():
         validate_job_config(load_config("llama3_debug", overrides), 4)
     with pytest.raises(ConfigError, match="not divisible by replicate x tp x pp x cp = 2"):
         validate_job_config(load_config("llama3_debug", ["--parallelism.tensor_parallel_degree", "2"]), 3)
-    with pytest.raises(ConfigError, match="power-of-two"):
-        validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "3"]), 3)
-    overrides = ["--parallelism.data_parallel_replicate_degree", "3", "--debug.no-layout-invariant-reductions"]
-    validate_job_config(load_config("llama3_debug", overrides), 3)  # any degree without the canonical tree
+    validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "3"]), 3)
     overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--training.global_batch_size", "48"]
-    with pytest.raises(ConfigError, match="microbatches per rank"):
+    with pytest.raises(ConfigError, match="power-of-two number of microbatches"):  # 3 per replica
         validate_job_config(load_config("llama3_debug", overrides), 2)
+    validate_job_config(load_config("llama3_debug", overrides + ["--debug.no-layout-invariant-reductions"]), 2)
+    pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "8"]
+    validate_job_config(load_config("llama3_debug", pipeline + ["--training.global_batch_size", "24"]), 2)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,6 @@ def test_parallel_degrees():
         (["--parallelism.pipeline_parallel_microbatch_size", "3"], "does not divide training.local_batch_size"),
         (["--parallelism.pipeline_parallel_microbatch_size", "8"], "needs at least pp degree = 2 microbatches"),
         (["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"], "accumulates weight gradients outside"),
-        (["--training.global_batch_size", "24"], "power-of-two number of pipeline microbatches"),
     ],
 )
 def test_pipeline_settings_are_checked(overrides, fragment):

@@ -7,6 +7,7 @@ held to 1e-5 relative (docs/layout-invariance.md says why it cannot be bitwise).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,47 @@ def test_even_and_explicit_stage_splits():
         stage_layer_ranges(names, 8, [])
     assert stages_of_rank(1, 2, "Interleaved1F1B") == [1, 3]
     assert stages_of_rank(1, 2, "ZBVZeroBubble") == [1, 2]
+
+
+THREE_MICROBATCHES = [*DETERMINISTIC, "--training.steps", "4", "--training.global_batch_size", "6"]  # 3 x 2 samples
+SIX_MICROBATCHES = [*THREE_MICROBATCHES, "--training.local_batch_size", "1"]
+
+
+@pytest.fixture(scope="module")
+def three_and_six_microbatches(tmp_path_factory):
+    """One process with 3, and with 6, microbatches per step (neither a power of two)."""
+    return {
+        count: _run(tmp_path_factory.mktemp(f"one-{count}"), 1, overrides)
+        for count, overrides in ((3, THREE_MICROBATCHES), (6, SIX_MICROBATCHES))
+    }
+
+
+@pytest.mark.parametrize(
+    "microbatches, layout",
+    [
+        (3, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, one microbatch each
+        (3, []),  # FSDP 3, one microbatch each
+        (6, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, two each: three subtrees of 2
+    ],
+    ids=["ddp3", "fsdp3", "ddp3-six-microbatches"],
+)
+def test_three_ranks_are_bitwise_identical_to_one_process(tmp_path, three_and_six_microbatches, microbatches, layout):
+    overrides = THREE_MICROBATCHES if microbatches == 3 else SIX_MICROBATCHES
+    metrics, weights = _run(tmp_path, 3, overrides + layout)
+    reference_metrics, reference_weights = three_and_six_microbatches[microbatches]
+    assert len(metrics) == 4 and all(m[3] and m[4] for m in metrics)
+    assert metrics == reference_metrics
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
+
+
+def test_blocks_that_are_not_subtrees_are_refused_with_batches_that_work():
+    from lockstep.config import validate_job_config
+
+    ddp2_three_each = tiny_config(
+        Path("unused"), *SIX_MICROBATCHES, "--parallelism.data_parallel_replicate_degree", "2"
+    )
+    with pytest.raises(ConfigError, match="power-of-two number of microbatches .*global_batch_size = 4 or 8"):
+        validate_job_config(ddp2_three_each, world_size=2)
+    fsdp3_two_each = tiny_config(Path("unused"), *SIX_MICROBATCHES)
+    with pytest.raises(ConfigError, match="power-of-two shard degree, or one microbatch per rank"):
+        validate_job_config(fsdp3_two_each, world_size=3)
