@@ -148,7 +148,10 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
 
     device, parallelism = torch.device("cpu"), ParallelismConfig()
     dims = resolve_parallel_dims(parallelism, int(os.environ["WORLD_SIZE"]))
-    layout = Layout(dims, build_mesh(dims, device), device, "fp32", canonical_reductions=True, root_seed=0)
+    layout = Layout(
+        dims, build_mesh(dims, device), device, "fp32", canonical_reductions=True, fsdp=dims.fsdp, root_seed=0,
+        attention_backend="sdpa",
+    )  # fmt: skip
     results = {}
     with _Peak() as peak:
         built = build_model(

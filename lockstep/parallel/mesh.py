@@ -16,10 +16,10 @@ from lockstep.config.job import ParallelDims
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
+def build_mesh(dims: ParallelDims, device: torch.device, single: bool = False) -> DeviceMesh | None:
     """One DeviceMesh over all axes (size-1 axes included, so code can always slice by name), plus
-    the flattened "dp" axis. None for a single process."""
-    if dims.world_size == 1:
+    the flattened "dp" axis. None for a single process, unless `single` asks for a mesh of one rank."""
+    if dims.world_size == 1 and not single:
         return None
     mesh = init_device_mesh(device.type, dims.sizes(), mesh_dim_names=AXES)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")

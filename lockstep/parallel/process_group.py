@@ -30,8 +30,9 @@ def world_from_env() -> WorldInfo:
     )
 
 
-def init_process_group(world: WorldInfo, device: torch.device) -> None:
-    """gloo on CPU, NCCL on CUDA; nothing for a single process.
+def init_process_group(world: WorldInfo, device: torch.device, single: bool = False) -> None:
+    """gloo on CPU, NCCL on CUDA; nothing for a single process, unless `single` asks for a group of one
+    (FSDP's mixed precision runs over a mesh, even of one rank).
 
     On CUDA the process first makes its GPU (LOCAL_RANK unless `device` names one) the current device:
     otherwise every rank of a node would put NCCL's communicator, and any CUDA work that names no
@@ -41,7 +42,10 @@ def init_process_group(world: WorldInfo, device: torch.device) -> None:
     if cuda:
         device = torch.device("cuda", world.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
-    if world.world_size == 1 or dist.is_initialized():
+    if dist.is_initialized() or (world.world_size == 1 and not single):
+        return
+    if world.world_size == 1:  # no torchrun, no rendezvous: an in-memory store
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         return
     dist.init_process_group(
         "nccl" if cuda else "gloo",

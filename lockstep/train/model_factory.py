@@ -36,6 +36,9 @@ class Layout:
     """Sum gradients in the canonical tree (FSDP's reduce-scatter included). Off when nothing is
     promised: the reductions are off, or FSDP computes in bf16 (then the backend's own reduce-scatter
     runs, NCCL's pinned to one algorithm when deterministic)."""
+    fsdp: bool
+    """Wrap the model in FSDP2 over the dp_shard axis: it shards (dp_shard > 1), or bf16 training, which
+    is FSDP's mixed precision in every layout (over one rank when nothing is sharded)."""
     root_seed: int
     attention_backend: str
     """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
@@ -96,7 +99,7 @@ def build_model(
             built.unmanaged_params += expert_params
         apply_activation_checkpointing(part.layers, activation_checkpoint)
         apply_compile(part.layers, compile_config)
-        if dims.fsdp:
+        if layout.fsdp:
             built.fsdp_modules += apply_fsdp(
                 part,
                 layout.mesh["dp_shard"],
@@ -111,7 +114,7 @@ def build_model(
     if dims.pp > 1:
         built.pipeline = pipeline_llm(
             whole, layout.mesh["pp"], parallelism, num_pipeline_microbatches, layout.device, pipeline_loss, parallelize,
-            sync_every_microbatch=layout.canonical_reductions and dims.fsdp,  # the tree kept on the shards
+            sync_every_microbatch=layout.canonical_reductions and layout.fsdp,  # the tree kept on the shards
         )  # fmt: skip
         built.parts = built.pipeline.model_parts
     else:

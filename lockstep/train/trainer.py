@@ -148,8 +148,11 @@ class Trainer:
         check_model_fits_layout(config.model, self.dims)
         self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
         configure_determinism(config.debug)
-        init_process_group(self.world, self.device)
-        self.mesh = build_mesh(self.dims, self.device)
+        # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
+        # of one rank when nothing is sharded, so that every layout computes the same bf16 numbers.
+        self.fsdp = self.dims.fsdp or config.training.mixed_precision == "bf16"
+        init_process_group(self.world, self.device, single=self.fsdp)
+        self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
         self.seeds = seed_everything(config.debug.seed, axis_rank(self.mesh, "pp"), self.mesh)
 
@@ -164,10 +167,8 @@ class Trainer:
         if self.dims.pp > 1:
             microbatch = config.parallelism.pipeline_parallel_microbatch_size
         self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, microbatch)
-        # Gradients are summed in the canonical tree unless FSDP computes in bf16 (then FSDP's own fp32
-        # accumulation is kept: a bf16 tree would lose precision, and bf16 runs are not layout-invariant).
-        canonical = config.debug.layout_invariant_reductions
-        use_tree = canonical and not (self.dims.fsdp and training.mixed_precision == "bf16")
+        # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16).
+        canonical = use_tree = config.debug.layout_invariant_reductions
         self.fault_tolerance = self._fault_tolerance(use_tree, microbatch) if config.fault_tolerance.enable else None
         self.loader.pin_memory = self.device.type == "cuda"
         if summary := getattr(windows, "summary", None):  # a mixture says how its weights were resolved
@@ -178,7 +179,8 @@ class Trainer:
             loss_fn = torch.compile(global_batch_loss)
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
         layout = Layout(
-            self.dims, self.mesh, self.device, training.mixed_precision, use_tree, config.debug.seed, self.attention_backend
+            self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
+            self.attention_backend,
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -191,7 +193,7 @@ class Trainer:
         self.moe_blocks = moe_blocks(self.model.parts)
         # FSDP reduce-scatters every micro-step and keeps the tree on the shards (1/dp_shard of the
         # gradients per rank, pipeline stages too); its microbatches are placed strided over the shards.
-        self.tree_on_shards = use_tree and self.dims.fsdp
+        self.tree_on_shards = use_tree and self.fsdp
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
         self.gradient_tree = self._gradient_tree(use_tree)
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
@@ -201,7 +203,7 @@ class Trainer:
         settings = LossSettings(
             loss_fn, pipeline_loss, training.loss_chunk_tokens,
             loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel,
-            autocast=training.mixed_precision == "bf16" and not self.dims.fsdp,  # FSDP casts by its policy
+            autocast=False,  # bf16 is FSDP's policy (above), not autocast
             document_masking=config.data.document_masking, eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards else None

@@ -251,3 +251,33 @@ def test_blocks_that_are_not_subtrees_are_refused_with_batches_that_work():
     fsdp3_two_each = tiny_config(Path("unused"), *SIX_MICROBATCHES)
     with pytest.raises(ConfigError, match="power-of-two shard degree, or one microbatch per rank"):
         validate_job_config(fsdp3_two_each, world_size=3)
+
+
+BF16 = [*DETERMINISTIC, "--training.mixed_precision", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def one_process_bf16(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one-bf16"), 1, BF16)
+
+
+@pytest.mark.parametrize(
+    "world_size, layout",
+    [
+        (2, []),  # FSDP 2
+        (2, ["--parallelism.data_parallel_replicate_degree", "2"]),  # DDP 2
+        (2, _pipeline(2, "1F1B")),
+        (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # HSDP 2x2
+    ],
+    ids=["fsdp2", "ddp2", "pp2", "hsdp2x2"],
+)
+def test_bf16_is_bitwise_identical_across_layouts(tmp_path, one_process, one_process_bf16, world_size, layout):
+    """bf16 is one definition in every layout (FSDP's policy: bf16 parameters and activations, fp32
+    gradients summed in the canonical tree), so the layouts agree bit for bit in bf16 too."""
+    metrics, weights = _run(tmp_path, world_size, BF16 + layout)
+    reference_metrics, reference_weights = one_process_bf16
+    fp32_losses, bf16_losses = [m[1] for m in one_process[0]], [m[1] for m in reference_metrics]
+    assert all(a != b and abs(a - b) < 0.02 * a for a, b in zip(fp32_losses, bf16_losses, strict=True))  # bf16 ran
+    assert len(metrics) == 10 and all(m[3] and m[4] for m in metrics)
+    assert metrics == reference_metrics
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)

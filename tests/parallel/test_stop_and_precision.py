@@ -47,9 +47,9 @@ def _train_bf16(folder) -> None:
         trainer.train()
         block = trainer.model.parts[0].layers["0"]
         assert block.attention.wq.weight.dtype == torch.float32  # sharded master weights stay fp32
-        # nothing is promised in bf16, so the backend's own reduce-scatter runs, not the canonical tree
+        # bf16 gradients are cast to fp32 and summed in the canonical tree, as in fp32
         groups = block._get_fsdp_state()._fsdp_param_groups
-        assert not any(isinstance(g._reduce_scatter_comm, TreeReduceScatter) for g in groups)
+        assert all(isinstance(g._reduce_scatter_comm, TreeReduceScatter) for g in groups)
 
 
 def test_fsdp_bf16_tracks_fp32(tmp_path):
