@@ -61,16 +61,19 @@ def config_findings(
                                   "weight gradients are accumulated outside autograd, in schedule order"))  # fmt: skip
     if parallelism.tensor_parallel_degree > 1:
         found.append(AuditFinding("lockstep", "tensor parallelism", "layout-dependent",
-                                  "row-parallel matmuls sum partial products across ranks (1e-5, not bitwise)"))  # fmt: skip
+                                  "row-parallel matmuls, column-parallel input gradients and sequence-parallel norm "
+                                  "weight gradients are summed across ranks in the backend's order (1e-5, not "
+                                  "bitwise)"))  # fmt: skip
     if parallelism.expert_parallel_degree > 1:
         found.append(AuditFinding("lockstep", "expert parallelism", "layout-dependent",
                                   "expert GEMMs see all ranks' tokens in one call (1e-5, not bitwise)"))  # fmt: skip
     if optimizer.implementation == "fused":
         found.append(AuditFinding("lockstep", "optimizer.implementation = fused", "layout-dependent",
                                   "fused AdamW rounds differently from foreach/for-loop (each is repeatable)"))  # fmt: skip
-    if training.mixed_precision == "bf16":
-        found.append(AuditFinding("lockstep", "training.mixed_precision = bf16", "layout-dependent",
-                                  "bf16 compute is repeatable but not layout-invariant"))  # fmt: skip
+    if training.mixed_precision == "bf16" and debug.layout_invariant_reductions:
+        found.append(AuditFinding("lockstep", "training.mixed_precision = bf16", "ok",
+                                  "FSDP's bf16 policy in every layout, fp32 gradients in the canonical tree: bitwise "
+                                  "across DP/FSDP/HSDP/PP (not fp32's numbers)"))  # fmt: skip
     if compile_config.enable:
         found.append(AuditFinding("lockstep", "compile.enable", "ok",
                                   "inductor without max-autotune: kernel choice is fixed; eager and compiled differ"))  # fmt: skip

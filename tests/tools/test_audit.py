@@ -112,3 +112,18 @@ def test_deterministic_mode_turns_cudnn_attention_off():
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was[0])
         torch.use_deterministic_algorithms(was[1])
+
+
+def test_bf16_is_no_longer_layout_dependent_but_tensor_and_expert_parallelism_are():
+    config = load_config(
+        "llama3_debug",
+        ["--training.mixed_precision", "bf16", "--parallelism.tensor_parallel_degree", "2",
+         "--parallelism.expert_parallel_degree", "2", "--debug.deterministic"],
+    )  # fmt: skip
+    findings = config_findings(
+        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+    )
+    items = {f.item: (f.verdict, f.note) for f in findings}
+    assert items["training.mixed_precision = bf16"][0] == "ok"
+    assert items["tensor parallelism"][0] == "layout-dependent" and "backend's order" in items["tensor parallelism"][1]
+    assert items["expert parallelism"][0] == "layout-dependent"
