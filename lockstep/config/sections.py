@@ -96,7 +96,8 @@ class TrainingConfig:
     max_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     mixed_precision: str = "fp32"
-    """Compute dtype: fp32 or bf16 (autocast; parameters and optimizer state stay fp32)."""
+    """Compute dtype: fp32 or bf16 (FSDP's policy in every layout: bf16 parameters and activations, fp32 gradient
+    sums, fp32 master weights and optimizer state; docs/layout-invariance.md)."""
     dataset: str = "builtin"
     """builtin (the corpus made from the Python standard library), text, json, parquet, or prepared (a folder
     written by lockstep data prepare; train with its tokenizer)."""

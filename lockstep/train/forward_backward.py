@@ -36,8 +36,6 @@ class LossSettings:
     """training.loss_chunk_tokens: the model takes the loss itself, a chunk of tokens at a time."""
     loss_parallel: bool
     """The TP plan leaves the logits vocab-sharded: forward and backward run in loss_parallel()."""
-    autocast: bool
-    """bf16 autocast (without FSDP, whose policy casts)."""
     document_masking: bool
     eos_id: int
 
@@ -72,11 +70,6 @@ class ForwardBackward:
             stack.enter_context(loss_parallel())
         return stack
 
-    def _autocast(self):
-        if self.settings.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def run(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's microbatches; returns their loss ([1], tree order; 0 on
         pipeline stages without the loss)."""
@@ -109,7 +102,7 @@ class ForwardBackward:
         losses = []
         for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device, non_blocking=True), mb.labels.to(self.device, non_blocking=True)
-            with self._contexts(), self._autocast():
+            with self._contexts():
                 losses.append(self._microbatch_loss(inputs, labels, 1).float().reshape(1))
         return losses
 
@@ -120,8 +113,7 @@ class ForwardBackward:
         for mb in microbatches:
             inputs, labels = mb.inputs.to(self.device, non_blocking=True), mb.labels.to(self.device, non_blocking=True)
             with self._contexts():
-                with self._autocast():
-                    microbatch_loss = self._microbatch_loss(inputs, labels, global_tokens)
+                microbatch_loss = self._microbatch_loss(inputs, labels, global_tokens)
                 microbatch_loss.backward()
             losses.append(microbatch_loss.detach().reshape(1))
         return losses
@@ -150,7 +142,7 @@ class ForwardBackward:
         losses: list[torch.Tensor] = []
         target = labels if pipeline.has_last_stage else None
         args = (inputs,) if pipeline.has_first_stage else ()
-        with self._contexts(), self._autocast():
+        with self._contexts():
             if evaluate:
                 pipeline.schedule.eval(*args, target=target, losses=losses, **kwargs)
             else:  # return_outputs=False: the schedule keeps no microbatch's last-stage output (logits)

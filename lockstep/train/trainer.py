@@ -203,7 +203,6 @@ class Trainer:
         settings = LossSettings(
             loss_fn, pipeline_loss, training.loss_chunk_tokens,
             loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel,
-            autocast=False,  # bf16 is FSDP's policy (above), not autocast
             document_masking=config.data.document_masking, eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards else None

@@ -102,7 +102,7 @@ def test_activation_checkpointing_keeps_the_numbers(tmp_path, mode, option):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_bf16_trains_in_one_process(tmp_path):
     metrics, _ = _run(tiny_config(tmp_path, "--training.mixed_precision", "bf16", "--training.steps", "2"))
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
