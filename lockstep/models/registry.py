@@ -37,6 +37,9 @@ class ModelSpec:
     """Module with hf_name(name), to_hf(state, args), from_hf(state, args), hf_source(name, shape,
     hf_names, args) (what sharded readers read, see models.common.hf_source), hf_config(args, dtype),
     args_from_hf_config(config)."""
+    canonical_tensor_parallel: bool = False
+    """Under debug.deterministic its tensor-parallel plan runs with canonical sums (its linear layers
+    and head broadcasts; lockstep.parallel.canonical_linear), bitwise for every degree."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -48,6 +51,7 @@ MODELS: dict[str, ModelSpec] = {
         llama3_plan.check_tensor_parallel_degree,
         Llama3Args.from_dict,
         llama3_hf,
+        canonical_tensor_parallel=True,
     ),
     "deepseek_v3": ModelSpec(
         "deepseek_v3",
@@ -57,6 +61,7 @@ MODELS: dict[str, ModelSpec] = {
         deepseek_v3_plan.check_tensor_parallel_degree,
         DeepSeekV3Args.from_dict,
         deepseek_v3_hf,
+        canonical_tensor_parallel=True,
     ),
 }
 

@@ -17,6 +17,7 @@ from lockstep.config.job import ParallelDims
 from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, ModelConfig, ParallelismConfig
 from lockstep.models.registry import model_args
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
+from lockstep.parallel.canonical_linear import apply_canonical_linears, canonical_plan, chunk_count
 from lockstep.parallel.compile import apply_compile
 from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
@@ -41,6 +42,9 @@ class Layout:
     is FSDP's mixed precision in every layout (over one rank when nothing is sharded)."""
     root_seed: int
     attention_backend: str
+    canonical_tensor_parallel: bool = False
+    """debug.deterministic: models that offer it split their linear layers' sums into fixed chunks at
+    every tensor-parallel degree, 1 included (lockstep.parallel.canonical_linear)."""
     """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
 
 
@@ -57,6 +61,8 @@ class BuiltModel:
     unmanaged_params: list[nn.Parameter] = field(default_factory=list)
     """Parameters FSDP leaves alone (expert-parallel experts): autograd accumulates into them directly."""
     pipeline: Pipeline | None = None
+    canonical_tp: bool = False
+    """Its linear layers sum in fixed chunks (debug.deterministic): the logits come back whole."""
 
 
 def check_model_fits_layout(model: ModelConfig, dims: ParallelDims) -> None:
@@ -89,8 +95,17 @@ def build_model(
         whole = spec.build(args, layout.attention_backend)
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
+    canonical_tp = built.canonical_tp = layout.canonical_tensor_parallel and spec.canonical_tensor_parallel
+    chunks = chunk_count(lambda d: spec.check_tensor_parallel_degree(args, d) is None, vocab_size)
+
     def parallelize(part: nn.Module) -> nn.Module:
-        if dims.tp > 1:
+        if canonical_tp:  # no sequence or loss parallelism: activations whole on every tp rank
+            plan = spec.tensor_parallel_plan(part, False)
+            if dims.tp > 1:
+                apply_tensor_parallel(part, layout.mesh["tp"], canonical_plan(part, plan, chunks))
+            else:
+                apply_canonical_linears(part, plan, chunks)
+        elif dims.tp > 1:
             plan = spec.tensor_parallel_plan(part, parallelism.loss_parallel)
             apply_tensor_parallel(part, layout.mesh["tp"], plan)
         expert_params = []

@@ -180,7 +180,7 @@ class Trainer:
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
         layout = Layout(
             self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
-            self.attention_backend,
+            self.attention_backend, canonical_tensor_parallel=config.debug.deterministic,
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -202,7 +202,7 @@ class Trainer:
         )
         settings = LossSettings(
             loss_fn, pipeline_loss, training.loss_chunk_tokens,
-            loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel,
+            loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel and not self.model.canonical_tp,
             document_masking=config.data.document_masking, eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards else None

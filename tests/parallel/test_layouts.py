@@ -146,9 +146,21 @@ def _assert_close(metrics, weights, reference, rtol: float) -> None:
     [(2, ["--parallelism.tensor_parallel_degree", "2"]), (4, ["--parallelism.tensor_parallel_degree", "2"])],
     ids=["tp2", "fsdp2xtp2"],
 )
-def test_tensor_parallel_is_within_1e5_of_one_process(tmp_path, one_process, world_size, layout):
+def test_tensor_parallel_is_bitwise_identical_to_one_process(tmp_path, one_process, world_size, layout):
+    """Under debug.deterministic the linear layers sum their split dimension in fixed chunks at every
+    degree (lockstep.parallel.canonical_linear), one process included."""
     metrics, weights = _run(tmp_path, world_size, DETERMINISTIC + layout)
-    _assert_close(metrics, weights, one_process, rtol=1e-5)
+    assert len(metrics) == 10 and all(m[3] and m[4] for m in metrics)
+    assert metrics == one_process[0]
+    assert all(torch.equal(weights[k], one_process[1][k]) for k in one_process[1])
+
+
+def test_tensor_parallel_without_determinism_is_within_1e5(tmp_path):
+    """Outside debug.deterministic, sequence and loss parallelism run, with the backend's sums."""
+    loose = [*SAME_BATCH, "--debug.fingerprint"]
+    reference = _run(tmp_path / "one", 1, loose)
+    metrics, weights = _run(tmp_path / "tp2", 2, loose + ["--parallelism.tensor_parallel_degree", "2"])
+    _assert_close(metrics, weights, reference, rtol=1e-5)
 
 
 DEEPER = ["--model.flavor", "debug", "--training.steps", "4"]  # 6 layers: room for 2 stages per rank
@@ -157,6 +169,13 @@ DEEPER = ["--model.flavor", "debug", "--training.steps", "4"]  # 6 layers: room 
 @pytest.fixture(scope="module")
 def deeper_one_process(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("deeper"), 1, DETERMINISTIC + DEEPER)
+
+
+def test_tensor_parallel_4_is_bitwise_identical_to_one_process(tmp_path, deeper_one_process):
+    """The debug flavor (16 heads) allows TP up to 16: its linear layers sum 16 chunks at every degree."""
+    metrics, weights = _run(tmp_path, 4, DETERMINISTIC + DEEPER + ["--parallelism.tensor_parallel_degree", "4"])
+    assert len(metrics) == 4 and metrics == deeper_one_process[0]
+    assert all(torch.equal(weights[k], deeper_one_process[1][k]) for k in deeper_one_process[1])
 
 
 @pytest.mark.parametrize("schedule", ["Interleaved1F1B", "LoopedBFS"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils._pytree import register_dataclass
 
@@ -191,3 +192,12 @@ def attention(
     if masks is not None and masks.sdpa_mask is not None:
         return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=enable_gqa)
+
+
+class SharedAcrossHeads(nn.Module):
+    """Broadcasts a tensor every head shares (DeepSeek-V3's RoPE part of the key, [B, S, 1, D]) to
+    `heads` heads. A module of its own so that a parallel plan can decide how its gradient, a sum over
+    the heads, is taken (lockstep.parallel.canonical_linear); on one device it is ``expand``."""
+
+    def forward(self, x_BS1D: torch.Tensor, heads: int) -> torch.Tensor:
+        return x_BS1D.expand(-1, -1, heads, -1)

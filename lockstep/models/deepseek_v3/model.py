@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lockstep.models.common import init as init_fns
-from lockstep.models.common.attention import AttentionMasks, attention
+from lockstep.models.common.attention import AttentionMasks, SharedAcrossHeads, attention
 from lockstep.models.common.decoder import Decoder, FeedForward
 from lockstep.models.common.kv_cache import LayerCache
 from lockstep.models.common.moe import MoE, Router
@@ -34,6 +34,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(a.kv_lora_rank, eps=1e-6)
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+        self.share_rope = SharedAcrossHeads()
 
     def forward(
         self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
@@ -47,7 +48,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.wkv_a(x_BSD).split([self.wkv_b.in_features, self.rope_dim], dim=-1)
         kv = self.wkv_b(self.kv_norm(latent)).view(batch, seq_len, -1, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_rope = apply_rope(k_rope.unsqueeze(2), cos_sin).expand(-1, -1, k_nope.shape[2], -1)
+        k_rope = self.share_rope(apply_rope(k_rope.unsqueeze(2), cos_sin), k_nope.shape[2])
         q = torch.cat([q_nope, apply_rope(q_rope, cos_sin)], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
