@@ -59,11 +59,15 @@ def config_findings(
     if parallelism.pipeline_parallel_degree > 1 and parallelism.pipeline_parallel_schedule in ZERO_BUBBLE_SCHEDULES:
         found.append(AuditFinding("lockstep", f"schedule {parallelism.pipeline_parallel_schedule}", "layout-dependent",
                                   "weight gradients are accumulated outside autograd, in schedule order"))  # fmt: skip
-    if parallelism.tensor_parallel_degree > 1:
+    if parallelism.tensor_parallel_degree > 1 and debug.deterministic:
+        found.append(AuditFinding("lockstep", "tensor parallelism", "ok",
+                                  "split sums in fixed chunks at every degree (bitwise); no sequence or loss "
+                                  "parallelism under debug.deterministic"))  # fmt: skip
+    elif parallelism.tensor_parallel_degree > 1:
         found.append(AuditFinding("lockstep", "tensor parallelism", "layout-dependent",
                                   "row-parallel matmuls, column-parallel input gradients and sequence-parallel norm "
                                   "weight gradients are summed across ranks in the backend's order (1e-5, not "
-                                  "bitwise)"))  # fmt: skip
+                                  "bitwise; debug.deterministic makes them canonical)"))  # fmt: skip
     if parallelism.expert_parallel_degree > 1:
         found.append(AuditFinding("lockstep", "expert parallelism", "layout-dependent",
                                   "expert GEMMs see all ranks' tokens in one call (1e-5, not bitwise)"))  # fmt: skip
