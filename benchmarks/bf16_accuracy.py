@@ -1,7 +1,7 @@
 """bf16 against fp32: a 300-step convergence check on one process, and bf16 bitwise across layouts.
 
-convergence: llama3_debug on the built-in corpus, `--debug.deterministic`, seed 42, seq 128, local batch 4,
-global batch 8 (two microbatches per step), --steps steps (300), logged every step, once with
+convergence: llama3_debug on the built-in corpus, `--debug.deterministic`, seed 42, seq 128, local batch 2,
+global batch 4 (two microbatches per step), --steps steps (300), logged every step, once with
 `--training.mixed_precision fp32` and once with `bf16` (FSDP2's mixed-precision policy over a one-rank
 mesh: bf16 parameters and activations, fp32 gradient sums, fp32 master weights and AdamW state). Reported:
 the final loss of each, the relative loss difference |bf16 - fp32| / fp32 per step (max and mean over all
@@ -10,14 +10,14 @@ loss. The two runs go side by side (one thread each); no time is measured, and d
 depend on the timing.
 
 bitwise: bf16 for --check-steps steps (20) on one process against `lockstep train --nproc 2` FSDP 2
-(dp_shard 2), the same global batch (8) and microbatch size (4), with `--debug.fingerprint`: loss, grad
+(dp_shard 2), the same global batch (4) and microbatch size (2), with `--debug.fingerprint`: loss, grad
 norm and the parameter and gradient hashes must be equal at every step.
 
 Figures print; JSON (and, unless --no-plot, a PNG of both loss curves and their relative difference) go
 under benchmarks/results/.
 
-    .venv/bin/python benchmarks/bf16_accuracy.py [--steps 300] [--seq-len 128] [--local-batch 4]
-        [--global-batch 8] [--check-steps 20] [--out benchmarks/results/bf16_accuracy.json] [--no-plot]
+    .venv/bin/python benchmarks/bf16_accuracy.py [--steps 300] [--seq-len 128] [--local-batch 2]
+        [--global-batch 4] [--check-steps 20] [--out benchmarks/results/bf16_accuracy.json] [--no-plot]
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--local-batch", type=int, default=4)
-    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--local-batch", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--check-steps", type=int, default=20, help="steps of the 1 process vs FSDP 2 bf16 check")
     parser.add_argument("--out", type=Path, default=RESULTS / "bf16_accuracy.json")

@@ -366,7 +366,8 @@ class ParallelismConfig:
     tensor_parallel_degree: int = 1
     """Tensor (and sequence) parallel degree."""
     loss_parallel: bool = True
-    """With tensor parallelism: keep the logits sharded over the vocabulary and take the cross-entropy on the shards."""
+    """With tensor parallelism: keep the logits sharded over the vocabulary and take the cross-entropy on the shards
+    (not under debug.deterministic, whose tensor parallelism keeps activations and logits whole, for bitwise sums)."""
     pipeline_parallel_degree: int = 1
     """Pipeline stages."""
     pipeline_parallel_schedule: str = "1F1B"

@@ -11,6 +11,13 @@ are cast here to the dtype of the tokens they receive (bf16 under FSDP's bf16 po
 cast its own parameters. The parameters and their AdamW state stay fp32, and the cast's backward
 hands fp32 gradients to them.
 
+With canonical reductions the local experts run once per source rank: each source rank's tokens are
+one microbatch (EP borrows the FSDP axis, whose ranks hold the consecutive microbatches of one
+micro-step), so each call computes exactly that microbatch's expert outputs and weight gradients, as
+one process would, and the per-source weight gradients are summed in the canonical pairwise tree
+over source ranks (``_FanOut``), a node of the tree over the global microbatch index. Otherwise one
+call takes all received tokens (one larger GEMM per expert; the sums then mix microbatches).
+
 Host syncs: the all-to-alls need their split sizes as Python ints, so each forward (and each
 activation-checkpoint recompute) makes exactly one device-to-host transfer, of 2 x ep integers.
 Everything else (the regrouping permutation included) is built on the device.
@@ -28,10 +35,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from lockstep.parallel.canonical import tree_reduce_rows
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Parameter]:
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, per_source: bool = False) -> list[nn.Parameter]:
     """Shard the experts of every MoE block of `model` over `ep_mesh`; returns the expert parameters
-    (FSDP must leave them alone: they are already split over the same ranks)."""
+    (FSDP must leave them alone: they are already split over the same ranks). `per_source`: run the
+    local experts once per source rank, weight gradients summed in canonical order."""
     expert_params = []
     for layer in model.layers.values():
         experts = getattr(getattr(layer, "moe", None), "experts", None)
@@ -44,13 +54,14 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Para
             sharded = nn.Parameter(distribute_tensor(getattr(experts, name), ep_mesh, [Shard(0)]))
             setattr(experts, name, sharded)
             expert_params.append(sharded)
-        experts.compute = functools.partial(_expert_parallel_compute, experts.compute, ep_mesh.get_group())
+        experts.compute = functools.partial(_expert_parallel_compute, experts.compute, ep_mesh.get_group(), per_source)
     return expert_params
 
 
 def _expert_parallel_compute(
     local_compute: Callable[..., torch.Tensor],
     group: dist.ProcessGroup,
+    per_source: bool,
     x_sorted: torch.Tensor,
     counts: torch.Tensor,
     w1: DTensor,
@@ -68,6 +79,14 @@ def _expert_parallel_compute(
     received = all_to_all_single(
         x_sorted.new_empty(num_received, x_sorted.shape[1]), x_sorted, output_splits, input_splits, group
     )
+    if per_source:  # received is (source rank, local expert)-major: one call per source rank
+        weights = [_FanOut.apply(w.to_local().to(x_sorted.dtype), ep) for w in (w1, w2, w3)]
+        outputs = [
+            local_compute(tokens, recv_counts[source], weights[0][source], weights[1][source], weights[2][source])
+            for source, tokens in enumerate(received.split(output_splits))
+        ]
+        back = torch.cat(outputs)
+        return all_to_all_single(x_sorted.new_empty(x_sorted.shape), back, input_splits, output_splits, group)
     # Received slots are grouped (source rank, local expert); the experts want (local expert, source rank).
     expert_major_position = _regrouped_positions(recv_counts, num_received)
     source_major_position = _regrouped_positions(recv_counts.t(), num_received)
@@ -75,6 +94,24 @@ def _expert_parallel_compute(
     local_out = local_compute(received[source_major_position], recv_counts.sum(0), *weights)
     back = local_out[expert_major_position]
     return all_to_all_single(x_sorted.new_empty(x_sorted.shape), back, input_splits, output_splits, group)
+
+
+class _FanOut(torch.autograd.Function):
+    """One weight handed to `copies` computations; backward sums their gradients as the canonical
+    pairwise tree in copy order (autograd would add them in the order they arrive)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, copies: int):
+        ctx.shape = weight.shape
+        return tuple(weight.view_as(weight) for _ in range(copies))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None
+        rows = torch.stack([g if g is not None else torch.zeros_like(present[0]) for g in grads])
+        return tree_reduce_rows(rows), None
 
 
 def _regrouped_positions(counts_AB: torch.Tensor, total: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ def build_model(
             apply_tensor_parallel(part, layout.mesh["tp"], plan)
         expert_params = []
         if dims.ep > 1:
-            expert_params = apply_expert_parallel(part, layout.mesh["dp_shard"])
+            expert_params = apply_expert_parallel(part, layout.mesh["dp_shard"], layout.canonical_reductions)
             built.unmanaged_params += expert_params
         apply_activation_checkpointing(part.layers, activation_checkpoint)
         apply_compile(part.layers, compile_config)

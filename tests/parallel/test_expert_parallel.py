@@ -1,7 +1,7 @@
-"""The MoE model across layouts: FSDP is bitwise, expert parallelism agrees to 1e-5 (its expert GEMMs
-see the tokens of all ranks in one call, so the sums are not batch-invariant) and runs in bf16 (with
-FSDP and with PP), checkpoints carry the router bias and reshard from EP 2 to one process, and the
-expert dispatch reads the device once per layer."""
+"""The MoE model across layouts: FSDP, tensor parallelism and expert parallelism are bitwise (EP runs
+the local experts once per source rank's microbatch and sums their weight gradients canonically), EP
+runs in bf16 (with FSDP and with PP), checkpoints carry the router bias and reshard from EP 2 to one
+process, and the expert dispatch reads the device once per layer."""
 
 import dataclasses
 import shutil
@@ -63,8 +63,18 @@ def expert_parallel_2(tmp_path_factory):
     return result(folder)
 
 
-def test_expert_parallel_2_is_within_1e5_of_one_process(expert_parallel_2, one_process):
-    _assert_close(expert_parallel_2, one_process)
+def test_expert_parallel_2_is_bitwise_identical_to_one_process(expert_parallel_2, one_process):
+    """The local experts run once per source rank (one microbatch each), and their weight gradients are
+    summed in the canonical tree over the source ranks."""
+    assert_bitwise(expert_parallel_2, one_process)
+
+
+def test_expert_parallel_2_with_forced_balance_is_bitwise(tmp_path):
+    balanced = MOE + ["--debug.moe_force_load_balance", "--training.steps", "4"]
+    (tmp_path / "one").mkdir()
+    train(tmp_path / "one", balanced)
+    run_on_ranks(train, 2, tmp_path / "ep2", balanced + EP2)
+    assert_bitwise(result(tmp_path / "ep2"), result(tmp_path / "one"))
 
 
 def _train_bf16(folder, overrides: list[str]) -> None:
