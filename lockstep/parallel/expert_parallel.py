@@ -80,9 +80,10 @@ def _expert_parallel_compute(
         x_sorted.new_empty(num_received, x_sorted.shape[1]), x_sorted, output_splits, input_splits, group
     )
     if per_source:  # received is (source rank, local expert)-major: one call per source rank
-        weights = [_FanOut.apply(w.to_local().to(x_sorted.dtype), ep) for w in (w1, w2, w3)]
+        # Fanned out before the cast, so each source's gradient reaches fp32 before the sum (as in one process).
+        copies = [_FanOut.apply(w.to_local(), ep) for w in (w1, w2, w3)]
         outputs = [
-            local_compute(tokens, recv_counts[source], weights[0][source], weights[1][source], weights[2][source])
+            local_compute(tokens, recv_counts[source], *(c[source].to(x_sorted.dtype) for c in copies))
             for source, tokens in enumerate(received.split(output_splits))
         ]
         back = torch.cat(outputs)

@@ -287,8 +287,9 @@ def one_process_bf16(tmp_path_factory):
         (2, ["--parallelism.data_parallel_replicate_degree", "2"]),  # DDP 2
         (2, _pipeline(2, "1F1B")),
         (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # HSDP 2x2
+        (2, ["--parallelism.tensor_parallel_degree", "2"]),
     ],
-    ids=["fsdp2", "ddp2", "pp2", "hsdp2x2"],
+    ids=["fsdp2", "ddp2", "pp2", "hsdp2x2", "tp2"],
 )
 def test_bf16_is_bitwise_identical_across_layouts(tmp_path, one_process, one_process_bf16, world_size, layout):
     """bf16 is one definition in every layout (FSDP's policy: bf16 parameters and activations, fp32
