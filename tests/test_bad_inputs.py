@@ -106,12 +106,12 @@ def test_power_of_two_suggestions_pass_their_own_check(capsys):
     line = _error_line(capsys, ["--config", "llama3_debug", "--nproc", "3", "--training.global_batch_size", "48"])
     assert "power-of-two shard degree, or one microbatch per rank (global_batch_size = 24" in line
     validate_job_config(load_config("llama3_debug", ["--training.global_batch_size", "24"]), 3)
-    ddp2 = ["--parallelism.data_parallel_replicate_degree", "2"]
-    config = load_config("llama3_debug", ddp2 + ["--training.global_batch_size", "48"])  # 3 microbatches per replica
-    with pytest.raises(ConfigError, match="use global_batch_size = 32 or 64"):
-        validate_job_config(config, 2)
-    for suggested in ("32", "64"):
-        validate_job_config(load_config("llama3_debug", ddp2 + ["--training.global_batch_size", suggested]), 2)
+    hsdp = ["--parallelism.data_parallel_replicate_degree", "2"]  # x 2 shards on 4 ranks
+    config = load_config("llama3_debug", hsdp + ["--training.global_batch_size", "96"])  # 3 microbatches per rank
+    with pytest.raises(ConfigError, match="use global_batch_size = 64 or 128"):
+        validate_job_config(config, 4)
+    for suggested in ("64", "128"):
+        validate_job_config(load_config("llama3_debug", hsdp + ["--training.global_batch_size", suggested]), 4)
 
 
 # --- datasets and tokenizers ----------------------------------------------------------------------

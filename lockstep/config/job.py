@@ -293,21 +293,26 @@ def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_
             f"subtree: that needs a power-of-two shard degree, or one microbatch per rank (global_batch_size = "
             f"{batches([1])}; got {per_rank}), {off}",
         )
-    if replicas > 1 and not _is_power_of_two(shards * per_rank):
+    def candidates(ranks: int) -> list[int]:  # microbatches per rank that make `ranks` x them a power of two
         lower = 1 << (per_rank.bit_length() - 1)
-        candidates = [k for k in (lower, 2 * lower) if _is_power_of_two(shards * k)] or [1]
+        return [k for k in (lower, 2 * lower) if _is_power_of_two(ranks * k)] or [1]
+
+    if replicas > 1 and shards > 1 and not _is_power_of_two(shards * per_rank):
         raise ConfigError(
             "training.global_batch_size",
-            f"{why} each of the {replicas} replicas must sum a power-of-two number of microbatches (got "
-            f"{shards * per_rank}: {per_rank} per rank x {shards} shards); use global_batch_size = "
-            f"{batches(candidates)}, {off}",
+            f"{why} each of the {replicas} FSDP replicas, whose shards reduce-scatter every micro-step, must sum "
+            f"a power-of-two number of microbatches (got {shards * per_rank}: {per_rank} per rank x {shards} "
+            f"shards); use global_batch_size = {batches(candidates(shards))}, {off}",
         )
-    if groups > 1 and not _is_power_of_two(dims.dp_replicate * shards * per_rank):
+    group_ranks = dims.dp_replicate * shards
+    if groups > 1 and not _is_power_of_two(group_ranks * per_rank):
+        hint = f"global_batch_size = {batches(candidates(group_ranks))}"
+        if not _is_power_of_two(group_ranks):
+            hint = "a power-of-two data-parallel degree inside each group"
         raise ConfigError(
             "training.global_batch_size",
             f"{why} each of the {groups} replica groups must sum a power-of-two number of microbatches (got "
-            f"{dims.dp_replicate * shards * per_rank}); give parallelism.data_parallel_replicate_degree a power of "
-            f"two, {off}",
+            f"{group_ranks * per_rank}); use {hint}, {off}",
         )
 
 

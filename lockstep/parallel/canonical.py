@@ -64,6 +64,29 @@ class TreeSum:
         return total
 
 
+def canonical_nodes(start: int, count: int) -> list[int]:
+    """The levels of the nodes of the canonical tree that tile the block [start, start + count) of
+    leaves, in order: greedily the largest run of 2^k leaves that starts at a multiple of 2^k and fits.
+    Every such run is a node of the tree over any total count (TreeSum forms it), so a rank that sums
+    these nodes, and feeds every rank's nodes in order to ``TreeSum`` at their levels, gets the tree."""
+    levels, position, end = [], start, start + count
+    while position < end:
+        level = 0
+        while position % (2 << level) == 0 and position + (2 << level) <= end:
+            level += 1
+        levels.append(level)
+        position += 1 << level
+    return levels
+
+
+def combine_nodes(nodes: list[torch.Tensor], levels: list[int]) -> torch.Tensor:
+    """The canonical sum of consecutive nodes (all ranks' ``canonical_nodes``, in order)."""
+    total = TreeSum()
+    for node, level in zip(nodes, levels, strict=True):
+        total.add([node], level=level)
+    return total.result()[0]
+
+
 def tree_reduce_rows(rows: torch.Tensor) -> torch.Tensor:
     """The canonical tree over dim 0, for any length: the order ``TreeSum`` adds the rows in. For a
     power of two the pairwise tree ((r0+r1)+(r2+r3)); otherwise the pairwise trees of the runs given by
@@ -118,6 +141,8 @@ class GradientTree:
     def __init__(self) -> None:
         self._watched: set[int] = set()
         self._trees: dict[torch.Tensor, tuple[TreeSum, list[int]]] = {}
+        self._nodes: dict[torch.Tensor, list[torch.Tensor]] = {}
+        self._node_sizes: list[int] | None = None
         self._microbatches = 0
         self._held_numel = 0
         self.peak_held_numel = 0
@@ -138,10 +163,19 @@ class GradientTree:
         for module in fsdp_modules:
             self.watch(sharded_parameters(module))
 
-    def begin_step(self, num_microbatches: int) -> None:
+    def begin_step(self, num_microbatches: int, node_levels: list[int] | None = None) -> None:
+        """`node_levels`: this rank's block is not one node of the canonical tree but these nodes
+        (``canonical_nodes``), each kept apart for the sum across replicas (``nodes``); ``.grad`` then
+        holds the first."""
         self._trees.clear()
+        self._nodes.clear()
         self._microbatches = num_microbatches
+        self._node_sizes = [1 << level for level in node_levels] if node_levels and len(node_levels) > 1 else None
         self._held_numel = self.peak_held_numel = 0
+
+    def nodes(self, param: torch.Tensor) -> list[torch.Tensor] | None:
+        """The sums of this rank's nodes for `param` (one per node level given to begin_step), or None."""
+        return self._nodes.get(param)
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         tree, count = self._trees.setdefault(param, (TreeSum(), [0]))
@@ -150,7 +184,14 @@ class GradientTree:
         self._held_numel += tree.numel()
         self.peak_held_numel = max(self.peak_held_numel, self._held_numel)
         count[0] += 1
-        param.grad = tree.result()[0] if count[0] == self._microbatches else None
+        if self._node_sizes is None:
+            param.grad = tree.result()[0] if count[0] == self._microbatches else None
+            return
+        done = self._nodes.setdefault(param, [])
+        if count[0] == sum(self._node_sizes[: len(done) + 1]):  # this node's last leaf
+            done.append(tree.result()[0])
+            self._trees[param] = (TreeSum(), count)
+        param.grad = done[0] if count[0] == self._microbatches else None
 
     def check_complete(self) -> None:
         """Every parameter that got gradients got one per microbatch (else the tree would be wrong)."""

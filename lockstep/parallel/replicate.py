@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lockstep.parallel.canonical import local_tensor, tree_reduce_rows
+from lockstep.parallel.canonical import combine_nodes, local_tensor, tree_reduce_rows
 
 
 @dataclass
@@ -57,6 +57,8 @@ class ReplicaGradientSum:
         self._expected: dict[int, int] = {}
         self._calls: dict[int, int] = {}
         self._microbatches = 1
+        self._node_levels: list[list[int]] | None = None
+        self._nodes_of = None
         self.launched_in_backward = 0
         """Buckets whose sum started from a hook in the last step (the rest started in ``finish``)."""
 
@@ -83,7 +85,13 @@ class ReplicaGradientSum:
         for p in params:
             self._bucket_of[id(p)] = bucket
 
-    def begin_step(self, num_microbatches: int) -> None:
+    def begin_step(self, num_microbatches: int, node_levels: list[list[int]] | None = None, nodes_of=None) -> None:
+        """`node_levels` (one list per replica, in replica order): the replicas' blocks are these nodes
+        of the canonical tree (``canonical_nodes``) rather than one node each; `nodes_of(param)` gives
+        this replica's node sums (GradientTree.nodes). Every replica's nodes then cross, and the tree
+        over all of them is finished per chunk."""
+        self._node_levels = node_levels
+        self._nodes_of = nodes_of
         for bucket in self._buckets:
             if bucket.work is not None:  # a step abandoned mid-way (a non-finite rerun): drain it
                 bucket.work.wait()
@@ -108,15 +116,22 @@ class ReplicaGradientSum:
                 self._launch(bucket)
                 self.launched_in_backward += 1
 
+    @staticmethod
+    def _flatten(params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat(
+            [
+                local_tensor(g).reshape(-1) if g is not None else torch.zeros_like(local_tensor(p)).reshape(-1)
+                for p, g in zip(params, grads, strict=True)
+            ]
+        )
+
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad for p in bucket.params]
         bucket.present = [g is not None for g in grads]
-        flat = torch.cat(
-            [
-                local_tensor(g).reshape(-1) if g is not None else torch.zeros_like(local_tensor(p)).reshape(-1)
-                for p, g in zip(bucket.params, grads, strict=True)
-            ]
-        )
+        if self.canonical and self._node_levels is not None:
+            self._launch_nodes(bucket)
+            return
+        flat = self._flatten(bucket.params, grads)
         if not self.canonical:
             bucket.flat = flat
             bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
@@ -127,6 +142,32 @@ class ReplicaGradientSum:
         bucket.received = torch.empty_like(bucket.flat)
         bucket.work = dist.all_to_all_single(bucket.received, bucket.flat, group=self.group, async_op=True)
 
+    def _launch_nodes(self, bucket: _Bucket) -> None:
+        """Send chunk j of each of this replica's nodes to replica j; replica j receives every replica's
+        nodes for its chunk, in replica (= microbatch) order."""
+        mine = len(self._node_levels[dist.get_rank(self.group)])
+        per_param = [self._nodes_of(p) or [None] * mine for p in bucket.params]
+        flats = [self._flatten(bucket.params, [nodes[i] for nodes in per_param]) for i in range(mine)]
+        chunk = -(-flats[0].numel() // self.replicas)
+        send = torch.zeros(self.replicas, mine, chunk, dtype=flats[0].dtype, device=flats[0].device)
+        for i, flat in enumerate(flats):
+            padded = torch.zeros(self.replicas * chunk, dtype=flat.dtype, device=flat.device)
+            padded[: flat.numel()] = flat
+            send[:, i] = padded.view(self.replicas, chunk)
+        counts = [len(levels) for levels in self._node_levels]
+        bucket.received = send.new_empty(sum(counts) * chunk)
+        bucket.flat = send.new_zeros(self.replicas * chunk)
+        bucket.work = dist.all_to_all_single(
+            bucket.received, send.view(-1), [n * chunk for n in counts], [mine * chunk] * self.replicas,
+            group=self.group, async_op=True,
+        )  # fmt: skip
+
+    def _reduce_received(self, bucket: _Bucket) -> torch.Tensor:
+        if self._node_levels is None:
+            return tree_reduce_rows(bucket.received.view(self.replicas, -1))
+        levels = [level for replica in self._node_levels for level in replica]
+        return combine_nodes(list(bucket.received.view(len(levels), -1).unbind(0)), levels)
+
     def finish(self) -> None:
         """Complete every bucket's sum and write it into the gradients, on every replica alike."""
         for bucket in self._buckets:
@@ -136,7 +177,7 @@ class ReplicaGradientSum:
         for bucket in self._buckets:
             bucket.work.wait()
             if self.canonical:  # this rank's chunk, summed over replicas in rank order, then shared
-                reduced = tree_reduce_rows(bucket.received.view(self.replicas, -1))
+                reduced = self._reduce_received(bucket)
                 bucket.received = None
                 gathers.append(dist.all_gather_into_tensor(bucket.flat, reduced, group=self.group, async_op=True))
         for work in gathers:

@@ -58,6 +58,11 @@ class ForwardBackward:
         self.shard_group = shard_group
         """Set when the tree is kept on FSDP's shards: microbatches are placed strided over this group,
         so the replica's losses are gathered over it and summed in block order."""
+        self.node_levels: list[list[int]] | None = None
+        """Set when each replica's block is several nodes of the canonical tree (``canonical_nodes``, one
+        list per replica): gradients and losses are kept per node for the sum across replicas."""
+        self.replica = 0
+        """This rank's replica index (which of node_levels is its own)."""
 
     def masks(self, inputs: torch.Tensor, deferred: bool = False) -> AttentionMasks | None:
         if not self.settings.document_masking:
@@ -75,10 +80,12 @@ class ForwardBackward:
         pipeline stages without the loss)."""
         pipeline = self.model.pipeline
         count = len(microbatches) if pipeline is None else pipeline.num_microbatches
+        mine = self.node_levels[self.replica] if self.node_levels is not None else None
         if self.replica_sum is not None:
-            self.replica_sum.begin_step(count)
+            nodes_of = self.gradient_tree.nodes if self.gradient_tree is not None else None
+            self.replica_sum.begin_step(count, self.node_levels, nodes_of)
         if self.gradient_tree is not None:
-            self.gradient_tree.begin_step(count)
+            self.gradient_tree.begin_step(count, mine)
         if pipeline is None:
             losses = self._train_loop(microbatches, global_tokens)
         else:
@@ -86,9 +93,17 @@ class ForwardBackward:
         if self.gradient_tree is not None:
             self.gradient_tree.check_complete()
         if losses is None:
-            return torch.zeros(1, device=self.device)
+            return torch.zeros(len(mine) if mine else 1, device=self.device)
+        if mine:  # one loss per node of this replica's block
+            sizes = [1 << level for level in mine]
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            return torch.cat([self._tree(losses[s : s + n]) for s, n in zip(starts, sizes, strict=True)])
         if self.shard_group is not None:  # placed strided (a last stage's shard group is all last stages)
             return shard_block_loss(torch.cat(losses), self.shard_group).reshape(1)
+        return self._tree(losses)
+
+    @staticmethod
+    def _tree(losses: list[torch.Tensor]) -> torch.Tensor:
         total = TreeSum()
         for microbatch_loss in losses:
             total.add([microbatch_loss])

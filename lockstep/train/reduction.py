@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from lockstep.config.job import ParallelDims
-from lockstep.parallel.canonical import tree_all_reduce
+from lockstep.parallel.canonical import combine_nodes, tree_all_reduce
 from lockstep.parallel.replicate import ReplicaGradientSum
 from lockstep.train.model_factory import BuiltModel
 
@@ -52,14 +52,29 @@ class CrossRankReducer:
         replica_sum.watch([p for p in params if id(p) in unmanaged], per_microbatch=True)
         return replica_sum
 
-    def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+    def global_loss(self, loss: torch.Tensor, node_levels: list[list[int]] | None = None) -> torch.Tensor:
         """This rank's share of the loss -> the global batch's loss, on every rank. Stages other than
-        the last contribute 0, so the pipeline sum adds exact zeros."""
-        if self.dp_group is not None:
+        the last contribute 0, so the pipeline sum adds exact zeros. With `node_levels` (one list per
+        data-parallel rank) `loss` holds one value per node of this rank's block, and all ranks' nodes
+        are combined in canonical order."""
+        if self.dp_group is not None and node_levels is not None:
+            loss = _combine_all_nodes(loss, node_levels, self.dp_group)
+        elif self.dp_group is not None:
             loss = self._sum(loss.reshape(1), self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(loss, group=self.pp_group)
         return loss.reshape(())
+
+
+def _combine_all_nodes(loss: torch.Tensor, node_levels: list[list[int]], group) -> torch.Tensor:
+    width = max(len(levels) for levels in node_levels)
+    padded = torch.zeros(width, dtype=loss.dtype, device=loss.device)
+    padded[: loss.numel()] = loss
+    gathered = torch.empty(len(node_levels) * width, dtype=loss.dtype, device=loss.device)
+    dist.all_gather_into_tensor(gathered, padded, group=group)
+    rows = gathered.view(len(node_levels), width)
+    nodes = [rows[rank, i].reshape(1) for rank, levels in enumerate(node_levels) for i in range(len(levels))]
+    return combine_nodes(nodes, [level for levels in node_levels for level in levels])
 
 
 def any_rank_flag(flag: bool, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args
-from lockstep.parallel.canonical import GradientTree, clip_, full_value, grad_norm_fp64
+from lockstep.parallel.canonical import GradientTree, canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.checkpointing import RunCheckpoints
@@ -205,10 +205,12 @@ class Trainer:
             loss_parallel=self.dims.tp > 1 and config.parallelism.loss_parallel and not self.model.canonical_tp,
             document_masking=config.data.document_masking, eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
-        shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards else None
+        shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards and self.dims.dp_shard > 1 else None
         self.forward_backward = ForwardBackward(
             self.model, settings, self.device, self.gradient_tree, self.replica_sum, shard_group
         )
+        self.forward_backward.node_levels = self._replica_nodes(use_tree, microbatch)
+        self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         self.validator = self._validator() if config.validation.enable else None
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
@@ -280,12 +282,20 @@ class Trainer:
         loss = self.forward_backward.run(microbatches, global_tokens)
         if self.replica_sum is not None:  # started in backward, bucket by bucket
             self.replica_sum.finish()
-        return self.reducer.global_loss(loss)
+        return self.reducer.global_loss(loss, self.forward_backward.node_levels)
 
     def _read_blocks(self, blocks: tuple[int, ...], num_blocks: int, step_samples: int | None):
         return self.loader.next_blocks(
             blocks, num_blocks, self.dp_rank, self.dims.dp, self.microbatch_stride, step_samples
         )
+
+    def _replica_nodes(self, canonical: bool, microbatch: int) -> list[list[int]] | None:
+        """When each replica's block of K microbatches (K not a power of two, no FSDP sharding) is not
+        one node of the canonical tree: the nodes of every replica's block (canonical_nodes)."""
+        per_rank = self.group_batch // microbatch // self.dims.dp
+        if not canonical or self.dims.dp_replicate == 1 or self.dims.dp_shard > 1 or per_rank & (per_rank - 1) == 0:
+            return None
+        return [canonical_nodes(r * per_rank, per_rank) for r in range(self.dims.dp_replicate)]
 
     def _validator(self) -> Validator:
         """Built from the validation section; it evaluates through the same forward as training."""

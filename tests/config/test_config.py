@@ -98,9 +98,11 @@ def test_parallel_degrees():
         validate_job_config(load_config("llama3_debug", ["--parallelism.tensor_parallel_degree", "2"]), 3)
     validate_job_config(load_config("llama3_debug", ["--parallelism.data_parallel_replicate_degree", "3"]), 3)
     overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--training.global_batch_size", "48"]
-    with pytest.raises(ConfigError, match="power-of-two number of microbatches"):  # 3 per replica
-        validate_job_config(load_config("llama3_debug", overrides), 2)
-    validate_job_config(load_config("llama3_debug", overrides + ["--debug.no-layout-invariant-reductions"]), 2)
+    validate_job_config(load_config("llama3_debug", overrides), 2)  # 3 per replica: nodes of the tree
+    overrides = ["--parallelism.data_parallel_replicate_degree", "2", "--training.global_batch_size", "96"]
+    with pytest.raises(ConfigError, match="power-of-two number of microbatches"):  # HSDP 2x2, 3 per rank
+        validate_job_config(load_config("llama3_debug", overrides), 4)
+    validate_job_config(load_config("llama3_debug", overrides + ["--debug.no-layout-invariant-reductions"]), 4)
     pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "8"]
     validate_job_config(load_config("llama3_debug", pipeline + ["--training.global_batch_size", "24"]), 2)
 

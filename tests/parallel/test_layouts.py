@@ -247,12 +247,14 @@ def three_and_six_microbatches(tmp_path_factory):
         (3, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, one microbatch each
         (3, []),  # FSDP 3, one microbatch each
         (6, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, two each: three subtrees of 2
+        (6, ["--parallelism.data_parallel_replicate_degree", "2"]),  # DDP 2, three each: nodes [0,2) [2] | [3] [4,6)
     ],
-    ids=["ddp3", "fsdp3", "ddp3-six-microbatches"],
+    ids=["ddp3", "fsdp3", "ddp3-six-microbatches", "ddp2-three-each"],
 )
 def test_three_ranks_are_bitwise_identical_to_one_process(tmp_path, three_and_six_microbatches, microbatches, layout):
     overrides = THREE_MICROBATCHES if microbatches == 3 else SIX_MICROBATCHES
-    metrics, weights = _run(tmp_path, 3, overrides + layout)
+    ranks = 2 if "2" in layout else 3
+    metrics, weights = _run(tmp_path, ranks, overrides + layout)
     reference_metrics, reference_weights = three_and_six_microbatches[microbatches]
     assert len(metrics) == 4 and all(m[3] and m[4] for m in metrics)
     assert metrics == reference_metrics
@@ -262,11 +264,12 @@ def test_three_ranks_are_bitwise_identical_to_one_process(tmp_path, three_and_si
 def test_blocks_that_are_not_subtrees_are_refused_with_batches_that_work():
     from lockstep.config import validate_job_config
 
-    ddp2_three_each = tiny_config(
-        Path("unused"), *SIX_MICROBATCHES, "--parallelism.data_parallel_replicate_degree", "2"
-    )
-    with pytest.raises(ConfigError, match="power-of-two number of microbatches .*global_batch_size = 4 or 8"):
-        validate_job_config(ddp2_three_each, world_size=2)
+    hsdp_three_each = tiny_config(
+        Path("unused"), *SIX_MICROBATCHES, "--parallelism.data_parallel_replicate_degree", "2",
+        "--training.global_batch_size", "12",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="power-of-two number of microbatches .*global_batch_size = 8 or 16"):
+        validate_job_config(hsdp_three_each, world_size=4)
     fsdp3_two_each = tiny_config(Path("unused"), *SIX_MICROBATCHES)
     with pytest.raises(ConfigError, match="power-of-two shard degree, or one microbatch per rank"):
         validate_job_config(fsdp3_two_each, world_size=3)
