@@ -104,7 +104,7 @@ def convergence(args, work: Path) -> dict:
 
 def _median_step(records: list[dict]) -> float:
     """Indicative only: the two runs shared the CPU with each other (and whatever else ran)."""
-    return statistics.median(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records[5:], records[6:]))
+    return statistics.median(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records[5:], records[6:], strict=False))
 
 
 def bitwise(args, work: Path) -> dict:
@@ -117,9 +117,7 @@ def bitwise(args, work: Path) -> dict:
     runs = run_together(commands, work)
     one, two = ({r["step"]: r for r in runs[n]} for n in commands)
     steps = sorted(one)
-    mismatched = {
-        key: [s for s in steps if s not in two or one[s].get(key) != two[s].get(key)] for key in COMPARED
-    }
+    mismatched = {key: [s for s in steps if s not in two or one[s].get(key) != two[s].get(key)] for key in COMPARED}
     missing = [k for k in COMPARED if any(k not in one[s] for s in steps)]
     return {
         "steps": steps,
@@ -183,7 +181,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lockstep-bf16-") as folder:
         work = Path(folder)
         report["convergence"] = c = convergence(args, work)
-        print(f"{args.steps} steps, seq {args.seq_len}, global batch {args.global_batch}, deterministic, seed {args.seed}")
+        print(
+            f"{args.steps} steps, seq {args.seq_len}, global batch {args.global_batch}, deterministic, seed {args.seed}"
+        )
         print(f"final loss: fp32 {c['final_loss_fp32']:.4f}, bf16 {c['final_loss_bf16']:.4f}")
         print(
             f"|bf16 - fp32| / fp32 over all steps: max {100 * c['max_relative_difference']:.3f}% "
@@ -200,7 +200,11 @@ def main() -> None:
         print(
             f"bf16, {args.check_steps} steps, 1 process vs FSDP 2 (global batch {args.global_batch}, microbatch "
             f"{args.local_batch}): {verdict} in {', '.join(COMPARED)}"
-            + ("" if b["bitwise_equal"] else f"; mismatched steps {b['mismatched_steps']}, missing {b['fields_missing']}")
+            + (
+                ""
+                if b["bitwise_equal"]
+                else f"; mismatched steps {b['mismatched_steps']}, missing {b['fields_missing']}"
+            )
         )
     report["wall_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

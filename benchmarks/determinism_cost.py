@@ -12,8 +12,11 @@ Each run is `lockstep train --nproc N ...` with `--metrics.log_freq 1`; a step's
 difference of consecutive records of metrics.jsonl, the first --skip steps dropped. Per layout the two
 modes run --repeats times interleaved (det, off, det, off, ...), so load from other jobs on a shared box
 falls on both; a mode's figure is the median of its pooled step times, with the spread given as the
-per-run medians and the pooled quartiles, and the overhead also per (det, off) pair. The runs' losses
-are kept too: the det runs of a layout should repeat bitwise.
+per-run medians and the pooled quartiles, and the overhead also per (det, off) pair. Since wall time on a
+loaded box mostly measures the load, each run also samples the CPU seconds (user + system) of its whole
+process tree from /proc at the records of step --skip and of the last step but one: CPU seconds per
+step summed over the ranks, which other jobs cannot preempt (gloo waits block, they do not spin). The
+runs' losses are kept too: the det runs of a layout should repeat bitwise.
 
     .venv/bin/python benchmarks/determinism_cost.py [--steps 20] [--skip 5] [--repeats 4]
         [--only "DDP 3" "TP 2"] [--modes det off [canonical]] [--out benchmarks/results/determinism_cost.json]
@@ -64,6 +67,11 @@ MODES = {
 
 
 def run(layout: dict, mode: str, args, folder: Path) -> dict:
+    """One `lockstep train --nproc N` run. Besides the step times from metrics.jsonl, the CPU seconds
+    (user + system) of the whole process tree are sampled when the record of step --skip appears and when
+    that of the last step but one does (every rank is still alive then): their difference over the steps
+    between is CPU seconds per step, summed over the ranks, which another job's load on a shared box
+    changes far less than the wall time (it cannot preempt it, only slow it through shared caches)."""
     command = [
         sys.executable, "-m", "lockstep", "train", "--nproc", str(layout["nproc"]),
         "--config", layout["config"], "--model.flavor", "debug", "--training.device", "cpu",
@@ -71,26 +79,74 @@ def run(layout: dict, mode: str, args, folder: Path) -> dict:
         "--training.global_batch_size", str(layout["global_batch"]), "--training.steps", str(args.steps),
         "--metrics.log_freq", "1", "--job.dump_folder", str(folder), *layout["flags"], *MODES[mode],
     ]  # fmt: skip
+    metrics = folder / "metrics.jsonl"
     started = time.monotonic()
-    done = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    with open(folder.parent / f"{folder.name}.log", "w") as log:
+        process = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    first, last = args.skip, args.steps - 1
+    cpu: dict[int, float] = {}
+    while process.poll() is None:
+        logged = _logged_steps(metrics)
+        for step in (first, last):
+            if step not in cpu and step in logged:
+                cpu[step] = _tree_cpu_seconds(process.pid)
+        time.sleep(0.005)
     wall = time.monotonic() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"exit {done.returncode}: {' '.join(command)}\n{(done.stdout + done.stderr)[-4000:]}")
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    output = (folder.parent / f"{folder.name}.log").read_text()
+    if process.returncode != 0:
+        raise RuntimeError(f"exit {process.returncode}: {' '.join(command)}\n{output[-4000:]}")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     by_step = {r["step"]: r for r in records if "loss" in r}
     times = [
         by_step[s]["elapsed_s"] - by_step[s - 1]["elapsed_s"]
         for s in sorted(by_step)
         if s > args.skip and s - 1 in by_step
     ]
+    cpu_per_step = (cpu[last] - cpu[first]) / (last - first) if first in cpu and last in cpu else None
     return {
         "mode": mode,
         "wall_s": wall,
         "step_s": times,
         "median_step_s": statistics.median(times),
+        "cpu_s_per_step": cpu_per_step,
         "losses": [by_step[s]["loss"] for s in sorted(by_step)],
         "load_average": os.getloadavg(),
     }
+
+
+def _logged_steps(metrics: Path) -> set[int]:
+    if not metrics.exists():
+        return set()
+    steps = set()
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.add(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line still being written
+    return steps
+
+
+def _tree_cpu_seconds(root: int) -> float:
+    """utime + stime of `root` and all its descendants (from /proc), in seconds."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid, ppid = int(entry.name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -106,7 +162,8 @@ def measure(name: str, layout: dict, args, work: Path) -> dict:
             runs[mode].append(result)
             print(
                 f"  {name:<12} {mode:<9} run {repeat}: median {1000 * result['median_step_s']:.1f} ms/step "
-                f"({len(result['step_s'])} steps, {result['wall_s']:.0f} s wall, load {result['load_average'][0]:.2f})",
+                f"({len(result['step_s'])} steps), {_ms(result['cpu_s_per_step'])} CPU ms/step (all ranks), "
+                f"{result['wall_s']:.0f} s wall, load {result['load_average'][0]:.2f}",
                 flush=True,
             )
     summary: dict = {"layout": name, **{k: v for k, v in layout.items()}, "modes": {}}
@@ -120,6 +177,8 @@ def measure(name: str, layout: dict, args, work: Path) -> dict:
             "min_step_s": min(pooled),
             "max_step_s": max(pooled),
             "median_step_s_per_run": [r["median_step_s"] for r in mode_runs],
+            "cpu_s_per_step_per_run": [r["cpu_s_per_step"] for r in mode_runs],
+            "cpu_s_per_step": _median_or_none([r["cpu_s_per_step"] for r in mode_runs]),
             "losses_repeat_bitwise": all(r["losses"] == mode_runs[0]["losses"] for r in mode_runs),
             "final_loss": mode_runs[0]["losses"][-1],
             "runs": mode_runs,
@@ -130,15 +189,32 @@ def measure(name: str, layout: dict, args, work: Path) -> dict:
         summary["overhead_percent_per_pair"] = [
             100 * (d["median_step_s"] / o["median_step_s"] - 1) for d, o in zip(runs["det"], runs["off"], strict=True)
         ]
+        if det["cpu_s_per_step"] and off["cpu_s_per_step"]:
+            summary["cpu_overhead_percent"] = 100 * (det["cpu_s_per_step"] / off["cpu_s_per_step"] - 1)
+            summary["cpu_overhead_percent_per_pair"] = [
+                100 * (d["cpu_s_per_step"] / o["cpu_s_per_step"] - 1)
+                for d, o in zip(runs["det"], runs["off"], strict=True)
+                if d["cpu_s_per_step"] and o["cpu_s_per_step"]
+            ]
         summary["det_equals_off_losses"] = runs["det"][0]["losses"] == runs["off"][0]["losses"]
         summary["max_abs_loss_difference_det_vs_off"] = max(
             abs(a - b) for a, b in zip(runs["det"][0]["losses"], runs["off"][0]["losses"], strict=True)
         )
     if "canonical" in runs and "off" in runs:
-        summary["canonical_overhead_percent"] = 100 * (
-            summary["modes"]["canonical"]["median_step_s"] / summary["modes"]["off"]["median_step_s"] - 1
-        )
+        canonical, off = summary["modes"]["canonical"], summary["modes"]["off"]
+        summary["canonical_overhead_percent"] = 100 * (canonical["median_step_s"] / off["median_step_s"] - 1)
+        if canonical["cpu_s_per_step"] and off["cpu_s_per_step"]:
+            summary["canonical_cpu_overhead_percent"] = 100 * (canonical["cpu_s_per_step"] / off["cpu_s_per_step"] - 1)
     return summary
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.0f}"
+
+
+def _median_or_none(values: list) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if found else None
 
 
 def main() -> None:
@@ -163,8 +239,14 @@ def main() -> None:
             print(f"{name}: {args.repeats} x {args.modes}, {args.steps} steps each", flush=True)
             results.append(measure(name, layout, args, Path(work)))
     print()
-    print(f"steady-state step time (median of pooled steps after the first {args.skip}; q1-q3 in brackets)")
-    header = f"{'layout':<12} | {'det ms':>18} | {'off ms':>18} | {'overhead':>8} | per-pair overhead | det repeats bitwise"
+    print(
+        f"wall: steady-state step time, median of the pooled steps after the first {args.skip} [q1-q3]; "
+        "CPU: CPU ms per step summed over the ranks, median of the runs; overheads det / off - 1, then per pair"
+    )
+    header = (
+        f"{'layout':<12} | {'det wall ms':>17} | {'off wall ms':>17} | {'wall ovh':>8} | {'per pair':<22} | "
+        f"{'det CPU':>7} | {'off CPU':>7} | {'CPU ovh':>7} | {'per pair':<22} | det bitwise"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -173,16 +255,25 @@ def main() -> None:
         det, off = r["modes"]["det"], r["modes"]["off"]
 
         def cell(m: dict) -> str:
-            return f"{1000 * m['median_step_s']:6.1f} [{1000 * m['q1_step_s']:.0f}-{1000 * m['q3_step_s']:.0f}]"
+            return f"{1000 * m['median_step_s']:.0f} [{1000 * m['q1_step_s']:.0f}-{1000 * m['q3_step_s']:.0f}]"
 
-        pairs = ", ".join(f"{p:+.1f}" for p in r["overhead_percent_per_pair"])
+        def pairs(values: list[float]) -> str:
+            return ", ".join(f"{v:+.0f}" for v in values)
+
+        cpu = f"{r['cpu_overhead_percent']:+6.1f}%" if "cpu_overhead_percent" in r else "    n/a"
         print(
-            f"{r['layout']:<12} | {cell(det):>18} | {cell(off):>18} | {r['overhead_percent']:+7.1f}% | {pairs:<17} | "
+            f"{r['layout']:<12} | {cell(det):>17} | {cell(off):>17} | {r['overhead_percent']:+7.1f}% | "
+            f"{pairs(r['overhead_percent_per_pair']):<22} | {_ms(det['cpu_s_per_step']):>7} | "
+            f"{_ms(off['cpu_s_per_step']):>7} | {cpu} | {pairs(r.get('cpu_overhead_percent_per_pair', [])):<22} | "
             f"{det['losses_repeat_bitwise']}"
         )
     for r in results:
         if "canonical_overhead_percent" in r:
-            print(f"{r['layout']}: canonical reductions alone (deterministic off) {r['canonical_overhead_percent']:+.1f}%")
+            cpu = r.get("canonical_cpu_overhead_percent")
+            print(
+                f"{r['layout']}: canonical reductions with deterministic off (--modes canonical) against off: wall "
+                f"{r['canonical_overhead_percent']:+.1f}%, CPU " + ("n/a" if cpu is None else f"{cpu:+.1f}%")
+            )
     report = {
         "command": " ".join(sys.argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

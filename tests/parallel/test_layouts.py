@@ -185,13 +185,19 @@ def test_multi_stage_schedules_are_bitwise(tmp_path, deeper_one_process, schedul
     assert all(torch.equal(weights[k], deeper_one_process[1][k]) for k in weights)
 
 
+@pytest.fixture(scope="module")
+def deeper_one_process_loose(tmp_path_factory):
+    """Without debug.deterministic: plain linear layers (deterministic mode sums them in chunks)."""
+    return _run(tmp_path_factory.mktemp("deeper-loose"), 1, [*SAME_BATCH, *DEEPER])
+
+
 @pytest.mark.parametrize("schedule", ["ZBVZeroBubble", "DualPipeV"])
-def test_zero_bubble_schedules_agree_to_rounding(tmp_path, deeper_one_process, schedule):
+def test_zero_bubble_schedules_agree_to_rounding(tmp_path, deeper_one_process_loose, schedule):
     """They compute weight gradients outside autograd's accumulation, so only the default
     (non-canonical) reductions apply."""
     overrides = [*SAME_BATCH, *DEEPER, *_pipeline(2, schedule), "--debug.no-layout-invariant-reductions"]
     metrics, weights = _run(tmp_path, 2, overrides)
-    _assert_close(metrics, weights, deeper_one_process, rtol=1e-5)
+    _assert_close(metrics, weights, deeper_one_process_loose, rtol=1e-5)
 
 
 def test_pipeline_ranks_get_distinct_logged_seeds(tmp_path):
