@@ -58,21 +58,15 @@ def test_expert_parallel_2_is_bitwise_identical_to_one_process(expert_parallel_2
     assert_bitwise(expert_parallel_2, one_process)
 
 
-def test_expert_parallel_2_in_bf16_is_bitwise_identical_to_one_process_in_bf16(tmp_path):
+def test_expert_parallel_2_in_bf16_with_forced_balance_is_bitwise_identical_to_one_process(tmp_path):
     """bf16 is FSDP's policy everywhere; EP casts its experts the same way, and each source's expert
-    gradients reach fp32 before the canonical sum, as one process's per-microbatch gradients do."""
-    bf16 = MOE + ["--training.mixed_precision", "bf16", "--training.steps", "4"]
+    gradients reach fp32 before the canonical sum, as one process's per-microbatch gradients do. With
+    forced balance every expert gets tokens from every source (the fp32 test above routes freely)."""
+    balanced_bf16 = MOE + ["--training.mixed_precision", "bf16", "--debug.moe_force_load_balance"]
+    balanced_bf16 += ["--training.steps", "4"]
     (tmp_path / "one").mkdir()
-    train(tmp_path / "one", bf16)
-    run_on_ranks(train, 2, tmp_path / "ep2", bf16 + EP2)
-    assert_bitwise(result(tmp_path / "ep2"), result(tmp_path / "one"))
-
-
-def test_expert_parallel_2_with_forced_balance_is_bitwise(tmp_path):
-    balanced = MOE + ["--debug.moe_force_load_balance", "--training.steps", "4"]
-    (tmp_path / "one").mkdir()
-    train(tmp_path / "one", balanced)
-    run_on_ranks(train, 2, tmp_path / "ep2", balanced + EP2)
+    train(tmp_path / "one", balanced_bf16)
+    run_on_ranks(train, 2, tmp_path / "ep2", balanced_bf16 + EP2)
     assert_bitwise(result(tmp_path / "ep2"), result(tmp_path / "one"))
 
 

@@ -155,14 +155,6 @@ def test_tensor_parallel_is_bitwise_identical_to_one_process(tmp_path, one_proce
     assert all(torch.equal(weights[k], one_process[1][k]) for k in one_process[1])
 
 
-def test_tensor_parallel_without_determinism_is_within_1e5(tmp_path):
-    """Outside debug.deterministic, sequence and loss parallelism run, with the backend's sums."""
-    loose = [*SAME_BATCH, "--debug.fingerprint"]
-    reference = _run(tmp_path / "one", 1, loose)
-    metrics, weights = _run(tmp_path / "tp2", 2, loose + ["--parallelism.tensor_parallel_degree", "2"])
-    _assert_close(metrics, weights, reference, rtol=1e-5)
-
-
 DEEPER = ["--model.flavor", "debug", "--training.steps", "4"]  # 6 layers: room for 2 stages per rank
 
 
@@ -250,12 +242,11 @@ def three_and_six_microbatches(tmp_path_factory):
 @pytest.mark.parametrize(
     "microbatches, layout",
     [
-        (3, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, one microbatch each
         (3, []),  # FSDP 3, one microbatch each
         (6, ["--parallelism.data_parallel_replicate_degree", "3"]),  # DDP 3, two each: three subtrees of 2
         (6, ["--parallelism.data_parallel_replicate_degree", "2"]),  # DDP 2, three each: nodes [0,2) [2] | [3] [4,6)
     ],
-    ids=["ddp3", "fsdp3", "ddp3-six-microbatches", "ddp2-three-each"],
+    ids=["fsdp3", "ddp3-six-microbatches", "ddp2-three-each"],
 )
 def test_three_ranks_are_bitwise_identical_to_one_process(tmp_path, three_and_six_microbatches, microbatches, layout):
     overrides = THREE_MICROBATCHES if microbatches == 3 else SIX_MICROBATCHES
@@ -281,7 +272,7 @@ def test_blocks_that_are_not_subtrees_are_refused_with_batches_that_work():
         validate_job_config(fsdp3_two_each, world_size=3)
 
 
-BF16 = [*DETERMINISTIC, "--training.mixed_precision", "bf16"]
+BF16 = [*DETERMINISTIC, "--training.mixed_precision", "bf16", "--training.steps", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +296,8 @@ def test_bf16_is_bitwise_identical_across_layouts(tmp_path, one_process, one_pro
     gradients summed in the canonical tree), so the layouts agree bit for bit in bf16 too."""
     metrics, weights = _run(tmp_path, world_size, BF16 + layout)
     reference_metrics, reference_weights = one_process_bf16
-    fp32_losses, bf16_losses = [m[1] for m in one_process[0]], [m[1] for m in reference_metrics]
+    assert len(metrics) == 4 and all(m[3] and m[4] for m in metrics)
+    fp32_losses, bf16_losses = [m[1] for m in one_process[0][:4]], [m[1] for m in reference_metrics]
     assert all(a != b and abs(a - b) < 0.02 * a for a, b in zip(fp32_losses, bf16_losses, strict=True))  # bf16 ran
-    assert len(metrics) == 10 and all(m[3] and m[4] for m in metrics)
     assert metrics == reference_metrics
     assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
