@@ -106,7 +106,7 @@ def wait_for_step(folder: Path, replica: int, step: int, process: subprocess.Pop
 
 
 def test_a_killed_group_heals_from_its_peer_and_every_step_is_bitwise(tmp_path, lighthouse):
-    steps, hold = 80, 60  # group 0 trains alone after the kill, then waits at step 60 for group 1 to be back
+    steps, hold = 50, 35  # group 0 trains alone after the kill, then waits at step 35 for group 1 to be back
     expected = reference(tmp_path / "reference", steps)
     back = tmp_path / "group-1-is-back"
     group0 = start_group(tmp_path, lighthouse, 0, steps, env={HOLD_ENV: f"{hold}:{back}"})
@@ -157,7 +157,7 @@ def run_with_group1_killed_in_sum(folder: Path, lighthouse: str, steps: int, sum
 
 
 def test_a_group_killed_inside_the_sum_is_redone_then_resumed_from_disk_alone(tmp_path, lighthouse):
-    steps = 40
+    steps = 24
     expected = reference(tmp_path / "reference", steps)
     saving = ["--checkpoint.enable", "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
     got0, broken = run_with_group1_killed_in_sum(tmp_path, lighthouse, steps, 3, *saving)
@@ -177,7 +177,7 @@ def test_a_group_killed_inside_the_sum_is_redone_then_resumed_from_disk_alone(tm
 
 
 def test_without_keep_global_batch_the_step_shrinks_and_the_fault_is_recorded(tmp_path, lighthouse):
-    steps = 30
+    steps = 16
     expected = reference(tmp_path / "reference", steps)
     shrink = ["--fault_tolerance.keep_global_batch", "false"]
     got0, broken = run_with_group1_killed_in_sum(tmp_path, lighthouse, steps, 2, *shrink)
