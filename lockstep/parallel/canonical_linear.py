@@ -9,9 +9,9 @@ one thread those give bitwise the same numbers as the unsplit matmul (measured, 
 
 So under ``debug.deterministic`` these sums are defined once: the split dimension is cut into a fixed
 number C of equal chunks (the largest tensor-parallel degree the model allows), each chunk's product
-is a matmul of its own (over contiguous copies, so every layout hands the kernel the same shapes and
-strides), and the C partial products are summed in the canonical tree (``TreeSum``; C is a power of
-two, so the pairwise tree). A rank holding C/tp consecutive chunks sums them locally, a node of that
+is one batch of a batched matmul (over contiguous copies, so every layout hands the kernel the same
+per-chunk shapes and strides), and the C partial products are summed in the canonical tree (C is a
+power of two, so the pairwise tree). A rank holding C/tp consecutive chunks sums them locally, a node of that
 tree, and the ranks finish the tree with ``tree_all_reduce`` (rank order) instead of an
 ``all_reduce(SUM)``. Tensor-parallel degree 1 computes the same chunks, so TP 1, 2 and 4 give the
 same bits. The price: C small matmuls instead of one, and the activations around these layers are
@@ -28,17 +28,17 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lockstep.models.common.attention import SharedAcrossHeads
-from lockstep.parallel.canonical import TreeSum, tree_all_reduce
+from lockstep.parallel.canonical import TreeSum, tree_all_reduce, tree_reduce_rows
 
 
 def _tree_of_products(left: torch.Tensor, right: torch.Tensor, chunks: int) -> torch.Tensor:
-    """sum_c left[..., c] @ right[c, :] over `chunks` equal chunks of the shared dimension, in tree order."""
-    total = TreeSum()
-    width = left.shape[-1] // chunks
-    for c in range(chunks):
-        part = slice(c * width, (c + 1) * width)
-        total.add([left[..., part].contiguous() @ right[part].contiguous()])
-    return total.result()[0]
+    """sum_c left[..., c] @ right[c, :] over `chunks` equal chunks of the shared dimension, in tree order:
+    one batched matmul over contiguous [chunks, T, width] x [chunks, width, N] (each chunk the same
+    shapes at every degree), then the pairwise tree over the chunk axis."""
+    width, lead = left.shape[-1] // chunks, left.shape[:-1]
+    a = left.reshape(-1, chunks, width).transpose(0, 1).contiguous()
+    b = right.reshape(chunks, width, right.shape[-1]).contiguous()
+    return tree_reduce_rows(torch.bmm(a, b)).view(*lead, right.shape[-1])
 
 
 def _finish_over_ranks(partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
