@@ -83,13 +83,13 @@ def _train_bf16(folder, overrides: list[str]) -> None:
                     assert all(v.dtype == torch.float32 for v in optimizer.state[w].values() if v.dim())
 
 
-def test_expert_parallel_runs_in_bf16_with_fsdp_and_pipeline(tmp_path, expert_parallel_2):
-    """EP 2 under FSDP's bf16 policy (2 ranks), and PP 2 x EP 2 (4 ranks), track EP 2 in fp32. Only the
-    first three losses are compared: with 2 warmup steps they do not depend on the schedule's length,
-    so three steps suffice (PP 2 x EP 2 in fp32 gave EP 2's fp32 losses bitwise when measured)."""
+def test_expert_parallel_runs_in_bf16_with_pipeline(tmp_path, expert_parallel_2):
+    """PP 2 x EP 2 (4 ranks) in bf16 tracks EP 2 in fp32 (EP 2 alone in bf16 is compared bitwise with one
+    process below). Only the first three losses are compared: with 2 warmup steps they do not depend on
+    the schedule's length, so three steps suffice."""
     pipeline = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2"]
     fp32 = [loss for _, loss, _ in expert_parallel_2[0][:3]]
-    for name, ranks, layout in (("fsdp", 2, EP2), ("pp", 4, EP2 + pipeline)):
+    for name, ranks, layout in (("pp", 4, EP2 + pipeline),):
         run_on_ranks(_train_bf16, ranks, tmp_path / name, layout)
         bf16 = [m["loss"] for m in read_metrics(tmp_path / name / "run")]
         assert len(bf16) == 3 and bf16 != fp32, name  # it ran, and in bf16
@@ -133,7 +133,7 @@ def test_pipeline_and_activation_checkpointing_keep_moe_bitwise(tmp_path, one_pr
     assert_bitwise(result(tmp_path / "ac"), one_process)
 
 
-@pytest.mark.parametrize("world_size", [2, 4], ids=["tp2", "fsdp2xtp2"])
+@pytest.mark.parametrize("world_size", [4], ids=["fsdp2xtp2"])  # TP 2 alone: the checkpoint test below
 def test_tensor_parallel_attention_is_bitwise(tmp_path, one_process, world_size):
     """MLA heads split over 2 ranks (MoE blocks whole on each), alone and under FSDP: under
     debug.deterministic the linear layers and the shared RoPE key's gradient sum in fixed chunks."""
