@@ -141,6 +141,15 @@ def test_tensor_parallel_attention_is_bitwise(tmp_path, one_process, world_size)
     assert_bitwise(result(tmp_path), one_process)
 
 
+def test_tensor_parallel_4_is_bitwise(tmp_path):
+    """TP 4 splits the 8 heads 4 ways; the chunks (8 for this model) are the same at every degree."""
+    steps = MOE + ["--training.steps", "4"]
+    (tmp_path / "one").mkdir()
+    train(tmp_path / "one", steps)
+    run_on_ranks(train, 4, tmp_path / "tp4", steps + ["--parallelism.tensor_parallel_degree", "4"])
+    assert_bitwise(result(tmp_path / "tp4"), result(tmp_path / "one"))
+
+
 def test_tensor_parallel_checkpoint_resumes_in_one_process(tmp_path, one_process):
     """TP keeps plain and DTensor parameters in two AdamW groups; state is keyed by name, so one
     process (one group) resumes it."""
