@@ -20,7 +20,7 @@ train: .venv
 	$(VENV)/bin/lockstep train --config llama3_debug
 
 test: .venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2  # two test processes: the single-rank tests leave a core idle
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal  # two test processes; an idle one steals queued tests
 
 lint: .venv
 	$(VENV)/bin/ruff check lockstep tests benchmarks
