@@ -20,7 +20,7 @@ train: .venv
 	$(VENV)/bin/lockstep train --config llama3_debug
 
 test: .venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal  # two test processes; an idle one steals queued tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist worksteal  # three test processes: ranks start up and wait in collectives, a third keeps both cores busy
 
 lint: .venv
 	$(VENV)/bin/ruff check lockstep tests benchmarks
