@@ -293,6 +293,7 @@ def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_
             f"subtree: that needs a power-of-two shard degree, or one microbatch per rank (global_batch_size = "
             f"{batches([1])}; got {per_rank}), {off}",
         )
+
     def candidates(ranks: int) -> list[int]:  # microbatches per rank that make `ranks` x them a power of two
         lower = 1 << (per_rank.bit_length() - 1)
         return [k for k in (lower, 2 * lower) if _is_power_of_two(ranks * k)] or [1]
