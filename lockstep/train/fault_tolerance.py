@@ -260,6 +260,29 @@ class FaultTolerance:
             os.kill(os.getpid(), signal.SIGKILL)  # a fault drill: die while the other groups wait in the sum
         self.manager.allreduce(tensor, reduce_op=ReduceOp.SUM).wait()  # an error makes the step uncommitted
 
+    def committed_gradients(
+        self,
+        step: int,
+        loader,
+        read_blocks: ReadBlocks,
+        compute_block: ComputeBlock,
+        params: list[nn.Parameter],
+        counters: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[Microbatch], int] | None:
+        """``step_gradients`` and the commit vote together. A step that is not committed leaves nothing
+        behind to be counted twice: the loader goes back to the step's start, the gradients and the
+        counters are cleared, and None is returned (the next quorum redoes the step)."""
+        position = loader.position()
+        computed = self.step_gradients(read_blocks, compute_block, params, counters)
+        if computed is not None and self.commit(step):
+            return computed
+        loader.rewind(position)
+        for tensor in counters:
+            tensor.zero_()
+        for p in params:
+            p.grad = None
+        return None
+
     def commit(self, step: int) -> bool:
         """torchft's commit vote for the step: False when its cross-group sum failed or the quorum broke
         (recorded; the caller redoes the step with the next quorum)."""

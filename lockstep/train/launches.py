@@ -27,7 +27,7 @@ import tomllib
 import torch
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.manager import UNSET, describe_differences, differences
+from lockstep.checkpoint.manager import UNSET, describe_differences, differences, flatten
 from lockstep.config.sections import CheckpointConfig, MetricsConfig
 from lockstep.errors import InputError, LockstepError
 from lockstep.train.metrics import MetricsLogger
@@ -79,6 +79,14 @@ def config_for_step(run_folder: Path, step: int) -> Path:
 
 def changes_the_numbers(key: str) -> bool:
     return key not in RECORDED_KEYS and (key.split(".")[0] in NUMERIC_SECTIONS or key in NUMERIC_KEYS)
+
+
+def shared_settings(identity: dict) -> dict:
+    """What every replica group of a fault-tolerant run must run alike, from a checkpoint identity: the
+    model, data and layout, and the settings that change the numbers (the step count too: it sets the
+    lr schedule)."""
+    config = {k: v for k, v in flatten(identity["config"]).items() if changes_the_numbers(k) or k == "training.steps"}
+    return {"model": identity["model"], "data": identity["fingerprints"], "layout": identity["layout"]} | config
 
 
 def launch_folders(run_folder: Path) -> list[tuple[int, Path]]:

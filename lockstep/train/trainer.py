@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from lockstep.checkpoint.manager import flatten
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
@@ -37,10 +36,10 @@ from lockstep.train.determinism import agree_on_seed, configure_determinism, res
 from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.forward_backward import ForwardBackward, LossSettings
 from lockstep.train.launches import (
-    changes_the_numbers,
     config_record,
     record_launch,
     resumed_seed,
+    shared_settings,
 )
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, format_record
@@ -225,8 +224,8 @@ class Trainer:
         spec = model_args(config.model, 1, 1)[0]
         resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
         if self.fault_tolerance is not None:
-            shared = self._shared_settings(self._checkpoint_identity(windows.fingerprint))
-            self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared)
+            identity = self._checkpoint_identity(windows.fingerprint)
+            self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
@@ -267,14 +266,6 @@ class Trainer:
         return FaultTolerance(
             self.config.fault_tolerance, self.world, self.device, self.group_batch, level, canonical, self.run_folder
         )
-
-    @staticmethod
-    def _shared_settings(identity: dict) -> dict:
-        """What every replica group must run alike: the model, data and layout, and the settings that
-        change the numbers (the step count too: it sets the lr schedule)."""
-        config = flatten(identity["config"])
-        config = {k: v for k, v in config.items() if changes_the_numbers(k) or k == "training.steps"}
-        return {"model": identity["model"], "data": identity["fingerprints"], "layout": identity["layout"]} | config
 
     def _group_gradients(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's microbatches, gradients summed over the replica group's
@@ -345,16 +336,12 @@ class Trainer:
             microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
             loss = self._group_gradients(microbatches, global_tokens)
         else:  # this group's blocks of the step, summed with the other groups'; redone if not committed
-            position, counters = self.loader.position(), [moe.tokens_per_expert for _, moe in self.moe_blocks]
+            counters = [moe.tokens_per_expert for _, moe in self.moe_blocks]
             params = [p for _, p in self.named_params]
-            step = self.state.step + 1
-            computed = self.fault_tolerance.step_gradients(self._read_blocks, self._group_gradients, params, counters)
-            if computed is None or not self.fault_tolerance.commit(step):
-                self.loader.rewind(position)
-                for tensor in counters:
-                    tensor.zero_()
-                for optimizer in self.optimizers:
-                    optimizer.zero_grad(set_to_none=True)
+            computed = self.fault_tolerance.committed_gradients(
+                self.state.step + 1, self.loader, self._read_blocks, self._group_gradients, params, counters
+            )
+            if computed is None:
                 nothing = torch.zeros((), device=self.device)
                 result = StepResult(nothing, nothing, committed=False)
                 result.read(any_rank_flag(stop_requested, self.device))  # a stop still ends the run here
