@@ -17,6 +17,7 @@ from lockstep.config.sections import (
     ZERO_BUBBLE_SCHEDULES,
     ActivationCheckpointConfig,
     CheckpointConfig,
+    CommConfig,
     CompileConfig,
     DataConfig,
     DebugConfig,
@@ -27,6 +28,7 @@ from lockstep.config.sections import (
     ModelConfig,
     OptimizerConfig,
     ParallelismConfig,
+    ProfilingConfig,
     TrainingConfig,
     ValidationConfig,
 )
@@ -46,6 +48,8 @@ SECTION_TYPES: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "validation": ValidationConfig,
     "fault_tolerance": FaultToleranceConfig,
+    "profiling": ProfilingConfig,
+    "comm": CommConfig,
 }
 
 
@@ -65,6 +69,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     custom: dict[str, Any] = field(default_factory=dict)
     """Sections added by job.custom_config_module, by name."""
 

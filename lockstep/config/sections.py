@@ -312,9 +312,23 @@ class DebugConfig:
     """torch.autograd anomaly detection (slow; names the op that produced a NaN)."""
     print_config: bool = False
     """Print the resolved config at start."""
+    spike_window: int = 0
+    """Loss-spike detection: the z-score of each step's loss against the previous N steps' losses (0 = off).
+    A spike is recorded in spikes.jsonl with the step's sample indices and per-sample losses."""
+    spike_threshold: float = 6.0
+    """A step whose loss is more than this many standard deviations above the window's mean is a spike."""
+    spike_action: str = "log"
+    """On a spike: log (record it, train on) or skip (record it and drop the step's update, as OLMo-core can)."""
 
     def validate(self) -> None:
         _one_of(self.nonfinite, ("stop", "skip", "ignore"), "debug.nonfinite")
+        _one_of(self.spike_action, ("log", "skip"), "debug.spike_action")
+        _require(
+            self.spike_window == 0 or self.spike_window >= 2,
+            "debug.spike_window",
+            f"must be 0 (off) or >= 2 steps (a z-score needs a spread); got {self.spike_window}",
+        )
+        _require(self.spike_threshold > 0, "debug.spike_threshold", "must be > 0")
         _require(self.max_consecutive_skips >= 1, "debug.max_consecutive_skips", "must be >= 1")
         _require(
             self.seed is None or 0 <= self.seed < 2**63,
@@ -414,6 +428,63 @@ class ParallelismConfig:
             "has no effect without pipeline parallelism; set parallelism.pipeline_parallel_degree > 1, "
             "or drop it (--parallelism.pipeline_parallel_split_points=)",
         )
+
+
+def _relative_folder(value: str, key: str) -> None:
+    """A folder inside the run folder: relative, and no '..' that would leave it."""
+    _require(
+        bool(value) and not os.path.isabs(value) and ".." not in value.replace("\\", "/").split("/"),
+        key,
+        f"must be a folder inside the run folder (relative, no '..'); got {value!r}",
+    )
+
+
+@dataclass
+class ProfilingConfig:
+    enable_profiling: bool = False
+    """Trace steps with torch.profiler: per rank, Chrome/Perfetto JSON under <run>/<save_traces_folder>/iteration_<step>/."""
+    profile_freq: int = 10
+    """Trace every N steps (the traced step is the last of each N; warmup and active fit inside it)."""
+    profiler_warmup: int = 3
+    """Steps the profiler runs untraced before each traced window (its start-up cost stays out of the trace)."""
+    profiler_active: int = 1
+    """Steps traced in each window."""
+    save_traces_folder: str = "profile_traces"
+    """Where traces go, inside the run folder."""
+    enable_memory_snapshot: bool = False
+    """CUDA: record allocator history and dump torch.cuda.memory snapshots at the traced steps and on an
+    out-of-memory error (viewable at pytorch.org/memory_viz). CPU: a per-interval peak RSS goes into metrics."""
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Where memory snapshots go, inside the run folder."""
+
+    def validate(self) -> None:
+        _require(self.profile_freq > 0, "profiling.profile_freq", "must be > 0")
+        _require(self.profiler_warmup >= 0, "profiling.profiler_warmup", "must be >= 0")
+        _require(self.profiler_active >= 1, "profiling.profiler_active", "must be >= 1")
+        _require(
+            self.profiler_warmup + self.profiler_active <= self.profile_freq,
+            "profiling.profiler_warmup",
+            f"warmup + active ({self.profiler_warmup} + {self.profiler_active}) must fit in profile_freq "
+            f"({self.profile_freq}); raise profiling.profile_freq or lower them",
+        )
+        _relative_folder(self.save_traces_folder, "profiling.save_traces_folder")
+        _relative_folder(self.save_memory_snapshot_folder, "profiling.save_memory_snapshot_folder")
+
+
+@dataclass
+class CommConfig:
+    init_timeout_seconds: int = 300
+    """Collective timeout until the first step is done (start-up, compilation, checkpoint loading)."""
+    train_timeout_seconds: int = 100
+    """Collective timeout from the second step on: a rank that hangs makes every rank exit within it, naming
+    the collective and the step."""
+    trace_buf_size: int = 20000
+    """Entries of the flight recorder (collectives per process group), dumped on a timeout; 0 = off."""
+
+    def validate(self) -> None:
+        _require(self.init_timeout_seconds > 0, "comm.init_timeout_seconds", "must be > 0")
+        _require(self.train_timeout_seconds > 0, "comm.train_timeout_seconds", "must be > 0")
+        _require(self.trace_buf_size >= 0, "comm.trace_buf_size", "must be >= 0")
 
 
 @dataclass
