@@ -67,7 +67,7 @@ def prepare_cached(
         result = prepare(
             record,
             tasks,
-            source.location,
+            str(Path(source.location).resolve()) if source.kind != "hf" else source.location,  # inspect finds the files
             tokenizer,
             folder,
             source_fingerprint=source_fingerprint,

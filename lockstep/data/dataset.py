@@ -9,7 +9,8 @@ resuming needs only a sample index.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.errors import InputError
+
+if TYPE_CHECKING:
+    from lockstep.data.prepared import PreparedOrigin
 
 IGNORE_INDEX = -100
 
@@ -31,6 +35,9 @@ class TokenWindows:
     eos_id: int
     fingerprint: str
     """Identifies (documents, tokenizer); recorded in env.json and in the loader state."""
+    origin: PreparedOrigin | None = field(default=None, repr=False, compare=False)
+    """The prepared folder the tokens were read from (set by load_prepared_windows; None for tokens made
+    elsewhere), so a sample can be traced back to its file and document (lockstep.data.provenance)."""
 
     @property
     def num_windows(self) -> int:

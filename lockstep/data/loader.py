@@ -58,6 +58,8 @@ class DataLoader:
         self.global_batch = global_batch
         self.local_batch = local_batch
         self.next_sample_index = 0
+        self.step_start = 0
+        """The first global sample index of the step next_step (or next_blocks) last returned."""
         self.pin_memory = False
         """Pin the read-ahead batches (CUDA: the copies to the device can then be asynchronous)."""
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockstep-data")
@@ -115,6 +117,7 @@ class DataLoader:
         microbatches, global_tokens, by_source = result
         for name, tokens in by_source.items():  # counted here, when the step is consumed, not when read ahead
             self._source_tokens[name] = self._source_tokens.get(name, 0) + tokens
+        self.step_start = self.next_sample_index
         self.next_sample_index += step_samples
         following = (self.next_sample_index, mine, step_samples)
         self._ahead = (following, self._reader.submit(self._read_step, *following))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +109,15 @@ def tokenizer_fix(folder: Path, manifest: dict) -> str:
     if manifest["tokenizer"]["kind"] == "bytes":
         return "train with --model.tokenizer bytes"
     return f"train with the folder's own tokenizer: --model.tokenizer hf --model.tokenizer_path {folder}"
+
+
+@dataclass(eq=False)
+class PreparedOrigin:
+    """Where windows read by load_prepared_windows come from: the folder and its manifest (already read
+    at start-up, so tracing a sample to its source file costs no further read of it)."""
+
+    folder: Path
+    manifest: dict = field(repr=False)
 
 
 class ShardedTokens:
@@ -233,4 +243,5 @@ def load_prepared_windows(
             f"has {len(tokens)} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
             f"{fits}or add data",
         )
-    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"])
+    origin = PreparedOrigin(folder, manifest)
+    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"], origin)

@@ -30,7 +30,9 @@ def world_from_env() -> WorldInfo:
     )
 
 
-def init_process_group(world: WorldInfo, device: torch.device, single: bool = False) -> None:
+def init_process_group(
+    world: WorldInfo, device: torch.device, single: bool = False, timeout: timedelta = timedelta(minutes=10)
+) -> None:
     """gloo on CPU, NCCL on CUDA; nothing for a single process, unless `single` asks for a group of one
     (FSDP's mixed precision runs over a mesh, even of one rank).
 
@@ -45,13 +47,14 @@ def init_process_group(world: WorldInfo, device: torch.device, single: bool = Fa
     if dist.is_initialized() or (world.world_size == 1 and not single):
         return
     if world.world_size == 1:  # no torchrun, no rendezvous: an in-memory store
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         rank=world.rank,
         world_size=world.world_size,
-        timeout=timedelta(minutes=10),
+        timeout=timeout,
         device_id=device if cuda else None,
     )
 

@@ -32,6 +32,7 @@ from lockstep.parallel.canonical import GradientTree, canonical_nodes, clip_, fu
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.checkpointing import RunCheckpoints
+from lockstep.train.comm import CommTimeouts
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.train.fingerprint import model_fingerprint
 from lockstep.train.forward_backward import ForwardBackward, LossSettings
@@ -47,10 +48,14 @@ from lockstep.train.model_factory import Layout, build_model, check_model_fits_l
 from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
 from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError, first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
+from lockstep.train.profiling import Profiler
 from lockstep.train.reduction import CrossRankReducer, any_rank_flag
 from lockstep.train.run_folder import environment
 from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
-from lockstep.train.throughput import mfu_percent, peak_flops, peak_memory_gib
+from lockstep.train.sample_losses import SampleLosses, StepPlace, step_sample_losses
+from lockstep.train.spikes import SpikeDetector
+from lockstep.train.step_metrics import StepMetrics
+from lockstep.train.throughput import mfu_percent, peak_flops
 from lockstep.train.validation import Validator, validation_windows
 
 
@@ -72,13 +77,19 @@ class TrainState:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     """Wall time since the run's first step, summed over its launches (time-to-target-loss)."""
+    loss_window: list[float] = field(default_factory=list)
+    """The spike detector's window of recent ordinary losses (lockstep.train.spikes)."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s}
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s,
+            "loss_window": list(self.loss_window),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.loss_window[:] = [float(x) for x in state.get("loss_window", [])]  # the detector holds this list
 
 
 @dataclass
@@ -143,6 +154,8 @@ class Trainer:
         if self.run_lock is not None and config.debug.seed is None:
             config.debug.seed = resumed_seed(config.checkpoint, self.run_folder)  # a resumed run keeps its seed
         self.device = resolve_device(config.training)
+        self.comm = CommTimeouts(config.comm, self.run_folder, self.world.rank)
+        self.comm.configure_environment()  # the flight recorder, before any process group exists
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
         check_model_fits_layout(config.model, self.dims)
         self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
@@ -150,7 +163,7 @@ class Trainer:
         # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
         # of one rank when nothing is sharded, so that every layout computes the same bf16 numbers.
         self.fsdp = self.dims.fsdp or config.training.mixed_precision == "bf16"
-        init_process_group(self.world, self.device, single=self.fsdp)
+        init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)
         self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
         self.seeds = seed_everything(config.debug.seed, axis_rank(self.mesh, "pp"), self.mesh)
@@ -217,6 +230,15 @@ class Trainer:
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
         self.consecutive_skips = ConsecutiveSkips(config.debug.max_consecutive_skips)
+        self.spikes = None
+        if config.debug.spike_window:
+            self.spikes = SpikeDetector(config.debug, self.state.loss_window, self.run_folder, self.world.is_main)
+        self.place = StepPlace(
+            self.dp_rank, self.dims.dp, self.microbatch_stride, self.model.pipeline is not None,
+            [self.reducer.dp_group, self.reducer.pp_group],
+        )  # fmt: skip
+        self.profiler = Profiler(config.profiling, self.run_folder, self.world.rank, self.device)
+        self.step_metrics = StepMetrics(self.device, timeline=self._memory_timeline())
         self.checkpoints = RunCheckpoints(
             config.checkpoint, self.run_folder, self._checkpoint_identity(windows.fingerprint),
             self._checkpoint_states(), self.device, self._log,
@@ -271,6 +293,7 @@ class Trainer:
         """Forward and backward of this rank's microbatches, gradients summed over the replica group's
         ranks; returns the loss of the group's microbatches (every rank alike)."""
         loss = self.forward_backward.run(microbatches, global_tokens)
+        self.step_metrics.compute_done()  # before waiting for the other replicas
         if self.replica_sum is not None:  # started in backward, bucket by bucket
             self.replica_sum.finish()
         return self.reducer.global_loss(loss, self.forward_backward.node_levels)
@@ -317,7 +340,7 @@ class Trainer:
             "dataloader": ObjectState(
                 self.loader, check_on_load=not self.config.checkpoint.ignore_mismatch, optional=("order_version",)
             ),
-            "train_state": ObjectState(self.state, optional=("elapsed_s",)),  # added after format 2
+            "train_state": ObjectState(self.state, optional=("elapsed_s", "loss_window")),  # added after format 2
             "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),
         }
 
@@ -332,6 +355,19 @@ class Trainer:
         default), and with `fingerprint` the hashes of the gradients (before clipping) and of the
         updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
         "parameters" by name."""
+        self.step_metrics.begin()
+        result = self._step(fingerprint, observe, stop_requested)
+        self.step_metrics.end(self.state.step + 1)
+        return result
+
+    def sample_losses(self, step_start: int) -> SampleLosses | None:
+        """Each sample's loss of the global batch starting at `step_start`, with the current weights (all
+        ranks call it). None under pipelining with several samples per microbatch, or fault tolerance."""
+        if self.fault_tolerance is not None:  # the group computes only its blocks of the step
+            return None
+        return step_sample_losses(self.loader, step_start, self.forward_backward.summed_losses, self.place, self.device)
+
+    def _step(self, fingerprint: bool, observe: Callable[[str, dict], None] | None, stop_requested: bool) -> StepResult:
         if self.fault_tolerance is None:
             microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
             loss = self._group_gradients(microbatches, global_tokens)
@@ -358,7 +394,7 @@ class Trainer:
             )
         if observe is not None:
             observe("gradients", named_grads)
-        if self._nonfinite(result, microbatches, global_tokens):
+        if self._nonfinite(result, microbatches, global_tokens) or self._spike(result):
             return result  # skipped: no update
         if self.config.training.max_norm > 0:
             clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
@@ -408,6 +444,35 @@ class Trainer:
         self._log(f"warning: {message}; step skipped")
         return True
 
+    def _spike(self, result: StepResult) -> bool:
+        """Record a loss spike (debug.spike_window); True when debug.spike_action drops its update."""
+        step = self.state.step + 1
+        if self.spikes is None or (spike := self.spikes.check(step, result.loss_value)) is None:
+            return False
+        start = self.loader.step_start
+        self.spikes.record(spike, self.sample_losses(start), list(range(start, start + result.samples)))
+        action = "step skipped" if self.spikes.skips else "training on"
+        self._log(
+            f"warning: loss spike at step {step}: {spike.loss:.4f} is {spike.z_score:.1f} standard deviations above "
+            f"the last {self.spikes.size} steps' mean {spike.window_mean:.4f}; recorded in spikes.jsonl; {action}"
+        )
+        if not self.spikes.skips:
+            return False
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        for _, moe in self.moe_blocks:  # the skipped step's routing counts move no bias
+            moe.tokens_per_expert.zero_()
+        return True
+
+    def _memory_timeline(self) -> Path | None:
+        """With profiling.enable_memory_snapshot on CPU: the per-step peak-RSS file of this rank."""
+        profiling = self.config.profiling
+        if not profiling.enable_memory_snapshot or self.device.type == "cuda":
+            return None
+        folder = self.run_folder / profiling.save_memory_snapshot_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"rank{self.world.rank}_rss.jsonl"
+
     def close(self, failed: bool = False) -> None:
         """Tear down the process group (after any last collective, e.g. full_weights); after a
         failure without the closing barrier, so this rank exits promptly whatever its peers do."""
@@ -454,6 +519,7 @@ class Trainer:
             try:
                 stopping = False
                 clock = time.perf_counter() - self.state.elapsed_s  # continues the run's earlier launches
+                self.profiler.start(self.state.step)
                 while self.state.step < steps and not stopping:
                     # The step's quorum under fault tolerance; a group that is behind heals here.
                     if self.fault_tolerance is not None and self.fault_tolerance.start_step():
@@ -463,36 +529,40 @@ class Trainer:
                             break
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
-                    fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
-                    result = self.train_step(fingerprint, stop_requested=stop.requested)
-                    if not result.committed:  # redone with the next quorum, unless asked to stop
-                        if result.stop:  # save the last committed step (if this launch has not yet)
-                            self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
+                    # A hung peer ends the step within comm.train_timeout_seconds, naming the collective.
+                    with self.comm.watching(step), self.profiler.step(step):
+                        fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
+                        result = self.train_step(fingerprint, stop_requested=stop.requested)
+                        if not result.committed:  # redone with the next quorum, unless asked to stop
+                            if result.stop:  # save the last committed step (if this launch has not yet)
+                                self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
+                            stopping = result.stop
+                            continue
+                        self.state.step += 1
+                        self.state.tokens_seen += result.samples * training.seq_len
+                        self.state.elapsed_s = time.perf_counter() - clock
+                        interval_tokens += result.samples * training.seq_len
+                        # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
                         stopping = result.stop
-                        continue
-                    self.state.step += 1
-                    self.state.tokens_seen += result.samples * training.seq_len
-                    self.state.elapsed_s = time.perf_counter() - clock
-                    interval_tokens += result.samples * training.seq_len
-                    # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
-                    stopping = result.stop
-                    evaluate = self.validator is not None and not stopping and self.validator.due(step, steps)
-                    if evaluate or self._should_log(self.state.step, steps, stopping):
-                        elapsed = time.perf_counter() - interval_start
-                        record = self._record(result, lr, interval_tokens / elapsed)
-                        if evaluate:  # after the throughput is taken, which evaluation time must not lower
-                            record |= self.validator.evaluate().as_record()
-                        if self.metrics is not None:
-                            self.metrics.log(record)
-                        self.display.print(format_record(record))
-                        interval_start, interval_tokens = time.perf_counter(), 0
-                    self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
-                    self.display.step(self.state.step, None)
+                        evaluate = self.validator is not None and not stopping and self.validator.due(step, steps)
+                        if evaluate or self._should_log(self.state.step, steps, stopping):
+                            elapsed = time.perf_counter() - interval_start
+                            record = self._record(result, lr, interval_tokens / elapsed)
+                            if evaluate:  # after the throughput is taken, which evaluation time must not lower
+                                record |= self.validator.evaluate().as_record()
+                            if self.metrics is not None:
+                                self.metrics.log(record)
+                            self.display.print(format_record(record))
+                            interval_start, interval_tokens = time.perf_counter(), 0
+                        self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
+                        self.display.step(self.state.step, None)
+                    self.comm.step_done(step)
                 self.checkpoints.close()
                 self.stopped_by_signal = stopping
                 if stopping:
                     self.display.print(f"stopped by signal after step {self.state.step}")
             finally:
+                self.profiler.stop()
                 if self.metrics is not None:
                     self.metrics.close()
                 self.display.close()
@@ -536,12 +606,12 @@ class Trainer:
                 "tokens_per_sec": tokens_per_sec,
                 "tflops": tflops,
                 "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size * self._live_groups()),
-                "memory_gib": peak_memory_gib(self.device),
                 "tokens_seen": self.state.tokens_seen,
                 "elapsed_s": self.state.elapsed_s,
                 "data_wait_s": self.loader.take_wait_s(),  # since the last record: the loader's share of it
             }
             | {f"data/tokens/{name}": tokens for name, tokens in self.loader.take_source_tokens().items()}
+            | self.step_metrics.record()  # a collective: every rank logs the same steps
             | result.fingerprints
             | self._moe_record(result.moe)
             | (self.fault_tolerance.record() if self.fault_tolerance is not None else {})

@@ -118,7 +118,7 @@ class Validator:
     def evaluate(self) -> Evaluation:
         slots = self.num_steps * self.microbatches_per_step
         sums = torch.zeros(slots + 1, dtype=torch.float64, device=self.device)  # last: the valid-token count
-        with torch.no_grad(), token_counting_paused(), _rng_restored(self.device):
+        with torch.no_grad(), token_counting_paused(), rng_restored(self.device):
             for step in range(self.num_steps):
                 indices = self._mine(step)
                 microbatches = [self._microbatch(g) for g in indices]
@@ -135,7 +135,7 @@ class Validator:
         return Evaluation(total / tokens if tokens else math.nan, int(tokens))
 
 
-def _rng_restored(device: torch.device):
+def rng_restored(device: torch.device):
     """Leaves every torch RNG stream of this process where it was (a forward that draws nothing changes
     nothing; one that does cannot shift training's streams)."""
     if device.type == "cuda":

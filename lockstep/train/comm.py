@@ -1,0 +1,130 @@
+"""Collective timeouts that end a hung run in bounded time, and say where it hung.
+
+Built from the ``comm`` section. As torchtitan does, every process group starts with the long
+``init_timeout_seconds`` (start-up, compilation and checkpoint loading happen before and inside the
+first step), and after the first step every group this rank belongs to gets the shorter
+``train_timeout_seconds``. A rank that hangs then makes its peers' next collective fail within that
+time, and they take the whole job down (torchrun stops the remaining workers once one exits).
+
+Which collective? PyTorch's flight recorder (``TORCH_FR_BUFFER_SIZE`` entries per process group,
+gloo and NCCL alike) keeps the last collectives each group issued. On a timeout this rank dumps it as
+JSON to ``<run>/comm_traces/`` and raises ``CollectiveTimeout``, whose one line names the collective,
+its process group and sizes, and the training step. On CUDA, NCCL's watchdog aborts a timed-out
+communicator itself; ``TORCH_NCCL_DUMP_ON_TIMEOUT`` makes it write the same record first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lockstep.config.sections import CommConfig
+
+TRACES_FOLDER = "comm_traces"
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the comm timeout (a peer hung or died): a failure of the
+    job's machines or of a peer, not a bad input, so the CLI prints this one line and exits 1."""
+
+
+def is_timeout(error: BaseException) -> bool:
+    """gloo raises "Timed out waiting Nms for ..."; NCCL (blocking wait) "... timed out"."""
+    return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+
+
+def _process_groups() -> list[dist.ProcessGroup]:
+    """Every process group this rank belongs to (the default one, the mesh's, the validator's...)."""
+    return list(dist.distributed_c10d._world.pg_map)
+
+
+class CommTimeouts:
+    def __init__(self, comm: CommConfig, run_folder: Path, rank: int) -> None:
+        self.comm = comm
+        self.run_folder = run_folder
+        self.rank = rank
+        self.timeout_s = comm.init_timeout_seconds
+        """The timeout every process group has now."""
+
+    @property
+    def init_timeout(self) -> timedelta:
+        return timedelta(seconds=self.comm.init_timeout_seconds)
+
+    def configure_environment(self) -> None:
+        """Before the first process group exists: the flight recorder's size, and NCCL's dump on a
+        timeout (a value the user exported wins)."""
+        if self.comm.trace_buf_size > 0:
+            os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(self.comm.trace_buf_size))
+            os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(self.comm.trace_buf_size))
+            os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+            os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(self.run_folder / TRACES_FOLDER / "nccl_rank_"))
+
+    def step_done(self, step: int) -> None:
+        """After the first step of this launch: every group switches to the training timeout."""
+        if self.timeout_s == self.comm.train_timeout_seconds or not dist.is_initialized():
+            return
+        timeout = timedelta(seconds=self.comm.train_timeout_seconds)
+        for group in _process_groups():
+            with contextlib.suppress(ValueError):  # a group this rank is not part of
+                dist.distributed_c10d._set_pg_timeout(timeout, group)
+        self.timeout_s = self.comm.train_timeout_seconds
+
+    @contextlib.contextmanager
+    def watching(self, step: int) -> Iterator[None]:
+        """Turns a collective timeout raised inside into a CollectiveTimeout naming `step`."""
+        try:
+            yield
+        except Exception as error:
+            if not is_timeout(error):
+                raise
+            raise CollectiveTimeout(self._describe(step)) from error
+
+    def _describe(self, step: int) -> str:
+        what, dump = "a collective", self._dump(step)
+        if dump is not None:
+            what = _last_collective(json.loads(dump.read_text()))
+        where = f"; flight recorder: {dump}" if dump is not None else " (comm.trace_buf_size = 0: no flight recorder)"
+        return (
+            f"rank {self.rank}: {what} timed out after {self.timeout_s} s at step {step} "
+            f"(a peer hung or died; comm.{'train' if self.timeout_s == self.comm.train_timeout_seconds else 'init'}"
+            f"_timeout_seconds){where}"
+        )
+
+    def _dump(self, step: int) -> Path | None:
+        """This rank's flight-recorder record as JSON (never a pickle), a new file each time."""
+        if self.comm.trace_buf_size == 0:
+            return None
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace_json
+
+            record = _dump_fr_trace_json()
+        except (ImportError, RuntimeError):
+            return None
+        folder = self.run_folder / TRACES_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step{step}-rank{self.rank}-pid{os.getpid()}.json"
+        path.write_bytes(record)
+        return path
+
+
+def _last_collective(record: dict) -> str:
+    """The newest collective of the flight record: the one this rank was waiting in."""
+    entries = record.get("entries") or []
+    if not entries:
+        return "a collective"
+    last = max(entries, key=lambda e: e.get("record_id", 0))
+    group = last.get("process_group") or ["?", "?"]
+    sizes = ", ".join(
+        f"{dtype}{list(size)}"
+        for dtype, size in zip(last.get("input_dtypes", []), last.get("input_sizes", []), strict=False)
+    )
+    return (
+        f"collective {last.get('profiling_name', '?')} on process group {group[-1]} "
+        f"(collective #{last.get('collective_seq_id', '?')}, {sizes or 'no tensors'})"
+    )

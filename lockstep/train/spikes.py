@@ -1,0 +1,72 @@
+"""Loss-spike detection: which step, and which of its samples, made the loss jump.
+
+A step's loss is compared with the window of the last ``debug.spike_window`` ordinary steps (spikes
+and non-finite steps stay out of it, so one spike does not hide the next): its z-score is
+(loss - mean) / standard deviation. Above ``debug.spike_threshold`` the step is a spike, and
+``spikes.jsonl`` in the run folder records the step, the loss, the z-score, the window's mean and
+deviation, the step's global sample indices and each sample's loss (lockstep.train.sample_losses),
+so ``lockstep inspect RUN --step N`` can show the culprit documents.
+
+With ``spike_action = log`` the run trains on, bitwise as without detection: the decision reads the
+loss the step reads anyway, and the per-sample forward disturbs nothing. With ``skip`` the step's
+update is dropped, as for a non-finite loss. The window is part of the train state, so a resumed
+run makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lockstep.config.sections import DebugConfig
+from lockstep.train.metrics import strict_json
+from lockstep.train.sample_losses import SampleLosses
+
+SPIKES_FILE = "spikes.jsonl"
+
+
+@dataclass
+class Spike:
+    step: int
+    loss: float
+    z_score: float
+    window_mean: float
+    window_std: float
+
+
+class SpikeDetector:
+    def __init__(self, debug: DebugConfig, window: list[float], run_folder: Path, writes: bool) -> None:
+        self.size = debug.spike_window
+        self.threshold = debug.spike_threshold
+        self.skips = debug.spike_action == "skip"
+        self.window = window
+        """The last ordinary losses, oldest first: the train state's list (checkpointed with it)."""
+        self.path = run_folder / SPIKES_FILE if writes else None
+
+    def check(self, step: int, loss: float) -> Spike | None:
+        """Whether `loss` is a spike; an ordinary finite loss joins the window."""
+        if not math.isfinite(loss):
+            return None
+        if len(self.window) == self.size:
+            mean = math.fsum(self.window) / self.size
+            std = math.sqrt(math.fsum((x - mean) ** 2 for x in self.window) / self.size)
+            z = (loss - mean) / std if std > 0 else (math.inf if loss > mean else 0.0)
+            if z > self.threshold:
+                return Spike(step, loss, z, mean, std)
+            del self.window[0]
+        self.window.append(loss)
+        return None
+
+    def record(self, spike: Spike, losses: SampleLosses | None, samples: list[int]) -> None:
+        """Append the spike to spikes.jsonl (rank 0), with the step's samples and their losses."""
+        if self.path is None:
+            return
+        entry = asdict(spike) | {"action": "skip" if self.skips else "log", "samples": samples}
+        if losses is not None:
+            entry |= {"sample_losses": losses.mean(), "sample_tokens": losses.tokens}
+        else:
+            entry["sample_losses"] = None  # samples share a pipeline microbatch, or a replica group's blocks
+        with self.path.open("a") as out:
+            out.write(json.dumps(strict_json(entry), allow_nan=False) + "\n")
