@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lockstep.cli.data", "prepare a dataset once (parallel, resumable), finalize and verify it"),
     "generate": ("lockstep.cli.generate", "continue prompts with a run, a checkpoint or a Hugging Face folder"),
     "lighthouse": ("lockstep.cli.lighthouse", "serve torchft's lighthouse for fault-tolerant replica groups"),
+    "inspect": ("lockstep.cli.inspect", "the samples of a step: sources, text previews, replayed per-sample losses"),
+    "replay": ("lockstep.cli.replay", "recompute a step here and compare it bitwise with the run's record"),
     "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
     "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
 }

@@ -8,11 +8,13 @@ Exit codes: 0 trained to training.steps; 75 stopped by SIGTERM/SIGINT after savi
 from __future__ import annotations
 
 import argparse
+import sys
 
-from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
 from lockstep.config import JobConfig, load_config, validate_job_config
 from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
+from lockstep.train.comm import CollectiveTimeout
 
 
 def run(argv: list[str]) -> int:
@@ -41,6 +43,9 @@ def run(argv: list[str]) -> int:
         return launch_torchrun(args.nproc, argv)
     try:
         return _train(load_config(args.config, overrides))
+    except CollectiveTimeout as error:  # a peer hung or died: one line, not a traceback (exit 1)
+        print(f"lockstep train: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     except LockstepError as error:
         from lockstep.cli.launch import record_worker_error
 

@@ -5,15 +5,13 @@ reduction or the optimizer update."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lockstep.tools.compare import compare_series, first_difference, load_series
+from lockstep.tools.replay import launch_replay
 
 
 @dataclass
@@ -39,30 +37,9 @@ class Finding:
         return f"first difference at step {self.step}: {where}; {self.detail}"
 
 
-def _world_size(run: Path) -> int:
-    return int(json.loads((run / "env.json").read_text()).get("world_size", 1))
-
-
 def replay(run: Path, step: int, out: Path) -> dict:
-    """Run lockstep.tools.replay for `run` (under torchrun with the run's world size); merged capture."""
-    world = _world_size(run)
-    launcher = [sys.executable]
-    if world > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    command = [
-        *launcher,
-        "-m",
-        "lockstep.tools.replay",
-        "--replay-run",
-        str(run),
-        "--replay-step",
-        str(step),
-        "--replay-out",
-        str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    if done.returncode:
-        raise RuntimeError(f"replaying step {step} of {run} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    """Replay `run`'s step with hooks on every module (lockstep.tools.replay); the ranks' merged capture."""
+    launch_replay(run, step, out)
     parts = sorted(
         (torch.load(f, weights_only=True) for f in out.parent.glob(f"{out.name}.rank*.pt")), key=lambda c: c["stage"]
     )

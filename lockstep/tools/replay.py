@@ -9,12 +9,19 @@ step K-1 without hooks, then runs step K capturing, for the global batch's first
 module's forward output and output gradient (first call, execution order), and after the step the
 reduced gradients and the updated parameters, all as full tensors (DTensors gathered). Ranks that
 hold data-parallel index 0 and tensor-parallel index 0 write ``CAPTURE.rank<R>.pt``.
+
+With ``--replay-mode verify`` (``lockstep replay`` and ``lockstep inspect --losses``) no hooks are
+attached: step K runs as training ran it, with fingerprints, after each sample's loss is taken with
+the weights it started from, and every rank writes ``CAPTURE.rank<R>.json``: the loss, grad norm,
+fingerprints, its own part of every tensor's digest, and the per-sample losses.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -83,11 +90,28 @@ def checkpoint_before(run: Path, step: int) -> int | None:
     return max(candidates) if candidates else None
 
 
+def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> None:
+    """Run this module for `run`'s step under torchrun with the run's world size and CPU thread count
+    (kernels sum differently with other thread counts); raises RuntimeError with its output if it fails."""
+    env_record = json.loads((run / "env.json").read_text())
+    world = int(env_record.get("world_size", 1))
+    launcher = [sys.executable]
+    if world > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    command = [*launcher, "-m", "lockstep.tools.replay", "--replay-run", str(run), "--replay-step", str(step)]
+    command += ["--replay-out", str(out), "--replay-mode", mode]
+    threads = str(env_record.get("threads") or 1)
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": threads})
+    if done.returncode:
+        raise RuntimeError(f"replaying step {step} of {run} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lockstep.tools.replay")
     parser.add_argument("--replay-run", dest="run", type=Path, required=True)
     parser.add_argument("--replay-step", dest="step", type=int, required=True)
     parser.add_argument("--replay-out", dest="out", type=Path, required=True)
+    parser.add_argument("--replay-mode", dest="mode", choices=("capture", "verify"), default="capture")
     args = parser.parse_args(argv)
     from lockstep.config import load_config
     from lockstep.parallel.mesh import axis_rank
@@ -96,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = checkpoint_before(args.run, args.step)
     scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
-    overrides = ["--job.dump_folder", str(scratch), "--debug.no-fingerprint", "--debug.nonfinite", "ignore"]
+    overrides = ["--job.dump_folder", str(scratch), "--debug.no-fingerprint"]
+    if args.mode == "capture":  # bisect looks at every tensor, non-finite ones too; verify runs as training ran
+        overrides += ["--debug.nonfinite", "ignore"]
     if start is not None:
         source = folders.step_folder((args.run / "checkpoint").resolve(), start)
         readonly_root = scratch / "source-checkpoint"
@@ -112,14 +138,33 @@ def main(argv: list[str] | None = None) -> int:
         while trainer.state.step < args.step - 1:
             trainer.train_step()
             trainer.state.step += 1
+        rank = os.environ.get("RANK", "0")
+        if args.mode == "verify":
+            Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(_verify(trainer)))
+            return 0
         capture = Capture()
         for part in trainer.model.parts:
             capture.attach(part)
         trainer.train_step(observe=capture.observe)
         if axis_rank(trainer.mesh, "dp") == 0 and axis_rank(trainer.mesh, "tp") == 0:
             stage = axis_rank(trainer.mesh, "pp")
-            torch.save(capture.state() | {"stage": stage}, f"{args.out}.rank{os.environ.get('RANK', '0')}.pt")
+            torch.save(capture.state() | {"stage": stage}, f"{args.out}.rank{rank}.pt")
     return 0
+
+
+def _verify(trainer) -> dict:
+    """The next step as training ran it, and each of its samples' losses beforehand."""
+    from lockstep.train.metrics import strict_json
+
+    start = trainer.loader.next_sample_index
+    losses = trainer.sample_losses(start)
+    result = trainer.train_step(fingerprint=True)
+    return strict_json({
+        "step": trainer.state.step + 1, "loss": result.loss_value, "grad_norm": result.grad_norm_value,
+        "fingerprints": result.fingerprints, "local_digests": result.local_digests,
+        "samples": list(range(start, start + result.samples)),
+        "sample_losses": None if losses is None else {"summed": losses.summed, "tokens": losses.tokens},
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ gloo and NCCL alike) keeps the last collectives each group issued. On a timeout 
 JSON to ``<run>/comm_traces/`` and raises ``CollectiveTimeout``, whose one line names the collective,
 its process group and sizes, and the training step. On CUDA, NCCL's watchdog aborts a timed-out
 communicator itself; ``TORCH_NCCL_DUMP_ON_TIMEOUT`` makes it write the same record first.
+
+Drill: ``LOCKSTEP_STALL=RANK:STEP`` makes that rank hang at the start of that step (until a signal
+kills it, as torchrun's teardown does), so a test or an operator can watch the others time out.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -78,12 +83,20 @@ class CommTimeouts:
     @contextlib.contextmanager
     def watching(self, step: int) -> Iterator[None]:
         """Turns a collective timeout raised inside into a CollectiveTimeout naming `step`."""
+        self._stall_drill(step)
         try:
             yield
         except Exception as error:
             if not is_timeout(error):
                 raise
             raise CollectiveTimeout(self._describe(step)) from error
+
+    def _stall_drill(self, step: int) -> None:
+        if os.environ.get("LOCKSTEP_STALL") != f"{self.rank}:{step}":
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung for good: only a signal ends it
+        while True:
+            time.sleep(60)
 
     def _describe(self, step: int) -> str:
         what, dump = "a collective", self._dump(step)

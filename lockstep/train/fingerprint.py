@@ -18,6 +18,7 @@ It is a checksum to find the first step where two runs' numbers part, not a cryp
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,10 @@ def _keys(lane: int, dim: int, start: int, length: int, device: torch.device) ->
     return _mix(torch.arange(start, start + length, dtype=torch.int64, device=device) + salt) | 1
 
 
+def _hex(words: list[int]) -> str:
+    return "".join(f"{w & ((1 << 64) - 1):016x}" for w in words)
+
+
 def local_digest(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of `tensor`'s digest: int64 [LANES], the keyed sum over the elements it holds."""
     local = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
@@ -75,10 +80,15 @@ def local_digest(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def model_fingerprint(
-    named: dict[str, torch.Tensor], all_names: list[str], stage_group: dist.ProcessGroup | None = None
+    named: dict[str, torch.Tensor],
+    all_names: list[str],
+    stage_group: dist.ProcessGroup | None = None,
+    local: dict[str, str] | None = None,
 ) -> str:
     """Hash of the tensors in `named` (this rank's stages), pooled over pipeline stages, in the order
-    of `all_names`. Every rank of the stage group gets the same value, in every layout."""
+    of `all_names`. Every rank of the stage group gets the same value, in every layout. `local`, when
+    given, receives this rank's own part of each tensor's digest (the elements it holds): what
+    ``lockstep replay`` compares to name the rank whose numbers changed."""
     names = [name for name in all_names if name in named]
     device = next(iter(named.values())).device if named else torch.device("cpu")
     # one row per name: LANES digest words and a presence count (how many shards added to the row)
@@ -86,6 +96,9 @@ def model_fingerprint(
     slot = {name: i for i, name in enumerate(all_names)}
     sharded = [n for n in names if isinstance(named[n], DTensor)]
     own = [torch.cat([local_digest(named[n]), torch.ones(1, dtype=torch.int64, device=device)]) for n in sharded]
+    if local is not None:
+        mine = dict(zip(sharded, own, strict=True)) | {n: local_digest(named[n]) for n in names if n not in sharded}
+        local.update({n: _hex(mine[n][:LANES].tolist()) for n in names})
     for name, row in zip(sharded, sum_over_shards([named[n] for n in sharded], own), strict=True):
         rows[slot[name]] = row
     for name in names:
@@ -97,6 +110,72 @@ def model_fingerprint(
     combined = hashlib.blake2b(digest_size=16)
     for name, row in zip(all_names, rows.tolist(), strict=True):
         if row[LANES]:
-            words = "".join(f"{w & ((1 << 64) - 1):016x}" for w in row[:LANES])
-            combined.update(f"{name}:{words}\n".encode())
+            combined.update(f"{name}:{_hex(row[:LANES])}\n".encode())
     return combined.hexdigest()
+
+
+class ModuleOutputs:
+    """This rank's digest of every module's first output in one step (its first microbatch, in execution
+    order), from forward hooks attached for that step only. A silent fault in one rank's forward shows
+    here as that rank's first differing module, while the gradients, summed over ranks, differ everywhere."""
+
+    def __init__(self, parts: list[torch.nn.Module]) -> None:
+        self.digests: dict[str, str] = {}
+        self._handles = [
+            module.register_forward_hook(self._hook(name))
+            for part in parts
+            for name, module in part.named_modules()
+            if name
+        ]
+
+    def _hook(self, name: str):
+        def hook(module, args, output) -> None:
+            if name in self.digests:
+                return
+            if isinstance(output, tuple | list):
+                output = next((o for o in output if isinstance(o, torch.Tensor)), None)
+            if isinstance(output, torch.Tensor) and output.numel():
+                try:
+                    self.digests[name] = _hex(local_digest(output.detach()).tolist())
+                except (RuntimeError, ValueError, NotImplementedError):  # an output without a box (e.g. Partial)
+                    pass
+
+        return hook
+
+    def close(self) -> dict[str, str]:
+        for handle in self._handles:
+            handle.remove()
+        return self.digests
+
+
+class RankFingerprints:
+    """Each rank's own part of the fingerprints, per tensor, at every fingerprinted step:
+    ``<run>/fingerprints/rank<R>.jsonl``. A replay of the step on any machine recomputes them, and the
+    first rank and tensor that differ say where the numbers changed (lockstep.tools.reproduce)."""
+
+    FOLDER = "fingerprints"
+
+    def __init__(self, run_folder, rank: int) -> None:
+        self.path = run_folder / self.FOLDER / f"rank{rank}.jsonl"
+
+    def write(self, step: int, local: dict[str, dict[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as out:
+            out.write(json.dumps({"step": step, **local}) + "\n")
+
+    @classmethod
+    def read(cls, run_folder, rank: int, step: int) -> dict[str, dict[str, str]] | None:
+        """The newest record of `step` (a resumed run may have fingerprinted it twice; the later launch
+        is the one its metrics show)."""
+        path = run_folder / cls.FOLDER / f"rank{rank}.jsonl"
+        if not path.is_file():
+            return None
+        found = None
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step") == step:
+                found = record
+        return found

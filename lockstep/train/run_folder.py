@@ -74,6 +74,26 @@ def environment(
     }
 
 
+def environment_differences(recorded: dict) -> list[str]:
+    """How this machine's software differs from a run's env.json (package versions, git revision, host):
+    what a replay that disagrees with the run should be read against."""
+    found = []
+    versions = {p: _version(p) for p in PACKAGES} | {"python": platform.python_version()}
+    for package, version in versions.items():
+        theirs = recorded.get("versions", {}).get(package)
+        if theirs is not None and theirs != version:
+            found.append(f"{package} {theirs} in the run, {version} here")
+    theirs, here = recorded.get("git", {}), git_revision()
+    if theirs.get("revision") != here.get("revision"):
+        found.append(
+            f"lockstep git revision {str(theirs.get('revision'))[:12]}{' (dirty)' if theirs.get('dirty') else ''} "
+            f"in the run, {str(here.get('revision'))[:12]}{' (dirty)' if here.get('dirty') else ''} here"
+        )
+    if recorded.get("host") not in (None, socket.gethostname()):
+        found.append(f"host {recorded['host']} in the run, {socket.gethostname()} here")
+    return found
+
+
 def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: int | None = None) -> Path:
     """Write config.toml and env.json (the latest launch's: launches/ keeps every launch's, so start_launch
     runs first), and return the metrics.jsonl path. A fresh run keeps an earlier

@@ -113,9 +113,9 @@ class StepMetrics:
         ranks = mine.reshape(1, 2)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             mine = mine.to(self.device)
-            ranks = torch.empty(dist.get_world_size(self.group), 2, dtype=torch.float64, device=self.device)
+            ranks = torch.empty(dist.get_world_size(self.group) * 2, dtype=torch.float64, device=self.device)
             dist.all_gather_into_tensor(ranks, mine, group=self.group)
-            ranks = ranks.cpu()
+            ranks = ranks.reshape(-1, 2).cpu()
         record = {
             "step_time_s": self._wall_s / steps,
             "max_rank_step_time_s": float(ranks[:, 0].max()),

@@ -34,7 +34,7 @@ from lockstep.parallel.process_group import destroy_process_group, init_process_
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.comm import CommTimeouts
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
-from lockstep.train.fingerprint import model_fingerprint
+from lockstep.train.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
 from lockstep.train.forward_backward import ForwardBackward, LossSettings
 from lockstep.train.launches import (
     config_record,
@@ -97,6 +97,8 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     fingerprints: dict[str, str] = field(default_factory=dict)
+    local_digests: dict[str, dict[str, str]] = field(default_factory=dict)
+    """With fingerprints: this rank's part of each gradient's and parameter's digest, by name."""
     moe: MoEStats | None = None
     """This rank's MoE load statistics, on the device (read on logged steps only)."""
     loss_value: float = math.nan
@@ -239,6 +241,7 @@ class Trainer:
         )  # fmt: skip
         self.profiler = Profiler(config.profiling, self.run_folder, self.world.rank, self.device)
         self.step_metrics = StepMetrics(self.device, timeline=self._memory_timeline())
+        self.rank_fingerprints = RankFingerprints(self.run_folder, self.world.rank)
         self.checkpoints = RunCheckpoints(
             config.checkpoint, self.run_folder, self._checkpoint_identity(windows.fingerprint),
             self._checkpoint_states(), self.device, self._log,
@@ -356,7 +359,10 @@ class Trainer:
         updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
         "parameters" by name."""
         self.step_metrics.begin()
+        outputs = ModuleOutputs(self.model.parts) if fingerprint and not self.config.compile.enable else None
         result = self._step(fingerprint, observe, stop_requested)
+        if outputs is not None:
+            result.local_digests["outputs"] = outputs.close()
         self.step_metrics.end(self.state.step + 1)
         return result
 
@@ -390,7 +396,10 @@ class Trainer:
         result.read(any_rank_flag(stop_requested, self.device))
         if fingerprint:
             result.fingerprints["grad_fingerprint"] = model_fingerprint(
-                named_grads, self.model.param_names, self.reducer.pp_group
+                named_grads,
+                self.model.param_names,
+                self.reducer.pp_group,
+                result.local_digests.setdefault("gradients", {}),
             )
         if observe is not None:
             observe("gradients", named_grads)
@@ -409,7 +418,7 @@ class Trainer:
         if fingerprint:
             params = dict(self.named_params)
             result.fingerprints["param_fingerprint"] = model_fingerprint(
-                params, self.model.param_names, self.reducer.pp_group
+                params, self.model.param_names, self.reducer.pp_group, result.local_digests.setdefault("parameters", {})
             )
         return result
 
@@ -596,6 +605,8 @@ class Trainer:
         return record
 
     def _record(self, result: StepResult, lr: float, tokens_per_sec: float) -> dict:
+        if result.local_digests:  # every rank its own part, for lockstep replay
+            self.rank_fingerprints.write(self.state.step, result.local_digests)
         tflops = tokens_per_sec * self.model.flops_per_token / 1e12
         return (
             {

@@ -1,0 +1,34 @@
+"""``lockstep replay RUN --step N``: recompute a step on this machine and compare it with the run's record
+(lockstep.tools.reproduce). Exit 0 when it reproduces bitwise, 1 when it does not (naming the first
+rank and tensor that differ), 2 for a bad run folder or a step without fingerprints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lockstep replay",
+        description="Recompute step N from the newest checkpoint before it, in the run's layout, and compare loss, "
+        "grad norm and fingerprints with the recorded ones; on a difference name the first rank and tensor.",
+    )
+    parser.add_argument("run", type=Path, help="a run folder trained with --debug.fingerprint")
+    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    from lockstep.tools.inspect_step import check_run
+    from lockstep.tools.reproduce import reproduce
+
+    check_run(args.run)
+    work = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
+    try:
+        verdict = reproduce(args.run, args.step, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(verdict.as_json()) if args.json else verdict.describe(), flush=True)
+    return 0 if verdict.reproduced else 1
