@@ -32,6 +32,8 @@ import torch.distributed as dist
 from lockstep.config.sections import CommConfig
 
 TRACES_FOLDER = "comm_traces"
+_SET_HERE: set[str] = set()
+"""The environment variables this module set (the others are the user's, and win)."""
 
 
 class CollectiveTimeout(RuntimeError):
@@ -64,11 +66,17 @@ class CommTimeouts:
     def configure_environment(self) -> None:
         """Before the first process group exists: the flight recorder's size, and NCCL's dump on a
         timeout (a value the user exported wins)."""
-        if self.comm.trace_buf_size > 0:
-            os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(self.comm.trace_buf_size))
-            os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", str(self.comm.trace_buf_size))
-            os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-            os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(self.run_folder / TRACES_FOLDER / "nccl_rank_"))
+        if self.comm.trace_buf_size == 0:
+            return
+        values = {
+            "TORCH_FR_BUFFER_SIZE": str(self.comm.trace_buf_size),
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(self.run_folder / TRACES_FOLDER / "nccl_rank_"),
+        }
+        for key, value in values.items():
+            if key not in os.environ or key in _SET_HERE:  # a later run in this process updates its own
+                os.environ[key] = value
+                _SET_HERE.add(key)
 
     def step_done(self, step: int) -> None:
         """After the first step of this launch: every group switches to the training timeout."""

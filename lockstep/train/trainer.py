@@ -403,16 +403,9 @@ class Trainer:
             )
         if observe is not None:
             observe("gradients", named_grads)
-        if self._nonfinite(result, microbatches, global_tokens) or self._spike(result):
-            return result  # skipped: no update
-        if self.config.training.max_norm > 0:
-            clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
-        for optimizer, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        speed = getattr(self.model.args, "bias_update_speed", 0.0)
-        result.moe = move_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
+        skipped = self._nonfinite(result, microbatches, global_tokens) or self._spike(result)
+        if not skipped:  # a skipped step leaves the parameters as they were
+            self._update(named_grads, grad_norm, result)
         if observe is not None:
             observe("parameters", dict(self.named_params))
         if fingerprint:
@@ -421,6 +414,16 @@ class Trainer:
                 params, self.model.param_names, self.reducer.pp_group, result.local_digests.setdefault("parameters", {})
             )
         return result
+
+    def _update(self, named_grads: dict[str, torch.Tensor], grad_norm: torch.Tensor, result: StepResult) -> None:
+        if self.config.training.max_norm > 0:
+            clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
+        for optimizer, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        speed = getattr(self.model.args, "bias_update_speed", 0.0)
+        result.moe = move_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
 
     def _nonfinite(self, result: StepResult, microbatches: list[Microbatch], global_tokens: int) -> bool:
         """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
