@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 
 import lockstep
+from lockstep.cli import main as cli_main
 from lockstep.config import JobConfig, load_config
 from lockstep.config.sections import ModelConfig
 from lockstep.models.registry import model_args
@@ -87,3 +93,56 @@ def host_reads():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+# Hidden by Python's default warning filters in a `lockstep` process (pytest would show them).
+_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _process_state() -> dict:
+    return {
+        "environment": dict(os.environ),
+        "working directory": os.getcwd(),
+        "signal handlers": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
+        "process group": dist.is_initialized(),
+    }
+
+
+def run_cli(args: list[str], capture) -> tuple[int, str, str]:
+    """``lockstep ARGS`` in this process, for refusals that come before any torch.distributed work or
+    launch (a ``--nproc`` launch fails the test here instead of starting torchrun inside pytest).
+    ``capture`` is pytest's capfd (or capsys); returns (exit code, stdout, stderr). What a `lockstep`
+    process would print on stderr besides and pytest would catch instead (warnings, WARNING log
+    records) is appended to stderr. Asserts there is no traceback and that the call leaves no process
+    group, environment variable, working directory or signal handler changed."""
+    capture.readouterr()  # drop what came before
+    before = _process_state()
+    records, root = _Records(), logging.getLogger()
+    launch = mock.patch("lockstep.cli.launch.launch_torchrun", side_effect=AssertionError("run_cli launched torchrun"))
+    root.addHandler(records)
+    try:
+        with launch, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = cli_main([str(arg) for arg in args])
+    finally:
+        root.removeHandler(records)
+    out, err = capture.readouterr()
+    shown = [w for w in caught if not issubclass(w.category, _HIDDEN_WARNINGS)]
+    err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in shown)
+    err += "".join(line + "\n" for line in records.lines)
+    assert "Traceback" not in err, err
+    after = _process_state()
+    changed = [key for key in before if before[key] != after[key]]
+    env_before, env_after = before["environment"], after["environment"]
+    variables = sorted(k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k))
+    assert not changed, f"the command changed this process's {', '.join(changed)} {variables or ''}"
+    return code, out, err

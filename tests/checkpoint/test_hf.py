@@ -24,7 +24,7 @@ from lockstep.models.registry import model_args, model_spec
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
-from tests.helpers import tiny_config, tiny_overrides
+from tests.helpers import run_cli, tiny_config, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -292,7 +292,7 @@ def test_from_hf_on_two_ranks_writes_the_one_process_checkpoint(tmp_path, model)
     assert recorded[0] == recorded[1]
 
 
-def test_from_hf_refusals_are_one_line_before_or_after_the_launch(tmp_path):
+def test_from_hf_refusals_are_one_line_before_or_after_the_launch(tmp_path, capfd):
     """Pickled weights and a non-empty output folder are refused before any process starts; a
     folder that lacks a tensor is found by the ranks, and its one line comes back once. Nothing is
     published."""
@@ -307,15 +307,19 @@ def test_from_hf_refusals_are_one_line_before_or_after_the_launch(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "broken" / "model.safetensors")
-    for source, out, problem in (
-        (pickled, tmp_path / "a", r"pickled weights \(pytorch_model.bin\)"),
-        (tmp_path / "hf", tmp_path / "full", "exists and is not an empty folder; an import never overwrites"),
-        (tmp_path / "broken", tmp_path / "b", r"rank \d: .*has no tensor lm_head.weight"),
+    for before_launch, source, out, problem in (
+        (True, pickled, tmp_path / "a", r"pickled weights \(pytorch_model.bin\)"),
+        (True, tmp_path / "hf", tmp_path / "full", "exists and is not an empty folder; an import never overwrites"),
+        (False, tmp_path / "broken", tmp_path / "b", r"rank \d: .*has no tensor lm_head.weight"),
     ):
-        done = _convert("from-hf", source, out, "--nproc", "2")
-        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-        errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-        assert len(errors) == 1 and errors[0].startswith("lockstep convert: error: "), done.stderr
+        if before_launch:  # in this process: run_cli fails the test if it launches
+            code, stdout, stderr = run_cli(["convert", "from-hf", source, out, "--nproc", "2"], capfd)
+        else:  # the ranks' one line, through a real `lockstep` and torchrun
+            done = _convert("from-hf", source, out, "--nproc", "2")
+            code, stdout, stderr = done.returncode, done.stdout, done.stderr
+        assert code == 2, stdout[-2000:] + stderr[-2000:]
+        errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("lockstep convert: error: "), stderr
         assert re.search(problem, errors[0]), errors[0]
-        assert "Traceback" not in done.stderr and not folders.published_steps(out)
+        assert "Traceback" not in stderr and not folders.published_steps(out)
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]

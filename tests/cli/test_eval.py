@@ -10,7 +10,7 @@ import pytest
 
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.helpers import tiny_config, tiny_overrides
+from tests.helpers import run_cli, tiny_config, tiny_overrides
 
 VALIDATION = [
     "--validation.steps", "2", "--validation.global_batch_size", "8", "--validation.local_batch_size", "2",
@@ -63,13 +63,15 @@ def test_eval_of_a_step_folder_on_two_ranks_and_of_an_hf_export(trained, tmp_pat
     assert json.loads(done.stdout.strip().splitlines()[-1])["val_loss"] == in_loop["val_loss"]
 
 
-def test_eval_refusals_are_one_line(trained, tmp_path):
+def test_eval_refusals_are_one_line(trained, tmp_path, capfd):
+    """Refused before the Trainer joins a process group (the path, then the config's validation), so
+    in this process."""
     run, _ = trained
     for args, needle in [
         ([str(tmp_path / "missing")], "does not exist"),
         ([str(tmp_path)], "holds no config.toml"),
         ([str(run), "--validation.steps", "0"], "validation.steps"),
     ]:
-        done = _lockstep("eval", *args)
-        assert done.returncode == 2, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and needle in done.stderr
+        code, _, stderr = run_cli(["eval", *args], capfd)
+        assert code == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1 and needle in stderr

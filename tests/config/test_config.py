@@ -156,30 +156,30 @@ def test_custom_config_module(tmp_path, monkeypatch):
             from dataclasses import dataclass
 
             @dataclass
-            class ProfilingConfig:
+            class ExperimentConfig:
                 enable: bool = False
                 trace_steps: int = 3
 
                 def validate(self):
                     if self.trace_steps < 1:
                         from lockstep.config import ConfigError
-                        raise ConfigError("profiling.trace_steps", "must be >= 1")
+                        raise ConfigError("experiment.trace_steps", "must be >= 1")
 
-            CONFIG_SECTIONS = {"profiling": ProfilingConfig}
+            CONFIG_SECTIONS = {"experiment": ExperimentConfig}
             """
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     config = load_config(
         "llama3_debug",
-        ["--job.custom_config_module", "my_sections", "--profiling.enable", "--profiling.trace_steps", "5"],
+        ["--job.custom_config_module", "my_sections", "--experiment.enable", "--experiment.trace_steps", "5"],
     )
-    assert dataclasses.asdict(config.custom["profiling"]) == {"enable": True, "trace_steps": 5}
-    assert "[profiling]" in dump_toml(config)
-    with pytest.raises(ConfigError, match="did you mean 'profiling.trace_steps'"):
-        load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.trace_step", "5"])
-    bad = load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--profiling.trace_steps", "0"])
-    with pytest.raises(ConfigError, match="profiling.trace_steps"):
+    assert dataclasses.asdict(config.custom["experiment"]) == {"enable": True, "trace_steps": 5}
+    assert "[experiment]" in dump_toml(config)
+    with pytest.raises(ConfigError, match="did you mean 'experiment.trace_steps'"):
+        load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--experiment.trace_step", "5"])
+    bad = load_config("llama3_debug", ["--job.custom_config_module", "my_sections", "--experiment.trace_steps", "0"])
+    with pytest.raises(ConfigError, match="experiment.trace_steps"):
         validate_job_config(bad, world_size=1)
     with pytest.raises(ConfigError, match="cannot import"):
         load_config("llama3_debug", ["--job.custom_config_module", "no_such_module_xyz"])
