@@ -1,5 +1,11 @@
-"""Run a test body on N ranks: spawned processes with torchrun's environment variables and one
-thread each (2-core CI machine), gloo on the CPU."""
+"""Run a test body on N ranks: fresh processes with torchrun's environment variables and one thread
+each (2-core CI machine), gloo on the CPU.
+
+The processes come from a fork server that imported lockstep's trainer (torch, torch.distributed,
+the models) once per test process: a spawned rank would spend ~3.5 s of its life importing them again.
+A forked rank is still a fresh interpreter state for the test body (nothing of the parent's test
+state is inherited), and it takes the parent's current environment and sys.path explicitly, since the
+server keeps those of the moment it started."""
 
 from __future__ import annotations
 
@@ -31,7 +37,15 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {first}-{first + 1999}")
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:
+PRELOADED = ["lockstep.train.trainer"]
+
+
+def _entry(
+    fn: Callable, rank: int, world_size: int, port: int, args: tuple, environment: dict, path: list[str]
+) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    sys.path[:] = path
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -47,13 +61,21 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, args: tuple) -> 
     os._exit(0)
 
 
-def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:
-    """Call fn(*args) in world_size fresh processes; raise if any rank fails or hangs."""
-    context = multiprocessing.get_context("spawn")
+def rank_processes(fn: Callable, world_size: int, *args) -> list[multiprocessing.Process]:
+    """world_size started processes that call fn(*args) as the ranks of one process group."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
     port = free_port()
-    processes = [context.Process(target=_entry, args=(fn, r, world_size, port, args)) for r in range(world_size)]
+    here = (dict(os.environ), list(sys.path))
+    processes = [context.Process(target=_entry, args=(fn, r, world_size, port, args, *here)) for r in range(world_size)]
     for p in processes:
         p.start()
+    return processes
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:
+    """Call fn(*args) in world_size fresh processes; raise if any rank fails or hangs."""
+    processes = rank_processes(fn, world_size, *args)
     for p in processes:
         p.join(timeout)
     hung = [r for r, p in enumerate(processes) if p.is_alive()]

@@ -122,7 +122,7 @@ def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) 
     dist.all_to_all_single(received, padded, group=group)
     reduced = tree_reduce_rows(received.view(world, chunk))
     gathered = torch.empty_like(padded)
-    dist.all_gather_into_tensor(gathered, reduced, group=group)
+    dist.all_gather_single(gathered, reduced, group=group)
     return gathered[:numel]
 
 
@@ -219,7 +219,7 @@ def shard_block_loss(losses: torch.Tensor, shard_group: dist.ProcessGroup) -> to
     the way pipeline stages other than the last contribute 0."""
     shards = dist.get_world_size(shard_group)
     gathered = torch.empty(shards * losses.numel(), dtype=losses.dtype, device=losses.device)
-    dist.all_gather_into_tensor(gathered, losses.contiguous(), group=shard_group)
+    dist.all_gather_single(gathered, losses.contiguous(), group=shard_group)
     total = tree_reduce_rows(gathered.view(shards, -1).t().reshape(-1))
     return total if dist.get_rank(shard_group) == 0 else torch.zeros_like(total)
 

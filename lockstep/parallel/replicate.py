@@ -179,7 +179,7 @@ class ReplicaGradientSum:
             if self.canonical:  # this rank's chunk, summed over replicas in rank order, then shared
                 reduced = self._reduce_received(bucket)
                 bucket.received = None
-                gathers.append(dist.all_gather_into_tensor(bucket.flat, reduced, group=self.group, async_op=True))
+                gathers.append(dist.all_gather_single(bucket.flat, reduced, group=self.group, async_op=True))
         for work in gathers:
             work.wait()
         for bucket in self._buckets:

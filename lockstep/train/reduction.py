@@ -71,7 +71,7 @@ def _combine_all_nodes(loss: torch.Tensor, node_levels: list[list[int]], group) 
     padded = torch.zeros(width, dtype=loss.dtype, device=loss.device)
     padded[: loss.numel()] = loss
     gathered = torch.empty(len(node_levels) * width, dtype=loss.dtype, device=loss.device)
-    dist.all_gather_into_tensor(gathered, padded, group=group)
+    dist.all_gather_single(gathered, padded, group=group)
     rows = gathered.view(len(node_levels), width)
     nodes = [rows[rank, i].reshape(1) for rank, levels in enumerate(node_levels) for i in range(len(levels))]
     return combine_nodes(nodes, [level for levels in node_levels for level in levels])

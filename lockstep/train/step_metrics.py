@@ -114,7 +114,7 @@ class StepMetrics:
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             mine = mine.to(self.device)
             ranks = torch.empty(dist.get_world_size(self.group) * 2, dtype=torch.float64, device=self.device)
-            dist.all_gather_into_tensor(ranks, mine, group=self.group)
+            dist.all_gather_single(ranks, mine, group=self.group)
             ranks = ranks.reshape(-1, 2).cpu()
         record = {
             "step_time_s": self._wall_s / steps,

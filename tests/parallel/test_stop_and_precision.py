@@ -79,14 +79,9 @@ def _fail_on_rank_0(folder) -> None:
 
 
 def test_a_failed_rank_does_not_wait_in_the_closing_barrier(tmp_path):
-    import multiprocessing
+    from tests.distributed import rank_processes
 
-    from tests.distributed import _entry, free_port
-
-    context, port = multiprocessing.get_context("spawn"), free_port()
-    ranks = [context.Process(target=_entry, args=(_fail_on_rank_0, r, 2, port, (tmp_path,))) for r in range(2)]
-    for process in ranks:
-        process.start()
+    ranks = rank_processes(_fail_on_rank_0, 2, tmp_path)
     ranks[0].join(60)
     ranks[1].kill()
     ranks[1].join()
