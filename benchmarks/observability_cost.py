@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 from lockstep.config import load_config
-from lockstep.config.sections import CommConfig, ProfilingConfig
+from lockstep.config.sections import CommConfig, DebugConfig, ProfilingConfig
 from lockstep.train.comm import CommTimeouts
 from lockstep.train.profiling import Profiler
 from lockstep.train.run_folder import read_metrics
+from lockstep.train.spikes import SpikeDetector
 from lockstep.train.step_metrics import StepMetrics
 from lockstep.train.trainer import Trainer
 
@@ -89,10 +90,22 @@ def micro(work: Path) -> dict:
             metrics.end(i)
         comm.step_done(i)
 
-    return {
-        "per_step_us": per_call_us(step_bookkeeping, 20000),
-        "record_us": per_call_us(lambda i: metrics.record(), 2000),
-    }
+    found = {"per_step_us": per_call_us(step_bookkeeping, 20000)}
+    # Profiling on, between traced windows (the window never comes: profile_freq is huge).
+    untraced = ProfilingConfig(enable_profiling=True, profile_freq=10**9, profiler_warmup=0, profiler_active=1)
+    traced_later = Profiler(untraced, work, 0, device)
+    traced_later.start(0)
+
+    def profiled_step(i: int) -> None:
+        with traced_later.step(i):
+            pass
+
+    found["profiler_between_traces_us"] = per_call_us(profiled_step, 20000)
+    traced_later.stop()
+    spikes = SpikeDetector(DebugConfig(spike_window=20), [], work, writes=False)
+    found["spike_check_us"] = per_call_us(lambda i: spikes.check(i, 2.0 + (i % 7) * 1e-3), 20000)
+    found["record_us"] = per_call_us(lambda i: metrics.record(), 2000)
+    return found
 
 
 def main() -> None:
@@ -119,13 +132,9 @@ def main() -> None:
         }  # fmt: skip
         print(f"{mode:<10} {1000 * median:8.2f} ms/step  {100 * (median / base - 1):+6.2f}% vs base")
     summary["micro"] = micro(work)
-    per_step, record = summary["micro"]["per_step_us"], summary["micro"]["record_us"]
-    summary["micro"]["per_step_percent"] = 100 * per_step / (1e6 * base)
-    summary["micro"]["record_percent_of_a_step"] = 100 * record / (1e6 * base)
-    print(
-        f"per-step bookkeeping {per_step:.1f} us ({summary['micro']['per_step_percent']:.3f}% of a step); "
-        f"one record (logged steps) {record:.1f} us ({summary['micro']['record_percent_of_a_step']:.3f}%)"
-    )
+    for name, us in list(summary["micro"].items()):
+        summary["micro"][name.replace("_us", "_percent_of_a_step")] = 100 * us / (1e6 * base)
+        print(f"{name.replace('_us', ''):<28} {us:8.1f} us  {100 * us / (1e6 * base):.4f}% of a base step")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")

@@ -7,13 +7,10 @@ forward/backward each with the loss normalised by the global valid-token count, 
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,15 +43,16 @@ from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.metrics import ConsoleDisplay, format_record
 from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
 from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
-from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError, first_nonfinite_module
+from lockstep.train.nonfinite import first_nonfinite_module
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.profiling import Profiler
 from lockstep.train.reduction import CrossRankReducer, any_rank_flag
 from lockstep.train.run_folder import environment
 from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
 from lockstep.train.sample_losses import SampleLosses, StepPlace, step_sample_losses
-from lockstep.train.spikes import SpikeDetector
+from lockstep.train.step_guards import StepGuards
 from lockstep.train.step_metrics import StepMetrics
+from lockstep.train.step_state import GracefulStop, StepResult, TrainState
 from lockstep.train.throughput import mfu_percent, peak_flops
 from lockstep.train.validation import Validator, validation_windows
 
@@ -69,75 +67,6 @@ def resolve_device(training: TrainingConfig) -> torch.device:
             raise ConfigError("training.device", "cuda was asked for but torch sees no CUDA device")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    """Wall time since the run's first step, summed over its launches (time-to-target-loss)."""
-    loss_window: list[float] = field(default_factory=list)
-    """The spike detector's window of recent ordinary losses (lockstep.train.spikes)."""
-
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s,
-            "loss_window": list(self.loss_window),
-        }  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.elapsed_s = float(state.get("elapsed_s", 0.0))
-        self.loss_window[:] = [float(x) for x in state.get("loss_window", [])]  # the detector holds this list
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    local_digests: dict[str, dict[str, str]] = field(default_factory=dict)
-    """With fingerprints: this rank's part of each gradient's and parameter's digest, by name."""
-    moe: MoEStats | None = None
-    """This rank's MoE load statistics, on the device (read on logged steps only)."""
-    loss_value: float = math.nan
-    grad_norm_value: float = math.nan
-    stop: bool = False
-    """Some rank asked to stop (SIGTERM/Ctrl-C): every rank stops after this step."""
-    samples: int = 0
-    """Samples the step trained on (the global batch, unless fault tolerance shrank it)."""
-    committed: bool = True
-    """False when fault tolerance voted the step down (a replica group failed in it): nothing was
-    updated and the step is redone."""
-
-    def read(self, stop_flag: torch.Tensor) -> None:
-        """The step's one device-to-host read: loss, grad norm and the agreed stop flag together
-        (fp32 values are exact in fp64)."""
-        values = torch.stack([self.loss.double(), self.grad_norm.double(), stop_flag.double()]).tolist()
-        self.loss_value, self.grad_norm_value, self.stop = values[0], values[1], values[2] > 0
-
-
-class GracefulStop:
-    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step (metrics flushed);
-    a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 class Trainer:
@@ -231,10 +160,7 @@ class Trainer:
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
-        self.consecutive_skips = ConsecutiveSkips(config.debug.max_consecutive_skips)
-        self.spikes = None
-        if config.debug.spike_window:
-            self.spikes = SpikeDetector(config.debug, self.state.loss_window, self.run_folder, self.world.is_main)
+        self.guards = StepGuards(config.debug, self.state.loss_window, self.run_folder, self.world.is_main, self._log)
         self.place = StepPlace(
             self.dp_rank, self.dims.dp, self.microbatch_stride, self.model.pipeline is not None,
             [self.reducer.dp_group, self.reducer.pp_group],
@@ -403,8 +329,13 @@ class Trainer:
             )
         if observe is not None:
             observe("gradients", named_grads)
-        skipped = self._nonfinite(result, microbatches, global_tokens) or self._spike(result)
-        if not skipped:  # a skipped step leaves the parameters as they were
+        start = self.loader.step_start
+        if self.guards.skip(
+            self.state.step + 1, result.loss_value, result.grad_norm_value, list(range(start, start + result.samples)),
+            lambda: self._locate_nonfinite(microbatches, global_tokens), lambda: self.sample_losses(start),
+        ):  # fmt: skip
+            self._drop_update()  # the parameters stay as they were
+        else:
             self._update(named_grads, grad_norm, result)
         if observe is not None:
             observe("parameters", dict(self.named_params))
@@ -425,56 +356,23 @@ class Trainer:
         speed = getattr(self.model.args, "bias_update_speed", 0.0)
         result.moe = move_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
 
-    def _nonfinite(self, result: StepResult, microbatches: list[Microbatch], global_tokens: int) -> bool:
-        """Act on a NaN/Inf loss or grad norm per debug.nonfinite; True when the update is skipped."""
-        policy = self.config.debug.nonfinite
-        if policy == "ignore" or (math.isfinite(result.loss_value) and math.isfinite(result.grad_norm_value)):
-            self.consecutive_skips.finite()
-            return False
+    def _locate_nonfinite(self, microbatches: list[Microbatch], global_tokens: int) -> str:
+        """Replay the step's forward and backward with hooks: the first module with a non-finite value."""
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        where = "not located (pipeline parallel)"
-        if self.model.pipeline is None:
-            where = (
-                first_nonfinite_module(
-                    self.model.parts[0], lambda: self.forward_backward.run(microbatches, global_tokens)
-                )
-                or "no module output or gradient (the loss or the reduction)"
-            )
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-        step = self.state.step + 1
-        message = (
-            f"non-finite loss ({result.loss_value}) or grad norm ({result.grad_norm_value}) at step {step}; "
-            f"first non-finite value: {where}"
-        )
-        if policy == "stop":
-            raise NonFiniteError(message + " (debug.nonfinite = skip would drop such steps)")
-        for _, moe in self.moe_blocks:  # the skipped step's routing counts move no bias
-            moe.tokens_per_expert.zero_()
-        self.consecutive_skips.skipped(step, message)  # raises at debug.max_consecutive_skips in a row
-        self._log(f"warning: {message}; step skipped")
-        return True
+        if self.model.pipeline is not None:
+            return "not located (pipeline parallel)"
+        run = lambda: self.forward_backward.run(microbatches, global_tokens)  # noqa: E731
+        found = first_nonfinite_module(self.model.parts[0], run)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return found or "no module output or gradient (the loss or the reduction)"
 
-    def _spike(self, result: StepResult) -> bool:
-        """Record a loss spike (debug.spike_window); True when debug.spike_action drops its update."""
-        step = self.state.step + 1
-        if self.spikes is None or (spike := self.spikes.check(step, result.loss_value)) is None:
-            return False
-        start = self.loader.step_start
-        self.spikes.record(spike, self.sample_losses(start), list(range(start, start + result.samples)))
-        action = "step skipped" if self.spikes.skips else "training on"
-        self._log(
-            f"warning: loss spike at step {step}: {spike.loss:.4f} is {spike.z_score:.1f} standard deviations above "
-            f"the last {self.spikes.size} steps' mean {spike.window_mean:.4f}; recorded in spikes.jsonl; {action}"
-        )
-        if not self.spikes.skips:
-            return False
+    def _drop_update(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         for _, moe in self.moe_blocks:  # the skipped step's routing counts move no bias
             moe.tokens_per_expert.zero_()
-        return True
 
     def _memory_timeline(self) -> Path | None:
         """With profiling.enable_memory_snapshot on CPU: the per-step peak-RSS file of this rank."""

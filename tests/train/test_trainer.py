@@ -167,4 +167,4 @@ def test_one_host_read_per_step(tmp_path):
                 trainer.train_step()
     reads.pop("loader.py", None)
     reads.pop("outside lockstep", None)  # torch's own (AdamW's CPU step counters)
-    assert reads == {"trainer.py": 3}
+    assert reads == {"step_state.py": 3}  # StepResult.read
