@@ -121,6 +121,7 @@ def test_detection_and_profiling_change_no_bit_and_skip_drops_the_update(spiky, 
     run, corpus, with_detection = spiky
     profiled = [
         "--profiling.enable_profiling", "--profiling.profile_freq", "10", "--profiling.profiler_warmup", "1",
+        "--profiling.enable_memory_snapshot",  # on CPU: a per-step peak-RSS timeline
     ]  # fmt: skip
     plain = _train(tmp_path / "plain", corpus, *profiled)
     keys = ("loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
@@ -132,6 +133,9 @@ def test_detection_and_profiling_change_no_bit_and_skip_drops_the_update(spiky, 
         names = {event.get("name") for event in trace["traceEvents"]}
         assert f"lockstep_step {step}" in names and f"lockstep_step {step - 1}" not in names
     assert not (tmp_path / "plain" / "spikes.jsonl").exists()
+    timeline = (tmp_path / "plain" / "memory_snapshot" / "rank0_rss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in timeline] == list(range(1, STEPS + 1))
+    assert all(0.05 < json.loads(line)["peak_rss_gib"] < 64 for line in timeline)
 
     first = _spikes(run)[0]["step"]
     skipped = _train(tmp_path / "skip", corpus, "--debug.spike_window", str(WINDOW), "--debug.spike_action", "skip")
