@@ -37,6 +37,10 @@ def run(argv: list[str]) -> int:
         check_nproc(args.nproc)
         config = load_config(args.config, overrides)
         validate_job_config(config, args.nproc)  # fail here, before N processes start
+        from lockstep.config.job import resolve_parallel_dims
+        from lockstep.train.model_factory import check_model_fits_layout
+
+        check_model_fits_layout(config.model, resolve_parallel_dims(config.parallelism, args.nproc))  # overrides too
         from lockstep.train.run_lock import check_run_folder_free
 
         check_run_folder_free(run_folder(config))  # rank 0 takes the lock itself once started

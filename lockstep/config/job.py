@@ -7,6 +7,7 @@ resolved here, once.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lockstep.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
+from lockstep.errors import InputError
 
 SECTION_TYPES: dict[str, type] = {
     "job": JobSectionConfig,
@@ -251,6 +253,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
             validate()
     _validate_unsupported_axes(config.parallelism)
     _validate_checkpoint_folder(config.job, config.checkpoint)
+    resolve_hf_flavor(config.model, config.checkpoint)
     dims = resolve_parallel_dims(config.parallelism, world_size)
     if config.fault_tolerance.enable and config.debug.seed is None:
         raise ConfigError(
@@ -275,6 +278,24 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
     if config.debug.layout_invariant_reductions:
         per_rank = group_batch // (microbatch * dims.dp)
         _validate_invariant_batch(config.training, dims, per_rank, replica_groups(config))
+
+
+def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig) -> None:
+    """model.flavor = from_hf: the architecture is checkpoint.initial_load_path's config.json, read here
+    once and recorded in model.hf_config (a config.toml written by the run rebuilds it without the folder)."""
+    if model.flavor != "from_hf" or model.hf_config:
+        return
+    folder = Path(checkpoint.initial_load_path) if checkpoint.initial_load_path else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ConfigError(
+            "model.flavor",
+            "from_hf takes the architecture from a Hugging Face folder's config.json; set "
+            "checkpoint.initial_load_path to that folder" + (f" ({folder} has no config.json)" if folder else ""),
+        )
+    try:
+        model.hf_config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(folder / "config.json", f"is not readable JSON ({error})") from None
 
 
 def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_rank: int, groups: int) -> None:

@@ -128,6 +128,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         item_type = args[0] if args else str
         coerced = [_coerce(v.strip() if isinstance(v, str) else v, item_type, key) for v in items if v != ""]
         return tuple(coerced) if origin is tuple else coerced
+    if origin is dict:  # a free-form table (model.overrides): its owner checks the entries
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table of keys and values; got {value!r}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -157,6 +161,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected a string; got {value!r}")
     raise ConfigError(key, f"unsupported field type {hint}")
+
+
+def _toml_value(value: Any) -> Any:
+    """A CLI string read as the TOML value it spells (128, 1e6, true, [1, 2]), else kept as a string: a
+    table entry has no field type to coerce it to here, and config.toml should record it typed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
 
 
 def _split_list(value: str, key: str) -> list[Any]:
@@ -218,11 +233,18 @@ class _Builder:
         if section not in self.section_types:
             raise self._unknown(key, "config section")
         hints = _field_hints(self.section_types[section])
+        table, _, entry = name.partition(".")
+        if entry and typing.get_origin(hints.get(table)) is dict:  # --model.overrides.dim 128
+            self.values[section].setdefault(table, {})[entry] = _toml_value(value)
+            return
         if name not in hints and name.startswith("no_") and hints.get(name[3:]) is bool and value is True:
             name, value = name[3:], False
         if name not in hints:
             raise self._unknown(f"{section}.{name}", "config key")
-        self.values[section][name] = _coerce(value, hints[name], f"{section}.{name}")
+        coerced = _coerce(value, hints[name], f"{section}.{name}")
+        if isinstance(coerced, dict):  # a table merges with entries given before (TOML, then the CLI)
+            coerced = self.values[section].get(name, {}) | coerced
+        self.values[section][name] = coerced
 
     def set_toml(self, data: dict[str, Any]) -> None:
         for section, table in data.items():

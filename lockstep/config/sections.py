@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.mixture import parse_mixture
@@ -65,6 +66,12 @@ class ModelConfig:
     attention: str = "auto"
     """Attention kernel: auto (flex on CUDA, sdpa elsewhere; env.json records which), sdpa, or flex
     (FlexAttention with a compiled block mask; CUDA only, it has no CPU backward in torch 2.13)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the flavor's *Args to change, as a [model.overrides] table or --model.overrides.FIELD VALUE
+    (e.g. dim = 128, n_layers = 4): checked against the family's args dataclass before any work."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """With flavor = from_hf: the config.json of checkpoint.initial_load_path, read at start and recorded
+    here, so that this config.toml rebuilds the model without the folder. Not set by hand."""
 
     def validate(self) -> None:
         _one_of(self.tokenizer, ("builtin", "bytes", "hf"), "model.tokenizer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,18 +72,75 @@ def _suggest(word: str, options: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; choose from {', '.join(options)}"
 
 
+FROM_HF = "from_hf"
+"""The flavor that takes the architecture from checkpoint.initial_load_path's config.json."""
+
+
 def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[ModelSpec, Any]:
-    """The spec and the flavor's args with the tokenizer's vocab and the training sequence length."""
-    if model.name not in MODELS:
-        raise ConfigError("model.name", f"unknown model {model.name!r}{_suggest(model.name, list(MODELS))}")
-    spec = MODELS[model.name]
-    if model.flavor not in spec.flavors:
+    """The spec and the flavor's args (or, for flavor from_hf, the recorded config.json's) with
+    model.overrides applied, the tokenizer's vocab and the training sequence length. A from_hf model
+    keeps its own vocabulary size (embedding rows), which the tokenizer's must not exceed."""
+    spec = model_spec(model.name)
+    if model.flavor == FROM_HF:
+        args = _args_from_hf(spec, model)
+        if vocab_size > args.vocab_size:
+            raise ConfigError(
+                "model.tokenizer",
+                f"has {vocab_size} tokens, more than the {args.vocab_size} rows of the model's embedding "
+                "(config.json vocab_size); use the model's own tokenizer (model.tokenizer = hf)",
+            )
+        vocab_size = args.vocab_size
+    elif model.flavor not in spec.flavors:
         raise ConfigError(
             "model.flavor",
-            f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, list(spec.flavors))}",
+            f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, [*spec.flavors, FROM_HF])}",
         )
-    args = dataclasses.replace(spec.flavors[model.flavor], vocab_size=vocab_size, max_seq_len=max_seq_len)
+    else:
+        args = spec.flavors[model.flavor]
+    args = dataclasses.replace(
+        args, **_overrides(args, model.overrides), vocab_size=vocab_size, max_seq_len=max_seq_len
+    )
+    if model.overrides:
+        try:
+            args.validate()
+        except ValueError as error:
+            raise ConfigError("model.overrides", f"{error} (with the overrides applied to {model.flavor})") from None
     return spec, args
+
+
+def _args_from_hf(spec: ModelSpec, model: ModelConfig) -> Any:
+    if not model.hf_config:
+        raise ConfigError("model.flavor", "from_hf needs checkpoint.initial_load_path, a Hugging Face folder")
+    try:
+        return spec.hf_adapter.args_from_hf_config(model.hf_config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            "model.flavor", f"from_hf: the config.json is not a {spec.name} config ({error!r} missing or wrong)"
+        ) from None
+
+
+NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "it is training.seq_len"}
+
+
+def _overrides(args: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """model.overrides checked against the args dataclass: known fields, values of the field's type."""
+    from lockstep.config.loader import _coerce  # the loader's own coercion: CLI strings and TOML values alike
+
+    hints = typing.get_type_hints(type(args))
+    checked = {}
+    for name, value in overrides.items():
+        key = f"model.overrides.{name}"
+        if name not in hints:
+            raise ConfigError(key, f"{type(args).__name__} has no field {name!r}{_suggest(name, list(hints))}")
+        if name in NOT_OVERRIDABLE:
+            raise ConfigError(key, f"cannot be overridden: {NOT_OVERRIDABLE[name]}")
+        try:
+            checked[name] = _coerce(value, hints[name], key)
+        except ConfigError as error:
+            if "unsupported field type" not in str(error):
+                raise
+            raise ConfigError(key, f"is a {hints[name]}, which the config cannot set; use a flavor") from None
+    return checked
 
 
 def model_spec(name: str) -> ModelSpec:

@@ -78,6 +78,8 @@ class Trainer:
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
+        self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
+        check_model_fits_layout(config.model, self.dims)  # and model.overrides: refused before any work
         self.config = config
         self.run_folder = run_folder(config)  # under fault tolerance, this replica group's own
         # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
@@ -87,8 +89,6 @@ class Trainer:
         self.device = resolve_device(config.training)
         self.comm = CommTimeouts(config.comm, self.run_folder, self.world.rank)
         self.comm.configure_environment()  # the flight recorder, before any process group exists
-        self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
-        check_model_fits_layout(config.model, self.dims)
         self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
         configure_determinism(config.debug)
         # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
@@ -255,7 +255,8 @@ class Trainer:
         """What a resumed checkpoint must match (the layout is recorded but may differ)."""
         config = self.config
         return {
-            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
+            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)}
+            | ({"overrides": config.model.overrides} if config.model.overrides else {}),  # what the args came from
             "fingerprints": {"dataset": dataset_fingerprint, "tokenizer": self.tokenizer.fingerprint},
             "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
             "config": config_record(dump_toml(config), self.global_batch),  # what a resume compares its config with

@@ -1,0 +1,83 @@
+"""Architectures without code: [model.overrides] sets any field of the flavor's *Args, checked before any
+work, recorded in config.toml and in the checkpoint identity; flavor from_hf takes them from an HF folder."""
+
+import json
+
+import pytest
+import tomllib
+import torch
+
+from lockstep.checkpoint import folders
+from lockstep.config import ConfigError, load_config
+from lockstep.models.registry import model_args
+from lockstep.train.trainer import Trainer
+from tests.helpers import run_cli, tiny_config, tiny_overrides
+
+
+@pytest.mark.parametrize(
+    "overrides, key, problem",
+    [
+        (
+            ["--model.overrides.dimm", "32"],
+            "model.overrides.dimm",
+            "Llama3Args has no field 'dimm'; did you mean 'dim'?",
+        ),
+        (["--model.overrides.n_layers", "2.5"], "model.overrides.n_layers", "expected an integer"),
+        (["--model.overrides.norm_eps", "true"], "model.overrides.norm_eps", "expected a number"),
+        (["--model.overrides.dim", "66"], "model.overrides", "dim 66 / n_heads 4 / n_kv_heads 2 do not divide"),
+        (["--model.overrides.vocab_size", "9"], "model.overrides.vocab_size", "it comes from the tokenizer"),
+        (["--model.overrides.rope_scaling", "8"], "model.overrides.rope_scaling", "which the config cannot set"),
+    ],
+)
+def test_bad_overrides_are_refused_before_any_work(tmp_path, capfd, overrides, key, problem):
+    config = tiny_config(tmp_path, *overrides)
+    with pytest.raises(ConfigError) as refused:
+        model_args(config.model, 100, 32)
+    assert str(refused.value).startswith(f"{key}: ") and problem in str(refused.value)
+    code, _, err = run_cli(["train", "--config", "llama3_debug", *tiny_overrides(tmp_path), *overrides], capfd)
+    assert code == 2 and err.strip() == f"lockstep train: error: {refused.value}"
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_overrides_build_the_model_and_are_recorded(tmp_path):
+    (tmp_path / "shape.toml").write_text("[model.overrides]\ndim = 32\nn_layers = 3\n")
+    overrides = ["--model.overrides.n_heads", "2", "--training.steps", "2", "--checkpoint.enable",
+                 "--checkpoint.interval", "1"]  # fmt: skip
+    config = load_config(str(tmp_path / "shape.toml"), [*tiny_overrides(tmp_path), *overrides])
+    with Trainer(config, show_progress=False) as trainer:
+        assert (trainer.model.args.dim, trainer.model.args.n_layers, trainer.model.args.n_heads) == (32, 3, 2)
+        assert trainer.model.parts[0].tok_embeddings.weight.shape[1] == 32
+        trainer.train()
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["model"]["overrides"]
+    assert recorded == {"dim": 32, "n_layers": 3, "n_heads": 2}  # typed, the CLI's merged into the file's
+    manifest = folders.read_manifest(folders.step_folder(tmp_path / "run" / "checkpoint", 2))
+    assert manifest["model"]["overrides"] == recorded and manifest["model"]["args"]["dim"] == 32
+    # Resuming with another shape is refused, naming the field.
+    config.model.overrides["dim"] = 64
+    config.training.steps = 3
+    with pytest.raises(Exception, match=r"model\.args\.dim: 32 -> 64"):
+        Trainer(config, show_progress=False)
+
+
+def test_flavor_from_hf_takes_the_args_of_a_hugging_face_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lockstep.models.llama3 import hf_adapter
+
+    torch.manual_seed(3)
+    hf_config = transformers.LlamaConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=2100, max_position_embeddings=64, rope_theta=25000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    config = tiny_config(tmp_path, "--model.flavor", "from_hf", "--checkpoint.initial_load_path", str(tmp_path / "hf"),
+                         "--training.steps", "2")  # fmt: skip
+    expected = hf_adapter.args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    with Trainer(config, show_progress=False) as trainer:
+        args = trainer.model.args
+        assert (args.dim, args.ffn_hidden_dim, args.rope_theta, args.norm_eps) == (48, 96, 25000.0, 1e-6)
+        assert args.vocab_size == expected.vocab_size == 2100  # the model's rows; the tokenizer has 2048
+        trainer.train()
+    # The run's config.toml rebuilds the model without the folder.
+    (tmp_path / "hf" / "config.json").unlink()
+    rebuilt = load_config(str(tmp_path / "run" / "config.toml"), [])
+    assert model_args(rebuilt.model, 2048, 32)[1] == model_args(config.model, 2048, 32)[1]
