@@ -169,15 +169,19 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool, scale: float | None) -> torch.Tensor:
     kernel_options = FLEX_KERNEL_OPTIONS if q.is_cuda else None
     return _compiled_flex_attention()(
-        q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=kernel_options
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
     )
 
 
 def attention(
-    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, masks: AttentionMasks | None
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    masks: AttentionMasks | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Causal attention, restricted to documents when masks say so. GQA when k/v have fewer heads.
 
@@ -185,13 +189,16 @@ def attention(
     causal BlockMask: on CUDA that is the flash (bf16) or memory-efficient (fp32) kernel, faster than
     FlexAttention's Triton kernel on a plain causal pattern, with no BlockMask to build per microbatch;
     its backward is deterministic under strict debug.deterministic (torch then runs the kernels'
-    deterministic backward), and ``lockstep audit`` flags it otherwise, whichever backend is set."""
+    deterministic backward), and ``lockstep audit`` flags it otherwise, whichever backend is set.
+    `scale` replaces 1/sqrt(head_dim) (YaRN's mscale)."""
     enable_gqa = k_BHSD.shape[1] != q_BHSD.shape[1]
     if masks is not None and masks.block_mask is not None:
-        return _flex_attention(q_BHSD, k_BHSD, v_BHSD, masks.block_mask, enable_gqa)
+        return _flex_attention(q_BHSD, k_BHSD, v_BHSD, masks.block_mask, enable_gqa, scale)
     if masks is not None and masks.sdpa_mask is not None:
-        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, enable_gqa=enable_gqa)
-    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(
+            q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, scale=scale, enable_gqa=enable_gqa
+        )
+    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=enable_gqa)
 
 
 class SharedAcrossHeads(nn.Module):

@@ -22,8 +22,61 @@ class Llama3RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None) -> torch.Tensor:
-    """fp32 [head_dim/2] inverse frequencies, scaled as Llama 3.1 does when scaling is given."""
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (arXiv 2309.00071) as DeepSeek-V3 uses it for 128K context: frequencies below the
+    correction range are interpolated by `factor`, those above kept, a linear ramp between; the
+    attention logits are sharpened by mscale (DeepSeek: on the softmax scale, mscale_all_dim; on
+    cos/sin, the ratio of the two mscales, 1 when they are equal, as in DeepSeek-V3's config)."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    @staticmethod
+    def _mscale(factor: float, mscale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    @property
+    def cos_sin_factor(self) -> float:
+        """What the cos/sin table is multiplied by."""
+        if self.mscale and self.mscale_all_dim:
+            return self._mscale(self.factor, self.mscale) / self._mscale(self.factor, self.mscale_all_dim)
+        return self._mscale(self.factor, 1.0)
+
+    @property
+    def softmax_scale_factor(self) -> float:
+        """What 1/sqrt(head_dim) is multiplied by (mscale_all_dim squared: it scales both q and k)."""
+        return self._mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+    def inverse_frequencies(self, head_dim: int, theta: float) -> torch.Tensor:
+        """fp32, computed as transformers computes them (fp32), so logits match it to rounding."""
+
+        def correction_dim(rotations: float) -> float:
+            return (
+                head_dim
+                * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(theta))
+            )
+
+        low = max(math.floor(correction_dim(self.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(self.beta_slow)), head_dim - 1)
+        powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+        return (1.0 / (self.factor * powers)) * (1 - keep) + (1.0 / powers) * keep
+
+
+RopeScaling = Llama3RopeScaling | YarnRopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """fp32 [head_dim/2] inverse frequencies, scaled as Llama 3.1 or YaRN do when scaling is given."""
+    if isinstance(scaling, YarnRopeScaling):
+        return scaling.inverse_frequencies(head_dim, theta)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if scaling is not None:
         low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
@@ -43,14 +96,17 @@ def rope_cos_sin(
     head_dim: int,
     max_seq_len: int,
     theta: float,
-    scaling: Llama3RopeScaling | None,
+    scaling: RopeScaling | None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """[max_seq_len, head_dim/2, 2] table of (cos, sin) per position and frequency."""
     inv_freq = inverse_frequencies(head_dim, theta, scaling).to(device)
     positions = torch.arange(max_seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(positions, inv_freq)
-    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+    table = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    if isinstance(scaling, YarnRopeScaling) and scaling.cos_sin_factor != 1.0:
+        table = table * scaling.cos_sin_factor
+    return table
 
 
 def apply_rope(x_BSHD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lockstep.models.common.rope import YarnRopeScaling
+
 
 @dataclass(frozen=True)
 class DeepSeekV3Args:
@@ -33,6 +35,8 @@ class DeepSeekV3Args:
     """Per-head value dims."""
     rope_theta: float = 10000.0
     """RoPE base (interleaved pairs, as DeepSeek lays them out)."""
+    rope_scaling: YarnRopeScaling | None = None
+    """YaRN long-context scaling of the RoPE frequencies and of the softmax scale (mscale); None for plain RoPE."""
     inter_dim: int = 18432
     """Hidden size of the dense SwiGLU blocks."""
     moe_inter_dim: int = 2048
@@ -64,7 +68,15 @@ class DeepSeekV3Args:
 
     @classmethod
     def from_dict(cls, values: dict) -> DeepSeekV3Args:
-        return cls(**values)
+        """Inverse of dataclasses.asdict (as recorded in checkpoint manifests)."""
+        scaling = values.get("rope_scaling")
+        return cls(**values | {"rope_scaling": YarnRopeScaling(**scaling) if scaling else None})
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(q/k head dim), times YaRN's mscale correction when the RoPE is scaled."""
+        scale = self.qk_head_dim**-0.5
+        return scale * self.rope_scaling.softmax_scale_factor if self.rope_scaling is not None else scale
 
     def validate(self) -> None:
         if self.vocab_size <= 0:
@@ -118,5 +130,15 @@ DEEPSEEK_V3_FLAVORS: dict[str, DeepSeekV3Args] = {
         route_scale=1.0,
         norm_topk_prob=False,
     ),  # fmt: skip
-    "671B": DeepSeekV3Args(),
+    # DeepSeek-V3's published config: 4K pre-training context, extended 40x to 160K (128K served) by YaRN.
+    "671B": DeepSeekV3Args(
+        rope_scaling=YarnRopeScaling(
+            factor=40.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+    ),  # fmt: skip
 }

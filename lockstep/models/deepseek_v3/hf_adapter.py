@@ -8,12 +8,14 @@ no permutation: both sides rotate interleaved pairs (HF's ``rope_interleave=True
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection
 
 import torch
 
 from lockstep.models.common.hf_source import HFPiece, HFSource, whole
+from lockstep.models.common.rope import YarnRopeScaling
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
 _TOP = {
@@ -154,6 +156,7 @@ def hf_config(args: DeepSeekV3Args, dtype: str = "float32") -> dict:
         "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.max_seq_len,
         "rope_theta": args.rope_theta,
+        **({"rope_scaling": _hf_yarn(args.rope_scaling)} if args.rope_scaling is not None else {}),
         "rope_interleave": True,
         "tie_word_embeddings": False,
         "attention_bias": False,
@@ -162,9 +165,23 @@ def hf_config(args: DeepSeekV3Args, dtype: str = "float32") -> dict:
     }
 
 
+def _hf_yarn(scaling: YarnRopeScaling) -> dict:
+    return {"type": "yarn", "rope_type": "yarn", **dataclasses.asdict(scaling)}
+
+
+def _yarn_from_hf(config: dict) -> YarnRopeScaling | None:
+    """rope_scaling (DeepSeek's config.json) or rope_parameters (as newer transformers save it), if YaRN."""
+    for entry in (config.get("rope_scaling"), config.get("rope_parameters")):
+        if entry and (entry.get("rope_type") or entry.get("type")) == "yarn":
+            fields = {f.name for f in dataclasses.fields(YarnRopeScaling)}
+            return YarnRopeScaling(**{k: v for k, v in entry.items() if k in fields and v is not None})
+    return None
+
+
 def args_from_hf_config(config: dict) -> DeepSeekV3Args:
     rope = config.get("rope_parameters") or {}
     return DeepSeekV3Args(
+        rope_scaling=_yarn_from_hf(config),
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_dense_layers=config["first_k_dense_replace"],
         n_heads=config["num_attention_heads"], vocab_size=config["vocab_size"],
         max_seq_len=config.get("max_position_embeddings", 4096), norm_eps=config.get("rms_norm_eps", 1e-6),

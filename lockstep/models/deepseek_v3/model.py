@@ -35,6 +35,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
         self.share_rope = SharedAcrossHeads()
+        self.softmax_scale = a.softmax_scale
 
     def forward(
         self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
@@ -54,7 +55,7 @@ class MultiHeadLatentAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, masks)
+        out = attention(q, k, v, masks, self.softmax_scale)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -93,7 +94,7 @@ class DeepSeekV3(Decoder):
 
     def _rope_table(self, device) -> torch.Tensor:
         a = self.args
-        return rope_cos_sin(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, None, device=device)
+        return rope_cos_sin(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
 
     def init_weights(self, root_seed: int, device: torch.device | str) -> None:
         """Materialise on `device`, fill parameters from (root_seed, name), zero the router state."""
