@@ -6,25 +6,17 @@ part in 2^20, as a flipped low mantissa bit in one machine's arithmetic would ma
 import os
 
 from lockstep.models.llama3 import model as llama3_model
-from lockstep.train import trainer as trainer_module
+from tests.assets.step_tracking import current_step
 
 CONFIG_SECTIONS: dict = {}
-_current_step = [0]
 
-_train_step = trainer_module.Trainer.train_step
 _feed_forward = llama3_model.FeedForward.forward
-
-
-def train_step(self, *args, **kwargs):
-    _current_step[0] = self.state.step + 1
-    return _train_step(self, *args, **kwargs)
 
 
 def feed_forward(self, x):
     out = _feed_forward(self, x)
-    here = f"{os.environ.get('RANK', '0')}:{_current_step[0]}"
+    here = f"{os.environ.get('RANK', '0')}:{current_step[0]}"
     return out * (1 + 2**-20) if os.environ.get("LOCKSTEP_TEST_FAULT") == here else out
 
 
-trainer_module.Trainer.train_step = train_step
 llama3_model.FeedForward.forward = feed_forward
