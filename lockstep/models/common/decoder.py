@@ -71,9 +71,16 @@ class Decoder(nn.Module):
         them (``init_weights`` would draw every parameter first): buffers are zeroed and the RoPE
         table, which no checkpoint holds, is built."""
         self.to_empty(device=device)
+        self.tie_embeddings_again()
         for buffer in self.buffers():
             buffer.zero_()
         self.rope_cos_sin = self._rope_table(device)
+
+    def tie_embeddings_again(self) -> None:
+        """Point ``output.weight`` at ``tok_embeddings.weight`` again (a tied model): ``to_empty`` and
+        the tensor-parallel plans replace the two modules' parameters one module at a time."""
+        if self.tied_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, root_seed: int, device: torch.device | str) -> None:
         """Materialise (from meta) on `device`, zero the buffers (MoE router state), build the RoPE
