@@ -18,6 +18,9 @@ from lockstep.models.deepseek_v3 import parallel_plan as deepseek_v3_plan
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
 from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
+from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args
+from lockstep.models.qwen3 import hf_adapter as qwen3_hf
+from lockstep.models.qwen3 import parallel_plan as qwen3_plan
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class ModelSpec:
     canonical_tensor_parallel: bool = False
     """Under debug.deterministic its tensor-parallel plan runs with canonical sums (its linear layers
     and head broadcasts; lockstep.parallel.canonical_linear), bitwise for every degree."""
+    hf_model_types: tuple[str, ...] = ()
+    """The ``model_type`` values of Hugging Face config.json files this family reads."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -52,6 +57,7 @@ MODELS: dict[str, ModelSpec] = {
         Llama3Args.from_dict,
         llama3_hf,
         canonical_tensor_parallel=True,
+        hf_model_types=("llama",),
     ),
     "deepseek_v3": ModelSpec(
         "deepseek_v3",
@@ -62,6 +68,29 @@ MODELS: dict[str, ModelSpec] = {
         DeepSeekV3Args.from_dict,
         deepseek_v3_hf,
         canonical_tensor_parallel=True,
+        hf_model_types=("deepseek_v3",),
+    ),
+    "qwen3": ModelSpec(
+        "qwen3",
+        QWEN3_FLAVORS,
+        lambda args, backend: Qwen3(args, backend),
+        qwen3_plan.tensor_parallel_plan,
+        qwen3_plan.check_tensor_parallel_degree,
+        Qwen3Args.from_dict,
+        qwen3_hf,
+        canonical_tensor_parallel=True,
+        hf_model_types=("qwen3",),
+    ),
+    "qwen3_moe": ModelSpec(
+        "qwen3_moe",
+        QWEN3_MOE_FLAVORS,
+        lambda args, backend: Qwen3(args, backend),
+        qwen3_plan.tensor_parallel_plan,
+        qwen3_plan.check_tensor_parallel_degree,
+        Qwen3Args.from_dict,
+        qwen3_hf,
+        canonical_tensor_parallel=True,
+        hf_model_types=("qwen3_moe",),
     ),
 }
 
@@ -81,11 +110,29 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
             "model.flavor",
             f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, list(spec.flavors))}",
         )
-    args = dataclasses.replace(spec.flavors[model.flavor], vocab_size=vocab_size, max_seq_len=max_seq_len)
-    return spec, args
+    flavor = spec.flavors[model.flavor]
+    if flavor.vocab_size > 0:  # a published shape keeps its (padded) vocabulary; the tokenizer must fit
+        if vocab_size > flavor.vocab_size:
+            raise ConfigError(
+                "model.tokenizer",
+                f"{vocab_size} tokens do not fit the {flavor.vocab_size}-row embedding of {model.name} "
+                f"{model.flavor}; use its own tokenizer or a debug flavor",
+            )
+        vocab_size = flavor.vocab_size
+    return spec, dataclasses.replace(flavor, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
 def model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ConfigError("model.name", f"unknown model {name!r}{_suggest(name, list(MODELS))}")
     return MODELS[name]
+
+
+def family_of_hf_config(config: dict, where: object = "config.json") -> str:
+    """The lockstep model family of a Hugging Face config.json, from its ``model_type``."""
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    for name, spec in MODELS.items():
+        if model_type in spec.hf_model_types:
+            return name
+    supported = ", ".join(t for spec in MODELS.values() for t in spec.hf_model_types)
+    raise ValueError(f"{where}: model_type {model_type!r} is not one lockstep reads (supported: {supported})")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lockstep.models.common.attention import HeadNorm
-from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3
+from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, hf_adapter
 
 VOCAB = 97
 
@@ -82,8 +82,8 @@ def test_tied_output_is_the_embedding_tensor_and_gets_both_gradients():
     assert model.output.weight is model.tok_embeddings.weight
     assert [n for n, _ in model.named_parameters()].count("tok_embeddings.weight") == 1
     assert "output.weight" not in dict(model.named_parameters())
-    std = model.tok_embeddings.weight.std().item()  # initialised as the output projection, not at unit std
-    assert 0.8 * model.args.dim**-0.5 < std < model.args.dim**-0.5
+    std = model.tok_embeddings.weight.std().item()  # 0.02, neither an embedding's 1 nor the output's dim^-0.5
+    assert 0.018 < std < 0.02
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     model(tokens).square().mean().backward()
     unused = [t for t in range(VOCAB) if t not in tokens]
@@ -139,3 +139,73 @@ def test_forced_load_balance_and_flops():
     tied = tiny()
     weights = sum(p.numel() for p in tied.parameters())  # the tied projection is a matmul: counted
     assert tied.num_flops_per_token(32) == 6 * weights + 12 * a.n_layers * a.n_heads * a.head_dim * 32
+
+
+def tiny_hf_qwen3(moe: bool, tied: bool, vocab_size: int = VOCAB, seed: int = 0):
+    """A random transformers Qwen3 (or Qwen3-MoE) of the debug shape and its Qwen3Args; eager attention
+    and experts, every weight random: the QK-norms and the router too (transformers starts them at ones
+    and zeros, and ones would not show a wrong permutation)."""
+    transformers = pytest.importorskip("transformers")
+    table = QWEN3_MOE_FLAVORS if moe else QWEN3_FLAVORS
+    args = dataclasses.replace(table["debug"], vocab_size=vocab_size, max_seq_len=64, tie_embeddings=tied)
+    config = {k: v for k, v in hf_adapter.hf_config(args).items() if k not in ("architectures", "torch_dtype")}
+    model_class = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    config_class = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
+    torch.manual_seed(seed)
+    hf = model_class(config_class(**{k: v for k, v in config.items() if k != "model_type"})).eval()
+    hf.set_attn_implementation("eager")
+    if moe:
+        hf.set_experts_implementation("eager")
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "gate.weight" in name or "experts" in name:
+                p.normal_(0, 0.05)
+    return hf, args
+
+
+@pytest.mark.parametrize("moe, tied", [(False, True), (False, False), (True, False)], ids=["tied", "untied", "moe"])
+def test_imported_model_gives_transformers_logits_and_round_trips(moe, tied):
+    hf, args = tiny_hf_qwen3(moe, tied)
+    hf_state = hf.state_dict()
+    assert hf_adapter.args_from_hf_config(hf.config.to_dict()) == args
+    with torch.device("meta"):
+        ours = Qwen3(args)
+    ours.init_weights(0, "cpu")
+    ours.load_state_dict(hf_adapter.from_hf(hf_state, args), strict=True)
+    assert (ours.output.weight is ours.tok_embeddings.weight) == tied
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
+    back = hf_adapter.to_hf(ours.state_dict(), args)
+    if moe:  # the on-disk layout, one tensor per expert; transformers fuses them in memory
+        assert "model.layers.3.mlp.experts.7.down_proj.weight" in back
+        assert hf_adapter.from_hf(back, args).keys() == ours.state_dict().keys()
+        back = {k: v for k, v in back.items() if ".mlp.experts." not in k}
+        hf_state = {k: v for k, v in hf_state.items() if ".mlp.experts." not in k}
+    assert back.keys() == hf_state.keys()
+    assert all(torch.equal(back[k], hf_state[k]) for k in back)  # exact, the RoPE permutations included
+    again = hf_adapter.from_hf(hf_adapter.to_hf(ours.state_dict(), args), args)
+    assert again.keys() == ours.state_dict().keys()
+    assert all(torch.equal(again[k], v) for k, v in ours.state_dict().items())
+
+
+def test_a_moved_routing_bias_is_not_exported():
+    model = tiny(moe=True)
+    model.layers["1"].moe.expert_bias[3] = 0.5
+    with pytest.raises(ValueError, match="layers.1.moe.expert_bias is not zero"):
+        hf_adapter.to_hf(model.state_dict(), model.args)
+
+
+def test_unsupported_hf_configs_are_refused():
+    config = hf_adapter.hf_config(dataclasses.replace(QWEN3_FLAVORS["debug"], vocab_size=VOCAB))
+    for change, fragment in (
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+        ({"use_sliding_window": True}, "sliding-window"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            hf_adapter.args_from_hf_config(config | change)
+    moe = hf_adapter.hf_config(dataclasses.replace(QWEN3_MOE_FLAVORS["debug"], vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="dense blocks"):
+        hf_adapter.args_from_hf_config(moe | {"mlp_only_layers": [0]})

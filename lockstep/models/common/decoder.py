@@ -54,12 +54,15 @@ class Decoder(nn.Module):
 
     def init_for(self, name: str) -> init_fns.InitFn:
         """The initialiser of parameter `name` (torchtitan's scheme: unit-std embeddings, output at
-        dim^-0.5, depth-scaled output projections, 0.02 elsewhere)."""
+        dim^-0.5, depth-scaled output projections, 0.02 elsewhere; a tied embedding at 0.02)."""
         if name.endswith("norm.weight"):
             return init_fns.ones
-        if name == "tok_embeddings.weight" and not self.tied_embeddings:
-            return init_fns.normal(1.0)
-        if name in ("output.weight", "tok_embeddings.weight"):  # tied: initialised as the output projection
+        if name == "tok_embeddings.weight":
+            # Tied, one matrix is both: at unit std (an embedding's) the logits would be huge, and at the
+            # output's dim^-0.5 each token's own embedding would dominate its logits (a copy prior), so
+            # 0.02, as in transformers' and torchtitan's Qwen3.
+            return init_fns.trunc_normal(0.02) if self.tied_embeddings else init_fns.normal(1.0)
+        if name == "output.weight":
             return init_fns.trunc_normal(self.args.dim**-0.5)
         if name.endswith(self.depth_scaled):
             layer_id = int(name.split(".")[1])
