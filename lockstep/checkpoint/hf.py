@@ -33,7 +33,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.models.common.hf_source import HFPiece
-from lockstep.models.registry import ModelSpec, model_spec
+from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -285,6 +285,9 @@ def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, t
             if local.numel() == 0:
                 continue
             source = spec.hf_adapter.hf_source(name, target.shape, stored.keys(), args)
+            if not source.pieces:  # not in Hugging Face checkpoints (Qwen3-MoE's routing bias): zero
+                local.zero_()
+                continue
             buffer, buffer_at = local, at
             if source.row_block:  # read whole blocks of rows, then transform them
                 block, rows = source.row_block, local.shape[0]
@@ -305,15 +308,20 @@ def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, t
 
 
 _ARCHITECTURE_FIELDS = (
-    "dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim",  # Llama
+    "dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "head_dim",  # Llama, Qwen3
     "n_dense_layers", "inter_dim", "moe_inter_dim", "n_routed_experts", "n_shared_experts", "n_activated_experts",
     "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",  # DeepSeek-V3
+    "tie_embeddings", "norm_topk_prob",  # Qwen3
 )  # fmt: skip
 
 
 def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
-    """Refuse a Hugging Face model whose architecture differs from this run's flavor."""
-    theirs = spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+    """Refuse a Hugging Face model of another family, or whose architecture differs from this run's flavor."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    family = family_of_hf_config(config, hf_dir / "config.json")
+    if family != spec.name:
+        raise ValueError(f"the Hugging Face model in {hf_dir} is a {family} model, this run's is {spec.name}")
+    theirs = spec.hf_adapter.args_from_hf_config(config)
     fields = [f for f in _ARCHITECTURE_FIELDS if hasattr(args, f)]  # the ones this model family has
     differences = [
         f"{f}: {getattr(theirs, f)} vs {getattr(args, f)}" for f in fields if getattr(theirs, f) != getattr(args, f)

@@ -32,19 +32,20 @@ from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights
 from lockstep.checkpoint.states import persistent_tensors
-from lockstep.models.registry import ModelSpec, model_spec
+from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
 
 
-def check_import(hf_dir: Path, out_dir: Path, model_name: str) -> tuple[ModelSpec, object]:
+def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> tuple[ModelSpec, object]:
     """Refuse what would fail or destroy something, before any weight is read (and before a launch
     starts N processes): a folder without safetensors (pickled weights are never read), an unknown
-    model, or an output folder that is not new or empty. Returns the model spec and its args, read
-    from the folder's config.json."""
+    model, or an output folder that is not new or empty. Returns the model spec (`model_name`, or the
+    family of config.json's ``model_type``) and its args, read from the folder's config.json."""
     if not is_hf_folder(hf_dir):
         raise CheckpointError(hf_dir, "is not a Hugging Face model folder (config.json and *.safetensors)")
     folders.require_new_or_empty(out_dir, "an import")
-    spec = model_spec(model_name)
-    return spec, spec.hf_adapter.args_from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+    config = json.loads((hf_dir / "config.json").read_text())
+    spec = model_spec(model_name or family_of_hf_config(config, hf_dir / "config.json"))
+    return spec, spec.hf_adapter.args_from_hf_config(config)
 
 
 def _targets(shapes: dict[str, torch.Size], mesh: DeviceMesh | None) -> dict[str, torch.Tensor]:
@@ -59,9 +60,10 @@ def _targets(shapes: dict[str, torch.Size], mesh: DeviceMesh | None) -> dict[str
     return targets
 
 
-def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> dict:
+def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> dict:
     """Write a model-only lockstep checkpoint (step 0) of a Hugging Face folder into `out_dir` (new or
-    empty); returns this rank's timings. Call it on every rank when torch.distributed is initialised
+    empty); returns this rank's timings. The model family is `model_name`, or else the one of
+    config.json's ``model_type``. Call it on every rank when torch.distributed is initialised
     (each reads and writes its shards; rank 0 publishes), else in one process holding the model."""
     timings, started = {}, time.perf_counter()
     spec, args = check_import(hf_dir, out_dir, model_name)
@@ -86,7 +88,7 @@ def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str = "llama3") -> d
             "step": 0,
             "model_only": True,
             "parts": ["model"],
-            "model": {"name": model_name, "flavor": f"hf:{hf_dir.name}", "args": dataclasses.asdict(args)},
+            "model": {"name": spec.name, "flavor": f"hf:{hf_dir.name}", "args": dataclasses.asdict(args)},
             "source": str(hf_dir),
         }
         folders.publish(partial, final, manifest)

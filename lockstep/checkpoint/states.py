@@ -37,7 +37,22 @@ def persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Names under which a parameter appears again (a tied output projection, ``output.weight``) ->
+    the name it is held under (``tok_embeddings.weight``, the first)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 class ModelState:
+    """A tied parameter is saved once, under its first name (``persistent_tensors``' names)."""
+
     def __init__(self, parts: list[nn.Module], dtype: torch.dtype | None = None) -> None:
         self.parts = parts
         self.dtype = dtype
@@ -46,15 +61,17 @@ class ModelState:
     def state_dict(self) -> dict:
         merged = {}
         for part in self.parts:
-            merged |= get_model_state_dict(part)
+            aliases = tied_aliases(part)
+            merged |= {k: v for k, v in get_model_state_dict(part).items() if k not in aliases}
         if self.dtype is not None:
             merged = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in merged.items()}
         return merged
 
     def load_state_dict(self, state: dict) -> None:
         for part in self.parts:
+            aliases = tied_aliases(part)
             names = get_model_state_dict(part).keys()
-            set_model_state_dict(part, {k: state[k] for k in names})
+            set_model_state_dict(part, {k: state[aliases.get(k, k)] for k in names})
 
 
 class OptimizerState:

@@ -28,7 +28,9 @@ def run(argv: list[str]) -> int:
     )
     from_hf.add_argument("hf_dir", type=Path)
     from_hf.add_argument("out_dir", type=Path)
-    from_hf.add_argument("--model", default="llama3", help="model family of the weights")
+    from_hf.add_argument(
+        "--model", default=None, help="model family of the weights (default: from config.json's model_type)"
+    )
     from_hf.add_argument(
         "--nproc", type=int, default=1, help="processes on this machine (torchrun); memory per process ~ model / N"
     )
@@ -61,7 +63,7 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def _from_hf(hf_dir: Path, out_dir: Path, model: str) -> dict | None:
+def _from_hf(hf_dir: Path, out_dir: Path, model: str | None) -> dict | None:
     """One process, or one rank of a torchrun launch (it joins the group, on the CPU: the weights go
     from disk to disk); returns the timings on rank 0, None on the others."""
     import torch

@@ -24,13 +24,12 @@ from torch import nn
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights, read_model_weights, resolve_checkpoint_folder
+from lockstep.checkpoint.states import persistent_tensors, tied_aliases
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from lockstep.errors import InputError, LockstepError
-from lockstep.models.registry import ModelSpec, model_spec
+from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
 
-HF_MODEL_TYPES = {"llama": "llama3", "deepseek_v3": "deepseek_v3"}
-"""config.json ``model_type`` -> lockstep model family."""
 FIX_PATH = "give a run folder, a checkpoint step folder (step-N) or a Hugging Face folder (config.json + safetensors)"
 
 
@@ -89,14 +88,10 @@ def _hf_source(path: Path) -> Source:
         config = json.loads((path / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(path / "config.json", f"is not valid JSON ({e})") from e
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in HF_MODEL_TYPES:
-        raise InputError(
-            path / "config.json",
-            f"model_type {model_type!r} is not one lockstep generates with",
-            f"supported: {', '.join(HF_MODEL_TYPES)}",
-        )
-    spec = model_spec(HF_MODEL_TYPES[model_type])
+    try:
+        spec = model_spec(family_of_hf_config(config))
+    except ValueError as e:
+        raise InputError(path / "config.json", str(e).removeprefix("config.json: ")) from e
     try:
         args = spec.hf_adapter.args_from_hf_config(config)
     except KeyError as e:
@@ -169,17 +164,18 @@ def load_model(source: Source, device: torch.device, min_seq_len: int = 0) -> nn
         model = source.spec.build(args, "sdpa")
     model.materialize("cpu")
     if source.kind == "hf":
-        load_hf_weights(source.path, source.spec, args, model.state_dict())  # parameters and expert biases
+        load_hf_weights(source.path, source.spec, args, persistent_tensors(model))  # parameters and expert biases
     else:
         with warnings.catch_warnings():  # DCP warns that no_dist means one process: it does here
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             weights = read_model_weights(source.path)  # verified as it is read
-        missing = sorted(set(model.state_dict()) - set(weights))
+        missing = sorted(set(persistent_tensors(model)) - set(weights))
         if missing:  # e.g. DeepSeek-V3's router bias in an import that did not carry it
             named = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise InputError(
                 source.path, f"lacks {len(missing)} of the model's tensors ({named})",
                 "generate from the folder it was made from (a Hugging Face folder is read directly)",
             )  # fmt: skip
-        model.load_state_dict(weights)
+        aliases = tied_aliases(model)  # a tied output projection: saved once, as the embedding
+        model.load_state_dict(weights | {alias: weights[name] for alias, name in aliases.items()})
     return model.to(device).eval()

@@ -19,6 +19,9 @@ from lockstep.models.deepseek_v3 import parallel_plan as deepseek_v3_plan
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
 from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
+from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args
+from lockstep.models.qwen3 import hf_adapter as qwen3_hf
+from lockstep.models.qwen3 import parallel_plan as qwen3_plan
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class ModelSpec:
     canonical_tensor_parallel: bool = False
     """Under debug.deterministic its tensor-parallel plan runs with canonical sums (its linear layers
     and head broadcasts; lockstep.parallel.canonical_linear), bitwise for every degree."""
+    hf_model_types: tuple[str, ...] = ()
+    """The ``model_type`` values of Hugging Face config.json files this family reads."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -53,6 +58,7 @@ MODELS: dict[str, ModelSpec] = {
         Llama3Args.from_dict,
         llama3_hf,
         canonical_tensor_parallel=True,
+        hf_model_types=("llama",),
     ),
     "deepseek_v3": ModelSpec(
         "deepseek_v3",
@@ -63,6 +69,29 @@ MODELS: dict[str, ModelSpec] = {
         DeepSeekV3Args.from_dict,
         deepseek_v3_hf,
         canonical_tensor_parallel=True,
+        hf_model_types=("deepseek_v3",),
+    ),
+    "qwen3": ModelSpec(
+        "qwen3",
+        QWEN3_FLAVORS,
+        lambda args, backend: Qwen3(args, backend),
+        qwen3_plan.tensor_parallel_plan,
+        qwen3_plan.check_tensor_parallel_degree,
+        Qwen3Args.from_dict,
+        qwen3_hf,
+        canonical_tensor_parallel=True,
+        hf_model_types=("qwen3",),
+    ),
+    "qwen3_moe": ModelSpec(
+        "qwen3_moe",
+        QWEN3_MOE_FLAVORS,
+        lambda args, backend: Qwen3(args, backend),
+        qwen3_plan.tensor_parallel_plan,
+        qwen3_plan.check_tensor_parallel_degree,
+        Qwen3Args.from_dict,
+        qwen3_hf,
+        canonical_tensor_parallel=True,
+        hf_model_types=("qwen3_moe",),
     ),
 }
 
@@ -83,13 +112,6 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
     spec = model_spec(model.name)
     if model.flavor == FROM_HF:
         args = _args_from_hf(spec, model)
-        if vocab_size > args.vocab_size:
-            raise ConfigError(
-                "model.tokenizer",
-                f"has {vocab_size} tokens, more than the {args.vocab_size} rows of the model's embedding "
-                "(config.json vocab_size); use the model's own tokenizer (model.tokenizer = hf)",
-            )
-        vocab_size = args.vocab_size
     elif model.flavor not in spec.flavors:
         raise ConfigError(
             "model.flavor",
@@ -97,6 +119,14 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
         )
     else:
         args = spec.flavors[model.flavor]
+    if args.vocab_size > 0:  # a published shape (or an HF config) keeps its (padded) vocabulary
+        if vocab_size > args.vocab_size:
+            raise ConfigError(
+                "model.tokenizer",
+                f"{vocab_size} tokens do not fit the {args.vocab_size}-row embedding of {model.name} "
+                f"{model.flavor}; use the model's own tokenizer (model.tokenizer = hf) or a debug flavor",
+            )
+        vocab_size = args.vocab_size
     args = dataclasses.replace(
         args, **_overrides(args, model.overrides), vocab_size=vocab_size, max_seq_len=max_seq_len
     )
@@ -147,3 +177,13 @@ def model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ConfigError("model.name", f"unknown model {name!r}{_suggest(name, list(MODELS))}")
     return MODELS[name]
+
+
+def family_of_hf_config(config: dict, where: object = "config.json") -> str:
+    """The lockstep model family of a Hugging Face config.json, from its ``model_type``."""
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    for name, spec in MODELS.items():
+        if model_type in spec.hf_model_types:
+            return name
+    supported = ", ".join(t for spec in MODELS.values() for t in spec.hf_model_types)
+    raise ValueError(f"{where}: model_type {model_type!r} is not one lockstep reads (supported: {supported})")

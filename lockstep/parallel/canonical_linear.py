@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -188,11 +189,49 @@ def canonical_layers(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[s
     return layers
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather over the group along dim 0 (a weight's vocabulary shards); backward keeps this rank's
+    rows of the gradient (which every rank computed whole, from whole activations)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rows = group, local.shape[0]
+        whole = local.new_empty((dist.get_world_size(group) * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(whole, local.contiguous(), group=group)
+        return whole
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start : start + ctx.rows].contiguous(), None
+
+
+class CanonicalTiedEmbedding(ParallelStyle):
+    """An embedding whose weight is also a column-parallel layer's (tied): the weight is split by
+    vocabulary like that layer's, and each lookup gathers the whole matrix first, so the lookup and
+    its gradient are the one-process computation (the gradient's rows then go to their shards)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sharded = distribute_tensor(module.weight, device_mesh, [Shard(0)])
+        module.register_parameter("weight", nn.Parameter(sharded, requires_grad=module.weight.requires_grad))
+        group = device_mesh.get_group()
+        module.forward = lambda tokens: F.embedding(tokens, _GatherRows.apply(_local(module.weight), group))
+        return module
+
+
 def canonical_plan(model: nn.Module, plan: dict[str, ParallelStyle], chunks: int) -> dict[str, ParallelStyle]:
     """The plan for tensor parallelism with canonical sums: the same linear layers split the same way,
-    and every broadcast over heads (``SharedAcrossHeads``) summing its gradient canonically."""
-    layers = canonical_layers(model, plan).items()
-    styles: dict[str, ParallelStyle] = {name: CanonicalParallel(kind, chunks, out) for name, (kind, out) in layers}
+    every broadcast over heads (``SharedAcrossHeads``) summing its gradient canonically, and an
+    embedding tied to a column-parallel layer split with it (the other embeddings stay whole)."""
+    layers = canonical_layers(model, plan)
+    styles: dict[str, ParallelStyle] = {
+        name: CanonicalParallel(kind, chunks, out) for name, (kind, out) in layers.items()
+    }
+    modules = dict(model.named_modules())
+    columns = [modules[name].weight for name, (kind, _) in layers.items() if kind == "column"]
+    for name, module in modules.items():
+        if isinstance(module, nn.Embedding) and any(module.weight is w for w in columns):
+            styles[name] = CanonicalTiedEmbedding()
     return styles | {name: CanonicalHeadShare(chunks) for name in _head_shares(model)}
 
 

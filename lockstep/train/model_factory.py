@@ -70,10 +70,18 @@ def check_model_fits_layout(model: ModelConfig, dims: ParallelDims) -> None:
     spec, args = model_args(model, vocab_size=1, max_seq_len=1)
     if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
         raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
+    if dims.pp > 1 and getattr(args, "tie_embeddings", False):
+        raise ConfigError(
+            "parallelism.pipeline_parallel_degree",
+            f"{model.name} {model.flavor} ties its output projection to the embedding, which the first and "
+            "last pipeline stages would both need; use another parallelism or an untied flavor",
+        )
     if dims.ep > 1:
         experts = getattr(args, "n_routed_experts", 0)
         if not experts:
-            raise ConfigError("parallelism.expert_parallel_degree", f"{model.name} has no experts; use deepseek_v3")
+            raise ConfigError(
+                "parallelism.expert_parallel_degree", f"{model.name} has no experts; use deepseek_v3 or qwen3_moe"
+            )
         if experts % dims.ep:
             raise ConfigError("parallelism.expert_parallel_degree", f"{dims.ep} does not divide {experts} experts")
 
@@ -96,7 +104,7 @@ def build_model(
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
     canonical_tp = built.canonical_tp = layout.canonical_tensor_parallel and spec.canonical_tensor_parallel
-    chunks = chunk_count(lambda d: spec.check_tensor_parallel_degree(args, d) is None, vocab_size)
+    chunks = chunk_count(lambda d: spec.check_tensor_parallel_degree(args, d) is None, args.vocab_size)
 
     def parallelize(part: nn.Module) -> nn.Module:
         if canonical_tp:  # no sequence or loss parallelism: activations whole on every tp rank

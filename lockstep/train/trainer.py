@@ -502,7 +502,7 @@ class Trainer:
         if stats is None:
             return {}
         record = stats.as_floats()
-        if hasattr(self.model.args, "n_routed_experts"):  # stages hold different MoE layers
+        if getattr(self.model.args, "n_routed_experts", 0):  # stages hold different MoE layers
             record = pool_over_stages(record, self.reducer.pp_group)
         return record
 

@@ -25,6 +25,7 @@ from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
 from tests.helpers import run_cli, tiny_config, tiny_overrides
+from tests.models.test_qwen3 import tiny_hf_qwen3
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -323,3 +324,54 @@ def test_from_hf_refusals_are_one_line_before_or_after_the_launch(tmp_path, capf
         assert re.search(problem, errors[0]), errors[0]
         assert "Traceback" not in stderr and not folders.published_steps(out)
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+
+
+def _hf_folder(folder, model: str) -> None:
+    """A tiny Hugging Face folder of any family: transformers' own save_pretrained for Llama and Qwen3
+    (tied, as the small Qwen3 checkpoints are), lockstep's export layout for DeepSeek-V3."""
+    if model == "llama3":
+        _tiny_hf_llama(folder)
+    elif model == "deepseek_v3":
+        _tiny_hf(folder, model)
+    else:
+        hf, _ = tiny_hf_qwen3(moe=model == "qwen3_moe", tied=model == "qwen3", vocab_size=VOCAB)
+        hf.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe"])
+def test_from_hf_picks_the_family_from_model_type_and_round_trips_exactly(tmp_path, model):
+    """No --model: config.json's model_type names the family; to-hf then writes the same tensors back
+    (a tied Qwen3 holds no lm_head.weight, as transformers saves it; experts one tensor per expert)."""
+    _hf_folder(tmp_path / "hf", model)
+    import_from_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert folders.read_manifest(folders.step_folder(tmp_path / "ckpt", 0))["model"]["name"] == model
+    export_to_hf(tmp_path / "ckpt", tmp_path / "back")
+    original, back = _files_union(tmp_path / "hf"), _files_union(tmp_path / "back")
+    assert ("lm_head.weight" in original) == (model != "qwen3")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+
+
+def test_convert_cli_round_trips_a_tied_qwen3_and_transformers_reads_it_back(tmp_path):
+    hf, _ = tiny_hf_qwen3(moe=False, tied=True, vocab_size=VOCAB)
+    hf.save_pretrained(tmp_path / "hf")
+    for command in (["from-hf", tmp_path / "hf", tmp_path / "ckpt"], ["to-hf", tmp_path / "ckpt", tmp_path / "back"]):
+        done = _convert(*command)
+        assert done.returncode == 0, done.stderr[-2000:]
+    back = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    assert back.config.tie_word_embeddings and back.lm_head.weight is back.model.embed_tokens.weight
+    back.set_attn_implementation("eager")
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, hf(tokens).logits)
+
+
+def test_a_folder_of_another_family_is_refused_for_initial_weights(tmp_path):
+    from lockstep.checkpoint.hf import check_hf_config
+
+    _hf_folder(tmp_path / "hf", "qwen3")
+    spec, args = model_args(ModelConfig(name="llama3", flavor="tiny"), VOCAB, 32)
+    with pytest.raises(ValueError, match="is a qwen3 model, this run's is llama3"):
+        check_hf_config(tmp_path / "hf", spec, args)

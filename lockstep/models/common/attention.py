@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils._pytree import register_dataclass
 
 from lockstep.config.errors import ConfigError
+from lockstep.models.common.rope import apply_rope
+
+if TYPE_CHECKING:
+    from lockstep.models.common.kv_cache import LayerCache
 
 BACKENDS = ("sdpa", "flex")
 """What a model is built with; ``auto`` is resolved to one of these first."""
@@ -202,9 +207,62 @@ def attention(
 
 
 class SharedAcrossHeads(nn.Module):
-    """Broadcasts a tensor every head shares (DeepSeek-V3's RoPE part of the key, [B, S, 1, D]) to
-    `heads` heads. A module of its own so that a parallel plan can decide how its gradient, a sum over
-    the heads, is taken (lockstep.parallel.canonical_linear); on one device it is ``expand``."""
+    """Broadcasts a tensor every head shares (DeepSeek-V3's RoPE part of the key, [B, S, 1, D]; a
+    QK-norm weight, [1, 1, 1, D]) to `heads` heads. A module of its own so that a parallel plan can
+    decide how its gradient, a sum over the heads, is taken (lockstep.parallel.canonical_linear); on
+    one device it is ``expand``."""
 
     def forward(self, x_BS1D: torch.Tensor, heads: int) -> torch.Tensor:
         return x_BS1D.expand(-1, -1, heads, -1)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's dims of [B, S, H, D] (Qwen3's QK-norm), one weight [D] for all heads.
+
+    The normalisation is weightless and the weight reaches the heads through ``SharedAcrossHeads``:
+    its gradient is a sum over the heads, which tensor parallelism splits, so the parallel plan
+    decides how that sum is taken (all-reduced, or in canonical chunks under debug.deterministic)."""
+
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(head_dim))
+        self.eps = eps
+        self.share = SharedAcrossHeads()
+
+    def forward(self, x_BSHD: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x_BSHD, (x_BSHD.shape[-1],), None, self.eps)
+        return normed * self.share(self.weight.view(1, 1, 1, -1), x_BSHD.shape[2])
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA; kv heads == heads is plain MHA), RoPE
+    on q and k, and optionally QK-norm (Qwen3: ``HeadNorm`` on each head's q and k, before RoPE).
+    Llama 3 and Qwen3 share it; parameter names follow torchtitan's (wq, wk, wv, wo)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm_eps: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = HeadNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = HeadNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (decoding): store this step's k/v (GQA: kv_heads of them) and attend over all cached."""
+        batch, seq_len, _ = x_BSD.shape
+        # -1 heads so tensor parallelism (which shards the head dim) needs no change here.
+        q = self.wq(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        k = self.wk(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        v = self.wv(x_BSD).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, masks)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))

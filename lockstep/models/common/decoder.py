@@ -2,8 +2,13 @@
 
 A decoder has ``tok_embeddings``, a ``layers`` ModuleDict of blocks called as
 ``block(h, rope_cos_sin, masks)``, ``norm`` and ``output``; a pipeline stage sets the parts it does not
-hold to None. Subclasses build those parts and their own initialisation. Decoding with a KV cache
-calls ``block(h, cos_sin, masks, layer_cache)`` (lockstep.models.common.kv_cache), on one device.
+hold to None. Subclasses build the blocks (usually ``TransformerBlock``s) and the RoPE table
+(``_rope_table``). Decoding with a KV cache calls ``block(h, cos_sin, masks, layer_cache)``
+(lockstep.models.common.kv_cache), on one device.
+
+Tied embeddings (``args.tie_embeddings``): ``output.weight`` is the parameter ``tok_embeddings.weight``
+itself, one tensor under one name (``named_parameters`` and checkpoints hold it as
+``tok_embeddings.weight``; ``state_dict`` also lists the alias ``output.weight``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch import nn
 
 from lockstep.models.common import init as init_fns
 from lockstep.models.common.attention import BACKENDS, AttentionMasks, build_attention_masks, document_ids_from_tokens
-from lockstep.models.common.kv_cache import KVCache
+from lockstep.models.common.kv_cache import KVCache, LayerCache
 
 
 class Decoder(nn.Module):
@@ -35,17 +40,28 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleDict(layers)
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tied_embeddings = bool(getattr(args, "tie_embeddings", False))
+        if self.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
+
+    def _rope_table(self, device: torch.device | str) -> torch.Tensor:
+        """The [max_seq_len, rotated dims / 2, 2] RoPE table of this model (lockstep.models.common.rope)."""
+        raise NotImplementedError
 
     depth_scaled: tuple[str, ...] = ()
     """Name suffixes of the output projections whose init std shrinks with depth."""
 
     def init_for(self, name: str) -> init_fns.InitFn:
         """The initialiser of parameter `name` (torchtitan's scheme: unit-std embeddings, output at
-        dim^-0.5, depth-scaled output projections, 0.02 elsewhere)."""
+        dim^-0.5, depth-scaled output projections, 0.02 elsewhere; a tied embedding at 0.02)."""
         if name.endswith("norm.weight"):
             return init_fns.ones
         if name == "tok_embeddings.weight":
-            return init_fns.normal(1.0)
+            # Tied, one matrix is both: at unit std (an embedding's) the logits would be huge, and at the
+            # output's dim^-0.5 each token's own embedding would dominate its logits (a copy prior), so
+            # 0.02, as in transformers' and torchtitan's Qwen3.
+            return init_fns.trunc_normal(0.02) if self.tied_embeddings else init_fns.normal(1.0)
         if name == "output.weight":
             return init_fns.trunc_normal(self.args.dim**-0.5)
         if name.endswith(self.depth_scaled):
@@ -58,9 +74,33 @@ class Decoder(nn.Module):
         them (``init_weights`` would draw every parameter first): buffers are zeroed and the RoPE
         table, which no checkpoint holds, is built."""
         self.to_empty(device=device)
+        self.tie_embeddings_again()
         for buffer in self.buffers():
             buffer.zero_()
         self.rope_cos_sin = self._rope_table(device)
+
+    def tie_embeddings_again(self) -> None:
+        """Point ``output.weight`` at ``tok_embeddings.weight`` again (a tied model): ``to_empty`` and
+        the tensor-parallel plans replace the two modules' parameters one module at a time."""
+        if self.tied_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, root_seed: int, device: torch.device | str) -> None:
+        """Materialise (from meta) on `device`, zero the buffers (MoE router state), build the RoPE
+        table and fill every parameter from (root_seed, name)."""
+        self.materialize(device)
+        init_fns.initialize_parameters(self, root_seed, self.init_for)
+
+    def moe_modules(self) -> list[nn.Module]:
+        """The mixture-of-experts blocks (lockstep.models.common.moe.MoE), in layer order."""
+        from lockstep.models.common.moe import MoE  # moe imports FeedForward from here
+
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_force_load_balance(self, enabled: bool) -> None:
+        """Debug: every router assigns tokens round-robin (see ``Router.force_load_balance``)."""
+        for moe in self.moe_modules():
+            moe.router.force_load_balance = enabled
 
     def get_attention_masks(self, tokens_BS: torch.Tensor, eos_id: int, deferred: bool = False) -> AttentionMasks:
         """Block-causal masks for packed documents separated by `eos_id`, for this model's kernel;
@@ -118,3 +158,35 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attention(attention_norm(x)); out = h + ffn(ffn_norm(h)), where the ffn
+    is ``feed_forward`` (a dense SwiGLU) or ``moe`` (lockstep.models.common.moe), whichever is given.
+    The attention takes (x, rope_cos_sin, masks, cache)."""
+
+    def __init__(
+        self,
+        dim: int,
+        norm_eps: float,
+        attention: nn.Module,
+        feed_forward: nn.Module | None = None,
+        moe: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if (feed_forward is None) == (moe is None):
+            raise ValueError("a block has either a feed_forward or a moe")
+        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attention = attention
+        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        if feed_forward is not None:
+            self.feed_forward = feed_forward
+        else:
+            self.moe = moe
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, masks, cache=cache)  # TP plans see 3 inputs
+        ffn = self.feed_forward if hasattr(self, "feed_forward") else self.moe
+        return h + ffn(self.ffn_norm(h))

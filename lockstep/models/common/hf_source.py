@@ -10,7 +10,8 @@ shard they hold; the model code stays free of any knowledge of sharding or stora
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ class HFPiece:
 
 @dataclass(frozen=True)
 class HFSource:
-    """How one lockstep parameter is read from a Hugging Face checkpoint."""
+    """How one lockstep parameter is read from a Hugging Face checkpoint. No pieces: a tensor that
+    Hugging Face checkpoints do not hold (Qwen3-MoE's routing bias), which reads as zeros."""
 
     pieces: tuple[HFPiece, ...]
     row_block: int = 0
@@ -46,3 +48,69 @@ def whole(name: str, shape: torch.Size | tuple[int, ...]) -> HFPiece:
     """A lockstep parameter that is one Hugging Face tensor of the same shape."""
     shape = tuple(shape)
     return HFPiece(name, shape, (0,) * len(shape), shape, (0,) * len(shape))
+
+
+# Grouped experts (lockstep.models.common.moe): one [E, out, in] weight per projection here; one
+# tensor per expert in Hugging Face checkpoints (DeepSeek-V3 and Qwen3-MoE alike), and in
+# transformers' memory one fused [E, 2 * out, in] gate_up_proj plus down_proj per layer.
+
+EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+"""lockstep's grouped expert weight -> the Hugging Face projection of each expert."""
+_HF_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def experts_to_hf(hf_prefix: str, weight: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Grouped `weight` (w1, w2 or w3) [E, out, in] -> the E tensors ``{hf_prefix}.{e}.{projection}.weight``."""
+    projection = EXPERT_PROJECTIONS[weight]
+    return {f"{hf_prefix}.{e}.{projection}.weight": value[e].clone() for e in range(value.shape[0])}
+
+
+class ExpertsFromHF:
+    """Collects Hugging Face expert tensors (per expert, or transformers' fused in-memory layout) of
+    any number of layers and stacks them into lockstep's grouped weights."""
+
+    def __init__(self) -> None:
+        self._whole: dict[str, torch.Tensor] = {}
+        self._per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+
+    def add(self, prefix: str, rest: str, value: torch.Tensor) -> bool:
+        """`rest`: a Hugging Face name after ``...mlp.experts.``; `prefix`: lockstep's name of the
+        experts module (``layers.3.moe.experts``). False when `rest` is not an expert tensor."""
+        if rest == "gate_up_proj":  # fused: rows [:I] gate, [I:] up
+            half = value.shape[1] // 2
+            self._whole[f"{prefix}.w1"], self._whole[f"{prefix}.w3"] = value[:, :half], value[:, half:]
+        elif rest == "down_proj":
+            self._whole[f"{prefix}.w2"] = value
+        elif match := _HF_EXPERT.match(rest):
+            self._per_expert.setdefault((prefix, match.group(2)), {})[int(match.group(1))] = value
+        else:
+            return False
+        return True
+
+    def result(self) -> dict[str, torch.Tensor]:
+        ours = {v: k for k, v in EXPERT_PROJECTIONS.items()}
+        out = dict(self._whole)
+        for (prefix, projection), per_expert in self._per_expert.items():
+            out[f"{prefix}.{ours[projection]}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+        return out
+
+
+def experts_source(hf_prefix: str, weight: str, shape: torch.Size, hf_names: Collection[str]) -> HFSource:
+    """How a rank reads its shard of grouped `weight` [E, out, in] of the experts at `hf_prefix`
+    (``model.layers.3.mlp.experts``): E pieces, one per Hugging Face expert tensor, so a rank holding
+    experts [a, b) reads only those; a folder in the fused layout (gate_up_proj [E, 2*out, in]) gives
+    w1 its first and w3 its second half of rows."""
+    projection = EXPERT_PROJECTIONS[weight]
+    experts, rows, cols = shape
+    if f"{hf_prefix}.0.{projection}.weight" not in hf_names and f"{hf_prefix}.down_proj" in hf_names:
+        if projection == "down_proj":
+            return HFSource((whole(f"{hf_prefix}.down_proj", shape),))
+        start = rows if projection == "up_proj" else 0
+        fused = HFPiece(f"{hf_prefix}.gate_up_proj", (experts, 2 * rows, cols), (0, 0, 0), tuple(shape), (0, start, 0))
+        return HFSource((fused,))
+    return HFSource(
+        tuple(
+            HFPiece(f"{hf_prefix}.{e}.{projection}.weight", (rows, cols), (e, 0, 0), (1, rows, cols), (0, 0))
+            for e in range(experts)
+        )
+    )

@@ -1,6 +1,7 @@
 """Mixture of experts, single-device code: a top-k router (sigmoid or softmax scores, optional
-group-limited routing, auxiliary-loss-free bias), routed experts stored as grouped weights, shared
-experts, and a dispatch/combine whose forward is order-fixed (a stable sort, gathers, and a per-token
+group-limited routing, optionally renormalised top-k weights, auxiliary-loss-free bias), routed
+experts stored as grouped weights, optional shared experts, an optional sequence-wise auxiliary
+balance loss, and a dispatch/combine whose forward is order-fixed (a stable sort, gathers, and a per-token
 sum of the k expert outputs in slot order). Its backward is not atomic-free: the dispatch gather's
 gradient (index_put with accumulate) adds each token's k slot gradients, which PyTorch documents as
 nondeterministic on CPU and which compiled (Inductor) CUDA kernels add with atomics;
@@ -65,7 +66,7 @@ class Router(nn.Module):
         else:
             indices = self._choose(scores if expert_bias is None else scores + expert_bias)
         weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid" and self.norm_topk_prob:
+        if self.norm_topk_prob:  # the chosen weights sum to 1 (DeepSeek-V3's sigmoid, Qwen3-MoE's softmax)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return indices, weights * self.route_scale
 

@@ -1,7 +1,8 @@
 """Rotary position embeddings in Meta's interleaved convention (pairs (0,1), (2,3), ...).
 
-Hugging Face stores q/k projections for the rotate-half convention; the state dict adapter
-permutes their rows, so the model code keeps Meta's layout (the one torchtitan uses too).
+Hugging Face stores q/k projections for the rotate-half convention; the state dict adapters
+permute their rows (``halves_to_interleaved``), so the model code keeps Meta's layout (the one
+torchtitan uses too).
 """
 
 from __future__ import annotations
@@ -123,3 +124,16 @@ def apply_rope(x_BSHD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x_BSHD)
+
+
+def interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of `heads` heads (dim 0) from interleaved pairs (x0, x1), (x2, x3) ... to halves (x0, x_{d/2}) ...,
+    the layout Hugging Face's rotate-half RoPE expects; any trailing dims (a weight's inputs) ride along."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of ``interleaved_to_halves``."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(w.shape)

@@ -56,7 +56,7 @@ class DeepSeekV3Args:
     route_scale: float = 2.5
     """Routing weights are multiplied by this."""
     norm_topk_prob: bool = True
-    """With sigmoid scores, renormalise the chosen weights to sum to 1 (before route_scale)."""
+    """Renormalise the chosen weights to sum to 1 (before route_scale)."""
     bias_update_speed: float = 1e-3
     """Auxiliary-loss-free balancing: the per-expert bias moves by this per step (0 = off)."""
     seq_aux_loss_alpha: float = 0.0

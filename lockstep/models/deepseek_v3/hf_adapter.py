@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import HFPiece, HFSource, whole
+from lockstep.models.common.hf_source import ExpertsFromHF, HFSource, experts_source, experts_to_hf, whole
 from lockstep.models.common.rope import YarnRopeScaling
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
@@ -43,9 +43,8 @@ _BLOCK = {
     "moe.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
-_EXPERTS = {"moe.experts.w1": "gate_proj", "moe.experts.w3": "up_proj", "moe.experts.w2": "down_proj"}
+_EXPERTS = ("moe.experts.w1", "moe.experts.w3", "moe.experts.w2")
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def hf_name(name: str) -> str:
@@ -62,9 +61,7 @@ def to_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, tor
     for name, value in state.items():
         match = _LAYER.match(name)
         if match and match.group(2) in _EXPERTS:
-            projection = _EXPERTS[match.group(2)]
-            for e in range(value.shape[0]):
-                out[f"model.layers.{match.group(1)}.mlp.experts.{e}.{projection}.weight"] = value[e].clone()
+            out |= experts_to_hf(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], value)
         else:
             out[hf_name(name)] = value
     return out
@@ -73,7 +70,7 @@ def to_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, tor
 def from_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     reverse_top = {v: k for k, v in _TOP.items()}
     reverse_block = {v: k for k, v in _BLOCK.items()}
-    out, experts = {}, {}
+    out, experts = {}, ExpertsFromHF()
     for name, value in state.items():
         if name in reverse_top:
             out[reverse_top[name]] = value
@@ -86,45 +83,21 @@ def from_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, t
         layer, rest = match.group(1), match.group(2)
         if rest in reverse_block:
             out[f"layers.{layer}.{reverse_block[rest]}"] = value
-        elif rest == "mlp.experts.gate_up_proj":  # transformers' fused in-memory layout
-            half = value.shape[1] // 2
-            out[f"layers.{layer}.moe.experts.w1"], out[f"layers.{layer}.moe.experts.w3"] = (
-                value[:, :half],
-                value[:, half:],
-            )
-        elif rest == "mlp.experts.down_proj":
-            out[f"layers.{layer}.moe.experts.w2"] = value
-        elif expert := _HF_EXPERT.match(rest):
-            experts.setdefault((layer, expert.group(2)), {})[int(expert.group(1))] = value
-        else:
+        elif not (
+            rest.startswith("mlp.experts.")
+            and experts.add(f"layers.{layer}.moe.experts", rest.removeprefix("mlp.experts."), value)
+        ):
             raise KeyError(f"unexpected Hugging Face parameter {name!r}")
-    ours = {v: k for k, v in _EXPERTS.items()}
-    for (layer, projection), per_expert in experts.items():
-        out[f"layers.{layer}.{ours[projection]}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
-    return out
+    return out | experts.result()
 
 
 def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: DeepSeekV3Args) -> HFSource:
-    """How a rank reads its shard of `name`. Grouped experts [E, out, in] are E pieces, one per
-    Hugging Face expert tensor, so a rank holding experts [a, b) reads only those; a folder in the
-    fused layout (gate_up_proj [E, 2*out, in]) gives w1 its first and w3 its second half of rows."""
+    """How a rank reads its shard of `name`: grouped experts per expert (or fused), see
+    ``experts_source``; everything else is one Hugging Face tensor."""
     match = _LAYER.match(name)
     if match is None or match.group(2) not in _EXPERTS:
         return HFSource((whole(hf_name(name), shape),))
-    prefix, projection = f"model.layers.{match.group(1)}.mlp.experts", _EXPERTS[match.group(2)]
-    experts, rows, cols = shape
-    if f"{prefix}.0.{projection}.weight" not in hf_names and f"{prefix}.down_proj" in hf_names:
-        if projection == "down_proj":
-            return HFSource((whole(f"{prefix}.down_proj", shape),))
-        start = rows if projection == "up_proj" else 0
-        fused = HFPiece(f"{prefix}.gate_up_proj", (experts, 2 * rows, cols), (0, 0, 0), tuple(shape), (0, start, 0))
-        return HFSource((fused,))
-    return HFSource(
-        tuple(
-            HFPiece(f"{prefix}.{e}.{projection}.weight", (rows, cols), (e, 0, 0), (1, rows, cols), (0, 0))
-            for e in range(experts)
-        )
-    )
+    return experts_source(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], shape, hf_names)
 
 
 def hf_config(args: DeepSeekV3Args, dtype: str = "float32") -> dict:

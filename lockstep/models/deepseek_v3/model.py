@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lockstep.models.common import init as init_fns
 from lockstep.models.common.attention import AttentionMasks, SharedAcrossHeads, attention
-from lockstep.models.common.decoder import Decoder, FeedForward
+from lockstep.models.common.decoder import Decoder, FeedForward, TransformerBlock
 from lockstep.models.common.kv_cache import LayerCache
 from lockstep.models.common.moe import MoE, Router
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
@@ -59,28 +58,17 @@ class MultiHeadLatentAttention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, a: DeepSeekV3Args, layer_id: int) -> None:
-        super().__init__()
-        self.attention_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
-        self.attention = MultiHeadLatentAttention(a)
-        self.ffn_norm = nn.RMSNorm(a.dim, eps=a.norm_eps)
-        if layer_id < a.n_dense_layers:
-            self.feed_forward = FeedForward(a.dim, a.inter_dim)
-        else:
-            router = Router(
-                a.dim, a.n_routed_experts, a.n_activated_experts, a.score_func, a.n_expert_groups,
-                a.n_limited_groups, a.route_scale, a.norm_topk_prob,
-            )  # fmt: skip
-            self.moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, a.n_shared_experts, router)
-            self.moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
-
-    def forward(
-        self, x: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin, masks, cache=cache)  # TP plans see 3 inputs
-        ffn = self.feed_forward if hasattr(self, "feed_forward") else self.moe
-        return h + ffn(self.ffn_norm(h))
+def _block(a: DeepSeekV3Args, layer_id: int) -> TransformerBlock:
+    attention = MultiHeadLatentAttention(a)
+    if layer_id < a.n_dense_layers:
+        return TransformerBlock(a.dim, a.norm_eps, attention, feed_forward=FeedForward(a.dim, a.inter_dim))
+    router = Router(
+        a.dim, a.n_routed_experts, a.n_activated_experts, a.score_func, a.n_expert_groups,
+        a.n_limited_groups, a.route_scale, a.norm_topk_prob,
+    )  # fmt: skip
+    moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, a.n_shared_experts, router)
+    moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
+    return TransformerBlock(a.dim, a.norm_eps, attention, moe=moe)
 
 
 class DeepSeekV3(Decoder):
@@ -89,28 +77,11 @@ class DeepSeekV3(Decoder):
     depth_scaled = ("attention.wo.weight", ".w2.weight", ".w3.weight", "experts.w2", "experts.w3")
 
     def __init__(self, args: DeepSeekV3Args, attention_backend: str = "sdpa") -> None:
-        super().__init__(args, attention_backend, {str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
-        self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
+        super().__init__(args, attention_backend, {str(i): _block(args, i) for i in range(args.n_layers)})
 
     def _rope_table(self, device) -> torch.Tensor:
         a = self.args
         return rope_cos_sin(a.qk_rope_head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
-
-    def init_weights(self, root_seed: int, device: torch.device | str) -> None:
-        """Materialise on `device`, fill parameters from (root_seed, name), zero the router state."""
-        self.to_empty(device=device)
-        init_fns.initialize_parameters(self, root_seed, self.init_for)
-        for moe in self.moe_modules():
-            moe.expert_bias.zero_()
-            moe.tokens_per_expert.zero_()
-        self.rope_cos_sin = self._rope_table(device)
-
-    def moe_modules(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
-
-    def set_force_load_balance(self, enabled: bool) -> None:
-        for moe in self.moe_modules():
-            moe.router.force_load_balance = enabled
 
     def num_flops_per_token(self, seq_len: int) -> int:
         """6 x active (non-embedding) parameters per token, plus attention scores and values."""

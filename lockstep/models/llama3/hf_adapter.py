@@ -13,7 +13,7 @@ from collections.abc import Collection
 import torch
 
 from lockstep.models.common.hf_source import HFSource, whole
-from lockstep.models.common.rope import Llama3RopeScaling
+from lockstep.models.common.rope import Llama3RopeScaling, halves_to_interleaved, interleaved_to_halves
 from lockstep.models.llama3.args import Llama3Args
 
 _TO_HF = {
@@ -37,16 +37,6 @@ _LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
 _LAYER = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
 
 
-def _interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def hf_name(name: str) -> str:
     if name in _TO_HF:
         return _TO_HF[name]
@@ -61,9 +51,9 @@ def to_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch.T
     out = {}
     for name, value in state.items():
         if name.endswith("attention.wq.weight"):
-            value = _interleaved_to_halves(value, args.n_heads)
+            value = interleaved_to_halves(value, args.n_heads)
         elif name.endswith("attention.wk.weight"):
-            value = _interleaved_to_halves(value, args.kv_heads)
+            value = interleaved_to_halves(value, args.kv_heads)
         out[hf_name(name)] = value
     return out
 
@@ -82,9 +72,9 @@ def from_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch
             raise KeyError(f"unexpected Hugging Face parameter {name!r} for a Llama model")
         ours = f"layers.{match.group(2)}.{_LAYER_FROM_HF[match.group(3)]}"
         if ours.endswith("attention.wq.weight"):
-            value = _halves_to_interleaved(value, args.n_heads)
+            value = halves_to_interleaved(value, args.n_heads)
         elif ours.endswith("attention.wk.weight"):
-            value = _halves_to_interleaved(value, args.kv_heads)
+            value = halves_to_interleaved(value, args.kv_heads)
         out[ours] = value
     return out
 
@@ -95,7 +85,7 @@ def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Lla
     head_dim rows."""
     piece = whole(hf_name(name), shape)
     if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-        return HFSource((piece,), args.head_dim, lambda w: _halves_to_interleaved(w, w.shape[0] // args.head_dim))
+        return HFSource((piece,), args.head_dim, lambda w: halves_to_interleaved(w, w.shape[0] // args.head_dim))
     return HFSource((piece,))
 
 
