@@ -296,6 +296,8 @@ def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig) -> None:
         model.hf_config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise InputError(folder / "config.json", f"is not readable JSON ({error})") from None
+    if not isinstance(model.hf_config, dict):
+        raise InputError(folder / "config.json", "is not a JSON object", "give the config.json saved with the model")
 
 
 def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_rank: int, groups: int) -> None:

@@ -437,12 +437,25 @@ class ParallelismConfig:
         )
 
 
+RUN_FOLDER_ENTRIES = (
+    "checkpoint", "config.toml", "env.json", "metrics.jsonl", "launches", "fingerprints", "comm_traces",
+    "spikes.jsonl", "faults.jsonl", "tb", ".lock",
+)  # fmt: skip
+"""What lockstep itself writes at the top of a run folder: no other output may take these names."""
+
+
 def _relative_folder(value: str, key: str) -> None:
-    """A folder inside the run folder: relative, and no '..' that would leave it."""
+    """A folder inside the run folder: relative, no '..' that would leave it, not one of lockstep's own."""
+    parts = value.replace("\\", "/").split("/")
     _require(
-        bool(value) and not os.path.isabs(value) and ".." not in value.replace("\\", "/").split("/"),
+        bool(value) and not os.path.isabs(value) and ".." not in parts,
         key,
         f"must be a folder inside the run folder (relative, no '..'); got {value!r}",
+    )
+    _require(
+        parts[0] not in RUN_FOLDER_ENTRIES,
+        key,
+        f"{parts[0]!r} is one of the run folder's own entries ({', '.join(RUN_FOLDER_ENTRIES)}); choose another name",
     )
 
 
@@ -476,6 +489,11 @@ class ProfilingConfig:
         )
         _relative_folder(self.save_traces_folder, "profiling.save_traces_folder")
         _relative_folder(self.save_memory_snapshot_folder, "profiling.save_memory_snapshot_folder")
+        _require(
+            self.save_traces_folder != self.save_memory_snapshot_folder,
+            "profiling.save_memory_snapshot_folder",
+            "must differ from profiling.save_traces_folder",
+        )
 
 
 @dataclass

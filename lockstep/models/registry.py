@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,36 +131,66 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
     args = dataclasses.replace(
         args, **_overrides(args, model.overrides), vocab_size=vocab_size, max_seq_len=max_seq_len
     )
-    if model.overrides:
+    if model.overrides or model.flavor == FROM_HF:
+        key = "model.overrides" if model.overrides else "model.hf_config"
         try:
+            _check_shape(args)
             args.validate()
-        except ValueError as error:
-            raise ConfigError("model.overrides", f"{error} (with the overrides applied to {model.flavor})") from None
+        except (ValueError, ZeroDivisionError) as error:
+            raise ConfigError(key, f"{error} (in {model.name} {model.flavor} with its overrides)") from None
     return spec, args
+
+
+POSITIVE = ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta", "head_dim", "multiple_of")
+"""Fields that no model can have at zero (where a family has them)."""
+
+
+def _check_shape(args: Any) -> None:
+    """What holds for every family's args: numbers finite and not negative, sizes and epsilons positive
+    (the family's own validate checks the rest: divisibility, expert counts)."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{f.name} = {value} must be a finite number >= 0")
+        if value == 0 and f.name in POSITIVE:
+            raise ValueError(f"{f.name} must be > 0")
+    if getattr(args, "n_kv_heads", None) == 0:
+        raise ValueError("n_kv_heads must be > 0 (or unset: as many as n_heads)")
 
 
 def _args_from_hf(spec: ModelSpec, model: ModelConfig) -> Any:
     if not model.hf_config:
         raise ConfigError("model.flavor", "from_hf needs checkpoint.initial_load_path, a Hugging Face folder")
     try:
-        return spec.hf_adapter.args_from_hf_config(model.hf_config)
-    except (KeyError, TypeError, ValueError) as error:
+        args = spec.hf_adapter.args_from_hf_config(model.hf_config)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ConfigError(
             "model.flavor", f"from_hf: the config.json is not a {spec.name} config ({error!r} missing or wrong)"
         ) from None
+    plain = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(args)
+        if not dataclasses.is_dataclass(getattr(args, f.name))
+    }
+    typed = _overrides(
+        args, {k: v for k, v in plain.items() if v is not None and k not in NOT_OVERRIDABLE}, "model.hf_config"
+    )
+    return dataclasses.replace(args, **typed)  # each value of the field's type, as an override would be
 
 
 NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "it is training.seq_len"}
 
 
-def _overrides(args: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
     """model.overrides checked against the args dataclass: known fields, values of the field's type."""
     from lockstep.config.loader import _coerce  # the loader's own coercion: CLI strings and TOML values alike
 
     hints = typing.get_type_hints(type(args))
     checked = {}
     for name, value in overrides.items():
-        key = f"model.overrides.{name}"
+        key = f"{prefix}.{name}"
         if name not in hints:
             raise ConfigError(key, f"{type(args).__name__} has no field {name!r}{_suggest(name, list(hints))}")
         if name in NOT_OVERRIDABLE:

@@ -14,19 +14,23 @@ Assumes the global batch did not change between launches (a resume with another
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lockstep.data.provenance import SampleSource
-from lockstep.errors import InputError
+from lockstep.errors import InputError, LockstepError
 from lockstep.tools.replay import launch_replay
 from lockstep.tools.reproduce import read_replay
 from lockstep.train.metrics import json_floats, strict_json
 
 RUN_FIX = "give a run folder written by lockstep train (it holds config.toml and env.json)"
+DATA_FIX = (
+    "run from the folder training ran in (the run's config.toml keeps relative data paths as given), or restore "
+    "the data it trained on"
+)
 
 
 @dataclass
@@ -52,11 +56,10 @@ class StepSamples:
         return strict_json(asdict(self) | {"loss_matches": self.loss_matches})
 
 
-def check_run(run: Path) -> dict:
+def check_run(run: Path) -> None:
     for name in ("config.toml", "env.json"):
         if not (run / name).is_file():
             raise InputError(run, f"holds no {name}", RUN_FIX)
-    return json.loads((run / "env.json").read_text())
 
 
 def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
@@ -69,16 +72,30 @@ def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
     from lockstep.data.provenance import sample_sources
     from lockstep.data.tokenizer import build_tokenizer
     from lockstep.train.determinism import derived_seed
-    from lockstep.train.launches import config_for_step
+    from lockstep.train.launches import config_for_step, env_for_step
 
-    env = check_run(run)
+    check_run(run)
+    if preview_tokens < 0:
+        raise InputError(run, f"--preview-tokens must be >= 0; got {preview_tokens}")
     config = load_config(str(config_for_step(run, step)), [])
     if step < 1 or step > config.training.steps:
         raise InputError(run, f"has steps 1 .. {config.training.steps}; step {step} is not one", "pick a step in range")
+    env = env_for_step(run, step)  # the launch that trained the step: its world size and data
     dims = resolve_parallel_dims(config.parallelism, int(env.get("world_size", 1)))
     global_batch, _ = resolve_group_batch_size(config, dims)
-    tokenizer = build_tokenizer(config.model, config.data)
-    windows = build_token_windows(config.training, config.data, tokenizer)
+    try:
+        tokenizer = build_tokenizer(config.model, config.data)
+        windows = build_token_windows(config.training, config.data, tokenizer)
+    except LockstepError as error:
+        raise InputError(run / "config.toml", f"its data cannot be read here ({error})", DATA_FIX) from None
+    recorded = (env.get("fingerprints") or {}).get("dataset")
+    if recorded and recorded != windows.fingerprint:
+        raise InputError(
+            run / "config.toml",
+            f"training.dataset_path {config.training.dataset_path or config.training.dataset!r} is not the data step "
+            f"{step} trained on here (fingerprint {windows.fingerprint[:12]}, the run recorded {recorded[:12]})",
+            DATA_FIX,
+        )
     seed = env.get("seeds", {}).get("data") or derived_seed(config.debug.seed, "data")
     order = (
         windows.sample_order(seed) if isinstance(windows, MixtureWindows) else SampleOrder(seed, windows.num_windows)
@@ -93,8 +110,11 @@ def add_losses(run: Path, found: StepSamples) -> None:
     from lockstep.tools.compare import load_series
 
     work = Path(tempfile.mkdtemp(prefix="lockstep-inspect-"))
-    launch_replay(run, found.step, work / "replay", mode="verify")
-    replayed = read_replay(work / "replay")[0]
+    try:
+        launch_replay(run, found.step, work / "replay", mode="verify")
+        replayed = read_replay(work / "replay")[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     found.replayed_loss = replayed["loss"]
     losses = replayed["sample_losses"]
     if losses is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import torch
 
 from lockstep.checkpoint import folders
 from lockstep.config.job import standalone
+from lockstep.errors import LockstepError
 from lockstep.parallel.canonical import full_value
 
 
@@ -90,11 +92,26 @@ def checkpoint_before(run: Path, step: int) -> int | None:
     return max(candidates) if candidates else None
 
 
+class ReplayFailed(LockstepError):
+    """The replay could not run (its last error line says why): exit 2, apart from "does not reproduce"."""
+
+
 def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> None:
-    """Run this module for `run`'s step under torchrun with the run's world size and CPU thread count
-    (kernels sum differently with other thread counts); raises RuntimeError with its output if it fails."""
-    env_record = json.loads((run / "env.json").read_text())
+    """Run this module for `run`'s step under torchrun with the world size and CPU thread count of the
+    launch that trained it (kernels sum differently with other thread counts), on this machine."""
+    from lockstep.train.launches import env_for_step
+
+    env_record = env_for_step(run, step)
     world = int(env_record.get("world_size", 1))
+    if (env_record.get("device") or {}).get("type") == "cuda":
+        import torch
+
+        if world > torch.cuda.device_count():
+            raise ReplayFailed(
+                f"step {step} of {run} ran on {world} GPUs and this machine has {torch.cuda.device_count()}; run "
+                f"`torchrun --nnodes ... -m lockstep.tools.replay --replay-run {run} --replay-step {step} "
+                "--replay-out OUT --replay-mode verify` over enough nodes"
+            )
     launcher = [sys.executable]
     if world > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
@@ -103,7 +120,11 @@ def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> Non
     threads = str(env_record.get("threads") or 1)
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": threads})
     if done.returncode:
-        raise RuntimeError(f"replaying step {step} of {run} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        if os.environ.get("LOCKSTEP_TRACEBACK") == "1":
+            print(done.stdout + done.stderr, file=sys.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("W", "["))]
+        why = lines[-1].strip() if lines else f"exit code {done.returncode}"
+        raise ReplayFailed(f"replaying step {step} of {run} failed: {why} (LOCKSTEP_TRACEBACK=1 shows its output)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-mode", dest="mode", choices=("capture", "verify"), default="capture")
     args = parser.parse_args(argv)
     from lockstep.config import load_config
-    from lockstep.parallel.mesh import axis_rank
     from lockstep.train.launches import config_for_step
-    from lockstep.train.trainer import Trainer
 
     start = checkpoint_before(args.run, args.step)
     scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
@@ -134,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["--checkpoint.no-enable"]
     config = load_config(str(config_for_step(args.run, args.step)), overrides)  # the launch that trained it
     standalone(config, int(os.environ.get("WORLD_SIZE", "1")))  # a replica group's run replays alone
+    try:
+        return _replay(config, args)
+    finally:  # the scratch run (its checkpoint root holds only a link to the source step)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _replay(config, args) -> int:
+    from lockstep.parallel.mesh import axis_rank
+    from lockstep.train.trainer import Trainer
+
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
             trainer.train_step()

@@ -42,6 +42,9 @@ class Verdict:
     first: str = ""
     """The first difference of the first such rank, e.g. "forward output of layers.1.feed_forward"."""
     in_forward: bool = False
+    unrecorded: list[int] = field(default_factory=list)
+    """Ranks without a readable per-rank record of the step (a run from before they were written, or a
+    torn line): they cannot be located."""
     environment: list[str] = field(default_factory=list)
     """How this machine's versions differ from the run's (env.json)."""
     world_size: int = 1
@@ -67,6 +70,11 @@ class Verdict:
             lines.append("every rank's forward differs: the software, settings or data changed, not one machine")
         elif self.first:
             lines.append("every rank's forward agrees: the backward, the gradient reduction or the update differs")
+        if self.unrecorded:
+            lines.append(
+                f"rank(s) {', '.join(map(str, self.unrecorded))} have no readable record of step {self.step} in "
+                "fingerprints/rank<R>.jsonl, so they cannot be told apart"
+            )
         if self.environment:
             lines.append("this machine differs from the run's: " + "; ".join(self.environment))
         return "\n".join(lines)
@@ -75,7 +83,7 @@ class Verdict:
         return {
             "step": self.step, "reproduced": self.reproduced,
             "mismatches": {k: {"recorded": a, "replayed": b} for k, (a, b) in self.mismatches.items()},
-            "ranks": self.ranks, "first": self.first, "environment": self.environment,
+            "ranks": self.ranks, "first": self.first, "environment": self.environment, "unrecorded": self.unrecorded,
         }  # fmt: skip
 
 
@@ -108,7 +116,11 @@ def read_replay(out: Path) -> dict[int, dict]:
 
 
 def reproduce(run: Path, step: int, work: Path) -> Verdict:
+    from lockstep.tools.inspect_step import step_samples
+    from lockstep.train.launches import env_for_step
+
     recorded = recorded_step(run, step)
+    step_samples(run, step, preview_tokens=0)  # the data must be the run's (one line otherwise), before a launch
     work.mkdir(parents=True, exist_ok=True)
     out = work / "replay"
     launch_replay(run, step, out, mode="verify")
@@ -118,10 +130,11 @@ def reproduce(run: Path, step: int, work: Path) -> Verdict:
     verdict.mismatches = {
         key: (recorded[key], replayed.get(key)) for key in CHECKED if recorded.get(key) != replayed.get(key)
     }
-    verdict.environment = environment_differences(json.loads((run / "env.json").read_text()))
+    verdict.environment = environment_differences(env_for_step(run, step))
     if verdict.reproduced:
         return verdict
     records = {rank: RankFingerprints.read(run, rank, step) for rank in sorted(ranks)}
+    verdict.unrecorded = [rank for rank, record in records.items() if record is None]
     for kinds in (("outputs",), ("gradients", "parameters")):  # a rank's own forward first
         for rank, recorded_parts in records.items():
             first = _first_difference(recorded_parts or {}, ranks[rank]["local_digests"], kinds)

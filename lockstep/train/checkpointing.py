@@ -7,6 +7,7 @@ checkpoint must match); the trainer only calls ``start``, ``save_if_due`` and ``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,11 @@ class RunCheckpoints:
         states: dict,
         device: torch.device,
         log: Callable[[str], None],
+        around_save: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.config = checkpoint
+        self.around_save = around_save
+        """Entered around each save (the trainer's: the long collective timeout while ranks write)."""
         self.run_folder = run_folder
         self.states = states
         """What a checkpoint holds, by part (model, optimizer, lr_scheduler, dataloader, train_state, rng)."""
@@ -82,7 +86,8 @@ class RunCheckpoints:
         states = self.states
         if model_only and self.config.export_dtype == "bf16":
             states = states | {"model": ModelState(parts, dtype=torch.bfloat16)}
-        self.manager.save(step, states, model_only=model_only)
+        with self.around_save():  # ranks that write at different speeds must not trip the train timeout
+            self.manager.save(step, states, model_only=model_only)
         self.saved_step = step
 
     @property

@@ -63,11 +63,13 @@ class CommTimeouts:
     def init_timeout(self) -> timedelta:
         return timedelta(seconds=self.comm.init_timeout_seconds)
 
-    def configure_environment(self) -> None:
+    def configure_environment(self, nccl: bool) -> None:
         """Before the first process group exists: the flight recorder's size, and NCCL's dump on a
-        timeout (a value the user exported wins)."""
+        timeout (a value the user exported wins; NCCL's watchdog writes into a folder that must exist)."""
         if self.comm.trace_buf_size == 0:
             return
+        if nccl:
+            (self.run_folder / TRACES_FOLDER).mkdir(parents=True, exist_ok=True)
         values = {
             "TORCH_FR_BUFFER_SIZE": str(self.comm.trace_buf_size),
             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
@@ -80,13 +82,30 @@ class CommTimeouts:
 
     def step_done(self, step: int) -> None:
         """After the first step of this launch: every group switches to the training timeout."""
-        if self.timeout_s == self.comm.train_timeout_seconds or not dist.is_initialized():
+        if self.timeout_s != self.comm.train_timeout_seconds:
+            self._set_timeout(self.comm.train_timeout_seconds)
+
+    @contextlib.contextmanager
+    def relaxed(self) -> Iterator[None]:
+        """The init timeout for what may legitimately keep ranks apart for long (a checkpoint save whose
+        ranks write at different speeds, an evaluation over the whole split), then back."""
+        previous = self.timeout_s
+        if previous == self.comm.init_timeout_seconds:
+            yield
             return
-        timeout = timedelta(seconds=self.comm.train_timeout_seconds)
+        self._set_timeout(self.comm.init_timeout_seconds)
+        try:
+            yield
+        finally:
+            self._set_timeout(previous)
+
+    def _set_timeout(self, seconds: int) -> None:
+        if not dist.is_initialized():
+            return
         for group in _process_groups():
             with contextlib.suppress(ValueError):  # a group this rank is not part of
-                dist.distributed_c10d._set_pg_timeout(timeout, group)
-        self.timeout_s = self.comm.train_timeout_seconds
+                dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+        self.timeout_s = seconds
 
     @contextlib.contextmanager
     def watching(self, step: int) -> Iterator[None]:

@@ -176,6 +176,6 @@ class RankFingerprints:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
-            if record.get("step") == step:
+            if isinstance(record, dict) and record.get("step") == step:
                 found = record
         return found

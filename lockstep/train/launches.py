@@ -77,6 +77,24 @@ def config_for_step(run_folder: Path, step: int) -> Path:
     return run_folder / "config.toml"
 
 
+def env_for_step(run_folder: Path, step: int) -> dict[str, Any]:
+    """The env.json of the launch that trained `step` (its world size, threads and data fingerprint may
+    differ from a later launch's), the top-level one without launch records; InputError if unreadable."""
+    from lockstep.errors import InputError
+
+    launch_env = config_for_step(run_folder, step).parent / "env.json"
+    path = launch_env if launch_env.is_file() else run_folder / "env.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(
+            path, f"is not readable JSON ({error})", "it is written by lockstep train; restore it"
+        ) from None
+    if not isinstance(record, dict):
+        raise InputError(path, "is not a JSON object", "it is written by lockstep train; restore it")
+    return record
+
+
 def changes_the_numbers(key: str) -> bool:
     return key not in RECORDED_KEYS and (key.split(".")[0] in NUMERIC_SECTIONS or key in NUMERIC_KEYS)
 

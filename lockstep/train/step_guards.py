@@ -61,6 +61,8 @@ class StepGuards:
         if self.spikes is None or (spike := self.spikes.check(step, loss)) is None:
             return False
         self.spikes.record(spike, sample_losses(), samples)
+        if (shifted := self.spikes.level_shift()) is not None:
+            raise NonFiniteError(shifted)  # the same exit as too many non-finite steps: fix the data or settings
         action = "step skipped" if self.spikes.skips else "training on"
         self.log(
             f"warning: loss spike at step {step}: {spike.loss:.4f} is {spike.z_score:.1f} standard deviations above "

@@ -88,7 +88,7 @@ class Trainer:
             config.debug.seed = resumed_seed(config.checkpoint, self.run_folder)  # a resumed run keeps its seed
         self.device = resolve_device(config.training)
         self.comm = CommTimeouts(config.comm, self.run_folder, self.world.rank)
-        self.comm.configure_environment()  # the flight recorder, before any process group exists
+        self.comm.configure_environment(self.device.type == "cuda")  # the flight recorder, before any group
         self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
         configure_determinism(config.debug)
         # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
@@ -170,7 +170,7 @@ class Trainer:
         self.rank_fingerprints = RankFingerprints(self.run_folder, self.world.rank)
         self.checkpoints = RunCheckpoints(
             config.checkpoint, self.run_folder, self._checkpoint_identity(windows.fingerprint),
-            self._checkpoint_states(), self.device, self._log,
+            self._checkpoint_states(), self.device, self._log, around_save=self.comm.relaxed,
         )  # fmt: skip
         spec = model_args(config.model, 1, 1)[0]
         resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
@@ -460,7 +460,8 @@ class Trainer:
                             elapsed = time.perf_counter() - interval_start
                             record = self._record(result, lr, interval_tokens / elapsed)
                             if evaluate:  # after the throughput is taken, which evaluation time must not lower
-                                record |= self.validator.evaluate().as_record()
+                                with self.comm.relaxed():
+                                    record |= self.validator.evaluate().as_record()
                             if self.metrics is not None:
                                 self.metrics.log(record)
                             self.display.print(format_record(record))

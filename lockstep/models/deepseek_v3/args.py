@@ -85,6 +85,12 @@ class DeepSeekV3Args:
             raise ValueError("n_routed_experts must split into n_expert_groups, n_limited_groups <= n_expert_groups")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func must be sigmoid or softmax, not {self.score_func!r}")
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(f"n_dense_layers {self.n_dense_layers} exceeds n_layers {self.n_layers}")
+        if not 0 < self.n_activated_experts <= self.n_routed_experts:
+            raise ValueError("needs 0 < n_activated_experts <= n_routed_experts")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim == 0:
+            raise ValueError(f"qk_rope_head_dim {self.qk_rope_head_dim} must be even and > 0 (RoPE rotates pairs)")
 
 
 DEEPSEEK_V3_FLAVORS: dict[str, DeepSeekV3Args] = {

@@ -60,6 +60,8 @@ class Llama3Args:
     def validate(self) -> None:
         if self.dim % self.n_heads or self.n_heads % self.kv_heads:
             raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.kv_heads} do not divide")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = dim / n_heads = {self.head_dim} must be even (RoPE rotates pairs)")
         if self.vocab_size <= 0:
             raise ValueError("vocab_size must be set from the tokenizer before building the model")
 
