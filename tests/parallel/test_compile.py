@@ -39,7 +39,9 @@ LAYOUTS: dict[str, tuple[list[str], int, int]] = {
     "moe-fsdp2": (["--model.name", "deepseek_v3", "--model.flavor", "debug"], 5, 4),
     # 4 MoE blocks with QK-norm attention, full AC: the norms (one graph for both), attention, router.
     "qwen3-moe-fsdp2-ac-full": (
-        ["--model.name", "qwen3_moe", "--model.flavor", "debug", "--activation_checkpoint.mode", "full"], 3, 4
+        ["--model.name", "qwen3_moe", "--model.flavor", "debug", "--activation_checkpoint.mode", "full"],
+        3,
+        4,
     ),
 }
 COMPILE = ["--compile.enable", "--compile.components", "model"]
