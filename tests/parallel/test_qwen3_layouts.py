@@ -34,7 +34,7 @@ def _assert_bitwise(got, reference, steps: int = 3) -> None:
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
 
 
-@pytest.mark.parametrize("world_size, layout", [(2, []), (2, TP2)], ids=["fsdp2", "tp2"])
+@pytest.mark.parametrize("world_size, layout", [(2, []), (2, TP2), (4, TP2)], ids=["fsdp2", "tp2", "fsdp2xtp2"])
 def test_qwen3_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world_size, layout):
     """TP 2 splits the tied embedding and output projection by vocabulary (one tensor, gathered for the
     lookup) and the heads, whose shared QK-norm weights sum their gradients in canonical chunks."""
