@@ -56,9 +56,9 @@ class JobSectionConfig:
 @dataclass
 class ModelConfig:
     name: str = "llama3"
-    """Model family, e.g. llama3."""
+    """Model family: llama3, deepseek_v3, qwen3 or qwen3_moe (README, "Models")."""
     flavor: str = "debug"
-    """Size table entry of the model family, e.g. debug, 1B, 8B."""
+    """Size table entry of the model family, e.g. debug, 1B, 8B (qwen3_moe: 30B-A3B)."""
     tokenizer: str = "builtin"
     """Tokenizer kind: builtin (BPE trained on the built-in corpus), bytes, or hf (a tokenizer.json)."""
     tokenizer_path: str = ""

@@ -197,7 +197,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
         ctx.group, ctx.rows = group, local.shape[0]
         whole = local.new_empty((dist.get_world_size(group) * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(whole, local.contiguous(), group=group)
+        dist.all_gather_single(whole, local.contiguous(), group=group)
         return whole
 
     @staticmethod

@@ -258,11 +258,17 @@ def _convert(*args) -> subprocess.CompletedProcess:
 
 def _tiny_hf(folder, model: str) -> dict[str, torch.Tensor]:
     """A tiny Hugging Face folder of `model`; returns the lockstep weights it holds. Llama has one kv
-    head, so on 2 ranks the q/k row permutation meets a shard boundary inside a head."""
+    head, so on 2 ranks the q/k row permutation meets a shard boundary inside a head; so does the
+    permutation of Qwen3's QK-norm weights (one head of 64 rows)."""
     if model == "llama3":
         hf = _tiny_hf_llama(folder, kv_heads=1)
         args = hf_adapter.args_from_hf_config(json.loads((folder / "config.json").read_text()))
         return hf_adapter.from_hf(hf.state_dict(), args)
+    if model in ("qwen3", "qwen3_moe"):
+        hf, args = tiny_hf_qwen3(moe=model == "qwen3_moe", tied=model == "qwen3", vocab_size=VOCAB)
+        hf.save_pretrained(folder)
+        expected = model_spec(model).hf_adapter.from_hf(hf.state_dict(), args)
+        return {k: v for k, v in expected.items() if k != "output.weight" or not args.tie_embeddings}
     spec, args = model_args(ModelConfig(name=model, flavor="debug"), VOCAB, 32)
     expected = _deepseek_weights(spec, args)
     folder.mkdir()
@@ -271,13 +277,13 @@ def _tiny_hf(folder, model: str) -> dict[str, torch.Tensor]:
     return expected
 
 
-@pytest.mark.parametrize("model", ["llama3", "deepseek_v3"])
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe"])
 def test_from_hf_on_two_ranks_writes_the_one_process_checkpoint(tmp_path, model):
     """`convert from-hf --nproc 2` (torchrun): each rank writes only its shard, and the checkpoint
     holds bitwise the tensors of the one-process conversion, with the same manifest but its files."""
     expected = _tiny_hf(tmp_path / "hf", model)
     import_from_hf(tmp_path / "hf", tmp_path / "one", model)
-    done = _convert("from-hf", tmp_path / "hf", tmp_path / "two", "--model", model, "--nproc", "2")
+    done = _convert("from-hf", tmp_path / "hf", tmp_path / "two", "--nproc", "2")  # the family from model_type
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1 and "save_s" in done.stdout  # rank 0 reports
     one, two = folders.step_folder(tmp_path / "one", 0), folders.step_folder(tmp_path / "two", 0)

@@ -10,10 +10,10 @@ from lockstep.models.registry import MODELS
 
 
 def test_presets_load_and_validate():
-    assert {"llama3_debug", "llama3_8b"} <= set(preset_names())
+    assert {"llama3_debug", "llama3_8b", "qwen3_debug", "qwen3_moe_debug"} <= set(preset_names())
     for name in preset_names():
         config = load_config(name, [])
-        assert config.model.name in MODELS
+        assert config.model.name in MODELS and config.model.flavor in MODELS[config.model.name].flavors
         validate_job_config(config, world_size=1)
 
 

@@ -15,10 +15,15 @@ from tests.generate.helpers import PROMPTS, lively_model, save_checkpoint
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 NEW_TOKENS = 12
-HF_CLASSES = {"llama3": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+HF_CLASSES = {
+    "llama3": "LlamaForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",  # the debug flavor ties its embeddings
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 
-@pytest.mark.parametrize("name", ["llama3", "deepseek_v3"])
+@pytest.mark.parametrize("name", list(HF_CLASSES))
 def test_greedy_tokens_equal_transformers_generate(tmp_path, name):
     step = save_checkpoint(lively_model(name), name, tmp_path / "checkpoint")
     export_to_hf(step, tmp_path / "hf")
@@ -26,8 +31,9 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path, name):
     hf, info = hf_class.from_pretrained(tmp_path / "hf", local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     hf.eval().set_attn_implementation("eager")
-    if name == "deepseek_v3":
+    if name in ("deepseek_v3", "qwen3_moe"):
         hf.set_experts_implementation("eager")
+    if name == "deepseek_v3":
         assert any(m.e_score_correction_bias.any() for m in hf.modules() if hasattr(m, "e_score_correction_bias"))
     ours = load_model(resolve_source(tmp_path / "hf"), torch.device("cpu"))
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS, greedy=True)

@@ -1,4 +1,5 @@
-"""Compiled blocks against eager in the same layout (FSDP 2 with full AC, PP 2, MoE under FSDP 2):
+"""Compiled blocks against eager in the same layout (FSDP 2 with full AC, PP 2, MoE under FSDP 2, Qwen3-MoE
+under FSDP 2 with full AC):
 losses within 1e-5 relative, parameter names unchanged, FSDP's hooks outside the compiled region, and
 one graph per block shape however many blocks there are.
 
@@ -36,6 +37,12 @@ LAYOUTS: dict[str, tuple[list[str], int, int]] = {
     "pp2": (PP2, 1, 0),
     # 1 dense + 3 MoE blocks: the dense block, and the MoE blocks' norm, attention, router, shared experts.
     "moe-fsdp2": (["--model.name", "deepseek_v3", "--model.flavor", "debug"], 5, 4),
+    # 4 MoE blocks with QK-norm attention, full AC: the norms (one graph for both), attention, router.
+    "qwen3-moe-fsdp2-ac-full": (
+        ["--model.name", "qwen3_moe", "--model.flavor", "debug", "--activation_checkpoint.mode", "full"],
+        3,
+        4,
+    ),
 }
 COMPILE = ["--compile.enable", "--compile.components", "model"]
 

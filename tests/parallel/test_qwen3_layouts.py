@@ -1,7 +1,8 @@
 """Qwen3 and Qwen3-MoE across layouts, against one process (same seed, global batch and microbatches):
 bitwise under debug.deterministic for FSDP, tensor parallelism (its QK-norm weights and the tied
-embedding included), pipelining (an untied variant: a tied model refuses it) and expert parallelism
-(with and without forced balance); the plain DTensor tensor-parallel plan agrees to rounding."""
+embedding included), pipelining (an untied variant: a tied model refuses it) and, for Qwen3-MoE,
+expert parallelism (with and without forced balance), TP and PP; the plain DTensor tensor-parallel
+plan agrees to rounding."""
 
 import dataclasses
 
@@ -33,7 +34,7 @@ def _assert_bitwise(got, reference, steps: int = 3) -> None:
     assert all(torch.equal(weights[k], reference_weights[k]) for k in weights)
 
 
-@pytest.mark.parametrize("world_size, layout", [(2, []), (2, TP2)], ids=["fsdp2", "tp2"])
+@pytest.mark.parametrize("world_size, layout", [(2, []), (2, TP2), (4, TP2)], ids=["fsdp2", "tp2", "fsdp2xtp2"])
 def test_qwen3_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, world_size, layout):
     """TP 2 splits the tied embedding and output projection by vocabulary (one tensor, gathered for the
     lookup) and the heads, whose shared QK-norm weights sum their gradients in canonical chunks."""
@@ -76,12 +77,22 @@ def test_qwen3_pipeline_is_bitwise_and_refused_for_tied_embeddings(tmp_path):
 
 
 MOE = ["--model.name", "qwen3_moe", "--model.flavor", "debug", "--training.steps", "3"]
+EP2 = ["--parallelism.expert_parallel_degree", "2"]
 
 
-@pytest.mark.parametrize("balance", [[], ["--debug.moe_force_load_balance"]], ids=["routed", "forced-balance"])
-def test_qwen3_moe_expert_parallel_2_is_bitwise_identical_to_one_process(tmp_path, balance):
-    """EP 2 over the FSDP axis (the other weights FSDP-sharded), with the sequence-wise balance loss on;
-    forced balance gives every expert tokens from both ranks."""
-    overrides = [*DETERMINISTIC, *MOE, *balance]
-    reference = _run(tmp_path / "one", 1, overrides)
-    _assert_bitwise(_run(tmp_path / "ep2", 2, [*overrides, "--parallelism.expert_parallel_degree", "2"]), reference)
+@pytest.fixture(scope="module")
+def moe_one_process(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("qwen3-moe-one"), 1, [*DETERMINISTIC, *MOE])
+
+
+@pytest.mark.parametrize("layout", [EP2, TP2, _pipeline(2, "1F1B")], ids=["ep2", "tp2", "pp2"])
+def test_qwen3_moe_layout_is_bitwise_identical_to_one_process(tmp_path, moe_one_process, layout):
+    """EP 2 over the FSDP axis (the other weights FSDP-sharded); TP 2 splits the attention and runs the
+    MoE blocks whole on each rank; PP 2 (untied, so allowed). The sequence-wise balance loss is on."""
+    _assert_bitwise(_run(tmp_path, 2, [*DETERMINISTIC, *MOE, *layout]), moe_one_process)
+
+
+def test_qwen3_moe_expert_parallel_2_with_forced_balance_is_bitwise(tmp_path):
+    """Forced balance gives every expert tokens from both ranks."""
+    overrides = [*DETERMINISTIC, *MOE, "--debug.moe_force_load_balance"]
+    _assert_bitwise(_run(tmp_path / "ep2", 2, [*overrides, *EP2]), _run(tmp_path / "one", 1, overrides))
