@@ -49,51 +49,31 @@ class ModelSpec:
     """The ``model_type`` values of Hugging Face config.json files this family reads."""
 
 
+def _family(name: str, flavors: dict, model: type, args: type, plan, hf, model_type: str) -> ModelSpec:
+    """A family from its folder's pieces (model class, *Args, parallel_plan and hf_adapter modules)."""
+    return ModelSpec(
+        name, flavors, lambda a, backend: model(a, backend), plan.tensor_parallel_plan,
+        plan.check_tensor_parallel_degree, args.from_dict, hf, canonical_tensor_parallel=True,
+        hf_model_types=(model_type,),
+    )  # fmt: skip
+
+
 MODELS: dict[str, ModelSpec] = {
-    "llama3": ModelSpec(
-        "llama3",
-        LLAMA3_FLAVORS,
-        lambda args, backend: Llama3(args, backend),
-        llama3_plan.tensor_parallel_plan,
-        llama3_plan.check_tensor_parallel_degree,
-        Llama3Args.from_dict,
-        llama3_hf,
-        canonical_tensor_parallel=True,
-        hf_model_types=("llama",),
-    ),
-    "deepseek_v3": ModelSpec(
-        "deepseek_v3",
-        DEEPSEEK_V3_FLAVORS,
-        lambda args, backend: DeepSeekV3(args, backend),
-        deepseek_v3_plan.tensor_parallel_plan,
-        deepseek_v3_plan.check_tensor_parallel_degree,
-        DeepSeekV3Args.from_dict,
-        deepseek_v3_hf,
-        canonical_tensor_parallel=True,
-        hf_model_types=("deepseek_v3",),
-    ),
-    "qwen3": ModelSpec(
-        "qwen3",
-        QWEN3_FLAVORS,
-        lambda args, backend: Qwen3(args, backend),
-        qwen3_plan.tensor_parallel_plan,
-        qwen3_plan.check_tensor_parallel_degree,
-        Qwen3Args.from_dict,
-        qwen3_hf,
-        canonical_tensor_parallel=True,
-        hf_model_types=("qwen3",),
-    ),
-    "qwen3_moe": ModelSpec(
-        "qwen3_moe",
-        QWEN3_MOE_FLAVORS,
-        lambda args, backend: Qwen3(args, backend),
-        qwen3_plan.tensor_parallel_plan,
-        qwen3_plan.check_tensor_parallel_degree,
-        Qwen3Args.from_dict,
-        qwen3_hf,
-        canonical_tensor_parallel=True,
-        hf_model_types=("qwen3_moe",),
-    ),
+    spec.name: spec
+    for spec in (
+        _family("llama3", LLAMA3_FLAVORS, Llama3, Llama3Args, llama3_plan, llama3_hf, "llama"),
+        _family(
+            "deepseek_v3",
+            DEEPSEEK_V3_FLAVORS,
+            DeepSeekV3,
+            DeepSeekV3Args,
+            deepseek_v3_plan,
+            deepseek_v3_hf,
+            "deepseek_v3",
+        ),
+        _family("qwen3", QWEN3_FLAVORS, Qwen3, Qwen3Args, qwen3_plan, qwen3_hf, "qwen3"),
+        _family("qwen3_moe", QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args, qwen3_plan, qwen3_hf, "qwen3_moe"),
+    )
 }
 
 

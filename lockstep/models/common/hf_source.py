@@ -16,6 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
+LAYER_NAME = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+"""A block's parameter (lockstep's ``layers.N.rest``, or Hugging Face's ``model.layers.N.rest``): N, rest."""
+
+
+def table_hf_name(name: str, top: dict[str, str], block: dict[str, str], why: str = "") -> str:
+    """The Hugging Face name of a lockstep parameter from an adapter's name tables: `top` for whole
+    names (embeddings, final norm, output), `block` for the suffixes under each ``layers.N``."""
+    if name in top:
+        return top[name]
+    match = LAYER_NAME.match(name)
+    if match and match.group(2) in block:
+        return f"model.layers.{match.group(1)}.{block[match.group(2)]}"
+    raise KeyError(f"no single Hugging Face name for {name!r}{why}")
+
 
 @dataclass(frozen=True)
 class HFPiece:

@@ -9,12 +9,19 @@ no permutation: both sides rotate interleaved pairs (HF's ``rope_interleave=True
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import ExpertsFromHF, HFSource, experts_source, experts_to_hf, whole
+from lockstep.models.common.hf_source import (
+    LAYER_NAME,
+    ExpertsFromHF,
+    HFSource,
+    experts_source,
+    experts_to_hf,
+    table_hf_name,
+    whole,
+)
 from lockstep.models.common.rope import YarnRopeScaling
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
@@ -44,16 +51,11 @@ _BLOCK = {
     "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
 _EXPERTS = ("moe.experts.w1", "moe.experts.w3", "moe.experts.w2")
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+_LAYER = LAYER_NAME
 
 
 def hf_name(name: str) -> str:
-    if name in _TOP:
-        return _TOP[name]
-    match = _LAYER.match(name)
-    if match and match.group(2) in _BLOCK:
-        return f"model.layers.{match.group(1)}.{_BLOCK[match.group(2)]}"
-    raise KeyError(f"no single Hugging Face name for {name!r} (grouped experts map to one tensor per expert)")
+    return table_hf_name(name, _TOP, _BLOCK, " (grouped experts map to one tensor per expert)")
 
 
 def to_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import HFSource, whole
+from lockstep.models.common.hf_source import HFSource, table_hf_name, whole
 from lockstep.models.common.rope import Llama3RopeScaling, halves_to_interleaved, interleaved_to_halves
 from lockstep.models.llama3.args import Llama3Args
 
@@ -38,12 +38,7 @@ _LAYER = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
 
 
 def hf_name(name: str) -> str:
-    if name in _TO_HF:
-        return _TO_HF[name]
-    match = _LAYER.match(name)
-    if match is None or match.group(3) not in _LAYER_TO_HF:
-        raise KeyError(f"no Hugging Face name for parameter {name!r}")
-    return f"model.layers.{match.group(2)}.{_LAYER_TO_HF[match.group(3)]}"
+    return table_hf_name(name, _TO_HF, _LAYER_TO_HF)
 
 
 def to_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch.Tensor]:

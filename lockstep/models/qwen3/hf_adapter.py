@@ -16,12 +16,19 @@ it) reads as zeros and is left out of exports, which refuse a bias that is not z
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import ExpertsFromHF, HFSource, experts_source, experts_to_hf, whole
+from lockstep.models.common.hf_source import (
+    LAYER_NAME,
+    ExpertsFromHF,
+    HFSource,
+    experts_source,
+    experts_to_hf,
+    table_hf_name,
+    whole,
+)
 from lockstep.models.common.rope import halves_to_interleaved, interleaved_to_halves
 from lockstep.models.qwen3.args import Qwen3Args
 
@@ -46,7 +53,7 @@ _BLOCK = {
 }
 _EXPERTS = ("moe.experts.w1", "moe.experts.w3", "moe.experts.w2")
 _BIAS = "moe.expert_bias"
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+_LAYER = LAYER_NAME
 _ROTATED = ("attention.wq.weight", "attention.wk.weight", "attention.q_norm.weight", "attention.k_norm.weight")
 
 
@@ -58,12 +65,7 @@ def _heads(name: str, args: Qwen3Args) -> int:
 
 
 def hf_name(name: str) -> str:
-    if name in _TOP:
-        return _TOP[name]
-    match = _LAYER.match(name)
-    if match and match.group(2) in _BLOCK:
-        return f"model.layers.{match.group(1)}.{_BLOCK[match.group(2)]}"
-    raise KeyError(f"no single Hugging Face name for {name!r}")
+    return table_hf_name(name, _TOP, _BLOCK)
 
 
 def to_hf(state: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Tensor]:
