@@ -320,13 +320,17 @@ def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
     config = json.loads((hf_dir / "config.json").read_text())
     family = family_of_hf_config(config, hf_dir / "config.json")
     if family != spec.name:
-        raise ValueError(f"the Hugging Face model in {hf_dir} is a {family} model, this run's is {spec.name}")
+        raise CheckpointError(
+            hf_dir, f"is a {family} model, this run's is {spec.name}", f"train with --model.name {family}"
+        )
     theirs = spec.hf_adapter.args_from_hf_config(config)
     fields = [f for f in _ARCHITECTURE_FIELDS if hasattr(args, f)]  # the ones this model family has
     differences = [
         f"{f}: {getattr(theirs, f)} vs {getattr(args, f)}" for f in fields if getattr(theirs, f) != getattr(args, f)
     ]
     if differences:
-        raise ValueError(
-            f"the Hugging Face model in {hf_dir} does not match this run's model ({'; '.join(differences)})"
+        raise CheckpointError(
+            hf_dir,
+            f"does not match this run's model ({'; '.join(differences)})",
+            "take its architecture with --model.flavor from_hf (without overrides that change it)",
         )

@@ -37,7 +37,7 @@ from lockstep.config.sections import CheckpointConfig
 from lockstep.errors import LockstepError
 
 MODEL_ONLY_PARTS = ("model",)
-RECORDED_ONLY = ("layout", "config")
+RECORDED_ONLY = ("layout", "config", "model_overrides")
 """Identity entries written to the manifest for the record, not compared by check_identity."""
 
 

@@ -121,6 +121,13 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
     return spec, args
 
 
+def typed_overrides(model: ModelConfig) -> dict[str, Any]:
+    """model.overrides as the args' field types have them (what config.toml and checkpoints record)."""
+    spec = model_spec(model.name)
+    args = _args_from_hf(spec, model) if model.flavor == FROM_HF else spec.flavors.get(model.flavor)
+    return _overrides(args, model.overrides) if args is not None and model.overrides else dict(model.overrides)
+
+
 POSITIVE = ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta", "head_dim", "multiple_of")
 """Fields that no model can have at zero (where a family has them)."""
 
@@ -138,11 +145,18 @@ def _check_shape(args: Any) -> None:
             raise ValueError(f"{f.name} must be > 0")
     if getattr(args, "n_kv_heads", None) == 0:
         raise ValueError("n_kv_heads must be > 0 (or unset: as many as n_heads)")
+    if getattr(args, "rope_theta", 2.0) <= 1:
+        raise ValueError(f"rope_theta = {args.rope_theta} must be > 1 (the RoPE base)")
 
 
 def _args_from_hf(spec: ModelSpec, model: ModelConfig) -> Any:
     if not model.hf_config:
         raise ConfigError("model.flavor", "from_hf needs checkpoint.initial_load_path, a Hugging Face folder")
+    model_type = model.hf_config.get("model_type")
+    if model_type is not None and model_type not in spec.hf_model_types:
+        family = next((n for n, m in MODELS.items() if model_type in m.hf_model_types), None)
+        fix = f"train with --model.name {family}" if family else "lockstep has no family for it"
+        raise ConfigError("model.flavor", f"from_hf: the config.json is a {model_type!r} model, not {spec.name}; {fix}")
     try:
         args = spec.hf_adapter.args_from_hf_config(model.hf_config)
     except (KeyError, TypeError, ValueError, AttributeError) as error:

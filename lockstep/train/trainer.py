@@ -24,7 +24,7 @@ from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import resolve_attention_backend
-from lockstep.models.registry import model_args
+from lockstep.models.registry import model_args, typed_overrides
 from lockstep.parallel.canonical import GradientTree, canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
@@ -80,6 +80,7 @@ class Trainer:
         validate_job_config(config, self.world.world_size)
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
         check_model_fits_layout(config.model, self.dims)  # and model.overrides: refused before any work
+        config.model.overrides = typed_overrides(config.model)  # recorded as the fields' types, not as typed
         self.config = config
         self.run_folder = run_folder(config)  # under fault tolerance, this replica group's own
         # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
@@ -255,11 +256,11 @@ class Trainer:
         """What a resumed checkpoint must match (the layout is recorded but may differ)."""
         config = self.config
         return {
-            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)}
-            | ({"overrides": config.model.overrides} if config.model.overrides else {}),  # what the args came from
+            "model": {"name": config.model.name, "flavor": config.model.flavor, "args": asdict(self.model.args)},
             "fingerprints": {"dataset": dataset_fingerprint, "tokenizer": self.tokenizer.fingerprint},
             "layout": dict(zip(AXES, self.dims.sizes(), strict=True)),
             "config": config_record(dump_toml(config), self.global_batch),  # what a resume compares its config with
+            "model_overrides": config.model.overrides,  # recorded (the args above are what must match)
         }
 
     def _checkpoint_states(self) -> dict:

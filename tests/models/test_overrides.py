@@ -51,7 +51,7 @@ def test_overrides_build_the_model_and_are_recorded(tmp_path):
     recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["model"]["overrides"]
     assert recorded == {"dim": 32, "n_layers": 3, "n_heads": 2}  # typed, the CLI's merged into the file's
     manifest = folders.read_manifest(folders.step_folder(tmp_path / "run" / "checkpoint", 2))
-    assert manifest["model"]["overrides"] == recorded and manifest["model"]["args"]["dim"] == 32
+    assert manifest["model_overrides"] == recorded and manifest["model"]["args"]["dim"] == 32
     # Resuming with another shape is refused, naming the field.
     config.model.overrides["dim"] = 64
     config.training.steps = 3
@@ -81,3 +81,30 @@ def test_flavor_from_hf_takes_the_args_of_a_hugging_face_folder(tmp_path):
     (tmp_path / "hf" / "config.json").unlink()
     rebuilt = load_config(str(tmp_path / "run" / "config.toml"), [])
     assert model_args(rebuilt.model, 2048, 32)[1] == model_args(config.model, 2048, 32)[1]
+
+
+def test_from_hf_refuses_another_family_and_bad_yarn_in_one_line():
+    from lockstep.config.sections import ModelConfig
+
+    qwen = ModelConfig(name="llama3", flavor="from_hf", hf_config={"model_type": "qwen3", "hidden_size": 64})
+    with pytest.raises(ConfigError, match="is a 'qwen3' model, not llama3; train with --model.name qwen3"):
+        model_args(qwen, 100, 32)
+    from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, hf_adapter
+
+    config = hf_adapter.hf_config(dataclasses.replace(DEEPSEEK_V3_FLAVORS["debug"], vocab_size=100))
+    for scaling, problem in [({"type": "linear", "factor": 2.0}, "rope scaling 'linear'"),
+                             ({"type": "yarn", "factor": -1.0}, "YaRN needs factor")]:  # fmt: skip
+        bad = ModelConfig(name="deepseek_v3", flavor="from_hf", hf_config=config | {"rope_scaling": scaling})
+        with pytest.raises(ConfigError, match=problem):
+            model_args(bad, 100, 32)
+
+
+def test_an_override_equal_to_the_flavor_does_not_block_a_resume(tmp_path):
+    """The args decide whether a checkpoint fits; the overrides are recorded, typed, not compared."""
+    with Trainer(tiny_config(tmp_path, "--model.overrides.n_layers", '"2"', "--training.steps", "2",
+                             "--checkpoint.enable", "--checkpoint.interval", "2"), show_progress=False) as trainer:  # fmt: skip
+        trainer.train()
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["model"]["overrides"] == {"n_layers": 2}
+    with Trainer(tiny_config(tmp_path, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "2"),
+                 show_progress=False) as trainer:  # fmt: skip
+        assert trainer.state.step == 2  # resumed: tiny has 2 layers

@@ -36,6 +36,19 @@ class YarnRopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+    attention_factor: float | None = None
+    """Scale of cos/sin when given explicitly (else derived from the mscales, as transformers does)."""
+    truncate: bool = True
+    """Round the correction range outwards to whole dims (DeepSeek's YaRN); false keeps it fractional."""
+
+    def __post_init__(self) -> None:
+        if not (
+            self.factor > 0 and self.original_max_position_embeddings > 0 and self.beta_fast > 0 and self.beta_slow > 0
+        ):
+            raise ValueError(
+                "YaRN needs factor, original_max_position_embeddings, beta_fast and beta_slow > 0; got "
+                f"{self.factor}, {self.original_max_position_embeddings}, {self.beta_fast}, {self.beta_slow}"
+            )
 
     @staticmethod
     def _mscale(factor: float, mscale: float) -> float:
@@ -44,6 +57,8 @@ class YarnRopeScaling:
     @property
     def cos_sin_factor(self) -> float:
         """What the cos/sin table is multiplied by."""
+        if self.attention_factor is not None:
+            return self.attention_factor
         if self.mscale and self.mscale_all_dim:
             return self._mscale(self.factor, self.mscale) / self._mscale(self.factor, self.mscale_all_dim)
         return self._mscale(self.factor, 1.0)
@@ -63,8 +78,10 @@ class YarnRopeScaling:
                 / (2 * math.log(theta))
             )
 
-        low = max(math.floor(correction_dim(self.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(self.beta_slow)), head_dim - 1)
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
         powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
         keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)

@@ -147,9 +147,13 @@ def _hf_yarn(scaling: YarnRopeScaling) -> dict:
 def _yarn_from_hf(config: dict) -> YarnRopeScaling | None:
     """rope_scaling (DeepSeek's config.json) or rope_parameters (as newer transformers save it), if YaRN."""
     for entry in (config.get("rope_scaling"), config.get("rope_parameters")):
-        if entry and (entry.get("rope_type") or entry.get("type")) == "yarn":
-            fields = {f.name for f in dataclasses.fields(YarnRopeScaling)}
-            return YarnRopeScaling(**{k: v for k, v in entry.items() if k in fields and v is not None})
+        kind = (entry or {}).get("rope_type") or (entry or {}).get("type")
+        if kind in (None, "default"):
+            continue
+        if kind != "yarn":
+            raise ValueError(f"rope scaling {kind!r}: DeepSeek-V3 takes yarn or none")
+        fields = {f.name for f in dataclasses.fields(YarnRopeScaling)}
+        return YarnRopeScaling(**{k: v for k, v in entry.items() if k in fields and v is not None})
     return None
 
 

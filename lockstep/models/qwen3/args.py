@@ -65,6 +65,11 @@ class Qwen3Args:
         return cls(**values)
 
     def validate(self) -> None:
+        if self.bias_update_speed:
+            raise ValueError(
+                "bias_update_speed must be 0 for Qwen3: its routers have no bias in transformers, so a moved bias "
+                "could never be exported (use the auxiliary loss, seq_aux_loss_alpha, to balance the experts)"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads {self.kv_heads} does not divide n_heads {self.n_heads}")
         if self.head_dim % 2:
