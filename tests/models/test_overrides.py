@@ -1,6 +1,7 @@
 """Architectures without code: [model.overrides] sets any field of the flavor's *Args, checked before any
 work, recorded in config.toml and in the checkpoint identity; flavor from_hf takes them from an HF folder."""
 
+import dataclasses
 import json
 
 import pytest
