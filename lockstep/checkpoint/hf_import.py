@@ -45,6 +45,11 @@ def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> 
     folders.require_new_or_empty(out_dir, "an import")
     config = json.loads((hf_dir / "config.json").read_text())
     spec = model_spec(model_name or family_of_hf_config(config, hf_dir / "config.json"))
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is not None and model_type not in spec.hf_model_types:  # --model names another family
+        raise CheckpointError(
+            hf_dir, f"holds a {model_type!r} model, not {spec.name}", "drop --model (the family comes from model_type)"
+        )
     return spec, spec.hf_adapter.args_from_hf_config(config)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import (
     NOT_YET_SUPPORTED,
@@ -253,7 +255,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
             validate()
     _validate_unsupported_axes(config.parallelism)
     _validate_checkpoint_folder(config.job, config.checkpoint)
-    resolve_hf_flavor(config.model, config.checkpoint)
+    resolve_hf_flavor(config.model, config.checkpoint, _recorded_hf_config(config))
     dims = resolve_parallel_dims(config.parallelism, world_size)
     if config.fault_tolerance.enable and config.debug.seed is None:
         raise ConfigError(
@@ -280,12 +282,27 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         _validate_invariant_batch(config.training, dims, per_rank, replica_groups(config))
 
 
-def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig) -> None:
+def _recorded_hf_config(config: JobConfig) -> dict | None:
+    """model.hf_config from the run folder's config.toml (a run that already started from_hf)."""
+    if config.model.flavor != "from_hf" or config.model.hf_config:
+        return None
+    recorded = run_folder(config) / "config.toml"
+    try:
+        return tomllib.loads(recorded.read_text()).get("model", {}).get("hf_config") or None
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+
+
+def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig, recorded: dict | None = None) -> None:
     """model.flavor = from_hf: the architecture is checkpoint.initial_load_path's config.json, read here
-    once and recorded in model.hf_config (a config.toml written by the run rebuilds it without the folder)."""
+    once and recorded in model.hf_config (a config.toml written by the run rebuilds it without the folder;
+    `recorded`, the run folder's, serves a resume when the folder is gone)."""
     if model.flavor != "from_hf" or model.hf_config:
         return
     folder = Path(checkpoint.initial_load_path) if checkpoint.initial_load_path else None
+    if (folder is None or not (folder / "config.json").is_file()) and recorded:
+        model.hf_config = recorded  # a resume of a run that recorded its config.json needs no folder
+        return
     if folder is None or not (folder / "config.json").is_file():
         raise ConfigError(
             "model.flavor",

@@ -109,3 +109,25 @@ def test_an_override_equal_to_the_flavor_does_not_block_a_resume(tmp_path):
     with Trainer(tiny_config(tmp_path, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.interval", "2"),
                  show_progress=False) as trainer:  # fmt: skip
         assert trainer.state.step == 2  # resumed: tiny has 2 layers
+
+
+def test_a_from_hf_run_resumes_without_the_folder_and_convert_checks_the_family(tmp_path, capfd):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=2048, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    flags = ["--model.flavor", "from_hf", "--checkpoint.initial_load_path", str(tmp_path / "hf"),
+             "--checkpoint.enable", "--checkpoint.interval", "1"]  # fmt: skip
+    with Trainer(tiny_config(tmp_path, *flags, "--training.steps", "1"), show_progress=False) as trainer:
+        trainer.train()
+    code, _, err = run_cli(
+        ["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--model", "qwen3"], capfd
+    )
+    assert code == 2 and "holds a 'llama' model, not qwen3" in err
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "hf" / name).unlink()  # the folder is gone; the run recorded its config.json
+    with Trainer(tiny_config(tmp_path, *flags, "--training.steps", "2"), show_progress=False) as trainer:
+        assert trainer.state.step == 1 and trainer.model.args.dim == 32
+        trainer.train()
