@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lockstep.train.throughput import peak_memory_gib
+
 _HIGH_WATER = re.compile(r"VmHWM:\s+(\d+) kB")
 
 
@@ -38,9 +40,7 @@ def _resident_peak_gib() -> float:
         peak_kib = int(_HIGH_WATER.search(Path("/proc/self/status").read_text()).group(1))
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     except (OSError, AttributeError):  # no procfs: the lifetime peak
-        import resource
-
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak_memory_gib(torch.device("cpu"))
     return peak_kib / 2**20
 
 

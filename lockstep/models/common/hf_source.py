@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+DECODER_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+"""Every family's parameters outside the blocks, lockstep -> Hugging Face (the Decoder base holds them)."""
+
 LAYER_NAME = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 """A block's parameter (lockstep's ``layers.N.rest``, or Hugging Face's ``model.layers.N.rest``): N, rest."""
 

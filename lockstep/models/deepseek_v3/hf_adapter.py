@@ -14,6 +14,7 @@ from collections.abc import Collection
 import torch
 
 from lockstep.models.common.hf_source import (
+    DECODER_TOP_NAMES,
     LAYER_NAME,
     ExpertsFromHF,
     HFSource,
@@ -25,11 +26,7 @@ from lockstep.models.common.hf_source import (
 from lockstep.models.common.rope import YarnRopeScaling
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args
 
-_TOP = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_TOP = DECODER_TOP_NAMES
 _BLOCK = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -51,7 +48,6 @@ _BLOCK = {
     "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
 _EXPERTS = ("moe.experts.w1", "moe.experts.w3", "moe.experts.w2")
-_LAYER = LAYER_NAME
 
 
 def hf_name(name: str) -> str:
@@ -61,7 +57,7 @@ def hf_name(name: str) -> str:
 def to_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in state.items():
-        match = _LAYER.match(name)
+        match = LAYER_NAME.match(name)
         if match and match.group(2) in _EXPERTS:
             out |= experts_to_hf(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], value)
         else:
@@ -77,7 +73,7 @@ def from_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, t
         if name in reverse_top:
             out[reverse_top[name]] = value
             continue
-        match = _LAYER.match(name)
+        match = LAYER_NAME.match(name)
         if match is None:
             if "rotary_emb" in name:
                 continue
@@ -96,7 +92,7 @@ def from_hf(state: dict[str, torch.Tensor], args: DeepSeekV3Args) -> dict[str, t
 def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: DeepSeekV3Args) -> HFSource:
     """How a rank reads its shard of `name`: grouped experts per expert (or fused), see
     ``experts_source``; everything else is one Hugging Face tensor."""
-    match = _LAYER.match(name)
+    match = LAYER_NAME.match(name)
     if match is None or match.group(2) not in _EXPERTS:
         return HFSource((whole(hf_name(name), shape),))
     return experts_source(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], shape, hf_names)

@@ -7,20 +7,15 @@ on the way out and back on the way in; the two layouts compute identical attenti
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import HFSource, table_hf_name, whole
+from lockstep.models.common.hf_source import DECODER_TOP_NAMES, LAYER_NAME, HFSource, table_hf_name, whole
 from lockstep.models.common.rope import Llama3RopeScaling, halves_to_interleaved, interleaved_to_halves
 from lockstep.models.llama3.args import Llama3Args
 
-_TO_HF = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_TO_HF = DECODER_TOP_NAMES
 _LAYER_TO_HF = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -34,7 +29,6 @@ _LAYER_TO_HF = {
 }
 _FROM_HF = {v: k for k, v in _TO_HF.items()}
 _LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
-_LAYER = re.compile(r"^(model\.)?layers\.(\d+)\.(.+)$")
 
 
 def hf_name(name: str) -> str:
@@ -60,12 +54,12 @@ def from_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch
         if name in _FROM_HF:
             out[_FROM_HF[name]] = value
             continue
-        match = _LAYER.match(name)
-        if match is None or match.group(3) not in _LAYER_FROM_HF:
+        match = LAYER_NAME.match(name)
+        if match is None or match.group(2) not in _LAYER_FROM_HF:
             if "rotary_emb" in name:
                 continue
             raise KeyError(f"unexpected Hugging Face parameter {name!r} for a Llama model")
-        ours = f"layers.{match.group(2)}.{_LAYER_FROM_HF[match.group(3)]}"
+        ours = f"layers.{match.group(1)}.{_LAYER_FROM_HF[match.group(2)]}"
         if ours.endswith("attention.wq.weight"):
             value = halves_to_interleaved(value, args.n_heads)
         elif ours.endswith("attention.wk.weight"):

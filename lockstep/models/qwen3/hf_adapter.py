@@ -21,6 +21,7 @@ from collections.abc import Collection
 import torch
 
 from lockstep.models.common.hf_source import (
+    DECODER_TOP_NAMES,
     LAYER_NAME,
     ExpertsFromHF,
     HFSource,
@@ -32,11 +33,7 @@ from lockstep.models.common.hf_source import (
 from lockstep.models.common.rope import halves_to_interleaved, interleaved_to_halves
 from lockstep.models.qwen3.args import Qwen3Args
 
-_TOP = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_TOP = DECODER_TOP_NAMES
 _BLOCK = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -53,7 +50,6 @@ _BLOCK = {
 }
 _EXPERTS = ("moe.experts.w1", "moe.experts.w3", "moe.experts.w2")
 _BIAS = "moe.expert_bias"
-_LAYER = LAYER_NAME
 _ROTATED = ("attention.wq.weight", "attention.wk.weight", "attention.q_norm.weight", "attention.k_norm.weight")
 
 
@@ -72,7 +68,7 @@ def to_hf(state: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Te
     """lockstep state dict (full tensors) -> Hugging Face Qwen3 / Qwen3-MoE state dict."""
     out = {}
     for name, value in state.items():
-        match = _LAYER.match(name)
+        match = LAYER_NAME.match(name)
         rest = match.group(2) if match else None
         if rest in _EXPERTS:
             out |= experts_to_hf(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], value)
@@ -97,7 +93,7 @@ def from_hf(state: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.
         if name in reverse_top:
             out[reverse_top[name]] = value
             continue
-        match = _LAYER.match(name)
+        match = LAYER_NAME.match(name)
         if match is None:
             if "rotary_emb" in name:
                 continue
@@ -124,7 +120,7 @@ def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Qwe
     """How a rank reads its shard of `name`: wq, wk and the QK-norm weights go from halves back to
     interleaved pairs, a permutation within each head (blocks of head_dim rows); experts per expert
     (or fused); the routing bias, which Qwen3-MoE has not, reads as zeros."""
-    match = _LAYER.match(name)
+    match = LAYER_NAME.match(name)
     rest = match.group(2) if match else None
     if rest == _BIAS:
         return HFSource(())
