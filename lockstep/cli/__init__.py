@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lighthouse": ("lockstep.cli.lighthouse", "serve torchft's lighthouse for fault-tolerant replica groups"),
     "inspect": ("lockstep.cli.inspect", "the samples of a step: sources, text previews, replayed per-sample losses"),
     "replay": ("lockstep.cli.replay", "recompute a step here and compare it bitwise with the run's record"),
+    "estimate": ("lockstep.cli.estimate", "predict per-rank memory and per-step traffic of a layout at any scale"),
     "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
     "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
 }

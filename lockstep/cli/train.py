@@ -61,8 +61,14 @@ def run(argv: list[str]) -> int:
 def _train(config: JobConfig) -> int:
     import torch
 
-    from lockstep.train.trainer import Trainer
+    from lockstep.train.trainer import Trainer, resolve_device
 
+    device = resolve_device(config.training)
+    if device.type == "cuda" and not config.training.skip_memory_check:
+        from lockstep.parallel.process_group import world_from_env
+        from lockstep.tools.estimate.preflight import refuse_layouts_that_cannot_fit, this_device
+
+        refuse_layouts_that_cannot_fit(config, world_from_env().world_size, this_device(device.index or 0))
     trainer = Trainer(config)
     if config.debug.print_config:
         from lockstep.config import dump_toml

@@ -132,7 +132,7 @@ def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> Pa
             f"replicate x shard x tp x pp x cp = {others * shard} but the world size is {world_size}; "
             "make the product equal the number of processes (or set data_parallel_shard_degree = -1)",
         )
-    ep = parallelism.expert_parallel_degree
+    ep = shard if parallelism.expert_parallel_degree == -1 else parallelism.expert_parallel_degree
     if ep != 1 and ep != shard:
         raise ConfigError(
             "parallelism.expert_parallel_degree",

@@ -115,6 +115,9 @@ class TrainingConfig:
     loss_chunk_tokens: int = 0
     """Project and take the cross-entropy this many tokens at a time (no full [B, S, vocab] logits), also on a
     pipeline's last stage; 0 = off. Not with tensor parallelism, whose parallelism.loss_parallel shards the logits."""
+    skip_memory_check: bool = False
+    """On CUDA, lockstep train first estimates the peak memory per rank (lockstep estimate) and refuses a layout
+    that clearly cannot fit the device, naming a layout that fits; this skips that check."""
 
     def validate(self) -> None:
         _require(self.steps > 0, "training.steps", f"must be > 0; got {self.steps}")
@@ -403,7 +406,7 @@ class ParallelismConfig:
     context_parallel_degree: int = 1
     """Context (sequence) parallel degree."""
     expert_parallel_degree: int = 1
-    """Expert parallel degree (MoE models)."""
+    """Expert parallel degree (MoE models): 1, or the FSDP shard degree, whose ranks it borrows; -1 = that degree."""
     replicate_bucket_mb: float = 25.0
     """Size of the buckets in which gradients are summed over the replicate axis (DDP, HSDP's replicas),
     each started as soon as backward has finished its gradients, overlapping the rest of backward."""
@@ -414,9 +417,13 @@ class ParallelismConfig:
             "tensor_parallel_degree",
             "pipeline_parallel_degree",
             "context_parallel_degree",
-            "expert_parallel_degree",
         ):
             _require(getattr(self, name) >= 1, f"parallelism.{name}", "must be >= 1")
+        _require(
+            self.expert_parallel_degree == -1 or self.expert_parallel_degree >= 1,
+            "parallelism.expert_parallel_degree",
+            "must be >= 1, or -1 for the FSDP shard degree",
+        )
         _require(self.replicate_bucket_mb > 0, "parallelism.replicate_bucket_mb", "must be > 0 (MiB)")
         _require(
             self.data_parallel_shard_degree == -1 or self.data_parallel_shard_degree >= 1,

@@ -68,7 +68,7 @@ def config_findings(
                                   "row-parallel matmuls, column-parallel input gradients and sequence-parallel norm "
                                   "weight gradients are summed across ranks in the backend's order (1e-5, not "
                                   "bitwise; debug.deterministic makes them canonical)"))  # fmt: skip
-    if parallelism.expert_parallel_degree > 1 and debug.layout_invariant_reductions:
+    if parallelism.expert_parallel_degree != 1 and debug.layout_invariant_reductions:
         found.append(AuditFinding("lockstep", "expert parallelism", "ok",
                                   "local experts run once per source microbatch, weight gradients summed in the "
                                   "canonical tree (bitwise)"))  # fmt: skip

@@ -42,10 +42,13 @@ class Layout:
     is FSDP's mixed precision in every layout (over one rank when nothing is sharded)."""
     root_seed: int
     attention_backend: str
+    """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
     canonical_tensor_parallel: bool = False
     """debug.deterministic: models that offer it split their linear layers' sums into fixed chunks at
     every tensor-parallel degree, 1 included (lockstep.parallel.canonical_linear)."""
-    """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
+    initialize: bool = True
+    """False leaves the parts on the meta device, unfilled: lockstep estimate materialises them as fake
+    tensors, which hold shapes only."""
 
 
 @dataclass
@@ -131,7 +134,8 @@ def build_model(
                 canonical_reduce_scatter=layout.canonical_reductions,
                 ignored_params=set(expert_params),
             )
-        part.init_weights(layout.root_seed, layout.device)
+        if layout.initialize:
+            part.init_weights(layout.root_seed, layout.device)
         return part
 
     if dims.pp > 1:

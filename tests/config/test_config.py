@@ -14,7 +14,8 @@ def test_presets_load_and_validate():
     for name in preset_names():
         config = load_config(name, [])
         assert config.model.name in MODELS and config.model.flavor in MODELS[config.model.name].flavors
-        validate_job_config(config, world_size=1)
+        p = config.parallelism  # the smallest world a preset's fixed degrees fit (llama3_405b: tp 8 x pp 8)
+        validate_job_config(config, world_size=p.tensor_parallel_degree * p.pipeline_parallel_degree)
 
 
 def test_override_forms():

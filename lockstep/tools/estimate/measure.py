@@ -1,0 +1,88 @@
+"""The estimate's check: the same rank step run for real, on real tensors and a real process group,
+measured by instruments the estimate does not use for memory (torch's ``MemTracker``) and by the same
+``WireCounter`` for the wire (so the comparison is call for call).
+
+Every rank of a real job (gloo on CPU, or one process) calls ``measure_rank``; the tests and
+``benchmarks/estimate_accuracy.py`` compare its figures with ``trace_rank``'s for the same rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.profiler import ProfilerActivity, profile
+
+from lockstep.config import JobConfig
+from lockstep.config.job import ParallelDims
+from lockstep.tools.estimate.rank_step import RankStep
+from lockstep.tools.estimate.wire import Traffic, WireCounter
+
+
+@dataclass
+class Measured:
+    rank: int
+    peak_bytes: int
+    """torch's MemTracker peak over the step (optimizer state already there), all categories."""
+    traffic: Traffic
+
+
+def measure_rank(
+    config: JobConfig,
+    dims: ParallelDims,
+    *,
+    ranks_per_node: int,
+    vocab_size: int,
+    attention_backend: str = "sdpa",
+    instrument: str = "allocator",
+) -> Measured:
+    """Run this rank's step for real (the default process group, if any, is the job's). `instrument`:
+    ``allocator``, the CPU allocator's own record of every allocation and free (torch.profiler's
+    memory events), or ``memtracker``, torch's MemTracker (which cannot follow a pipeline stage's
+    backward: its module hooks refuse ``autograd.grad``)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    step = RankStep(
+        config, dims, vocab_size=vocab_size, device=torch.device("cpu"), attention_backend=attention_backend
+    )
+    step.create_optimizer_state()
+    counter = WireCounter(rank, ranks_per_node)
+    if instrument == "memtracker":
+        tracker = MemTracker()
+        tracker.track_external(*step.model.parts, *step.optimizers)
+        with tracker, counter:
+            step.run()
+        peak = sum(
+            nbytes for device_stats in tracker.get_tracker_snapshot("peak").values()
+            for category, nbytes in device_stats.items() if category != "Total"
+        )  # fmt: skip
+        return Measured(rank, peak, counter.traffic)
+    held = _held_bytes(step)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler, counter:
+        step.run()
+    return Measured(rank, held + _peak_of_allocations(profiler), counter.traffic)
+
+
+def _held_bytes(step: RankStep) -> int:
+    """Bytes held before the step: parameters, buffers and optimizer state (each storage once)."""
+    tensors = [p for part in step.model.parts for p in [*part.parameters(), *part.buffers()]]
+    tensors += step.optimizer_state()
+    storages = {}
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _peak_of_allocations(profiler) -> int:
+    """The highest running sum of the CPU allocator's allocations and frees during the step, in the
+    order the allocator saw them (the profiler's raw memory records)."""
+    records = sorted(
+        (e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in records:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
