@@ -37,17 +37,25 @@ def measure_rank(
     vocab_size: int,
     attention_backend: str = "sdpa",
     instrument: str = "allocator",
+    device: torch.device | None = None,
 ) -> Measured:
     """Run this rank's step for real (the default process group, if any, is the job's). `instrument`:
     ``allocator``, the CPU allocator's own record of every allocation and free (torch.profiler's
     memory events), or ``memtracker``, torch's MemTracker (which cannot follow a pipeline stage's
-    backward: its module hooks refuse ``autograd.grad``)."""
+    backward: its module hooks refuse ``autograd.grad``). On a CUDA `device` the allocator's own peak
+    (``torch.cuda.max_memory_allocated``) is taken."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    step = RankStep(
-        config, dims, vocab_size=vocab_size, device=torch.device("cpu"), attention_backend=attention_backend
-    )
+    device = device or torch.device("cpu")
+    step = RankStep(config, dims, vocab_size=vocab_size, device=device, attention_backend=attention_backend)
     step.create_optimizer_state()
     counter = WireCounter(rank, ranks_per_node)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with counter:
+            step.run()
+        torch.cuda.synchronize(device)
+        return Measured(rank, torch.cuda.max_memory_allocated(device), counter.traffic)
     if instrument == "memtracker":
         tracker = MemTracker()
         tracker.track_external(*step.model.parts, *step.optimizers)
