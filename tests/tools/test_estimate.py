@@ -108,6 +108,39 @@ def test_expert_parallel_2_bf16_matches_measurement(tmp_path):
     check(tmp_path, "deepseek_v3_debug", overrides, 2)
 
 
+def _trainer_and_rank_step_body(folder, overrides: list[str]) -> None:
+    from lockstep.tools.estimate.rank_step import RankStep
+    from lockstep.train.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    config = tiny_config(folder, *overrides)
+    with Trainer(config, show_progress=False) as trainer:
+        counter = WireCounter(dist.get_rank(), 2)
+        with counter:
+            trainer.train_step()
+        dims = trainer.dims
+        trained = counter.traffic.as_dict()
+    dist.init_process_group("gloo")
+    step = RankStep(config, dims, vocab_size=VOCAB, device=torch.device("cpu"), attention_backend="sdpa")
+    counter = WireCounter(dist.get_rank(), 2)
+    with counter:
+        step.run()
+    dist.destroy_process_group()
+    estimated = counter.traffic.as_dict()
+    gradients = [k for k in trained if k.startswith(("all_gather", "reduce_scatter", "all_reduce ("))]
+    assert gradients and {k: trained[k] for k in gradients} == {k: estimated.get(k) for k in gradients}, (
+        trained,
+        estimated,
+    )
+
+
+def test_the_estimated_step_moves_what_the_trainers_step_moves(tmp_path):
+    """The estimate's step (RankStep) is composed from the trainer's pieces: on FSDP 2 it moves what
+    Trainer.train_step moves (FSDP's all-gathers, the canonical reduce-scatter, the canonical sums), call
+    for call and byte for byte, so the two cannot drift apart unseen."""
+    run_on_ranks(_trainer_and_rank_step_body, 2, tmp_path, ["--training.local_batch_size", "2"])
+
+
 def test_ring_model_splits_bytes_by_node():
     """A ring over ranks 0-3 with 2 ranks per node crosses nodes twice in 4 hops: half its bytes leave the
     node; an all-to-all's chunks to the other node are inter-node, exactly; as rings, a canonical

@@ -251,7 +251,7 @@ def _stage(stage: int, rank: int, flat: dict[str, float], device: DeviceSpec) ->
         for kind, v in _nested(flat, "ring").items()
     }
     return StageEstimate(
-        stage, rank, {k: round(v, 3) for k, v in memory.items()}, phase, round(sum(memory.values()), 2),
+        stage, rank, {k: round(v, 4) for k, v in memory.items()}, phase, round(sum(memory.values()), 2),
         traffic, ring, round(flat["local_params"]),
     )  # fmt: skip
 

@@ -9,8 +9,8 @@ A storage's term is decided when it appears, and changed only by ``mark``:
 
 - ``parameters``, ``buffers``, ``gradients``, ``optimizer``: marked by the caller (a gradient when it
   lands, so FSDP's reduce-scatter output becomes a gradient);
-- a label in force (``label``): ``unsharded_parameters`` (FSDP's all-gathers), ``reduce_scatter_buffers``
-  (FSDP's gradient reduction, the canonical tree's buffers included), ``attention``, ``routed_experts``
+- a label in force (``label``): ``unsharded_parameters`` (FSDP's all-gathers), ``reduction_buffers``
+  (FSDP's gradient reduction with the canonical tree's buffers, the replicate axis's buckets), ``attention``, ``routed_experts``
   (dispatch buffers, expert-parallel copies, the experts' activations), ``logits_and_loss``;
 - otherwise the phase: ``activations`` in forward (what the forward saves, plus temporaries),
   ``backward`` inside autograd's backward (activation gradients, recomputation), ``optimizer`` in the
@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 TERMS = (
-    "parameters", "buffers", "gradients", "optimizer", "unsharded_parameters", "reduce_scatter_buffers",
+    "parameters", "buffers", "gradients", "optimizer", "unsharded_parameters", "reduction_buffers",
     "attention", "routed_experts", "logits_and_loss", "activations", "backward",
 )  # fmt: skip
 

@@ -12,7 +12,7 @@ MEMORY_NAMES = {
     "gradients": "gradients",
     "optimizer": "optimizer state",
     "unsharded_parameters": "unsharded + prefetched parameters",
-    "reduce_scatter_buffers": "gradient reduction buffers",
+    "reduction_buffers": "gradient reduction buffers",
     "attention": "attention",
     "routed_experts": "routed experts (dispatch, EP copies)",
     "logits_and_loss": "logits and loss",

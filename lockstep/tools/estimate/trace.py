@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
 from torch.distributed.pipelining._utils import _StageBackwardMeta
+from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -107,11 +108,23 @@ class PipelineMailbox:
 
 @contextlib.contextmanager
 def fake_world(rank: int, world_size: int):
+    """A fake process group of `world_size` in which this process is `rank`. DTensor caches its sharding
+    decisions by mesh, and meshes of two worlds compare equal while their groups differ: the caches are
+    cleared on the way in and out, so no rank sees another's groups."""
+    _clear_sharding_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        _clear_sharding_caches()
+
+
+def _clear_sharding_caches() -> None:
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
 
 
 def trace_rank(
@@ -173,6 +186,11 @@ def _labelled(step: RankStep, tracker: StorageTracker):
                     original = module.compute
                     module.compute = tracker.labelled(original, "routed_experts")
                     stack.callback(setattr, module, "compute", original)
+        if step.replica_sum is not None:  # the replicate axis's buckets
+            for name in ("_launch", "_launch_nodes", "finish"):
+                original = getattr(step.replica_sum, name)
+                setattr(step.replica_sum, name, tracker.labelled(original, "reduction_buffers"))
+                stack.callback(setattr, step.replica_sum, name, original)
         settings = step.forward_backward.settings
         for holder in (settings, settings.pipeline_loss):
             original = holder.loss_fn
@@ -184,7 +202,7 @@ def _labelled(step: RankStep, tracker: StorageTracker):
 _FSDP_LABELS = {
     "foreach_all_gather": "unsharded_parameters",
     "foreach_all_gather_copy_out": "unsharded_parameters",
-    "foreach_reduce": "reduce_scatter_buffers",
+    "foreach_reduce": "reduction_buffers",
 }
 
 
