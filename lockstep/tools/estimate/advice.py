@@ -39,6 +39,15 @@ def candidates(config: JobConfig, topology: Topology) -> Iterator[tuple[str, Job
             "--parallelism.fsdp_reshard_after_forward",
             lambda c: setattr(c.parallelism, "fsdp_reshard_after_forward", True),
         )
+    if dims.dp_replicate > 1:  # the replicas' ranks shard instead: 1/dp of the model states per rank
+
+        def shard_all(c: JobConfig) -> None:
+            c.parallelism.data_parallel_replicate_degree, c.parallelism.data_parallel_shard_degree = 1, -1
+            c.training.global_batch_size = global_batch
+
+        yield changed(
+            "--parallelism.data_parallel_replicate_degree 1 --parallelism.data_parallel_shard_degree -1", shard_all
+        )
     if dims.pp == 1 and config.training.local_batch_size > 1:
         half = config.training.local_batch_size // 2
 

@@ -116,16 +116,17 @@ class DepthPlan:
         split_points = config.parallelism.pipeline_parallel_split_points
         if split_points or layers <= 6 * dims.pp:
             return None  # traced at full depth
-        if dense is None or dense == 0 or dense == layers:
+        # Three blocks or more per stage: with two, FSDP's prefetching has not settled into its pattern.
+        if dense is None or dense in (0, layers):
             variants = [{"n_layers": 3 * dims.pp}, {"n_layers": 4 * dims.pp}]
-        else:  # three blocks or more per stage: two are too few for FSDP's prefetching to settle
+            if dense is not None:  # all dense or none: the dense count follows the depth
+                variants = [{**v, "n_dense_layers": min(dense, v["n_layers"])} for v in variants]
+        else:
             variants = [
                 {"n_layers": 3 * dims.pp, "n_dense_layers": 1},
                 {"n_layers": 4 * dims.pp, "n_dense_layers": 1},
                 {"n_layers": 3 * dims.pp, "n_dense_layers": 2},
             ]
-        if dense is not None and "n_dense_layers" not in variants[0]:
-            variants = [{**v, "n_dense_layers": min(dense, 0 if dense == 0 else v["n_layers"])} for v in variants]
         return cls(variants, full, dims.pp, split_points)
 
     def counts(self, depth: dict[str, int]) -> list[tuple[int, int]]:

@@ -25,7 +25,7 @@ from lockstep.tools.estimate.wire import Traffic, WireCounter
 class Measured:
     rank: int
     peak_bytes: int
-    """torch's MemTracker peak over the step (optimizer state already there), all categories."""
+    """The step's peak (optimizer state already there), by the instrument asked for."""
     traffic: Traffic
 
 
@@ -36,14 +36,19 @@ def measure_rank(
     ranks_per_node: int,
     vocab_size: int,
     attention_backend: str = "sdpa",
-    instrument: str = "allocator",
+    instrument: str = "auto",
     device: torch.device | None = None,
 ) -> Measured:
     """Run this rank's step for real (the default process group, if any, is the job's). `instrument`:
-    ``allocator``, the CPU allocator's own record of every allocation and free (torch.profiler's
-    memory events), or ``memtracker``, torch's MemTracker (which cannot follow a pipeline stage's
-    backward: its module hooks refuse ``autograd.grad``). On a CUDA `device` the allocator's own peak
+    ``memtracker``, torch's MemTracker: every tensor PyTorch allocates, as a GPU's caching allocator
+    would be asked for them; ``allocator``, the CPU allocator's own record of every allocation and free
+    (torch.profiler's memory events), which also holds gloo's own staging buffers and the tensors its
+    worker threads keep until a collective completes (NCCL makes neither; up to ~20% of a tiny model's
+    peak here); ``auto``, MemTracker except under pipelining, whose stage backward (``autograd.grad``)
+    MemTracker's module hooks refuse. On a CUDA `device` the allocator's own peak
     (``torch.cuda.max_memory_allocated``) is taken."""
+    if instrument == "auto":
+        instrument = "allocator" if dims.pp > 1 else "memtracker"
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = device or torch.device("cpu")
     step = RankStep(config, dims, vocab_size=vocab_size, device=device, attention_backend=attention_backend)

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lockstep.config import JobConfig
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import ParallelDims
+from lockstep.parallel.expert_parallel import _FanOut
 from lockstep.parallel.mesh import AXES
 from lockstep.tools.estimate.memory import StorageTracker
 from lockstep.tools.estimate.rank_step import RankStep
@@ -186,6 +187,9 @@ def _labelled(step: RankStep, tracker: StorageTracker):
                     original = module.compute
                     module.compute = tracker.labelled(original, "routed_experts")
                     stack.callback(setattr, module, "compute", original)
+        original_fan_out = _FanOut.backward  # the per-source expert gradients, stacked for their tree
+        _FanOut.backward = staticmethod(tracker.labelled(original_fan_out, "routed_experts"))
+        stack.callback(setattr, _FanOut, "backward", staticmethod(original_fan_out))
         if step.replica_sum is not None:  # the replicate axis's buckets
             for name in ("_launch", "_launch_nodes", "finish"):
                 original = getattr(step.replica_sum, name)
