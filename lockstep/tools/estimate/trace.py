@@ -38,17 +38,13 @@ class RankTrace:
     rank: int
     stage: int
     peaks: dict[str, dict[str, int]]
-    """Per phase of the step (forward and backward: ``activations``; ``optimizer``), the bytes per term
-    at that phase's peak."""
-    steady_terms: dict[str, int]
-    """Bytes per term between steps (parameters, buffers, optimizer state)."""
+    """Per window of the step (StorageTracker.peaks: forward, backward, each gradient reduction kind,
+    optimizer), the bytes per term at that window's peak."""
     traffic: Traffic
     as_ring: Traffic
     """The same step with the all-to-all reductions counted as rings (WireCounter.as_ring)."""
-    model_flops_per_token: int
     local_params: int
     """This rank's parameter elements (its shards)."""
-    microbatches: int
 
 
 def rank_coordinates(dims: ParallelDims, rank: int) -> dict[str, int]:
@@ -155,14 +151,11 @@ def trace_rank(
             tracker.mark((p for _, p in step.named_params), "parameters")
             tracker.mark((b for part in step.model.parts for b in part.buffers()), "buffers")
             tracker.mark(step.optimizer_state(), "optimizer")
-            start_terms = dict(tracker.totals)
             step.run(optimizer_phase=lambda: tracker.phase_of("optimizer"))
         local_params = sum(_local(p).numel() for _, p in step.named_params)
         return RankTrace(
-            rank=rank, stage=rank_coordinates(dims, rank)["pp"], peaks=tracker.peaks, steady_terms=start_terms, traffic=counter.traffic,
-            as_ring=counter.as_ring,
-            model_flops_per_token=step.model.flops_per_token, local_params=local_params,
-            microbatches=step.shape.microbatches,
+            rank=rank, stage=rank_coordinates(dims, rank)["pp"], peaks=tracker.peaks, traffic=counter.traffic,
+            as_ring=counter.as_ring, local_params=local_params,
         )  # fmt: skip
 
 
