@@ -272,7 +272,9 @@ def _layout(config: JobConfig, dims: ParallelDims, topology: Topology, backend: 
 
 def _compute(config: JobConfig, dims: ParallelDims, device: DeviceSpec, vocab: int, stages) -> dict:
     """FLOPs per rank per step, and the step time and MFU they allow on this device: compute at peak,
-    stretched by the pipeline bubble, against the busiest link (communication fully overlapped)."""
+    stretched by the pipeline bubble, plus the optimizer step at memory bandwidth (AdamW reads the fp32
+    parameter, gradient and two moments and writes three of them: 28 bytes per local parameter), against
+    the busiest link (communication fully overlapped)."""
     spec, args = model_args(config.model, vocab, config.training.seq_len)
     with torch.device("meta"):
         model = spec.build(args, "sdpa")
@@ -285,14 +287,15 @@ def _compute(config: JobConfig, dims: ParallelDims, device: DeviceSpec, vocab: i
     hardware_flops = model_flops * (1 + recompute)
     peak = device.peak_tflops[config.training.mixed_precision] * 1e12
     bubble = (dims.pp - 1) / (shape.microbatches + dims.pp - 1) if dims.pp > 1 else 0.0
-    compute_s = hardware_flops / peak / (1 - bubble)
+    optimizer_s = 28 * max(s.local_params for s in stages) / (device.hbm_gbps * 1e9)
+    compute_s = hardware_flops / peak / (1 - bubble) + optimizer_s
     worst = max(stages, key=lambda s: sum(v["inter_gb"] for v in s.traffic.values()))
     intra_s = sum(v["intra_gb"] for v in worst.traffic.values()) / device.intra_node_gbps
     inter_s = sum(v["inter_gb"] for v in worst.traffic.values()) / device.inter_node_gbps
     step_s = max(compute_s, intra_s, inter_s)
     return {
         "model_tflop_per_rank": round(model_flops / 1e12, 3), "hardware_tflop_per_rank": round(hardware_flops / 1e12, 3),
-        "pipeline_bubble": round(bubble, 4), "compute_s": round(compute_s, 4), "intra_node_s": round(intra_s, 4),
+        "pipeline_bubble": round(bubble, 4), "optimizer_s": round(optimizer_s, 4), "compute_s": round(compute_s, 4), "intra_node_s": round(intra_s, 4),
         "inter_node_s": round(inter_s, 4), "step_s": round(step_s, 4),
         "mfu_ceiling_percent": round(100 * model_flops / peak / step_s, 1) if step_s else 0.0,
         "bound_by": "compute" if step_s == compute_s else ("inter-node links" if step_s == inter_s else "NVLink"),
