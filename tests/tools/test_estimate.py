@@ -1,6 +1,7 @@
-"""lockstep estimate against measurement: the same rank's step run for real on gloo ranks (peak from the
-CPU allocator's own record, bytes counted at every collective call) and traced on fake tensors at the
-job's world size. The whole matrix is benchmarks/estimate_accuracy.py; this is a representative subset."""
+"""lockstep estimate against measurement: the same rank's step run for real on gloo ranks (peak from
+torch's MemTracker, or the CPU allocator's own record under pipelining; bytes counted at every
+collective call) and traced on fake tensors at the job's world size. The whole matrix is
+benchmarks/estimate_accuracy.py; this is a representative subset."""
 
 from __future__ import annotations
 
