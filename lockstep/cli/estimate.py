@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from lockstep.config import load_config
@@ -34,6 +35,11 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--no-advice", action="store_true", help="skip the search for layouts that fit")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args, overrides = parser.parse_known_args(argv)
+    for flag in ("vocab_size", "device_memory", "peak_tflops", "hbm_gbps", "intra_node_gbps", "inter_node_gbps"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            print(f"lockstep estimate: error: --{flag.replace('_', '-')} must be > 0; got {value}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     topology = _topology(parser, args)
     if topology is None:
         return EXIT_BAD_INPUT
@@ -51,14 +57,13 @@ def run(argv: list[str]) -> int:
 
 def _topology(parser: argparse.ArgumentParser, args) -> Topology | None:
     if args.nproc is not None and (args.nnodes is not None or args.nproc_per_node is not None):
-        parser.print_usage()
-        print("lockstep estimate: error: give --nproc N, or --nnodes A --nproc-per-node B, not both")
+        print("lockstep estimate: error: give --nproc N, or --nnodes A --nproc-per-node B, not both", file=sys.stderr)
         return None
     if args.nproc is not None:
         nnodes, per_node = 1, args.nproc
     else:
         nnodes, per_node = args.nnodes or 1, args.nproc_per_node or 8
     if nnodes < 1 or per_node < 1:
-        print("lockstep estimate: error: --nproc, --nnodes and --nproc-per-node must be >= 1")
+        print("lockstep estimate: error: --nproc, --nnodes and --nproc-per-node must be >= 1", file=sys.stderr)
         return None
     return Topology(nnodes, per_node)

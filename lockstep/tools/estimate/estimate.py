@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from lockstep.config import JobConfig, validate_job_config
+from lockstep.config.errors import ConfigError
 from lockstep.config.job import ParallelDims, resolve_parallel_dims
+from lockstep.config.sections import MULTI_STAGE_SCHEDULES
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args
 from lockstep.parallel.pipeline import stage_layer_ranges
@@ -159,6 +161,12 @@ def estimate(
     validate_job_config(config, world)
     dims = resolve_parallel_dims(config.parallelism, world)
     check_model_fits_layout(config.model, dims)
+    if dims.pp > 1 and config.parallelism.pipeline_parallel_schedule in MULTI_STAGE_SCHEDULES:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_schedule",
+            "lockstep estimate traces pipeline stages one after another and cannot yet estimate a schedule that "
+            "runs several stages per rank; estimate with GPipe or 1F1B (the same stage sizes, one stage per rank)",
+        )
     vocab, vocab_source = resolve_vocab(config, vocab_size)
     device_type = "cpu" if device.name == "cpu" else "cuda"
     backend = resolve_attention_backend(config.model.attention, device_type)
