@@ -109,6 +109,11 @@ class ParallelDims:
         return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
 
 
+def microbatch_size(training: TrainingConfig, parallelism: ParallelismConfig, dims: ParallelDims) -> int:
+    """Samples per leaf of the canonical tree: a microbatch, or under pipelining the schedule's microbatch."""
+    return parallelism.pipeline_parallel_microbatch_size if dims.pp > 1 else training.local_batch_size
+
+
 def resolve_parallel_dims(parallelism: ParallelismConfig, world_size: int) -> ParallelDims:
     """The degrees with data_parallel_shard_degree = -1 filled in; refuses a product that is not the
     world size (checked before any process group exists)."""
@@ -274,9 +279,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         )
     if config.validation.enable:
         resolve_validation(config, dims)
-    microbatch = config.training.local_batch_size
-    if dims.pp > 1:  # the tree's leaves are the schedule's microbatches
-        microbatch = config.parallelism.pipeline_parallel_microbatch_size
+    microbatch = microbatch_size(config.training, config.parallelism, dims)
     if config.debug.layout_invariant_reductions:
         per_rank = group_batch // (microbatch * dims.dp)
         _validate_invariant_batch(config.training, dims, per_rank, replica_groups(config))

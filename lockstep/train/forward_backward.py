@@ -40,6 +40,19 @@ class LossSettings:
     eos_id: int
 
 
+def canonical_gradient_tree(model: BuiltModel, tree_on_shards: bool) -> GradientTree:
+    """The canonical per-microbatch gradient tree, hooked where each microbatch's gradient lands: the
+    sharded FSDP parameters (reduce-scattered every micro-step, pipeline stages included) and the
+    parameters FSDP ignores, or the parameters themselves."""
+    tree = GradientTree()
+    if tree_on_shards:
+        tree.watch_sharded(model.fsdp_modules)
+        tree.watch(model.unmanaged_params)
+    else:
+        tree.watch(p for part in model.parts for p in part.parameters())
+    return tree
+
+
 class ForwardBackward:
     def __init__(
         self,

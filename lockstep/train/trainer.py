@@ -18,21 +18,27 @@ import torch
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims, resolve_validation, run_folder
+from lockstep.config.job import (
+    microbatch_size,
+    resolve_group_batch_size,
+    resolve_parallel_dims,
+    resolve_validation,
+    run_folder,
+)
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, typed_overrides
-from lockstep.parallel.canonical import GradientTree, canonical_nodes, clip_, full_value, grad_norm_fp64
+from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.comm import CommTimeouts
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.train.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
-from lockstep.train.forward_backward import ForwardBackward, LossSettings
+from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.launches import (
     config_record,
     record_launch,
@@ -107,9 +113,7 @@ class Trainer:
         self.global_batch, self.group_batch = resolve_group_batch_size(config, self.dims)
         self.dp_rank = axis_rank(self.mesh, "dp")
         # Under pipelining the tree's leaves are the schedule's microbatches, so the loader cuts those.
-        microbatch = training.local_batch_size
-        if self.dims.pp > 1:
-            microbatch = config.parallelism.pipeline_parallel_microbatch_size
+        microbatch = microbatch_size(training, config.parallelism, self.dims)
         self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, microbatch)
         # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16).
         canonical = use_tree = config.debug.layout_invariant_reductions
@@ -139,7 +143,7 @@ class Trainer:
         # gradients per rank, pipeline stages too); its microbatches are placed strided over the shards.
         self.tree_on_shards = use_tree and self.fsdp
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
-        self.gradient_tree = self._gradient_tree(use_tree)
+        self.gradient_tree = canonical_gradient_tree(self.model, self.tree_on_shards) if use_tree else None
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not self.tree_on_shards
@@ -194,20 +198,6 @@ class Trainer:
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
         )
-
-    def _gradient_tree(self, enabled: bool) -> GradientTree | None:
-        """The canonical per-microbatch gradient tree, hooked where each microbatch's gradient lands:
-        the sharded FSDP parameters (reduce-scattered every micro-step, pipeline stages included) and
-        the parameters FSDP ignores, or the parameters themselves."""
-        if not enabled:
-            return None
-        tree = GradientTree()
-        if self.tree_on_shards:
-            tree.watch_sharded(self.model.fsdp_modules)
-            tree.watch(self.model.unmanaged_params)
-        else:
-            tree.watch(p for part in self.model.parts for p in part.parameters())
-        return tree
 
     def _fault_tolerance(self, canonical: bool, microbatch: int):
         """Built from the fault_tolerance section, early (the group heartbeats from here on): this group's

@@ -22,14 +22,14 @@ import torch
 from lockstep.config import JobConfig, validate_job_config
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import ParallelDims, resolve_parallel_dims
-from lockstep.config.sections import MULTI_STAGE_SCHEDULES
+from lockstep.data.tokenizer import HFTokenizer
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args
 from lockstep.parallel.pipeline import stage_layer_ranges
 from lockstep.tools.estimate.devices import GIB, DeviceSpec
 from lockstep.tools.estimate.memory import TERMS
 from lockstep.tools.estimate.rank_step import StepShape
-from lockstep.tools.estimate.trace import PipelineMailbox, RankTrace, stage_ranks, trace_rank
+from lockstep.tools.estimate.trace import PipelineMailbox, RankTrace, stage_ranks, trace_rank, traceable
 from lockstep.train.model_factory import check_model_fits_layout
 
 PUBLISHED_VOCAB = {"llama3": 128256, "deepseek_v3": 129280, "qwen3": 151936, "qwen3_moe": 151936}
@@ -90,8 +90,6 @@ def resolve_vocab(config: JobConfig, given: int | None) -> tuple[int, str]:
     if kind == "builtin":
         return 2048, "the built-in tokenizer"
     if Path(path).exists():
-        from lockstep.data.tokenizer import HFTokenizer
-
         return HFTokenizer(path).vocab_size, path
     published = PUBLISHED_VOCAB[config.model.name]
     return published, f"{config.model.name}'s published tokenizer ({path} is not here; --vocab-size to change)"
@@ -161,7 +159,7 @@ def estimate(
     validate_job_config(config, world)
     dims = resolve_parallel_dims(config.parallelism, world)
     check_model_fits_layout(config.model, dims)
-    if dims.pp > 1 and config.parallelism.pipeline_parallel_schedule in MULTI_STAGE_SCHEDULES:
+    if not traceable(config.parallelism):
         raise ConfigError(
             "parallelism.pipeline_parallel_schedule",
             "lockstep estimate traces pipeline stages one after another and cannot yet estimate a schedule that "
@@ -251,18 +249,17 @@ def _stage(stage: int, rank: int, flat: dict[str, float], device: DeviceSpec) ->
     allocated = sum(memory.values())
     memory["fragmentation_margin"] = allocated * device.fragmentation
     memory["cuda_context_and_nccl"] = device.fixed_overhead_gib
-    traffic = {
-        kind: {"intra_gb": v.get("intra", 0) / 1e9, "inter_gb": v.get("inter", 0) / 1e9, "calls": round(v["calls"])}
-        for kind, v in _nested(flat, "wire").items()
-    }
-    ring = {
-        kind: {"intra_gb": v.get("intra", 0) / 1e9, "inter_gb": v.get("inter", 0) / 1e9, "calls": round(v["calls"])}
-        for kind, v in _nested(flat, "ring").items()
-    }
     return StageEstimate(
         stage, rank, {k: round(v, 4) for k, v in memory.items()}, phase, round(sum(memory.values()), 2),
-        traffic, ring, round(flat["local_params"]),
+        _gigabytes(_nested(flat, "wire")), _gigabytes(_nested(flat, "ring")), round(flat["local_params"]),
     )  # fmt: skip
+
+
+def _gigabytes(traffic: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {
+        kind: {"intra_gb": v.get("intra", 0) / 1e9, "inter_gb": v.get("inter", 0) / 1e9, "calls": round(v["calls"])}
+        for kind, v in traffic.items()
+    }
 
 
 def _layout(config: JobConfig, dims: ParallelDims, topology: Topology, backend: str) -> dict:

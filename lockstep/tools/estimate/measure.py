@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lockstep.config import JobConfig
 from lockstep.config.job import ParallelDims
+from lockstep.parallel.canonical import local_tensor
 from lockstep.tools.estimate.rank_step import RankStep
 from lockstep.tools.estimate.wire import Traffic, WireCounter
 
@@ -83,7 +84,7 @@ def _held_bytes(step: RankStep) -> int:
     tensors += step.optimizer_state()
     storages = {}
     for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
+        t = local_tensor(t)
         storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
     return sum(storages.values())
 

@@ -31,6 +31,8 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from lockstep.parallel.canonical import local_tensor
+
 TERMS = (
     "parameters", "buffers", "gradients", "optimizer", "unsharded_parameters", "reduction_buffers",
     "attention", "routed_experts", "logits_and_loss", "activations", "backward",
@@ -149,7 +151,7 @@ class StorageTracker(TorchDispatchMode):
         """Count these tensors' storages as `term` (a DTensor: its local shard)."""
         for t in tensors:
             if t is not None:
-                self._add(_local(t).untyped_storage(), term)
+                self._add(local_tensor(t).untyped_storage(), term)
 
     def __enter__(self) -> StorageTracker:
         original = self._original_resize = torch.UntypedStorage.resize_
@@ -201,7 +203,3 @@ def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     names, _ = t.__tensor_flatten__()
     inner = (getattr(t, name) for name in names)
     return [plain for t in inner if isinstance(t, torch.Tensor) for plain in _plain_tensors(t)]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -11,11 +11,11 @@ import torch
 
 from lockstep.config import JobConfig
 from lockstep.config.errors import ConfigError
-from lockstep.config.sections import MULTI_STAGE_SCHEDULES
 from lockstep.tools.estimate.advice import nearest_fitting
 from lockstep.tools.estimate.devices import DEVICES, GIB, DeviceSpec
 from lockstep.tools.estimate.estimate import Topology, estimate, fits_clearly_not
 from lockstep.tools.estimate.report import MEMORY_NAMES
+from lockstep.tools.estimate.trace import traceable
 
 MARGIN = 0.1
 
@@ -30,9 +30,7 @@ def this_device(index: int) -> DeviceSpec:
 def refuse_layouts_that_cannot_fit(config: JobConfig, world_size: int, device: DeviceSpec) -> None:
     """Raise ConfigError (one line) when the estimate is clearly above the device's memory. A layout the
     estimate cannot trace yet (a schedule with several stages per rank) is left to the run."""
-    if config.parallelism.pipeline_parallel_degree > 1 and config.parallelism.pipeline_parallel_schedule in (
-        MULTI_STAGE_SCHEDULES
-    ):
+    if not traceable(config.parallelism):
         return
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     topology = Topology(max(world_size // per_node, 1), min(per_node, world_size))

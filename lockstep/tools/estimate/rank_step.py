@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from lockstep.config import JobConfig
-from lockstep.config.job import ParallelDims, resolve_group_batch_size
+from lockstep.config.job import ParallelDims, microbatch_size, resolve_group_batch_size
 from lockstep.data.loader import Microbatch
-from lockstep.parallel.canonical import GradientTree, clip_, grad_norm_fp64, sharded_parameters
+from lockstep.parallel.canonical import clip_, grad_norm_fp64, sharded_parameters
 from lockstep.parallel.mesh import axis_rank, build_mesh
-from lockstep.train.forward_backward import ForwardBackward, LossSettings
+from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.model_factory import BuiltModel, Layout, build_model
 from lockstep.train.optimizer import build_optimizer
@@ -45,9 +45,7 @@ class StepShape:
     @classmethod
     def of(cls, config: JobConfig, dims: ParallelDims) -> StepShape:
         _, group_batch = resolve_group_batch_size(config, dims)
-        microbatch = config.training.local_batch_size
-        if dims.pp > 1:
-            microbatch = config.parallelism.pipeline_parallel_microbatch_size
+        microbatch = microbatch_size(config.training, config.parallelism, dims)
         return cls(microbatch, group_batch // dims.dp // microbatch, config.training.seq_len)
 
 
@@ -97,14 +95,7 @@ class RankStep:
             watched += [p for part in self.model.parts for p in part.parameters()]
             for param in {id(p): p for p in watched}.values():
                 param.register_post_accumulate_grad_hook(on_gradient)
-        self.gradient_tree = None
-        if use_tree:
-            self.gradient_tree = GradientTree()
-            if tree_on_shards:
-                self.gradient_tree.watch_sharded(self.model.fsdp_modules)
-                self.gradient_tree.watch(self.model.unmanaged_params)
-            else:
-                self.gradient_tree.watch(p for part in self.model.parts for p in part.parameters())
+        self.gradient_tree = canonical_gradient_tree(self.model, tree_on_shards) if use_tree else None
         self.reducer = CrossRankReducer(self.mesh, dims, use_tree)
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not tree_on_shards

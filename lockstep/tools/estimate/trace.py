@@ -24,8 +24,9 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lockstep.config import JobConfig
-from lockstep.config.errors import ConfigError
 from lockstep.config.job import ParallelDims
+from lockstep.config.sections import MULTI_STAGE_SCHEDULES, ParallelismConfig
+from lockstep.parallel.canonical import local_tensor
 from lockstep.parallel.expert_parallel import _FanOut
 from lockstep.parallel.mesh import AXES
 from lockstep.tools.estimate.memory import StorageTracker
@@ -53,6 +54,14 @@ def rank_coordinates(dims: ParallelDims, rank: int) -> dict[str, int]:
     for axis, size in reversed(list(zip(AXES, dims.sizes(), strict=True))):
         coords[axis], rest = rest % size, rest // size
     return coords
+
+
+def traceable(parallelism: ParallelismConfig) -> bool:
+    """Stages are traced one after another, each from the shapes the one before sent it: a schedule that
+    runs several stages per rank would need a later stage's shapes first."""
+    return parallelism.pipeline_parallel_degree == 1 or parallelism.pipeline_parallel_schedule not in (
+        MULTI_STAGE_SCHEDULES
+    )
 
 
 def stage_ranks(dims: ParallelDims) -> list[int]:
@@ -88,12 +97,8 @@ class PipelineMailbox:
                 forward = self._sent[(rank, source)][0]
                 object_list[:] = [_StageBackwardMeta(backward_metas=tuple(forward.forward_metas))]
                 return
-            if not letters:
-                raise ConfigError(
-                    "parallelism.pipeline_parallel_schedule",
-                    "lockstep estimate traces pipeline stages one after another and cannot yet estimate a "
-                    "schedule that runs several stages per rank; estimate with GPipe or 1F1B",
-                )
+            if not letters:  # estimate() lets through only schedules whose stages come in order (traceable)
+                raise RuntimeError(f"stage metadata from rank {source} to rank {rank} was never traced")
             object_list[:] = letters.pop(0)
 
         dist.send_object_list, dist.recv_object_list = send_object_list, recv_object_list
@@ -152,7 +157,7 @@ def trace_rank(
             tracker.mark((b for part in step.model.parts for b in part.buffers()), "buffers")
             tracker.mark(step.optimizer_state(), "optimizer")
             step.run(optimizer_phase=lambda: tracker.phase_of("optimizer"))
-        local_params = sum(_local(p).numel() for _, p in step.named_params)
+        local_params = sum(local_tensor(p).numel() for _, p in step.named_params)
         return RankTrace(
             rank=rank, stage=rank_coordinates(dims, rank)["pp"], peaks=tracker.peaks, traffic=counter.traffic,
             as_ring=counter.as_ring, local_params=local_params,
@@ -227,10 +232,6 @@ def _label_forward(module: torch.nn.Module, tracker: StorageTracker, term: str, 
 
     stack.callback(module.register_forward_pre_hook(enter).remove)
     stack.callback(module.register_forward_hook(leave).remove)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _RealStaysReal(TorchDispatchMode):
