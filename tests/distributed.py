@@ -41,14 +41,15 @@ PRELOADED = ["lockstep.train.trainer"]
 
 
 def _entry(
-    fn: Callable, rank: int, world_size: int, port: int, args: tuple, environment: dict, path: list[str]
-) -> None:
+    fn: Callable, rank: int, world_size: int, port: int, args: tuple, environment: dict, path: list[str],
+    ranks_per_node: int,
+) -> None:  # fmt: skip
     os.environ.clear()
     os.environ.update(environment)
     sys.path[:] = path
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % ranks_per_node),
+        LOCAL_WORLD_SIZE=str(ranks_per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )  # fmt: skip
     import torch
 
@@ -61,21 +62,24 @@ def _entry(
     os._exit(0)
 
 
-def rank_processes(fn: Callable, world_size: int, *args) -> list[multiprocessing.Process]:
-    """world_size started processes that call fn(*args) as the ranks of one process group."""
+def rank_processes(
+    fn: Callable, world_size: int, *args, ranks_per_node: int | None = None
+) -> list[multiprocessing.Process]:
+    """world_size started processes that call fn(*args) as the ranks of one process group; torchrun's
+    environment of `ranks_per_node` ranks per node (one node by default), as `--nnodes` launches set it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOADED)
     port = free_port()
-    here = (dict(os.environ), list(sys.path))
+    here = (dict(os.environ), list(sys.path), ranks_per_node or world_size)
     processes = [context.Process(target=_entry, args=(fn, r, world_size, port, args, *here)) for r in range(world_size)]
     for p in processes:
         p.start()
     return processes
 
 
-def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300) -> None:
+def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 300, ranks_per_node: int | None = None) -> None:
     """Call fn(*args) in world_size fresh processes; raise if any rank fails or hangs."""
-    processes = rank_processes(fn, world_size, *args)
+    processes = rank_processes(fn, world_size, *args, ranks_per_node=ranks_per_node)
     for p in processes:
         p.join(timeout)
     hung = [r for r, p in enumerate(processes) if p.is_alive()]

@@ -30,6 +30,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
+from lockstep.parallel.node_levels import AxisLevels, all_reduce_levels, reduce_scatter_levels
+
 
 class TreeSum:
     """Pairwise sum of a stream of equally shaped tensor lists, in binary-counter order.
@@ -61,6 +63,44 @@ class TreeSum:
         _, total = self._stack[0]
         for _, item in self._stack[1:]:
             torch._foreach_add_(total, item)
+        return total
+
+
+class ArrivalTree:
+    """The canonical tree over `count` leaves (``tree_reduce_rows``' order) fed in any order: a leaf, or a
+    finished node, is added to its sibling as soon as both are here (left operand first, as the tree
+    adds them), and the binary-counter runs are added left to right once all have arrived. Fed in
+    order or in reverse (as autograd runs backward), it holds at most log2(count) + 1 partial sums."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.arrived = count, 0
+        self._runs: list[tuple[int, int]] = []  # (start, size) by the count's binary digits, largest first
+        start = 0
+        for bit in reversed(range(count.bit_length())):
+            if count >> bit & 1:
+                self._runs.append((start, 1 << bit))
+                start += 1 << bit
+        self._nodes: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, index: int, leaf: torch.Tensor) -> None:
+        run_start, run_size = next(run for run in self._runs if run[0] <= index < run[0] + run[1])
+        start, size, node = index, 1, leaf
+        while size < run_size:
+            sibling = run_start + ((start - run_start) ^ size)
+            other = self._nodes.pop((sibling, size), None)
+            if other is None:
+                break
+            node = other + node if sibling < start else node + other
+            start, size = min(start, sibling), size * 2
+        self._nodes[(start, size)] = node
+        self.arrived += 1
+
+    def result(self) -> torch.Tensor:
+        if self.arrived != self.count:
+            raise RuntimeError(f"ArrivalTree.result() after {self.arrived} of {self.count} leaves")
+        total = self._nodes[self._runs[0]]
+        for run in self._runs[1:]:
+            total = total + self._nodes[run]
         return total
 
 
@@ -104,26 +144,26 @@ def tree_reduce_rows(rows: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def tree_all_reduce(flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def tree_all_reduce(
+    flat: torch.Tensor, group: dist.ProcessGroup | None = None, levels: AxisLevels | None = None
+) -> torch.Tensor:
     """Sum a 1-D tensor over the ranks of `group` as the canonical tree in rank order (``tree_reduce_rows``:
     any world size); the result is bitwise the same on every rank.
 
     Built as a reduce-scatter (all-to-all, then each rank finishes the tree for its chunk) followed
     by an all-gather: every element is summed in the same order as a one-process tree, and the bytes
-    moved are those of a ring all-reduce (an all-gather of whole buffers would move D times more)."""
+    moved are those of a ring all-reduce (an all-gather of whole buffers would move D times more).
+    With `levels` (the group's node levels) both run inside the node first and across nodes second
+    (``all_reduce_levels``): a hierarchical ring's bytes per link class."""
+    group = levels.group if levels is not None else group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     if world == 1:
         return flat
+    levels = levels or AxisLevels.flat(group)
     numel = flat.numel()
-    chunk = -(-numel // world)
-    padded = torch.zeros(world * chunk, dtype=flat.dtype, device=flat.device)
+    padded = torch.zeros(-(-numel // world) * world, dtype=flat.dtype, device=flat.device)
     padded[:numel] = flat
-    received = torch.empty_like(padded)
-    dist.all_to_all_single(received, padded, group=group)
-    reduced = tree_reduce_rows(received.view(world, chunk))
-    gathered = torch.empty_like(padded)
-    dist.all_gather_single(gathered, reduced, group=group)
-    return gathered[:numel]
+    return all_reduce_levels(padded, levels)[:numel]
 
 
 class GradientTree:
@@ -225,16 +265,22 @@ def shard_block_loss(losses: torch.Tensor, shard_group: dist.ProcessGroup) -> to
 
 
 class TreeReduceScatter(ReduceScatter):
-    """FSDP2's gradient reduce-scatter as all-to-all plus a local pairwise tree over source ranks in
-    rank order: canonical, and with force-sum no PREMUL_SUM/AVG (which gloo lacks) is needed."""
+    """FSDP2's gradient reduce-scatter as the canonical tree over source ranks in rank order, in two
+    levels (inside the node, then across nodes: ``reduce_scatter_levels``) when `levels` are given for
+    FSDP's shard group, else as one all-to-all and the tree. Force-sum needs no PREMUL_SUM/AVG (which
+    gloo lacks)."""
+
+    def __init__(self, levels: AxisLevels | None = None) -> None:
+        self.levels = levels
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
-        received = torch.empty_like(input_tensor)
-        dist.all_to_all_single(received, input_tensor, group=group)
-        output_tensor.copy_(tree_reduce_rows(received.view(group.size(), -1)))
+        levels = self.levels
+        if levels is None or levels.group is not group:
+            levels = AxisLevels.flat(group)
+        reduce_scatter_levels(output_tensor.view(-1), input_tensor.view(-1), levels)
         return None
 
 

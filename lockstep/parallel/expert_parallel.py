@@ -15,7 +15,9 @@ With canonical reductions the local experts run once per source rank: each sourc
 one microbatch (EP borrows the FSDP axis, whose ranks hold the consecutive microbatches of one
 micro-step), so each call computes exactly that microbatch's expert outputs and weight gradients, as
 one process would, and the per-source weight gradients are summed in the canonical pairwise tree
-over source ranks (``_FanOut``), a node of the tree over the global microbatch index. Otherwise one
+over source ranks as they arrive (``_SharedCast``), a node of the tree over the global microbatch
+index. The calls share one cast of each weight and the tree holds O(log ep) gradients, so memory does
+not grow with the degree. Otherwise one
 call takes all received tokens (one larger GEMM per expert; the sums then mix microbatches).
 
 Host syncs: the all-to-alls need their split sizes as Python ints, so each forward (and each
@@ -35,7 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from lockstep.parallel.canonical import tree_reduce_rows
+from lockstep.parallel.canonical import ArrivalTree
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, per_source: bool = False) -> list[nn.Parameter]:
@@ -80,10 +82,9 @@ def _expert_parallel_compute(
         x_sorted.new_empty(num_received, x_sorted.shape[1]), x_sorted, output_splits, input_splits, group
     )
     if per_source:  # received is (source rank, local expert)-major: one call per source rank
-        # Fanned out before the cast, so each source's gradient reaches fp32 before the sum (as in one process).
-        copies = [_FanOut.apply(w.to_local(), ep) for w in (w1, w2, w3)]
+        shared = [_SharedCast(w.to_local(), x_sorted.dtype, ep) for w in (w1, w2, w3)]
         outputs = [
-            local_compute(tokens, recv_counts[source], *(c[source].to(x_sorted.dtype) for c in copies))
+            local_compute(tokens, recv_counts[source], *(w.for_source(source) for w in shared))
             for source, tokens in enumerate(received.split(output_splits))
         ]
         back = torch.cat(outputs)
@@ -97,22 +98,37 @@ def _expert_parallel_compute(
     return all_to_all_single(x_sorted.new_empty(x_sorted.shape), back, input_splits, output_splits, group)
 
 
-class _FanOut(torch.autograd.Function):
-    """One weight handed to `copies` computations; backward sums their gradients as the canonical
-    pairwise tree in copy order (autograd would add them in the order they arrive)."""
+class _SharedCast:
+    """One local expert weight, cast once to the compute dtype and handed to each source rank's call.
+
+    Every call reads the same cast tensor (a view), so what the calls save for backward is one copy of
+    the weight, whatever the degree. Each call's weight gradient is cast to fp32 as it arrives (exact:
+    the cast is what one process's backward does for its microbatch) and fed to an ``ArrivalTree`` over
+    the source ranks, the canonical tree of the microbatches those ranks hold; the call whose gradient
+    completes the tree hands the total to the fp32 weight, the others hand nothing. Autograd runs the
+    calls' backwards in reverse, so the tree holds at most log2(ep) + 1 partial sums."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, sources: int) -> None:
+        self.weight = weight
+        with torch.no_grad():
+            self.cast = weight.to(dtype)
+        self.tree = ArrivalTree(sources)
+
+    def for_source(self, source: int) -> torch.Tensor:
+        return _SourceWeight.apply(self.weight, self, source)
+
+
+class _SourceWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, shared: _SharedCast, source: int) -> torch.Tensor:
+        ctx.shared, ctx.source = shared, source
+        return shared.cast.view_as(shared.cast)
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, copies: int):
-        ctx.shape = weight.shape
-        return tuple(weight.view_as(weight) for _ in range(copies))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        present = [g for g in grads if g is not None]
-        if not present:
-            return None, None
-        rows = torch.stack([g if g is not None else torch.zeros_like(present[0]) for g in grads])
-        return tree_reduce_rows(rows), None
+    def backward(ctx, grad: torch.Tensor):
+        tree = ctx.shared.tree
+        tree.add(ctx.source, grad.to(ctx.shared.weight.dtype))
+        return (tree.result() if tree.arrived == tree.count else None), None, None
 
 
 def _regrouped_positions(counts_AB: torch.Tensor, total: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Gradients are always reduced with SUM and a divide factor of 1: the loss is already divided by the
 global token count, and gloo has neither PREMUL_SUM nor AVG. With layout-invariant reductions in
-fp32 the reduce-scatter is ``TreeReduceScatter`` (canonical order); otherwise (bf16 compute, or the
-reductions off) it is the backend's own, which is faster and promises no order. The replicate
+fp32 and bf16 the reduce-scatter is ``TreeReduceScatter`` (canonical order, inside the node first and
+then across nodes); with the reductions off it is the backend's own, which promises no order. The replicate
 axis of HSDP is summed by lockstep.parallel.replicate (in buckets overlapped with backward, in
 canonical order when asked) rather than by FSDP's all-reduce, whose order over more than two
 replicas is not fixed.
@@ -26,11 +26,12 @@ def apply_fsdp(
     shard_mesh: DeviceMesh,
     mixed_precision: str,
     reshard_after_forward: bool,
-    canonical_reduce_scatter: bool,
+    canonical_reduce_scatter: TreeReduceScatter | None,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> list[FSDPModule]:
     """Shard `model` in place; returns its FSDP modules, blocks first and the root last. Parameters
-    are computed in `mixed_precision` ("fp32" or "bf16") and reduced in fp32."""
+    are computed in `mixed_precision` ("fp32" or "bf16") and reduced in fp32, by
+    `canonical_reduce_scatter` when given (else the backend's own)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
     units: list[nn.Module] = list(model.layers.values()) + [model]
     for unit in units:
@@ -43,6 +44,6 @@ def apply_fsdp(
     for module in fsdp_modules:
         module.set_force_sum_reduction_for_comms(True)
         module.set_gradient_divide_factor(1.0)
-        if canonical_reduce_scatter:
-            module.set_custom_reduce_scatter(TreeReduceScatter())
+        if canonical_reduce_scatter is not None:
+            module.set_custom_reduce_scatter(canonical_reduce_scatter)
     return fsdp_modules

@@ -15,6 +15,9 @@ class WorldInfo:
     rank: int
     world_size: int
     local_rank: int
+    ranks_per_node: int = 1
+    """LOCAL_WORLD_SIZE: torchrun numbers a node's ranks consecutively, so rank // ranks_per_node is the
+    node. The canonical reductions keep their slow-link traffic to a node's partial sums by it."""
 
     @property
     def is_main(self) -> bool:
@@ -27,6 +30,7 @@ def world_from_env() -> WorldInfo:
         rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))),
     )
 
 

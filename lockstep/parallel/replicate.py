@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lockstep.parallel.canonical import combine_nodes, local_tensor, tree_reduce_rows
+from lockstep.parallel.canonical import combine_nodes, local_tensor
+from lockstep.parallel.node_levels import AxisLevels, finish_all_reduce_levels
 
 
 @dataclass
@@ -47,9 +48,13 @@ class ReplicaGradientSum:
     often than announced raises, since a bucket launched early would sum an unfinished gradient.
     """
 
-    def __init__(self, group: dist.ProcessGroup, canonical: bool, bucket_bytes: int) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, *, canonical: bool, bucket_bytes: int, levels: AxisLevels | None = None
+    ) -> None:
+        """`levels`: the replicate axis split by node (``axis_levels``), for the canonical sum in two levels."""
         self.group = group
         self.canonical = canonical
+        self.levels = levels or AxisLevels.flat(group)
         self.bucket_bytes = bucket_bytes
         self.replicas = dist.get_world_size(group)
         self._buckets: list[_Bucket] = []
@@ -140,7 +145,8 @@ class ReplicaGradientSum:
         bucket.flat = torch.zeros(self.replicas * chunk, dtype=flat.dtype, device=flat.device)
         bucket.flat[: flat.numel()] = flat
         bucket.received = torch.empty_like(bucket.flat)
-        bucket.work = dist.all_to_all_single(bucket.received, bucket.flat, group=self.group, async_op=True)
+        first_level = self.levels.inner if self.levels.inner is not None else self.levels.outer
+        bucket.work = dist.all_to_all_single(bucket.received, bucket.flat, group=first_level, async_op=True)
 
     def _launch_nodes(self, bucket: _Bucket) -> None:
         """Send chunk j of each of this replica's nodes to replica j; replica j receives every replica's
@@ -163,8 +169,6 @@ class ReplicaGradientSum:
         )  # fmt: skip
 
     def _reduce_received(self, bucket: _Bucket) -> torch.Tensor:
-        if self._node_levels is None:
-            return tree_reduce_rows(bucket.received.view(self.replicas, -1))
         levels = [level for replica in self._node_levels for level in replica]
         return combine_nodes(list(bucket.received.view(len(levels), -1).unbind(0)), levels)
 
@@ -176,7 +180,10 @@ class ReplicaGradientSum:
         gathers = []
         for bucket in self._buckets:
             bucket.work.wait()
-            if self.canonical:  # this rank's chunk, summed over replicas in rank order, then shared
+            if self.canonical and self._node_levels is None:  # the rest of the two-level sum
+                finish_all_reduce_levels(bucket.flat, bucket.received, self.levels)
+                bucket.received = None
+            elif self.canonical:  # this rank's chunk, summed over replicas in rank order, then shared
                 reduced = self._reduce_received(bucket)
                 bucket.received = None
                 gathers.append(dist.all_gather_single(bucket.flat, reduced, group=self.group, async_op=True))

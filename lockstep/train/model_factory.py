@@ -17,10 +17,12 @@ from lockstep.config.job import ParallelDims
 from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, ModelConfig, ParallelismConfig
 from lockstep.models.registry import model_args
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
+from lockstep.parallel.canonical import TreeReduceScatter
 from lockstep.parallel.canonical_linear import apply_canonical_linears, canonical_plan, chunk_count
 from lockstep.parallel.compile import apply_compile
 from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
+from lockstep.parallel.node_levels import AxisLevels
 from lockstep.parallel.pipeline import Pipeline, pipeline_llm
 from lockstep.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -34,9 +36,8 @@ class Layout:
     device: torch.device
     mixed_precision: str
     canonical_reductions: bool
-    """Sum gradients in the canonical tree (FSDP's reduce-scatter included). Off when nothing is
-    promised: the reductions are off, or FSDP computes in bf16 (then the backend's own reduce-scatter
-    runs, NCCL's pinned to one algorithm when deterministic)."""
+    """Sum gradients in the canonical tree (FSDP's reduce-scatter included), in fp32 and bf16 alike;
+    off only with debug.layout_invariant_reductions = false (the backend's own sums)."""
     fsdp: bool
     """Wrap the model in FSDP2 over the dp_shard axis: it shards (dp_shard > 1), or bf16 training, which
     is FSDP's mixed precision in every layout (over one rank when nothing is sharded)."""
@@ -46,6 +47,9 @@ class Layout:
     canonical_tensor_parallel: bool = False
     """debug.deterministic: models that offer it split their linear layers' sums into fixed chunks at
     every tensor-parallel degree, 1 included (lockstep.parallel.canonical_linear)."""
+    reduction_levels: dict[str, AxisLevels] = field(default_factory=dict)
+    """The data-parallel axes split by node (``data_parallel_levels``): FSDP's canonical reduce-scatter
+    runs inside the node first and across nodes second."""
     initialize: bool = True
     """False leaves the parts on the meta device, unfilled: lockstep estimate materialises them as fake
     tensors, which hold shapes only."""
@@ -131,7 +135,9 @@ def build_model(
                 layout.mesh["dp_shard"],
                 layout.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
-                canonical_reduce_scatter=layout.canonical_reductions,
+                canonical_reduce_scatter=TreeReduceScatter(layout.reduction_levels.get("dp_shard"))
+                if layout.canonical_reductions
+                else None,
                 ignored_params=set(expert_params),
             )
         if layout.initialize:

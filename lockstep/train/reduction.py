@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lockstep.config.job import ParallelDims
 from lockstep.parallel.canonical import combine_nodes, tree_all_reduce
+from lockstep.parallel.node_levels import AxisLevels
 from lockstep.parallel.replicate import ReplicaGradientSum
 from lockstep.train.model_factory import BuiltModel
 
@@ -22,8 +23,12 @@ def _group(mesh: DeviceMesh | None, axis: str, size: int):
 
 
 class CrossRankReducer:
-    def __init__(self, mesh: DeviceMesh | None, dims: ParallelDims, canonical: bool) -> None:
+    def __init__(
+        self, mesh: DeviceMesh | None, dims: ParallelDims, canonical: bool, levels: dict[str, AxisLevels] | None = None
+    ) -> None:
+        """`levels`: the data-parallel axes split by node (``data_parallel_levels``), for two-level sums."""
         self.canonical = canonical
+        self.replicate_levels = (levels or {}).get("dp_replicate")
         self.replicate_group = _group(mesh, "dp_replicate", dims.dp_replicate)
         self.dp_group = _group(mesh, "dp", dims.dp)
         self.pp_group = _group(mesh, "pp", dims.pp)
@@ -44,7 +49,10 @@ class CrossRankReducer:
         accumulates every microbatch."""
         if self.replicate_group is None:
             return None
-        replica_sum = ReplicaGradientSum(self.replicate_group, self.canonical, int(bucket_mb * 2**20))
+        replica_sum = ReplicaGradientSum(
+            self.replicate_group, canonical=self.canonical, bucket_bytes=int(bucket_mb * 2**20),
+            levels=self.replicate_levels,
+        )  # fmt: skip
         unmanaged = {id(p) for p in model.unmanaged_params}
         params = [p for part in model.parts for p in part.parameters()]
         synced_once = bool(model.fsdp_modules) and model.pipeline is not None and fsdp_syncs_once

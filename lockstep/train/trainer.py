@@ -33,6 +33,7 @@ from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, typed_overrides
 from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
+from lockstep.parallel.node_levels import data_parallel_levels
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.comm import CommTimeouts
@@ -126,9 +127,11 @@ class Trainer:
         if config.compile.enable and "loss" in config.compile.components:
             loss_fn = torch.compile(global_batch_loss)
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
+        # The canonical sums run inside each node first, then across nodes (a hierarchical ring's bytes).
+        levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if use_tree else {}
         layout = Layout(
             self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
-            self.attention_backend, canonical_tensor_parallel=config.debug.deterministic,
+            self.attention_backend, canonical_tensor_parallel=config.debug.deterministic, reduction_levels=levels,
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -144,7 +147,7 @@ class Trainer:
         self.tree_on_shards = use_tree and self.fsdp
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
         self.gradient_tree = canonical_gradient_tree(self.model, self.tree_on_shards) if use_tree else None
-        self.reducer = CrossRankReducer(self.mesh, self.dims, canonical)
+        self.reducer = CrossRankReducer(self.mesh, self.dims, canonical, levels)
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not self.tree_on_shards
         )

@@ -7,12 +7,14 @@ held to 1e-5 relative (docs/layout-invariance.md says why it cannot be bitwise).
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from lockstep.config.errors import ConfigError
+from lockstep.tools.estimate.wire import WireCounter
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_in_folder, run_on_ranks
@@ -296,3 +298,36 @@ def test_bf16_is_bitwise_identical_across_layouts(tmp_path, one_process, one_pro
     assert all(a != b and abs(a - b) < 0.02 * a for a, b in zip(fp32_losses, bf16_losses, strict=True))  # bf16 ran
     assert metrics == reference_metrics
     assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
+
+
+def _train_counting_links(folder, overrides: list[str]) -> None:
+    """_train with every collective this rank calls counted per link class (nodes as torchrun numbers them)."""
+    rank, per_node = int(os.environ["RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    counter = WireCounter(rank, per_node)
+    with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
+        with counter:
+            trainer.train()
+        save_rank_weights(trainer, folder)
+    (folder / f"links{rank}.json").write_text(json.dumps(counter.traffic.as_dict()))
+
+
+@pytest.mark.parametrize(
+    "layout, kind",
+    [
+        ([], "reduce_scatter (canonical all-to-all)"),
+        (["--parallelism.data_parallel_replicate_degree", "4"], "all_reduce (canonical all-to-all + all-gather)"),
+    ],
+    ids=["fsdp4", "ddp4"],
+)
+def test_two_level_reductions_are_bitwise_and_send_a_hierarchical_rings_bytes(tmp_path, one_process, layout, kind):
+    """4 ranks as 2 nodes x 2 (torchrun's numbering): the canonical sums run inside each node, then across
+    nodes. Bitwise equal to one process, and each rank sends between nodes what a hierarchical ring sends:
+    of a reduce-scatter of S bytes, S/2 inside the node and S/4 to the other node, where a flat all-to-all
+    sends S/4 and S/2 (an all-reduce: twice both)."""
+    run_on_ranks(_train_counting_links, 4, tmp_path, DETERMINISTIC + layout, ranks_per_node=2)
+    metrics, weights = _result(tmp_path)
+    assert metrics == one_process[0]
+    assert all(torch.equal(weights[k], one_process[1][k]) for k in one_process[1])
+    for rank in range(4):
+        sent = json.loads((tmp_path / f"links{rank}.json").read_text())[kind]
+        assert sent["inter"] > 0 and sent["inter"] == pytest.approx(sent["intra"] / 2, rel=0.01)

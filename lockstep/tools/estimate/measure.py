@@ -52,7 +52,10 @@ def measure_rank(
         instrument = "allocator" if dims.pp > 1 else "memtracker"
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = device or torch.device("cpu")
-    step = RankStep(config, dims, vocab_size=vocab_size, device=device, attention_backend=attention_backend)
+    step = RankStep(
+        config, dims, vocab_size=vocab_size, device=device, attention_backend=attention_backend,
+        ranks_per_node=ranks_per_node,
+    )  # fmt: skip
     step.create_optimizer_state()
     counter = WireCounter(rank, ranks_per_node)
     if device.type == "cuda":

@@ -25,6 +25,7 @@ from lockstep.config.job import ParallelDims, microbatch_size, resolve_group_bat
 from lockstep.data.loader import Microbatch
 from lockstep.parallel.canonical import clip_, grad_norm_fp64, sharded_parameters
 from lockstep.parallel.mesh import axis_rank, build_mesh
+from lockstep.parallel.node_levels import data_parallel_levels
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.model_factory import BuiltModel, Layout, build_model
@@ -60,6 +61,7 @@ class RankStep:
         vocab_size: int,
         device: torch.device,
         attention_backend: str,
+        ranks_per_node: int,
         tensor_mode: contextlib.AbstractContextManager | None = None,
         on_gradient: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
@@ -74,9 +76,11 @@ class RankStep:
         self.mesh = build_mesh(dims, device, single=fsdp)
         training = config.training
         pipeline_loss = PipelineLoss(global_batch_loss, training.loss_chunk_tokens)
+        levels = data_parallel_levels(self.mesh, dims, ranks_per_node) if use_tree else {}
         layout = Layout(
             dims, self.mesh, device, training.mixed_precision, use_tree, fsdp, config.debug.seed or 0, attention_backend,
             canonical_tensor_parallel=config.debug.deterministic, initialize=tensor_mode is None,
+            reduction_levels=levels,
         )  # fmt: skip
         self.model: BuiltModel = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -96,7 +100,7 @@ class RankStep:
             for param in {id(p): p for p in watched}.values():
                 param.register_post_accumulate_grad_hook(on_gradient)
         self.gradient_tree = canonical_gradient_tree(self.model, tree_on_shards) if use_tree else None
-        self.reducer = CrossRankReducer(self.mesh, dims, use_tree)
+        self.reducer = CrossRankReducer(self.mesh, dims, use_tree, levels)
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not tree_on_shards
         )

@@ -27,7 +27,7 @@ from lockstep.config import JobConfig
 from lockstep.config.job import ParallelDims
 from lockstep.config.sections import MULTI_STAGE_SCHEDULES, ParallelismConfig
 from lockstep.parallel.canonical import local_tensor
-from lockstep.parallel.expert_parallel import _FanOut
+from lockstep.parallel.expert_parallel import _SourceWeight
 from lockstep.parallel.mesh import AXES
 from lockstep.tools.estimate.memory import StorageTracker
 from lockstep.tools.estimate.rank_step import RankStep
@@ -147,7 +147,7 @@ def trace_rank(
     with fake_world(rank, dims.world_size), mailbox.delivering(rank):
         step = RankStep(
             config, dims, vocab_size=vocab_size, device=torch.device("cpu"), attention_backend=attention_backend,
-            tensor_mode=fake, on_gradient=lambda param: tracker.mark([param.grad], "gradients"),
+            ranks_per_node=ranks_per_node, tensor_mode=fake, on_gradient=lambda param: tracker.mark([param.grad], "gradients"),
         )  # fmt: skip
         with fake, _RealStaysReal():
             step.create_optimizer_state()
@@ -185,9 +185,9 @@ def _labelled(step: RankStep, tracker: StorageTracker):
                     original = module.compute
                     module.compute = tracker.labelled(original, "routed_experts")
                     stack.callback(setattr, module, "compute", original)
-        original_fan_out = _FanOut.backward  # the per-source expert gradients, stacked for their tree
-        _FanOut.backward = staticmethod(tracker.labelled(original_fan_out, "routed_experts"))
-        stack.callback(setattr, _FanOut, "backward", staticmethod(original_fan_out))
+        original_source = _SourceWeight.backward  # the per-source expert gradients, added into their tree
+        _SourceWeight.backward = staticmethod(tracker.labelled(original_source, "routed_experts"))
+        stack.callback(setattr, _SourceWeight, "backward", staticmethod(original_source))
         if step.replica_sum is not None:  # the replicate axis's buckets
             for name in ("_launch", "_launch_nodes", "finish"):
                 original = getattr(step.replica_sum, name)

@@ -223,7 +223,8 @@ _CANONICAL = {
     "ReplicaGradientSum._launch_nodes": "all_reduce (canonical all-to-all + all-gather)",
     "ReplicaGradientSum.finish": "all_reduce (canonical all-to-all + all-gather)",
 }
-"""lockstep's canonical reductions, named by the function that calls the collective."""
+"""lockstep's canonical reductions, named by the outermost lockstep function that calls the collective
+(a reduce-scatter's two levels, inside and across nodes, count as one kind)."""
 
 
 def _canonical_caller(depth: int = 6) -> str:
