@@ -123,7 +123,7 @@ def _trainer_and_rank_step_body(folder, overrides: list[str]) -> None:
         trained = counter.traffic.as_dict()
     dist.init_process_group("gloo")
     step = RankStep(
-        config, dims, vocab_size=VOCAB, device=torch.device("cpu"), attention_backend="sdpa", ranks_per_node=1
+        config, dims, vocab_size=VOCAB, device=torch.device("cpu"), attention_backend="sdpa", ranks_per_node=2
     )
     counter = WireCounter(dist.get_rank(), 2)
     with counter:
