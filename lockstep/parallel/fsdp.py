@@ -21,6 +21,15 @@ from lockstep.parallel.canonical import TreeReduceScatter
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _policy(mixed_precision: str, root: bool) -> MixedPrecisionPolicy:
+    """Compute in `mixed_precision`, reduce in fp32. Only the root casts its floating inputs (a pipeline
+    stage's activations): a block's are the activations, already in the compute dtype, and the RoPE
+    table, which stays fp32 and is applied in fp32 (a bf16 table is off by up to 2e-3 at 8k positions)."""
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32, cast_forward_inputs=root
+    )
+
+
 def apply_fsdp(
     model: nn.Module,
     shard_mesh: DeviceMesh,
@@ -32,14 +41,14 @@ def apply_fsdp(
     """Shard `model` in place; returns its FSDP modules, blocks first and the root last. Parameters
     are computed in `mixed_precision` ("fp32" or "bf16") and reduced in fp32, by
     `canonical_reduce_scatter` when given (else the backend's own)."""
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
     units: list[nn.Module] = list(model.layers.values()) + [model]
     for unit in units:
         # The root's parameters (embedding, final norm, output) are needed again right away in backward.
         keep = unit is model or not reshard_after_forward
         fully_shard(
-            unit, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=not keep, ignored_params=ignored_params
-        )
+            unit, mesh=shard_mesh, mp_policy=_policy(mixed_precision, root=unit is model),
+            reshard_after_forward=not keep, ignored_params=ignored_params,
+        )  # fmt: skip
     fsdp_modules: list[FSDPModule] = units  # type: ignore[assignment]  # fully_shard changed their class
     for module in fsdp_modules:
         module.set_force_sum_reduction_for_comms(True)

@@ -44,8 +44,11 @@ GLOBAL_BATCH = ["--training.global_batch_size", "4"]
 def _train_bf16(folder) -> None:
     config = tiny_config(folder, *GLOBAL_BATCH, "--training.mixed_precision", "bf16")
     with Trainer(config, show_progress=False) as trainer:
-        trainer.train()
+        seen = []  # what reaches the attention: bf16 activations, the fp32 RoPE table
         block = trainer.model.parts[0].layers["0"]
+        block.attention.register_forward_pre_hook(lambda _, args: seen.append((args[0].dtype, args[1].dtype)))
+        trainer.train()
+        assert set(seen) == {(torch.bfloat16, torch.float32)}
         assert block.attention.wq.weight.dtype == torch.float32  # sharded master weights stay fp32
         # bf16 gradients are cast to fp32 and summed in the canonical tree, as in fp32
         groups = block._get_fsdp_state()._fsdp_param_groups
@@ -53,7 +56,8 @@ def _train_bf16(folder) -> None:
 
 
 def test_fsdp_bf16_tracks_fp32(tmp_path):
-    """FSDP's policy computes in bf16 and reduces in fp32; the loss stays near the fp32 run."""
+    """FSDP's policy computes in bf16 and reduces in fp32, and the RoPE table reaches the blocks in fp32 (it
+    is applied in fp32); the loss stays near the fp32 run."""
     run_on_ranks(_train_bf16, 2, tmp_path / "bf16")
     with Trainer(tiny_config(tmp_path / "fp32", *GLOBAL_BATCH), show_progress=False) as trainer:
         trainer.train()

@@ -71,6 +71,10 @@ class WireCounter:
         self.as_ring = Traffic()
         """The same calls with every all-to-all moved as a ring of the same bytes per rank: what NCCL's own
         reduce-scatter would send for lockstep's canonical one."""
+        self.hierarchical = Traffic()
+        """The same calls with every reduction and gather moved as a hierarchical ring (inside the node,
+        then across nodes): of a collective over N nodes of G ranks on S bytes, S/G x (N-1)/N between
+        nodes per rank, twice for an all-reduce. The floor the canonical reductions are held to."""
         self._stack = contextlib.ExitStack()
         self._depth = 0
 
@@ -90,6 +94,17 @@ class WireCounter:
         inter = sent * self._crossings(ranks) / n
         self.traffic.add(kind, sent - inter, inter)
         self.as_ring.add(kind, sent - inter, inter)
+        self._add_hierarchical(kind, ranks, sent)
+
+    def _add_hierarchical(self, kind: str, ranks: list[int], sent: float) -> None:
+        """`sent` bytes of a reduction or gather over `ranks` (a ring's (n-1)/n of each buffer of S bytes
+        it moves), as a hierarchical ring would split them between the links."""
+        n, per_node = len(ranks), defaultdict(int)
+        for rank in ranks:
+            per_node[self.node(rank)] += 1
+        nodes = len(per_node)
+        inter = sent * n / (n - 1) / (n / nodes) * (nodes - 1) / nodes
+        self.hierarchical.add(kind, sent - inter, inter)
 
     def _crossings(self, ranks: list[int]) -> int:
         n = len(ranks)
@@ -105,7 +120,9 @@ class WireCounter:
         self.traffic.add(kind, intra, inter)
         if not reduction:
             self.as_ring.add(kind, intra, inter)
+            self.hierarchical.add(kind, intra, inter)
             return
+        self._add_hierarchical(kind, ranks, intra + inter)
         ring_inter = (intra + inter) * self._crossings(ranks) / len(ranks)
         self.as_ring.add(kind, intra + inter - ring_inter, ring_inter)
 
@@ -122,12 +139,12 @@ class WireCounter:
             return
         ranks = self._ranks(group)
         n = len(ranks)
-        canonical = _canonical_caller()
+        canonical = _canonical_caller() if name in _CANONICAL_PARTS else ""
+        if canonical and name == "all_to_all_single":
+            self.all_to_all(ranks, bound["input"], bound.get("input_split_sizes"), kind=canonical)
+            return
         if canonical:
-            if name == "all_to_all_single":
-                self.all_to_all(ranks, bound["input"], bound.get("input_split_sizes"), kind=canonical)
-            else:
-                self.ring(canonical, ranks, (n - 1) * _nbytes(bound["input_tensor"]))
+            self.ring(canonical, ranks, (n - 1) * _nbytes(bound["input_tensor"]))
             return
         if name in ("all_gather_into_tensor", "all_gather_single"):
             self.ring("all_gather", ranks, (n - 1) * _nbytes(bound["input_tensor"]))
@@ -156,7 +173,7 @@ class WireCounter:
     def _p2p(self, tensor: torch.Tensor, peer: int, group, global_rank: bool = False) -> None:
         target = peer if global_rank or group is None else dist.get_global_rank(group, peer)
         mine = self.node(self.rank) == self.node(target)
-        for traffic in (self.traffic, self.as_ring):
+        for traffic in (self.traffic, self.as_ring, self.hierarchical):
             traffic.add("send_recv", _nbytes(tensor) if mine else 0, 0 if mine else _nbytes(tensor))
 
     def _wrap(self, name: str):
@@ -225,6 +242,11 @@ _CANONICAL = {
 }
 """lockstep's canonical reductions, named by the outermost lockstep function that calls the collective
 (a reduce-scatter's two levels, inside and across nodes, count as one kind)."""
+
+
+_CANONICAL_PARTS = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single")
+"""What the canonical reductions are built of; the same callers' other collectives (the native path's
+``all_reduce``) are counted as themselves."""
 
 
 def _canonical_caller(depth: int = 6) -> str:
