@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 LAYOUTS = {
     "fsdp4": [],
     "ddp4": ["--parallelism.data_parallel_replicate_degree", "4"],
