@@ -40,7 +40,9 @@ def run(argv: list[str]) -> int:
         from lockstep.config.job import resolve_parallel_dims
         from lockstep.train.model_factory import check_model_fits_layout
 
-        check_model_fits_layout(config.model, resolve_parallel_dims(config.parallelism, args.nproc))  # overrides too
+        check_model_fits_layout(
+            config.model, resolve_parallel_dims(config.parallelism, args.nproc), config.debug
+        )  # overrides too
         from lockstep.train.run_lock import check_run_folder_free
 
         check_run_folder_free(run_folder(config))  # rank 0 takes the lock itself once started

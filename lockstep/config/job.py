@@ -251,6 +251,12 @@ def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatch
     return ValidationBatches(local, global_batch, seq_len)
 
 
+def deterministic_chunks(debug: DebugConfig, dims: ParallelDims) -> int:
+    """The chunk count of debug.deterministic's tensor-parallel linears: as set, or the run's
+    tensor-parallel degree (0 when not deterministic)."""
+    return (debug.deterministic_chunks or dims.tp) if debug.deterministic else 0
+
+
 def validate_job_config(config: JobConfig, world_size: int) -> None:
     """Every check, section by section and then across sections; raises ConfigError."""
     _validate_data_source(config.training, config.data)

@@ -302,6 +302,12 @@ class DebugConfig:
     """torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG."""
     deterministic_warn_only: bool = False
     """With deterministic: warn instead of failing on an op without a deterministic kernel."""
+    deterministic_chunks: int = 0
+    """With deterministic: the fixed chunks a tensor-parallel linear splits its sums into
+    (lockstep.parallel.canonical_linear), which is the largest tensor-parallel degree this run and its
+    resumes can take with the same bits. 0: the run's own tensor-parallel degree (TP 1 pays nothing).
+    Set it to the largest degree you will compare or resume at (a power of two the model allows); it is
+    recorded with the run, and a resume at a higher degree is refused."""
     layout_invariant_reductions: bool = True
     """Sum gradients, losses and norms in one fixed tree order over the global microbatch index, so
     any data-parallel degree gives bitwise-identical numbers (docs/layout-invariance.md). Off: plain
@@ -349,6 +355,11 @@ class DebugConfig:
             not self.deterministic_warn_only or self.deterministic,
             "debug.deterministic_warn_only",
             "only has an effect with --debug.deterministic; set both",
+        )
+        _require(
+            self.deterministic_chunks >= 0 and self.deterministic_chunks & (self.deterministic_chunks - 1) == 0,
+            "debug.deterministic_chunks",
+            f"must be 0 (the tensor-parallel degree) or a power of two; got {self.deterministic_chunks}",
         )
         _require(
             self.layout_invariant_reductions or not self.deterministic,

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lockstep.config.sections import ActivationCheckpointConfig
+from lockstep.parallel.canonical_linear import tree_of_products
 
 _aten = torch.ops.aten
 SAVED_OPS = {
@@ -24,8 +25,12 @@ SAVED_OPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
+    torch._higher_order_ops.flex_attention,
+    tree_of_products._opoverload,
 }
-"""Selective AC keeps the outputs of these (the expensive ops) and recomputes everything else."""
+"""Selective AC keeps the outputs of these (the expensive ops) and recomputes everything else: the
+matmuls, every attention kernel (FlexAttention's too, as SDPA's), and debug.deterministic's chunked
+linears as one operator (their output, not the chunks' partial products)."""
 
 
 def _save_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

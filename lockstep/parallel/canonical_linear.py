@@ -29,17 +29,45 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lockstep.models.common.attention import SharedAcrossHeads
-from lockstep.parallel.canonical import TreeSum, tree_all_reduce, tree_reduce_rows
+from lockstep.parallel.canonical import TreeSum, tree_all_reduce
+from lockstep.parallel.node_levels import tree_reduce_rows_
 
 
-def _tree_of_products(left: torch.Tensor, right: torch.Tensor, chunks: int) -> torch.Tensor:
+@torch.library.custom_op("lockstep::tree_of_products", mutates_args=())
+def tree_of_products(left: torch.Tensor, right: torch.Tensor, chunks: int, whole: bool) -> torch.Tensor:
     """sum_c left[..., c] @ right[c, :] over `chunks` equal chunks of the shared dimension, in tree order:
     one batched matmul over contiguous [chunks, T, width] x [chunks, width, N] (each chunk the same
-    shapes at every degree), then the pairwise tree over the chunk axis."""
+    shapes at every degree), then the pairwise tree over the chunk axis, the partial products in fp32
+    whatever the inputs. `whole`: these are all the chunks, and the sum is rounded once to the inputs'
+    dtype (as a plain matmul's accumulator is); otherwise it stays fp32 for the sum over ranks.
+
+    One operator to autograd and to selective activation checkpointing, so the policy saves its output
+    (the layer's, [T, N]) rather than the chunks' partial products ([chunks, T, N])."""
     width, lead = left.shape[-1] // chunks, left.shape[:-1]
     a = left.reshape(-1, chunks, width).transpose(0, 1).contiguous()
     b = right.reshape(chunks, width, right.shape[-1]).contiguous()
-    return tree_reduce_rows(torch.bmm(a, b)).view(*lead, right.shape[-1])
+    if a.dtype == torch.float32:
+        partial = torch.bmm(a, b)
+    elif a.is_cuda and hasattr(torch.ops.aten.bmm, "dtype"):
+        partial = torch.bmm(a, b, out_dtype=torch.float32)  # bf16 inputs, fp32 accumulation and output
+    else:  # the CPU has no mixed-dtype bmm
+        partial = torch.bmm(a.float(), b.float())
+    total = tree_reduce_rows_(partial)
+    return total.to(left.dtype if whole else torch.float32, copy=True).view(*lead, right.shape[-1])
+
+
+@tree_of_products.register_fake
+def _(left: torch.Tensor, right: torch.Tensor, chunks: int, whole: bool) -> torch.Tensor:
+    return left.new_empty(*left.shape[:-1], right.shape[-1], dtype=left.dtype if whole else torch.float32)
+
+
+def _products_over_ranks(left: torch.Tensor, right: torch.Tensor, chunks: int, group) -> torch.Tensor:
+    """``tree_of_products`` of this rank's `chunks`, finished over the ranks of `group` in rank order (in
+    fp32, rounded once at the end)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tree_of_products(left, right, chunks, True)
+    partial = tree_of_products(left, right, chunks, False)
+    return tree_all_reduce(partial.reshape(-1), group).view(partial.shape).to(left.dtype)
 
 
 def _finish_over_ranks(partial: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -54,7 +82,7 @@ class _RowParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, chunks: int, group) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return _finish_over_ranks(_tree_of_products(x, weight.t(), chunks), group)
+        return _products_over_ranks(x, weight.t(), chunks, group)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -77,7 +105,7 @@ class _ColumnParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = _finish_over_ranks(_tree_of_products(grad_y, weight, ctx.chunks), ctx.group)
+        grad_x = _products_over_ranks(grad_y, weight, ctx.chunks, ctx.group)
         grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         return grad_x, grad_w, None, None
 
@@ -246,12 +274,3 @@ def apply_canonical_linears(model: nn.Module, plan: dict[str, ParallelStyle], ch
         make_canonical(modules[name], kind, chunks)
     for name in _head_shares(model):
         make_canonical_head_share(modules[name], chunks)
-
-
-def chunk_count(allowed, vocab_size: int, largest: int = 64) -> int:
-    """The largest power-of-two tensor-parallel degree the model allows (`allowed(degree)`) that also
-    divides the vocabulary (the logits' chunks)."""
-    degree = 1
-    while degree * 2 <= largest and allowed(degree * 2) and vocab_size % (degree * 2) == 0:
-        degree *= 2
-    return degree

@@ -172,3 +172,8 @@ def data_parallel_levels(mesh: DeviceMesh | None, dims: ParallelDims, ranks_per_
         return {}
     sizes = {"dp_shard": dims.dp_shard, "dp_replicate": dims.dp_replicate}
     return {axis: axis_levels(mesh, axis, ranks_per_node) for axis, size in sizes.items() if size > 1}
+
+
+def levels_record(levels: dict[str, AxisLevels]) -> dict[str, dict[str, int]]:
+    """For env.json: each summed axis's run length inside a node and the number of runs across nodes."""
+    return {axis: {"in_node": lv.inner_size, "across_nodes": lv.outer_size} for axis, lv in levels.items()}

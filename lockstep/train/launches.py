@@ -38,7 +38,9 @@ RECORD = "launch.json"
 
 NUMERIC_SECTIONS = ("model", "data", "training", "optimizer", "lr_scheduler")
 """Sections whose every key changes the numbers, apart from RECORDED_KEYS."""
-NUMERIC_KEYS = ("debug.seed", "debug.layout_invariant_reductions", "debug.moe_force_load_balance")
+NUMERIC_KEYS = (
+    "debug.seed", "debug.layout_invariant_reductions", "debug.moe_force_load_balance", "debug.deterministic_chunks",
+)  # fmt: skip
 """Keys of other sections that change the numbers."""
 RECORDED_KEYS = (
     "training.steps",  # the schedule follows the new total

@@ -13,12 +13,18 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import ParallelDims
-from lockstep.config.sections import ActivationCheckpointConfig, CompileConfig, ModelConfig, ParallelismConfig
+from lockstep.config.job import ParallelDims, deterministic_chunks
+from lockstep.config.sections import (
+    ActivationCheckpointConfig,
+    CompileConfig,
+    DebugConfig,
+    ModelConfig,
+    ParallelismConfig,
+)
 from lockstep.models.registry import model_args
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
 from lockstep.parallel.canonical import TreeReduceScatter
-from lockstep.parallel.canonical_linear import apply_canonical_linears, canonical_plan, chunk_count
+from lockstep.parallel.canonical_linear import apply_canonical_linears, canonical_plan
 from lockstep.parallel.compile import apply_compile
 from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
@@ -44,9 +50,10 @@ class Layout:
     root_seed: int
     attention_backend: str
     """sdpa or flex: model.attention with auto resolved for the device (resolve_attention_backend)."""
-    canonical_tensor_parallel: bool = False
-    """debug.deterministic: models that offer it split their linear layers' sums into fixed chunks at
-    every tensor-parallel degree, 1 included (lockstep.parallel.canonical_linear)."""
+    deterministic_chunks: int = 0
+    """debug.deterministic's resolved chunk count: models that offer it split their linear layers' sums
+    into this many fixed chunks at every tensor-parallel degree (lockstep.parallel.canonical_linear). 0
+    (not deterministic), or 1 at TP 1: plain linears."""
     reduction_levels: dict[str, AxisLevels] = field(default_factory=dict)
     """The data-parallel axes split by node (``data_parallel_levels``): FSDP's canonical reduce-scatter
     runs inside the node first and across nodes second."""
@@ -72,11 +79,23 @@ class BuiltModel:
     """Its linear layers sum in fixed chunks (debug.deterministic): the logits come back whole."""
 
 
-def check_model_fits_layout(model: ModelConfig, dims: ParallelDims) -> None:
-    """Refuse a tensor-parallel degree that cannot split the model (before any process group starts)."""
+def check_model_fits_layout(model: ModelConfig, dims: ParallelDims, debug: DebugConfig | None = None) -> None:
+    """Refuse a tensor-parallel degree that cannot split the model (before any process group starts), and
+    resolve `debug`'s deterministic chunk count (0: the tensor-parallel degree), refusing one that the
+    model cannot split or that is below the degree (a resume at a higher degree than the run recorded)."""
     spec, args = model_args(model, vocab_size=1, max_seq_len=1)
     if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
         raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
+    if debug is not None and debug.deterministic:
+        chunks = debug.deterministic_chunks = deterministic_chunks(debug, dims)
+        if chunks < dims.tp:
+            raise ConfigError(
+                "debug.deterministic_chunks",
+                f"{chunks} chunks cannot give tensor-parallel degree {dims.tp} the same bits (this run's sums "
+                f"are split {chunks} ways); run at tensor_parallel_degree <= {chunks}, or start a new run",
+            )
+        if chunks > 1 and (problem := spec.check_tensor_parallel_degree(args, chunks)):
+            raise ConfigError("debug.deterministic_chunks", f"{problem}; choose a smaller power of two")
     if dims.pp > 1 and getattr(args, "tie_embeddings", False):
         raise ConfigError(
             "parallelism.pipeline_parallel_degree",
@@ -110,8 +129,12 @@ def build_model(
         whole = spec.build(args, layout.attention_backend)
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
-    canonical_tp = built.canonical_tp = layout.canonical_tensor_parallel and spec.canonical_tensor_parallel
-    chunks = chunk_count(lambda d: spec.check_tensor_parallel_degree(args, d) is None, args.vocab_size)
+    chunks = layout.deterministic_chunks
+    canonical_tp = built.canonical_tp = spec.canonical_tensor_parallel and (chunks > 1 or (chunks and dims.tp > 1))
+    if canonical_tp and args.vocab_size % chunks:
+        raise ConfigError(
+            "debug.deterministic_chunks", f"{chunks} does not divide the vocabulary ({args.vocab_size}); use fewer"
+        )
 
     def parallelize(part: nn.Module) -> nn.Module:
         if canonical_tp:  # no sequence or loss parallelism: activations whole on every tp rank

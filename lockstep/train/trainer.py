@@ -19,6 +19,7 @@ from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, 
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import (
+    deterministic_chunks,
     microbatch_size,
     resolve_group_batch_size,
     resolve_parallel_dims,
@@ -33,7 +34,7 @@ from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, typed_overrides
 from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
-from lockstep.parallel.node_levels import data_parallel_levels
+from lockstep.parallel.node_levels import data_parallel_levels, levels_record
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.comm import CommTimeouts
@@ -86,7 +87,7 @@ class Trainer:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
         self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
-        check_model_fits_layout(config.model, self.dims)  # and model.overrides: refused before any work
+        check_model_fits_layout(config.model, self.dims, config.debug)  # and model.overrides: refused before any work
         config.model.overrides = typed_overrides(config.model)  # recorded as the fields' types, not as typed
         self.config = config
         self.run_folder = run_folder(config)  # under fault tolerance, this replica group's own
@@ -131,7 +132,7 @@ class Trainer:
         levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if use_tree else {}
         layout = Layout(
             self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
-            self.attention_backend, canonical_tensor_parallel=config.debug.deterministic, reduction_levels=levels,
+            self.attention_backend, deterministic_chunks=deterministic_chunks(config.debug, self.dims), reduction_levels=levels,
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -188,6 +189,8 @@ class Trainer:
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
         layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
+        layout_record["reduction_levels"] = levels_record(levels)  # canonical sums: inside nodes, then across
+        layout_record["deterministic_chunks"] = deterministic_chunks(config.debug, self.dims)
         layout_record["attention"] = self.attention_backend  # model.attention = auto: the kernel that ran
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         self.metrics, self.launch = None, None

@@ -29,7 +29,16 @@ from tests.checkpoint.helpers import assert_bitwise, result, train
 from tests.distributed import run_on_ranks
 from tests.helpers import host_reads
 
-MOE = ["--model.name", "deepseek_v3", "--model.flavor", "debug", "--training.steps", "10"]
+MOE = [
+    "--model.name",
+    "deepseek_v3",
+    "--model.flavor",
+    "debug",
+    "--training.steps",
+    "10",
+    "--debug.deterministic_chunks",
+    "4",
+]
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 
 
@@ -120,7 +129,7 @@ def test_tensor_parallel_attention_is_bitwise(tmp_path, one_process, world_size)
 
 
 def test_tensor_parallel_4_is_bitwise(tmp_path):
-    """TP 4 splits the 8 heads 4 ways; the chunks (8 for this model) are the same at every degree."""
+    """TP 4 splits the 8 heads 4 ways; the chunks (debug.deterministic_chunks 4) are the same at every degree."""
     steps = MOE + ["--training.steps", "4"]
     (tmp_path / "one").mkdir()
     train(tmp_path / "one", steps)

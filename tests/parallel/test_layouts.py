@@ -21,7 +21,8 @@ from tests.distributed import run_in_folder, run_on_ranks
 from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config
 
 SAME_BATCH = ["--training.steps", "6", "--training.global_batch_size", "8", "--training.local_batch_size", "2"]
-DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic", "--debug.fingerprint"]
+# Chunked deterministic linears of 2 (the tiny model's largest TP degree), so TP 2 matches one process.
+DETERMINISTIC = [*SAME_BATCH, "--debug.deterministic", "--debug.fingerprint", "--debug.deterministic_chunks", "2"]
 
 
 def _pipeline(degree: int, schedule: str) -> list[str]:
@@ -153,7 +154,7 @@ def test_tensor_parallel_is_bitwise_identical_to_one_process(tmp_path, one_proce
     assert all(torch.equal(weights[k], one_process[1][k]) for k in one_process[1])
 
 
-DEEPER = ["--model.flavor", "debug", "--training.steps", "3"]  # 6 layers: room for 2 stages per rank
+DEEPER = ["--model.flavor", "debug", "--training.steps", "3", "--debug.deterministic_chunks", "4"]  # 6 layers
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def deeper_one_process(tmp_path_factory):
 
 
 def test_tensor_parallel_4_is_bitwise_identical_to_one_process(tmp_path, deeper_one_process):
-    """The debug flavor (16 heads) allows TP up to 16: its linear layers sum 16 chunks at every degree."""
+    """With debug.deterministic_chunks 4 the linear layers sum 4 chunks at every degree up to 4."""
     metrics, weights = _run(tmp_path, 4, DETERMINISTIC + DEEPER + ["--parallelism.tensor_parallel_degree", "4"])
     assert len(metrics) == 3 and metrics == deeper_one_process[0]
     assert all(torch.equal(weights[k], deeper_one_process[1][k]) for k in deeper_one_process[1])

@@ -38,7 +38,10 @@ class CountCollectives:
 
 
 def _measure(folder, overrides: list[str]) -> None:
-    with Trainer(tiny_config(folder, "--debug.deterministic", *overrides), show_progress=False) as trainer:
+    with Trainer(
+        tiny_config(folder, "--debug.deterministic", "--debug.deterministic_chunks", "2", *overrides),
+        show_progress=False,
+    ) as trainer:
         named = dict(trainer.named_params)
         with CountCollectives() as counted:
             norm = grad_norm_fp64(named, trainer.model.param_names, trainer.reducer.pp_group)

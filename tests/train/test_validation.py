@@ -21,7 +21,7 @@ VALIDATION = [
     "--validation.enable", "--validation.freq", "2", "--validation.steps", "2",
     "--validation.global_batch_size", "8", "--validation.local_batch_size", "2",
 ]  # fmt: skip
-DETERMINISTIC = [*BATCH, "--debug.deterministic"]
+DETERMINISTIC = [*BATCH, "--debug.deterministic", "--debug.deterministic_chunks", "2"]
 PIPELINE = [
     "--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B",
     "--parallelism.pipeline_parallel_microbatch_size", "2",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lockstep.config import JobConfig
-from lockstep.config.job import ParallelDims, microbatch_size, resolve_group_batch_size
+from lockstep.config.job import ParallelDims, deterministic_chunks, microbatch_size, resolve_group_batch_size
 from lockstep.data.loader import Microbatch
 from lockstep.parallel.canonical import clip_, grad_norm_fp64, sharded_parameters
 from lockstep.parallel.mesh import axis_rank, build_mesh
@@ -79,7 +79,7 @@ class RankStep:
         levels = data_parallel_levels(self.mesh, dims, ranks_per_node) if use_tree else {}
         layout = Layout(
             dims, self.mesh, device, training.mixed_precision, use_tree, fsdp, config.debug.seed or 0, attention_backend,
-            canonical_tensor_parallel=config.debug.deterministic, initialize=tensor_mode is None,
+            deterministic_chunks=deterministic_chunks(config.debug, dims), initialize=tensor_mode is None,
             reduction_levels=levels,
         )  # fmt: skip
         self.model: BuiltModel = build_model(
