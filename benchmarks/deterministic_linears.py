@@ -11,6 +11,10 @@ Each mode's figure is the median of its timed steps (after one warm-up step each
 against plain. Writes benchmarks/results/deterministic_linears.json.
 
     .venv/bin/python benchmarks/deterministic_linears.py [--shapes 1B 8B] [--threads 1 2] [--steps 3]
+    .venv/bin/python benchmarks/deterministic_linears.py --selective-ac-peaks
+
+The second form prints the step peak (torch's MemTracker) of llama3_debug in one process under selective
+op activation checkpointing: plain, deterministic, and deterministic with 16 chunks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from lockstep.config import load_config
 from lockstep.config.job import resolve_parallel_dims
+from lockstep.tools.estimate.measure import measure_rank
 from lockstep.tools.estimate.rank_step import RankStep
 
 MODES = {
@@ -46,6 +51,15 @@ def build(shape: str, mode: str, layers: int, seq_len: int) -> RankStep:
                     ranks_per_node=1)  # fmt: skip
 
 
+def selective_ac_peaks() -> None:
+    torch.set_num_threads(1)
+    selective = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
+    for mode, flags in {**MODES, "chunks 16": ["--debug.deterministic", "--debug.deterministic_chunks", "16"]}.items():
+        config = load_config("llama3_debug", [*selective, *flags])
+        measured = measure_rank(config, resolve_parallel_dims(config.parallelism, 1), ranks_per_node=1, vocab_size=2048)
+        print(f"llama3_debug, selective op AC, {mode}: peak {measured.peak_bytes / 2**30:.4f} GiB", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["1B", "8B"])
@@ -53,7 +67,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--selective-ac-peaks", action="store_true")
     args = parser.parse_args()
+    if args.selective_ac_peaks:
+        selective_ac_peaks()
+        return
     rows = []
     for shape in args.shapes:
         for threads in args.threads:

@@ -11,7 +11,7 @@ A storage's term is decided when it appears, and changed only by ``mark``:
   lands, so FSDP's reduce-scatter output becomes a gradient);
 - a label in force (``label``): ``unsharded_parameters`` (FSDP's all-gathers), ``reduction_buffers``
   (FSDP's gradient reduction with the canonical tree's buffers, the replicate axis's buckets), ``attention``, ``routed_experts``
-  (dispatch buffers, expert-parallel copies, the experts' activations), ``logits_and_loss``;
+  (dispatch buffers, the per-source gradient tree, the experts' activations), ``logits_and_loss``;
 - otherwise the phase: ``activations`` in forward (what the forward saves, plus temporaries),
   ``backward`` inside autograd's backward (activation gradients, recomputation), ``optimizer`` in the
   optimizer step (its temporaries; the state was marked before).
