@@ -7,8 +7,9 @@ alternated step by step in one process so that load falls on all of them:
   chunks 8       --debug.deterministic --debug.deterministic_chunks 8 (resumable and comparable up to TP 8:
                  every linear that TP splits sums 8 chunks in fp32)
 
-Each mode's figure is the median of its timed steps (after one warm-up step each); the overhead is
-against plain. Writes benchmarks/results/deterministic_linears.json.
+One model at a time (three 8B slices with their AdamW state do not fit this box's 24 GiB): each mode is
+built, warmed up by one step, then timed over --steps steps; its figure is the median, and the
+overhead is against plain. Writes benchmarks/results/deterministic_linears.json.
 
     .venv/bin/python benchmarks/deterministic_linears.py [--shapes 1B 8B] [--threads 1 2] [--steps 3]
     .venv/bin/python benchmarks/deterministic_linears.py --selective-ac-peaks
@@ -76,14 +77,16 @@ def main() -> None:
     for shape in args.shapes:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            steps = {mode: build(shape, mode, args.layers, args.seq_len) for mode in MODES}
-            times: dict[str, list[float]] = {mode: [] for mode in MODES}
-            for round_ in range(args.steps + 1):
-                for mode, step in steps.items():
+            times: dict[str, list[float]] = {}
+            for mode in MODES:  # one model at a time: three 8B slices with AdamW state do not fit 24 GiB
+                step = build(shape, mode, args.layers, args.seq_len)
+                step.run()  # warm-up
+                times[mode] = []
+                for _ in range(args.steps):
                     started = time.perf_counter()
                     step.run()
-                    if round_:  # the first round warms up
-                        times[mode].append(time.perf_counter() - started)
+                    times[mode].append(time.perf_counter() - started)
+                del step
             medians = {mode: statistics.median(t) for mode, t in times.items()}
             row = {
                 "shape": shape, "layers": args.layers, "seq_len": args.seq_len, "threads": threads,
@@ -94,9 +97,8 @@ def main() -> None:
             print(f"{shape} x{args.layers} seq {args.seq_len}, {threads} thread(s): "
                   + ", ".join(f"{m} {medians[m]:.2f} s" for m in MODES)
                   + " | " + ", ".join(f"{m} {v:+.1f}%" for m, v in row["overhead_percent"].items()), flush=True)  # fmt: skip
-            del steps
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=2))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from lockstep.checkpoint import checksums
 from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.manifest import MANIFEST, read_manifest
 
-MANIFEST = "lockstep.json"
+__all__ = ["MANIFEST", "read_manifest"]  # re-exported: the folder helpers' callers read manifests through here
+
 PARTIAL = ".partial"
 FORMAT = 2
 """Manifest format: 1 = file sizes; 2 = sizes and xxh3-128 checksums."""
@@ -58,14 +60,6 @@ def published_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_manifest(folder: Path) -> dict:
-    """The manifest; ValueError for one that is not a JSON object of lockstep's (damaged or crafted)."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
-        raise ValueError(f"{folder / MANIFEST} is not a lockstep manifest")
-    return manifest
-
-
 def has_manifest(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
@@ -77,10 +71,14 @@ def problem_with(folder: Path, content: bool = True) -> str | None:
     loads (SafeFileSystemReader), so a same-size corruption shows up there, not here."""
     try:
         manifest = read_manifest(folder)
-    except (OSError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"no readable {MANIFEST} ({e.__class__.__name__})"
+    except ValueError as e:  # readable, but not the shape of a manifest
+        return str(e)
     for name, size in manifest.get("files", {}).items():
         path = folder / name
+        if path.is_symlink():
+            return f"file {name} is a link, not a file of the checkpoint"
         if not path.is_file():
             return f"file {name} is missing"
         if path.stat().st_size != size:

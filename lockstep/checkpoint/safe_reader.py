@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
-import json
 import pickle
 import re
 import time
@@ -43,6 +42,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.manifest import read_manifest
 
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _ALLOWED = {
@@ -288,9 +288,11 @@ class SafeFileSystemReader(FileSystemReader):
         if not self.verify or not manifest.is_file():
             return {}
         try:
-            return dict(json.loads(manifest.read_text()).get("checksums", {}))
-        except (OSError, ValueError, AttributeError):
+            return dict(read_manifest(Path(self.path)).get("checksums", {}))
+        except OSError:
             return {}  # an unreadable manifest is folders.problem_with's to report
+        except ValueError as e:  # a crafted one: its names could point outside the folder
+            raise CheckpointError(self.path, f"damaged checkpoint: {e}", _FIX) from None
 
     def _mismatch(self, name: str) -> CheckpointError:
         return CheckpointError(

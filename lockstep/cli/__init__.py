@@ -2,8 +2,9 @@
 
 Exit codes (every subcommand): 0 done; 1 a failure (a bug, a crash, a collective that broke, a
 comparison that found a difference); 2 bad config or input (one line naming the key or file and the
-fix); 75 (EX_TEMPFAIL) training stopped by SIGTERM/SIGINT after its last step was saved (with
-checkpointing on): run the same command again to resume. ``LOCKSTEP_TRACEBACK=1`` prints the full
+fix); 75 (EX_TEMPFAIL) training stopped by SIGTERM/SIGINT/SIGHUP after its last step was saved (with
+checkpointing on): run the same command again to resume; 76 training stopped by such a signal with
+nothing saved for its last step (checkpointing off): a rerun starts from the last saved step, if any. ``LOCKSTEP_TRACEBACK=1`` prints the full
 traceback of a bad-input error, for bug reports.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 from lockstep.errors import LockstepError
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 75
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_STOPPED_UNSAVED = 0, 1, 2, 75, 76
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lockstep.cli.train", "train a model (resumes from the run folder's newest checkpoint)"),
@@ -49,7 +50,8 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += [
         "",
-        "exit codes: 0 done, 1 failure, 2 bad config or input, 75 stopped by a signal (saved; rerun to resume)",
+        "exit codes: 0 done, 1 failure, 2 bad config or input, 75 stopped by a signal (saved; rerun to resume), "
+        "76 stopped by a signal, nothing saved",
     ]
     return "\n".join(lines)
 

@@ -25,16 +25,17 @@ import signal
 import time
 from pathlib import Path
 
-from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED
 from lockstep.config import ConfigError
 from lockstep.errors import LockstepError
 
 LAUNCHED_ENV = "LOCKSTEP_LAUNCHED"
 """Set for the workers of ``lockstep COMMAND --nproc``: a bad-input error goes to torchrun's error file
 only, and the launcher prints it once (plain torchrun workers also print theirs)."""
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-AGENT_SIGNALS = "SIGHUP,SIGQUIT"
-"""torchrun's default --signals-to-handle less SIGINT and SIGTERM, which are forwarded here."""
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+AGENT_SIGNALS = "SIGQUIT"
+"""torchrun's default --signals-to-handle less SIGINT, SIGTERM and SIGHUP, which are forwarded here (a
+worker stops on SIGHUP as on SIGTERM: the ranks agree, save and exit 75)."""
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -155,9 +156,10 @@ def _exit_code(failed, received: list[int], command: str) -> int:
     # forwarded (one that lands before a worker's handler is set kills it: nothing was trained yet), and
     # every rank did so or died of that signal or of torchrun's SIGTERM/SIGKILL to the ranks still
     # running once one has exited.
-    after_stop = {EXIT_STOPPED, -signal.SIGTERM, -signal.SIGKILL, *(-s for s in received)}
-    if (EXIT_STOPPED in codes or received) and all(code in after_stop for code in codes):
-        return EXIT_STOPPED
+    after_stop = {EXIT_STOPPED, EXIT_STOPPED_UNSAVED, -signal.SIGTERM, -signal.SIGKILL, *(-s for s in received)}
+    stopped = {EXIT_STOPPED, EXIT_STOPPED_UNSAVED} & set(codes)
+    if (stopped or received) and all(code in after_stop for code in codes):
+        return EXIT_STOPPED if stopped == {EXIT_STOPPED} else EXIT_STOPPED_UNSAVED
     rank, first = failed.get_first_failure()
     message = first.error_file_data.get("message")
     if first.exitcode == EXIT_BAD_INPUT and isinstance(message, str):

@@ -1,8 +1,8 @@
 """``lockstep train``, ``python -m lockstep.train`` and ``torchrun -m lockstep.train``: train a model.
 
 With ``--nproc N`` the config is checked here, then torchrun starts N processes (lockstep.cli.launch).
-Exit codes: 0 trained to training.steps; 75 stopped by SIGTERM/SIGINT after saving (rerun to resume);
-2 bad config or input; 1 a failure.
+Exit codes: 0 trained to training.steps; 75 stopped by SIGTERM/SIGINT/SIGHUP after saving (rerun to
+resume); 76 stopped by such a signal with nothing saved; 2 bad config or input; 1 a failure.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED
 from lockstep.config import JobConfig, load_config, validate_job_config
 from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
@@ -83,4 +83,6 @@ def _train(config: JobConfig) -> int:
         if trainer.stopped_by_signal and trainer.world.world_size > 1:
             # Leave together: torchrun stops the other workers as soon as one exits non-zero (75).
             torch.distributed.barrier()
-    return EXIT_STOPPED if trainer.stopped_by_signal else EXIT_OK
+    if not trainer.stopped_by_signal:
+        return EXIT_OK
+    return EXIT_STOPPED if trainer.stop_saved else EXIT_STOPPED_UNSAVED

@@ -26,6 +26,7 @@ from lockstep.data.shard_plan import ShardTask, load_hf_dataset
 from lockstep.data.sources import _decode, _json_texts, _parquet_texts, _text_of
 from lockstep.data.tokenizer import BytesTokenizer, Tokenizer
 from lockstep.errors import InputError, LockstepError
+from lockstep.lifetime import die_with_parent
 
 _CHUNK_CHARS = 1 << 20
 _CHUNK_DOCUMENTS = 1024
@@ -188,7 +189,9 @@ _WORKER: dict = {}
 
 
 def init_worker(threads: int, queue, folder: str, tokenizer_kind: str, dtype: str) -> None:
-    """Set the tokenizer's thread count before it first runs (the `tokenizers` thread pool reads it once)."""
+    """Set the tokenizer's thread count before it first runs (the `tokenizers` thread pool reads it once),
+    and die with the preparing process, whatever kills it (no worker left writing under PID 1)."""
+    die_with_parent()
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     from lockstep.data.prepared import TOKENIZER_FILE

@@ -61,8 +61,9 @@ class StepResult:
 
 
 class GracefulStop:
-    """SIGTERM or a first Ctrl-C asks the loop to stop after the current step (metrics flushed);
-    a second Ctrl-C interrupts at once."""
+    """SIGTERM, SIGHUP (a closed terminal, a lost ssh session) or a first Ctrl-C asks the loop to stop
+    after the current step (metrics flushed, the stop checkpoint saved); a second Ctrl-C interrupts at
+    once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -74,7 +75,7 @@ class GracefulStop:
 
     @contextlib.contextmanager
     def installed(self):
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             yield self
         finally:

@@ -79,6 +79,8 @@ def resolve_device(training: TrainingConfig) -> torch.device:
 
 class Trainer:
     stopped_by_signal: bool = False
+    stop_saved: bool = False
+    """Stopped by a signal, with the last step saved (exit 75); stopped without a save exits 76."""
     """Set by train() when SIGTERM/SIGINT ended it early (after saving): the CLI exits 75, so that a
     scheduler or script can tell a stop to resume from from a finished run."""
 
@@ -468,8 +470,14 @@ class Trainer:
                     self.comm.step_done(step)
                 self.checkpoints.close()
                 self.stopped_by_signal = stopping
-                if stopping:
-                    self.display.print(f"stopped by signal after step {self.state.step}")
+                self.stop_saved = stopping and self.checkpoints.saved_step == self.state.step
+                if self.stop_saved:
+                    self.display.print(f"stopped by signal after step {self.state.step}, saved: rerun to resume")
+                elif stopping:
+                    self.display.print(
+                        f"stopped by signal after step {self.state.step}; nothing was saved for it (checkpointing "
+                        "is off): a rerun starts over, from the last saved step if there is one"
+                    )
             finally:
                 self.profiler.stop()
                 if self.metrics is not None:

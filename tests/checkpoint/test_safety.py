@@ -2,6 +2,7 @@
 resume, initial_load_path, convert or replay; a crafted checkpoint is refused by name and resume
 falls back to the next older one."""
 
+import json
 import os
 import pickle
 
@@ -138,3 +139,35 @@ def test_hugging_face_pickles_are_never_read(tmp_path):
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
         Trainer(tiny_config(tmp_path, "--checkpoint.initial_load_path", str(hf)))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["/dev/zero", "../../../../../../etc/hostname", "sub/dir", ".."],
+    ids=["device", "escape", "nested", "parent"],
+)
+def test_a_manifest_cannot_name_a_file_outside_its_step_folder(run, capsys, monkeypatch, key):
+    """A checksum (or file) entry naming a device or a path outside the folder used to make the resume hash
+    /dev/zero forever or open /etc/hostname. The manifest's shape check refuses it before any file is
+    opened, and the resume falls back to the older checkpoint."""
+    step_8 = folders.step_folder(run / "run" / "checkpoint", 8)
+    manifest = json.loads((step_8 / folders.MANIFEST).read_text())
+    manifest["checksums"][key] = "0" * 32
+    (step_8 / folders.MANIFEST).write_text(json.dumps(manifest))
+    opened = []
+    monkeypatch.setattr("builtins.open", _recording_open(opened))
+    with Trainer(tiny_config(run, *CHECKPOINTED, *EIGHT), show_progress=False) as trainer:
+        assert trainer.state.step == 4
+    assert not any(str(path).startswith(("/dev/", "/etc/")) for path in opened)
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "'checksums'" in out
+
+
+def _recording_open(opened: list):
+    real = open
+
+    def recording(file, *args, **kwargs):
+        opened.append(file)
+        return real(file, *args, **kwargs)
+
+    return recording

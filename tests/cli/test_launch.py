@@ -76,6 +76,30 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_saves(tmp_p
     assert not any(map(_alive, workers))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_workers_die_with_a_launcher_killed_by_sigkill(tmp_path):
+    """SIGKILL gives the launcher no chance to forward anything: the kernel sends each worker the SIGTERM
+    it asked for as its parent-death signal, and they stop instead of training on under PID 1."""
+    folder = tmp_path / "run"
+    launcher = subprocess.Popen(
+        _nproc(tmp_path, "--training.steps", "100000"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=_one_thread(),
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (folder / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and not (folder / "metrics.jsonl").read_text():
+        time.sleep(0.2)  # step 1 is logged: both workers are training
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.kill()
+    launcher.communicate(timeout=30)
+    deadline = time.time() + 90  # they finish their step and leave; reaped by init
+    while time.time() < deadline and any(map(_alive, workers)):
+        time.sleep(0.2)
+    assert not any(map(_alive, workers))
+
+
 def test_a_bad_input_on_the_workers_is_one_line_and_exit_2(tmp_path):
     """The dataset file is only opened by the trainer, on every rank: one line comes back, once."""
     missing = tmp_path / "missing.txt"

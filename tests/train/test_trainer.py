@@ -118,12 +118,19 @@ def test_lr_schedule_warmup_stable_decay():
         assert lr_factor(0, 4, schedule) < 1.0 and lr_factor(3, 4, schedule) == pytest.approx(0.0)
 
 
-def test_sigterm_stops_cleanly_after_flushing_metrics(tmp_path):
+@pytest.mark.parametrize(
+    "signum, checkpointing, code",
+    [(signal.SIGTERM, [], 76), (signal.SIGHUP, ["--checkpoint.enable", "--checkpoint.interval", "100000"], 75)],
+    ids=["sigterm-nothing-saved", "sighup-saved"],
+)
+def test_a_signal_stops_cleanly_after_flushing_metrics_and_says_whether_it_saved(tmp_path, signum, checkpointing, code):
+    """SIGTERM and SIGHUP stop after the current step; exit 75 ("saved: rerun to resume") only when the
+    stop checkpoint was written, else 76 with a line saying nothing was saved."""
     folder = tmp_path / "run"
     command = [
         sys.executable, "-m", "lockstep.train", "--config", "llama3_debug", "--model.flavor", "tiny",
         "--training.steps", "100000", "--training.seq_len", "32", "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1000", "--job.dump_folder", str(folder), "--training.device", "cpu",
+        "--metrics.log_freq", "1000", "--job.dump_folder", str(folder), "--training.device", "cpu", *checkpointing,
     ]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}
@@ -133,11 +140,14 @@ def test_sigterm_stops_cleanly_after_flushing_metrics(tmp_path):
         time.sleep(0.2)
     while time.time() < deadline and not (folder / "metrics.jsonl").read_text():
         time.sleep(0.2)  # step 1 is always logged
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output = process.communicate(timeout=60)[0].decode()
-    assert process.returncode == 75, output  # EX_TEMPFAIL: stopped early, rerun to resume
+    assert process.returncode == code, output
     stopped_at = int(re.search(r"stopped by signal after step (\d+)", output).group(1))
     assert read_metrics(folder)[-1]["step"] == stopped_at  # the step it stopped at was flushed too
+    saved = folder / "checkpoint" / f"step-{stopped_at:08d}"
+    assert saved.is_dir() == (code == 75)
+    assert ("nothing was saved" in output) == (code == 76)
 
 
 def test_compiled_blocks_and_loss_match_eager(tmp_path):
