@@ -57,6 +57,11 @@ _ALLOWED = {
 }
 _TORCH_VALUE_TYPES = (torch.dtype, torch.memory_format, torch.layout)
 _FIX = "delete or move this checkpoint folder; lockstep does not load it"
+_UNSAFE_ITEM = (
+    pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, AssertionError,
+)  # fmt: skip
+"""What an item that is not what its metadata says raises on the way in (the allow-listed unpickler, an
+unknown transform, a record cut short, a tensor of another size); resource errors are not among them."""
 _CHUNK = 16 << 20
 
 
@@ -256,7 +261,7 @@ class SafeFileSystemReader(FileSystemReader):
                             self._serve(request, data, planner)
                     except Exception as e:  # noqa: BLE001 - re-raised below unless the checksum explains it
                         if digest is None:
-                            raise
+                            raise self._unloadable(name, e) if isinstance(e, _UNSAFE_ITEM) else e from None
                         failure = e
             if digest is not None:
                 actual = reading.digest()
@@ -264,7 +269,16 @@ class SafeFileSystemReader(FileSystemReader):
                 if actual != digest:
                     raise self._mismatch(name)
         if failure is not None:
-            raise failure
+            raise self._unloadable(name, failure) if isinstance(failure, _UNSAFE_ITEM) else failure
+
+    def _unloadable(self, name: str, error: BaseException) -> CheckpointError:
+        """An item that fails safe loading (a pickle where a tensor should be, an unknown transform, a
+        truncated record) while its file matches its checksum: the checkpoint is set aside like a damaged
+        one, in one line, not a traceback."""
+        return CheckpointError(
+            self.path, f"file {name} holds an item that does not load safely ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''})", _FIX,
+        )  # fmt: skip
 
     def _serve(self, request: ReadItem, data: bytes, planner) -> None:
         """One item from its stored bytes, as DCP's FileSystemReader.read_data does."""

@@ -10,6 +10,7 @@ traceback of a bad-input error, for bug reports.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -56,6 +57,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+_json_stdout: list = []
+"""The real stdout while a ``--json`` command runs (everything else it prints goes to stderr)."""
+
+
+def print_json(text: str) -> None:
+    """Print one JSON document (or JSON Lines record) to the command's stdout. Under ``--json``, ``main``
+    sends every other print to stderr (notices such as "loaded model from ..."), so stdout is JSON only."""
+    print(text, file=_json_stdout[-1] if _json_stdout else sys.stdout, flush=True)
+
+
 def report(command: str, error: BaseException) -> int:
     """One line for a user-fixable error (exit 2); LOCKSTEP_TRACEBACK=1 shows the traceback too."""
     if os.environ.get("LOCKSTEP_TRACEBACK") == "1":
@@ -78,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lockstep: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    json_only = "--json" in argv[1:]
+    if json_only:
+        _json_stdout.append(sys.stdout)
     try:
-        return module.run(argv[1:])
+        with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
+            return module.run(argv[1:])
     except LockstepError as error:
         return report(argv[0], error)
+    finally:
+        if json_only:
+            _json_stdout.pop()

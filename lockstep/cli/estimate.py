@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, print_json
 from lockstep.config import load_config
 from lockstep.tools.estimate import DEVICES, Topology, device_spec, estimate, nearest_fitting, render
 
@@ -51,7 +51,10 @@ def run(argv: list[str]) -> int:
     result = estimate(config, topology, device, vocab_size=args.vocab_size)
     if not result.verdict["fits"] and not args.no_advice:
         result.advice = nearest_fitting(config, topology, device, result.config["vocab_size"])
-    print(json.dumps(result.as_dict(), indent=1) if args.json else render(result))
+    if args.json:
+        print_json(json.dumps(result.as_dict(), indent=1))
+    else:
+        print(render(result))
     return EXIT_OK if result.verdict["fits"] else EXIT_FAILURE
 
 

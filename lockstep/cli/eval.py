@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK
+from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK, print_json
 from lockstep.errors import LockstepError
 
 
@@ -58,7 +58,7 @@ def run(argv: list[str]) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
-            print(evaluation_json(result, args.path), flush=True)
+            print_json(evaluation_json(result, args.path))
         else:
             record = result.as_record()
             print(

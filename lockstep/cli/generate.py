@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from lockstep.cli import EXIT_OK
+from lockstep.cli import EXIT_OK, print_json
 from lockstep.errors import InputError, LockstepError
 
 
@@ -114,7 +114,7 @@ def run(argv: list[str]) -> int:
             if args.json:
                 record = {"prompt_ids": prompt_ids, "generated_ids": ids, "text": text,
                           "finish_reason": "eos" if ended else "length"}  # fmt: skip
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                print_json(json.dumps(record, ensure_ascii=False))
             else:
                 print(("\n" if first + i else "") + texts[first + i] + text, flush=True)
     return EXIT_OK

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lockstep.cli import print_json
+
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
@@ -25,5 +27,8 @@ def run(argv: list[str]) -> int:
     found = step_samples(args.run, args.step, args.preview_tokens)
     if args.losses:
         add_losses(args.run, found)
-    print(json.dumps(found.as_json()) if args.json else describe(args.run, found), flush=True)
+    if args.json:
+        print_json(json.dumps(found.as_json()))
+    else:
+        print(describe(args.run, found), flush=True)
     return 1 if found.loss_matches is False else 0

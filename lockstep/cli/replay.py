@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lockstep.cli import print_json
+
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
@@ -30,5 +32,8 @@ def run(argv: list[str]) -> int:
         verdict = reproduce(args.run, args.step, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(verdict.as_json()) if args.json else verdict.describe(), flush=True)
+    if args.json:
+        print_json(json.dumps(verdict.as_json()))
+    else:
+        print(verdict.describe(), flush=True)
     return 0 if verdict.reproduced else 1

@@ -171,3 +171,20 @@ def _recording_open(opened: list):
         return real(file, *args, **kwargs)
 
     return recording
+
+
+def test_a_pickle_at_a_tensor_item_is_set_aside_for_the_older_checkpoint(run, capsys):
+    """The pre-check unpickles the small non-tensor items; a tensor item is read during the load itself,
+    by the weights-only loader, which refuses the payload. That refusal (checksums recomputed, so no
+    mismatch explains it) sets the step aside like a damaged one, in one line, and the resume falls back."""
+    root = run / "run" / "checkpoint"
+    marker = run / "pwned"
+    metadata = SafeFileSystemReader(str(folders.step_folder(root, 8))).read_metadata()
+    tensor_item = next(k for k in metadata.state_dict_metadata if k.startswith("model.") and k.endswith("weight"))
+    plant_payload(folders.step_folder(root, 8), tensor_item, marker)
+    with Trainer(tiny_config(run, *CHECKPOINTED, *EIGHT), show_progress=False) as trainer:
+        assert trainer.state.step == 4
+    out = capsys.readouterr().out
+    assert "does not load safely" in out and "UnpicklingError" in out
+    assert (root / "step-00000008.unloadable").is_dir()
+    assert not marker.exists()

@@ -43,7 +43,7 @@ def test_eval_of_a_run_folder_is_the_in_loop_val_loss(trained):
     before = _files(run)
     done = _lockstep("eval", str(run), "--json", *VALIDATION)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout)  # stdout is the JSON object only; notices went to stderr
     assert result["val_loss"] == in_loop["val_loss"] and result["val_tokens"] == in_loop["val_tokens"]
     assert _files(run) == before  # nothing written, touched or removed in the run
 
