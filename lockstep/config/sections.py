@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -572,6 +573,17 @@ class FaultToleranceConfig:
             "fault_tolerance.lighthouse",
             "no lighthouse address: set it (e.g. http://localhost:29510, as printed by lockstep lighthouse) or "
             "export TORCHFT_LIGHTHOUSE",
+        )
+        address = urllib.parse.urlsplit(self.lighthouse_address())
+        try:
+            port = address.port
+        except ValueError:
+            port = None
+        _require(
+            address.scheme in ("http", "https") and bool(address.hostname) and port is not None,
+            "fault_tolerance.lighthouse",
+            f"{self.lighthouse_address()!r} is not a lighthouse address; give http://HOST:PORT, as printed by "
+            "lockstep lighthouse",
         )
         _require(
             importlib.util.find_spec("torchft") is not None,
