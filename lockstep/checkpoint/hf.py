@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
@@ -269,6 +270,27 @@ def _check_reads(hf_dir: Path, reads: list[_BoxRead], stored: Mapping[str, Tenso
             )  # fmt: skip
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(hf_dir: Path, stored: Mapping[str, TensorStorageMetadata], n_layers: int) -> None:
+    """Refuse weights of more layers than the config describes (a config.json edited down would otherwise
+    load silently as a smaller model; fewer layers than the config is refused by the missing tensor).
+    DeepSeek-V3's multi-token-prediction layers (``num_nextn_predict_layers``) follow the decoder's and
+    are not loaded."""
+    try:
+        extra = json.loads((hf_dir / "config.json").read_text()).get("num_nextn_predict_layers") or 0
+    except (OSError, ValueError, AttributeError):
+        extra = 0
+    extra = extra if isinstance(extra, int) and 0 <= extra <= 16 else 0
+    indices = {int(m.group(1)) for name in stored if (m := _LAYER_INDEX.search(name))}
+    if indices and max(indices) >= n_layers + extra:
+        raise CheckpointError(
+            hf_dir, f"holds weights of {max(indices) + 1} layers, its config.json describes {n_layers}",
+            "give the config.json that belongs to these weights",
+        )  # fmt: skip
+
+
 def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, torch.Tensor]) -> None:
     """Fill `targets` (lockstep name -> a full tensor, or a DTensor of which this rank fills only its
     shard) from a Hugging Face folder, in place. Each rank reads only the boxes of the safetensors
@@ -297,6 +319,7 @@ def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, t
                 transforms.append((source.rows_from_hf, buffer, local, at[0] - first))
             reads += _piece_reads(name, source.pieces, buffer, buffer_at)
         _check_reads(hf_dir, reads, stored)
+        _check_layer_count(hf_dir, stored, args.n_layers)
         with warnings.catch_warnings():  # DCP warns that no_dist means one process: here it means no collectives
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load({}, storage_reader=reader, planner=_BoxLoadPlanner(reads), no_dist=True)

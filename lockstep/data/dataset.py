@@ -38,6 +38,9 @@ class TokenWindows:
     origin: PreparedOrigin | None = field(default=None, repr=False, compare=False)
     """The prepared folder the tokens were read from (set by load_prepared_windows; None for tokens made
     elsewhere), so a sample can be traced back to its file and document (lockstep.data.provenance)."""
+    vocab_size: int | None = field(default=None, compare=False)
+    """Token ids must be below it (checked per batch: a tampered or damaged shard is refused in one line,
+    not an IndexError in the embedding); None leaves them unchecked."""
 
     @property
     def num_windows(self) -> int:
@@ -60,10 +63,26 @@ class TokenWindows:
         labels = self.tokens[(starts[:, None] + np.arange(1, span)).reshape(-1)]
         return int(labels.size - np.count_nonzero(labels == self.bos_id))
 
+    def _refuse_out_of_vocabulary(self, window_indices: list[int], stacked: np.ndarray) -> None:
+        row = int(np.argmax(stacked.max(axis=1)))
+        position = window_indices[row] * (self.seq_len + 1) + int(np.argmax(stacked[row]))
+        token = int(stacked.max())
+        where = self.origin.folder if self.origin is not None else "the training data"
+        shard_of = getattr(self.tokens, "shard_of", None)
+        if shard_of is not None:
+            where = shard_of(position)
+        raise InputError(
+            where, f"holds token id {token} at position {position}, at or above the vocabulary size "
+            f"{self.vocab_size} (damaged or altered after preparing)", "run lockstep data verify on the folder",
+        )  # fmt: skip
+
     def batch(self, window_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels), int64 [n, seq_len]. A label that is a BOS (the start of the next
         document, which nothing before it can predict) is ignored."""
-        windows = torch.from_numpy(np.stack([self.window(i) for i in window_indices]).astype(np.int64))
+        stacked = np.stack([self.window(i) for i in window_indices])
+        if self.vocab_size is not None and stacked.size and int(stacked.max()) >= self.vocab_size:
+            self._refuse_out_of_vocabulary(window_indices, stacked)
+        windows = torch.from_numpy(stacked.astype(np.int64))
         inputs, labels = windows[:, :-1], windows[:, 1:].clone()
         labels[labels == self.bos_id] = IGNORE_INDEX
         return inputs, labels

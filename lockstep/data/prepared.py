@@ -155,6 +155,10 @@ class ShardedTokens:
             start, first = end, first + 1
         return count
 
+    def shard_of(self, position: int) -> Path:
+        """The shard file that holds global token `position`."""
+        return self.paths[int(np.searchsorted(self.offsets, position, side="right")) - 1]
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
@@ -244,4 +248,7 @@ def load_prepared_windows(
             f"{fits}or add data",
         )
     origin = PreparedOrigin(folder, manifest)
-    return TokenWindows(tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"], origin)
+    return TokenWindows(
+        tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"], origin,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip

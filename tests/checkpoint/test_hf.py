@@ -229,6 +229,18 @@ def test_a_missing_or_misshapen_hf_tensor_is_refused_before_reading(tmp_path):
             _one_process_load(tmp_path / "hf", "llama3", expected)
 
 
+def test_a_config_with_fewer_layers_than_its_weights_is_refused(tmp_path):
+    """config.json edited down to 1 layer over 2 layers of weights used to load as a 1-layer model."""
+    hf = _tiny_hf_llama(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    full = hf_adapter.from_hf(hf.state_dict(), hf_adapter.args_from_hf_config(config))
+    config["num_hidden_layers"] = 1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    first_layer = {k: v for k, v in full.items() if not k.startswith("layers.1.")}
+    with pytest.raises(CheckpointError, match="holds weights of 2 layers, its config.json describes 1"):
+        _one_process_load(tmp_path / "hf", "llama3", first_layer)
+
+
 def _fused_experts(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' in-memory DeepSeek-V3 layout: per layer gate_up_proj [E, 2I, H] and down_proj."""
     fused, experts = {}, {}

@@ -21,7 +21,7 @@ from lockstep.errors import InputError, LockstepError
 from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.data.ranks import auto_prepare_rank
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_overrides
 
 WORDS = "the of and to in is was for on that with as by at from his her it an be this which or are é 語".split()
 
@@ -190,6 +190,30 @@ def test_train_on_a_prepared_folder_equals_training_on_its_files(tmp_path, capsy
         runs[name] = (trainer.loader.windows.fingerprint, [m["loss"] for m in read_metrics(trainer.train())])
     assert len(runs["prepared"][1]) == 3 and runs["prepared"] == runs["files"]
     assert runs["prepared"][0] == read_manifest(out)["fingerprint"]
+
+
+def test_a_token_id_above_the_vocabulary_is_refused_in_one_line_naming_the_shard(tmp_path, capsys):
+    """A shard altered after preparing (same size, so the start-up size check passes) used to crash
+    training with an IndexError in the embedding."""
+    _corpus(tmp_path / "in")
+    out = tmp_path / "prepared"
+    assert (
+        main(["data", "prepare", "--dataset", "json", "--dataset-path", str(tmp_path / "in"), "--out", str(out)]) == 0
+    )
+    manifest = read_manifest(out)
+    shards = [out / "shards" / f"{shard['name']}.tokens" for shard in manifest["shards"]]
+    for shard in shards:  # every 16th token: any window of the run meets one
+        tokens = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))
+        tokens[::16] = np.iinfo(tokens.dtype).max
+        tokens.tofile(shard)
+    capsys.readouterr()
+    argv = ["train", "--config", "llama3_debug", *tiny_overrides(tmp_path / "run"), "--training.dataset", "prepared",
+            "--training.dataset_path", str(out), "--training.steps", "2"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert any(str(shard) in err for shard in shards)
+    assert "at or above the vocabulary size" in err and "lockstep data verify" in err
 
 
 def test_a_prepared_folder_refuses_another_tokenizer(tmp_path, shared_tokenizer):
