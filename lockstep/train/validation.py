@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lockstep.config.errors import ConfigError
 from lockstep.config.job import ValidationBatches
 from lockstep.config.sections import DataConfig, ValidationConfig
 from lockstep.data.corpus import builtin_corpus
@@ -93,6 +94,12 @@ class Validator:
         self.groups = [g for g in groups if g is not None]
         """Summed over in order: data-parallel ranks, then pipeline stages."""
         self.device = device
+        if batches.local_batch > windows.num_windows:  # each microbatch is padded to the full batch
+            raise ConfigError(
+                "validation.local_batch_size",
+                f"{batches.local_batch} is more than the validation split's {windows.num_windows} windows of "
+                f"seq_len + 1 tokens; use at most {windows.num_windows}",
+            )
         self.microbatches_per_step = batches.global_batch // batches.local_batch
         whole_split = -(-windows.num_windows // batches.global_batch)
         self.num_steps = whole_split if validation.steps == -1 else min(validation.steps, whole_split)

@@ -75,3 +75,14 @@ def test_eval_refusals_are_one_line(trained, tmp_path, capfd):
         code, _, stderr = run_cli(["eval", *args], capfd)
         assert code == 2, stderr
         assert len(stderr.strip().splitlines()) == 1 and needle in stderr
+
+
+def test_a_validation_batch_larger_than_the_split_is_one_line(trained):
+    """Each microbatch is padded to the full local batch: 100000 windows over a split of about a hundred
+    used to grow to 11 GB before failing."""
+    run, _ = trained
+    done = _lockstep("eval", str(run), "--validation.local_batch_size", "100000",
+                     "--validation.global_batch_size", "100000")  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is more than the validation split's" in lines[0] and "Traceback" not in done.stderr
