@@ -4,6 +4,8 @@ initialise from the root seed (so every layout starts from identical weights).""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +81,56 @@ class BuiltModel:
     """Its linear layers sum in fixed chunks (debug.deterministic): the logits come back whole."""
 
 
-def check_model_fits_layout(model: ModelConfig, dims: ParallelDims, debug: DebugConfig | None = None) -> None:
-    """Refuse a tensor-parallel degree that cannot split the model (before any process group starts), and
+TRAINING_BYTES_PER_PARAMETER = 16
+"""fp32 weights, gradients and AdamW's two moments: a floor under what training holds per parameter."""
+
+
+def parameter_count(spec, args) -> int:
+    """The model's parameters, from meta builds of at most a few blocks (so an absurd n_layers is counted,
+    not built): the blocks past the first non-dense one are taken to be like it."""
+    first = getattr(args, "n_dense_layers", 0) + 1
+    if args.n_layers <= first + 1:
+        with torch.device("meta"):
+            return sum(p.numel() for p in spec.build(args, "sdpa").parameters())
+    counts = []
+    for layers in (first, first + 1):
+        with torch.device("meta"):
+            counts.append(
+                sum(p.numel() for p in spec.build(dataclasses.replace(args, n_layers=layers), "sdpa").parameters())
+            )
+    return counts[0] + (args.n_layers - first) * (counts[1] - counts[0])
+
+
+def machine_memory_bytes() -> int:
+    """The most memory one rank of this machine could use: its host memory or its largest GPU's."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    return max([host, *gpus])
+
+
+def check_model_size(spec, args, world_size: int, memory_bytes: float | None = None) -> None:
+    """Refuse, before anything is built, a model whose weights, gradients and AdamW state alone could not
+    fit the machine even spread over every rank (an n_layers, dim or vocabulary typed a few orders of
+    magnitude too large), in one line naming the sizes and the limit."""
+    parameters = parameter_count(spec, args)
+    need, have = parameters * TRAINING_BYTES_PER_PARAMETER / world_size, memory_bytes or machine_memory_bytes()
+    if need > have:
+        shape = ", ".join(f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size") if hasattr(args, k))
+        raise ConfigError(
+            "model", f"{shape}: {parameters:.3g} parameters need at least {need / 2**30:.1f} GiB per rank for "
+            f"weights, gradients and AdamW state over {world_size} ranks; a rank has at most {have / 2**30:.1f} GiB",
+        )  # fmt: skip
+
+
+def check_model_fits_layout(
+    model: ModelConfig, dims: ParallelDims, debug: DebugConfig | None = None, memory_bytes: float | None = None
+) -> None:
+    """Refuse a model too large for any layout of `memory_bytes` per rank (this machine's by default) and a
+    tensor-parallel degree that cannot split the model (before any process group starts), and
     resolve `debug`'s deterministic chunk count (0: the tensor-parallel degree), refusing one that the
     model cannot split or that is below the degree (a resume at a higher degree than the run recorded)."""
     spec, args = model_args(model, vocab_size=1, max_seq_len=1)
+    check_model_size(spec, model_args(model, vocab_size=2, max_seq_len=2)[1], dims.world_size, memory_bytes)
     if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
         raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
     if debug is not None and debug.deterministic:

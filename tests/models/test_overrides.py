@@ -40,6 +40,20 @@ def test_bad_overrides_are_refused_before_any_work(tmp_path, capfd, overrides, k
     assert not (tmp_path / "run").exists()  # nothing was started or written
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["--model.overrides.n_layers", "1000000000"], ["--model.overrides.dim", "10000000"]],
+    ids=["n_layers-1e9", "dim-1e7"],
+)
+def test_a_model_too_large_for_any_layout_is_one_line_before_anything_is_built(tmp_path, capfd, overrides):
+    """n_layers 1e9 used to build without end, dim 1e7 to end in an allocation traceback: the parameters
+    are counted from a meta build of two blocks and set against what a rank of this machine has."""
+    code, _, err = run_cli(["train", "--config", "llama3_debug", *tiny_overrides(tmp_path), *overrides], capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "parameters need at least" in err and "GiB per rank" in err and "a rank has at most" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_overrides_build_the_model_and_are_recorded(tmp_path):
     (tmp_path / "shape.toml").write_text("[model.overrides]\ndim = 32\nn_layers = 3\n")
     overrides = ["--model.overrides.n_heads", "2", "--training.steps", "2", "--checkpoint.enable",

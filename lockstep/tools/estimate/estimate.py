@@ -158,7 +158,7 @@ def estimate(
     world = topology.world_size
     validate_job_config(config, world)
     dims = resolve_parallel_dims(config.parallelism, world)
-    check_model_fits_layout(config.model, dims, config.debug)
+    check_model_fits_layout(config.model, dims, config.debug, memory_bytes=device.memory_gib * 2**30)
     if not traceable(config.parallelism):
         raise ConfigError(
             "parallelism.pipeline_parallel_schedule",
