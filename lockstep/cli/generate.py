@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lockstep.cli import EXIT_OK, print_json
 from lockstep.errors import InputError, LockstepError
+from lockstep.parallel.process_group import machine_memory_bytes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +78,24 @@ class _Stream:
         sys.stdout.flush()
 
 
+def _check_generation_fits(model_args, positions: int, batch: int) -> None:
+    """Refuse, before anything is allocated, a generation whose RoPE table and KV cache could not fit this
+    machine: at least 4 bytes per position for each rotary dimension, and per position, layer and row of
+    the batch one key and one value head."""
+    head = (
+        getattr(model_args, "head_dim", 0)
+        or getattr(model_args, "v_head_dim", 0)
+        or model_args.dim // model_args.n_heads
+    )
+    need = 4 * positions * (head + 2 * model_args.n_layers * batch * head)
+    have = machine_memory_bytes()
+    if need > have:
+        raise LockstepError(
+            f"--max-new-tokens: {positions} positions need at least {need / 2**30:.1f} GiB for the RoPE table and "
+            f"the KV cache; this machine has {have / 2**30:.1f} GiB (use fewer new tokens or a smaller --batch-size)"
+        )
+
+
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from lockstep.generate.loading import load_model, load_tokenizer, resolve_device, resolve_source
@@ -95,7 +114,9 @@ def run(argv: list[str]) -> int:
     source = resolve_source(args.path)
     tokenizer = load_tokenizer(source, args.tokenizer_path)
     prompts = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(texts)]
-    model = load_model(source, device, max(map(len, prompts)) + settings.max_new_tokens)
+    positions = max(map(len, prompts)) + settings.max_new_tokens
+    _check_generation_fits(source.args, positions, min(args.batch_size, len(prompts)))
+    model = load_model(source, device, positions)
     stream = len(prompts) == 1 and not args.json
     for first in range(0, len(prompts), args.batch_size):
         batch = prompts[first : first + args.batch_size]

@@ -525,10 +525,22 @@ class CommConfig:
     trace_buf_size: int = 20000
     """Entries of the flight recorder (collectives per process group), dumped on a timeout; 0 = off."""
 
+    MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+    """A week: a collective that waits longer is a hang, and larger values overflow the backends' timers."""
+    MAX_TRACE_ENTRIES = 1_000_000
+    """The flight recorder allocates its ring of entries up front, per process group (1e11 aborted both ranks)."""
+
     def validate(self) -> None:
-        _require(self.init_timeout_seconds > 0, "comm.init_timeout_seconds", "must be > 0")
-        _require(self.train_timeout_seconds > 0, "comm.train_timeout_seconds", "must be > 0")
-        _require(self.trace_buf_size >= 0, "comm.trace_buf_size", "must be >= 0")
+        for key in ("init_timeout_seconds", "train_timeout_seconds"):
+            value = getattr(self, key)
+            _require(
+                0 < value <= self.MAX_TIMEOUT_SECONDS, f"comm.{key}",
+                f"must be in 1 .. {self.MAX_TIMEOUT_SECONDS} seconds (a week); got {value}",
+            )  # fmt: skip
+        _require(
+            0 <= self.trace_buf_size <= self.MAX_TRACE_ENTRIES, "comm.trace_buf_size",
+            f"must be in 0 .. {self.MAX_TRACE_ENTRIES} entries (0 = off); got {self.trace_buf_size}",
+        )  # fmt: skip
 
 
 @dataclass

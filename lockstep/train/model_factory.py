@@ -5,7 +5,6 @@ initialise from the root seed (so every layout starts from identical weights).""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
 from lockstep.parallel.node_levels import AxisLevels
 from lockstep.parallel.pipeline import Pipeline, pipeline_llm
+from lockstep.parallel.process_group import machine_memory_bytes
 from lockstep.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -99,13 +99,6 @@ def parameter_count(spec, args) -> int:
                 sum(p.numel() for p in spec.build(dataclasses.replace(args, n_layers=layers), "sdpa").parameters())
             )
     return counts[0] + (args.n_layers - first) * (counts[1] - counts[0])
-
-
-def machine_memory_bytes() -> int:
-    """The most memory one rank of this machine could use: its host memory or its largest GPU's."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    return max([host, *gpus])
 
 
 def check_model_size(spec, args, world_size: int, memory_bytes: float | None = None) -> None:

@@ -252,3 +252,19 @@ def test_fault_tolerance_counts_the_global_batch_over_every_replica_group(monkey
     validate_job_config(config, world_size=2)
     dims = resolve_parallel_dims(config.parallelism, 2)
     assert resolve_group_batch_size(config, dims) == (12, 4)  # 2 samples x 2 ranks x 3 groups; a group's block
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("comm.trace_buf_size", "100000000000", "must be in 0 .. 1000000 entries"),
+        ("comm.train_timeout_seconds", "100000000000000", "must be in 1 .. 604800 seconds"),
+        ("comm.init_timeout_seconds", "0", "must be in 1 .. 604800 seconds"),
+    ],
+)
+def test_comm_sizes_and_timeouts_are_bounded_before_any_process_group(key, value, fragment):
+    """A flight-recorder ring of 1e11 entries aborted both ranks (SIGABRT); a 1e14 s timeout overflowed."""
+    config = load_config("llama3_debug", [f"--{key}", value])
+    with pytest.raises(ConfigError) as error:
+        validate_job_config(config, world_size=1)
+    assert error.value.key == key and fragment in str(error.value)

@@ -109,6 +109,14 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, make, options, fra
     assert err.count("\n") == 1
 
 
+def test_max_new_tokens_beyond_this_machine_is_one_line_before_allocating(run, capsys):
+    """1e9 new tokens used to end in an allocation traceback (the RoPE table alone is 256 GB)."""
+    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "1000000000", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lockstep generate: error: --max-new-tokens: ") and err.count("\n") == 1
+    assert "GiB for the RoPE table and the KV cache" in err
+
+
 def test_exit_code_2_from_the_installed_command(tmp_path):
     done = subprocess.run([LOCKSTEP, "generate", str(tmp_path / "missing"), "--prompt", "x"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
