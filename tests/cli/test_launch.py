@@ -49,18 +49,26 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
-def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_saves(tmp_path):
+def _training(tmp_path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+    """`lockstep train --nproc 2` started and held until step 1 is logged (both workers are training);
+    the launcher and its two workers."""
     folder = tmp_path / "run"
-    command = _nproc(tmp_path, "--training.steps", "100000", "--checkpoint.enable", "--checkpoint.interval", "100000")
+    command = _nproc(tmp_path, "--training.steps", "100000", *extra)
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_one_thread())
     deadline = time.time() + 120
     while time.time() < deadline and not (folder / "metrics.jsonl").exists():
         time.sleep(0.2)
     while time.time() < deadline and not (folder / "metrics.jsonl").read_text():
-        time.sleep(0.2)  # step 1 is logged: both workers are training
+        time.sleep(0.2)
     workers = _children(launcher.pid)
     assert len(workers) == 2
+    return launcher, workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_saves(tmp_path):
+    folder = tmp_path / "run"
+    launcher, workers = _training(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "100000")
     launcher.send_signal(signal.SIGTERM)
     output = launcher.communicate(timeout=90)[0].decode()
     assert launcher.returncode == 75, output[-3000:]
@@ -80,18 +88,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_one_step_and_saves(tmp_p
 def test_workers_die_with_a_launcher_killed_by_sigkill(tmp_path):
     """SIGKILL gives the launcher no chance to forward anything: the kernel sends each worker the SIGTERM
     it asked for as its parent-death signal, and they stop instead of training on under PID 1."""
-    folder = tmp_path / "run"
-    launcher = subprocess.Popen(
-        _nproc(tmp_path, "--training.steps", "100000"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=_one_thread(),
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not (folder / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    while time.time() < deadline and not (folder / "metrics.jsonl").read_text():
-        time.sleep(0.2)  # step 1 is logged: both workers are training
-    workers = _children(launcher.pid)
-    assert len(workers) == 2
+    launcher, workers = _training(tmp_path)
     launcher.kill()
     launcher.communicate(timeout=30)
     deadline = time.time() + 90  # they finish their step and leave; reaped by init
