@@ -13,11 +13,14 @@ worker's pool is sized to cores / workers: the two kinds of parallelism add up i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import queue as queue_module
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -141,7 +144,7 @@ def _claim(out: Path, plan: dict) -> bool:
                 "pass another --out, or remove that folder to prepare it again",
             )
         return (out / MANIFEST).is_file()
-    if out.is_dir() and any(not p.name.startswith(f"{PLAN}.tmp") for p in out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith((f"{PLAN}.tmp", JOB_LOCK_PREFIX)) for p in out.iterdir()):
         raise InputError(
             out, "is not empty and holds no lockstep preparation (no plan.json)", "pass a new or empty --out"
         )
@@ -202,16 +205,57 @@ def prepare(
 ) -> PrepareResult:
     """Prepare job `job_index` of `num_jobs` (shard k belongs to job k mod num_jobs) into `out`; a lone
     job finalizes. `workers` 0 = one per core (at most one per shard), `tokenizer_threads` 0 = cores / workers."""
-    from lockstep.data.finalize import finalize
-
     out = Path(out)
     plan = make_plan(source, tasks, tokenizer_record(tokenizer, tokenizer_name), location, source_fingerprint)
     started = time.perf_counter()
     finished = _claim(out, plan)
     mine = tasks[job_index::num_jobs]
-    dtype = np.dtype(plan["dtype"])
     if finished:
         return PrepareResult(out, "already prepared", 0, len(mine), 0, 0, 0.0, 0, 0)
+    with _job_lock(out, job_index, num_jobs):
+        return _prepare_job(out, plan, mine, tokenizer, workers, tokenizer_threads, num_jobs, job_index, show_progress,
+                            log, started)  # fmt: skip
+
+
+JOB_LOCK_PREFIX = ".prepare-job-"
+
+
+@contextlib.contextmanager
+def _job_lock(out: Path, job_index: int, num_jobs: int):
+    """One process per job of a folder: two identical prepares at once would write the same shards, and
+    one's finalize would delete the other's in-flight files. An OS lock (``fcntl.flock``, dropped by the
+    kernel however its holder exits) on a file per job; a second holder is refused in one line."""
+    path = out / f"{JOB_LOCK_PREFIX}{job_index}-of-{num_jobs}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(
+                out, f"is being prepared by another lockstep data prepare (job {job_index} of {num_jobs}, {holder})",
+                "wait for it to finish, or stop it (its finished shards are kept) and run the command again",
+            ) from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_job(
+    out: Path, plan: dict, mine: list[ShardTask], tokenizer: Tokenizer, workers: int, tokenizer_threads: int,
+    num_jobs: int, job_index: int, show_progress: bool, log: Log, started: float,
+) -> PrepareResult:  # fmt: skip
+    """The rest of ``prepare``, holding this job's lock."""
+    from lockstep.data.finalize import finalize
+
+    dtype = np.dtype(plan["dtype"])
     _write_tokenizer(out, tokenizer)
     (out / SHARDS).mkdir(exist_ok=True)
     todo = [t for t in mine if done_record(out, t.name, dtype) is None]

@@ -271,3 +271,20 @@ def test_a_hugging_face_dataset_folder_gives_the_json_stream(tmp_path, monkeypat
     assert main([*args, "--out", str(tmp_path / "out"), "--shard-mb", "0.01"]) == 0
     assert len(read_manifest(tmp_path / "out")["shards"]) > 1
     assert np.array_equal(_stream(tmp_path / "out")[0], _expected(documents)[0])
+
+
+def test_a_second_identical_prepare_into_one_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two identical prepares at once used to write the same shards, and one's finalize deleted the other's
+    in-flight file. The job's OS lock (held here, as a running prepare holds it) refuses the second in
+    one line; the first's finished shards are untouched."""
+    from lockstep.data.prepare import _job_lock
+
+    _corpus(tmp_path / "in")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    argv = ["data", "prepare", "--dataset", "json", "--dataset-path", str(tmp_path / "in"), "--out", str(out)]
+    with _job_lock(out, 0, 1):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is being prepared by another lockstep data prepare (job 0 of 1, pid" in err
+    assert main(argv) == 0  # once the first is gone, the folder is prepared as usual
