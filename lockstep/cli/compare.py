@@ -13,6 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+"""What matplotlib writes from the file name's suffix."""
+
+
+def _check_plot_path(path: Path) -> None:
+    from lockstep.errors import InputError
+
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise InputError(path, f"has no image suffix matplotlib writes ({', '.join(PLOT_FORMATS)})", "name a .png")
+    if not path.parent.is_dir():
+        raise InputError(path.parent, "does not exist (the plot's folder)", "create it, or plot into another folder")
+    if path.exists() and not path.is_file():
+        raise InputError(path, "exists and is not a file", "give a file name for the plot")
+
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
@@ -40,6 +54,8 @@ def run(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     from lockstep.tools import compare
 
+    if args.plot is not None:
+        _check_plot_path(args.plot)  # before any run is launched or read
     runs = args.runs
     if args.run:
         if not (len(args.config) == 2 and not args.rev) and not (len(args.config) == 1 and len(args.rev) == 2):

@@ -113,6 +113,14 @@ def test_an_empty_or_malformed_run_is_one_line_and_exit_2(tmp_path, capsys):
         assert bad in err and out == ""
 
 
+def test_a_plot_into_a_missing_folder_or_of_an_unknown_format_is_one_line_before_any_work(tmp_path, capsys):
+    a = _losses(tmp_path / "a.jsonl", [1.0, 2.0])
+    b = _losses(tmp_path / "b.jsonl", [1.0, 2.5])
+    for plot, fragment in ((tmp_path / "missing" / "c.png", "does not exist"), (tmp_path / "c.xyz", "no image suffix")):
+        code, out, err = _gate(capsys, a, b, "--plot", plot)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and fragment in err, err
+
+
 def test_identical_nans_are_equal_whether_bare_or_strings(tmp_path, capsys):
     bare = tmp_path / "bare.jsonl"  # Python's json writes NaN/Infinity as bare tokens
     bare.write_text('{"step": 1, "loss": 2.5, "grad_norm": Infinity}\n{"step": 2, "loss": NaN, "grad_norm": NaN}\n')
