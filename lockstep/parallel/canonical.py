@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-from lockstep.parallel.node_levels import AxisLevels, all_reduce_levels, reduce_scatter_levels
+from lockstep.parallel.node_levels import AxisLevels, all_reduce_levels, reduce_scatter_levels, tree_reduce_rows_
 
 
 class TreeSum:
@@ -130,18 +130,11 @@ def combine_nodes(nodes: list[torch.Tensor], levels: list[int]) -> torch.Tensor:
 def tree_reduce_rows(rows: torch.Tensor) -> torch.Tensor:
     """The canonical tree over dim 0, for any length: the order ``TreeSum`` adds the rows in. For a
     power of two the pairwise tree ((r0+r1)+(r2+r3)); otherwise the pairwise trees of the runs given by
-    the length's binary digits (6 = 4 + 2: rows 0-3, rows 4-5), largest first, added left to right."""
-    count, start, total = rows.shape[0], 0, None
-    for bit in reversed(range(count.bit_length())):
-        if count >> bit & 1:
-            run = rows[start : start + (1 << bit)]
-            while run.shape[0] > 1:
-                run = run[0::2] + run[1::2]
-            total = run[0] if total is None else total + run[0]
-            start += 1 << bit
-    if total is None:
+    the length's binary digits (6 = 4 + 2: rows 0-3, rows 4-5), largest first, added left to right.
+    ``tree_reduce_rows_`` on a copy (the same additions, so the same bits), leaving `rows` as they are."""
+    if rows.shape[0] == 0:
         raise ValueError("tree_reduce_rows of no rows")
-    return total
+    return tree_reduce_rows_(rows.clone()).clone()
 
 
 def tree_all_reduce(

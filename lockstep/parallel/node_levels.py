@@ -72,10 +72,6 @@ class AxisLevels:
     inner_size: int
     outer_size: int
 
-    @property
-    def size(self) -> int:
-        return self.inner_size * self.outer_size
-
 
 def run_length(ranks: list[int], ranks_per_node: int) -> int:
     """g for one axis group (global ranks in axis order): the largest power of two dividing the length of

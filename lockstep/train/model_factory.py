@@ -88,17 +88,17 @@ TRAINING_BYTES_PER_PARAMETER = 16
 def parameter_count(spec, args) -> int:
     """The model's parameters, from meta builds of at most a few blocks (so an absurd n_layers is counted,
     not built): the blocks past the first non-dense one are taken to be like it."""
+
+    def counted(layers: int) -> int:
+        with torch.device("meta"):
+            model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
+        return sum(p.numel() for p in model.parameters())
+
     first = getattr(args, "n_dense_layers", 0) + 1
     if args.n_layers <= first + 1:
-        with torch.device("meta"):
-            return sum(p.numel() for p in spec.build(args, "sdpa").parameters())
-    counts = []
-    for layers in (first, first + 1):
-        with torch.device("meta"):
-            counts.append(
-                sum(p.numel() for p in spec.build(dataclasses.replace(args, n_layers=layers), "sdpa").parameters())
-            )
-    return counts[0] + (args.n_layers - first) * (counts[1] - counts[0])
+        return counted(args.n_layers)
+    one_block = counted(first + 1) - counted(first)
+    return counted(first) + (args.n_layers - first) * one_block
 
 
 def check_model_size(spec, args, world_size: int, memory_bytes: float | None = None) -> None:
@@ -123,7 +123,7 @@ def check_model_fits_layout(
     resolve `debug`'s deterministic chunk count (0: the tensor-parallel degree), refusing one that the
     model cannot split or that is below the degree (a resume at a higher degree than the run recorded)."""
     spec, args = model_args(model, vocab_size=1, max_seq_len=1)
-    check_model_size(spec, model_args(model, vocab_size=2, max_seq_len=2)[1], dims.world_size, memory_bytes)
+    check_model_size(spec, args, dims.world_size, memory_bytes)
     if dims.tp > 1 and (problem := spec.check_tensor_parallel_degree(args, dims.tp)):
         raise ConfigError("parallelism.tensor_parallel_degree", f"{problem}; choose a divisor")
     if debug is not None and debug.deterministic:
