@@ -25,7 +25,8 @@ from pathlib import Path
 
 from lockstep.checkpoint import checksums
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.manifest import MANIFEST, read_manifest
+from lockstep.checkpoint.manifest import MANIFEST, read_manifest, recorded_model
+from lockstep.errors import InputError
 
 __all__ = ["MANIFEST", "read_manifest"]  # re-exported: the folder helpers' callers read manifests through here
 
@@ -71,10 +72,12 @@ def problem_with(folder: Path, content: bool = True) -> str | None:
     loads (SafeFileSystemReader), so a same-size corruption shows up there, not here."""
     try:
         manifest = read_manifest(folder)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"no readable {MANIFEST} ({e.__class__.__name__})"
-    except ValueError as e:  # readable, but not the shape of a manifest
-        return str(e)
+    except InputError as e:
+        return f"{MANIFEST} {e.problem}" if e.problem.startswith("is ") else f"{MANIFEST}: {e.problem}"
+    try:
+        recorded_model(folder, manifest)
+    except InputError as e:
+        return f"{MANIFEST}: {e.problem}"
     for name, size in manifest.get("files", {}).items():
         path = folder / name
         if path.is_symlink():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -32,9 +33,11 @@ from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
+from lockstep.json_input import read_hf_config
 from lockstep.models.common.hf_source import HFPiece
-from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
+from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -144,9 +147,7 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
     timings = dict.fromkeys(("load_s", "convert_s", "save_s"), 0.0)
     started = time.perf_counter()
     folder = resolve_checkpoint_folder(checkpoint)
-    manifest = folders.read_manifest(folder)
-    spec = model_spec(manifest["model"]["name"])
-    args = spec.args_from_dict(manifest["model"]["args"])
+    spec, args = recorded_model(folder, folders.read_manifest(folder))
     shards = _plan_hf_shards(folder, spec, args, DTYPES[dtype], max_shard_bytes)
     timings["load_s"] += time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,11 +279,7 @@ def _check_layer_count(hf_dir: Path, stored: Mapping[str, TensorStorageMetadata]
     load silently as a smaller model; fewer layers than the config is refused by the missing tensor).
     DeepSeek-V3's multi-token-prediction layers (``num_nextn_predict_layers``) follow the decoder's and
     are not loaded."""
-    try:
-        extra = json.loads((hf_dir / "config.json").read_text()).get("num_nextn_predict_layers") or 0
-    except (OSError, ValueError, AttributeError):
-        extra = 0
-    extra = extra if isinstance(extra, int) and 0 <= extra <= 16 else 0
+    extra = read_hf_config(hf_dir).get("num_nextn_predict_layers") or 0
     indices = {int(m.group(1)) for name in stored if (m := _LAYER_INDEX.search(name))}
     if indices and max(indices) >= n_layers + extra:
         raise CheckpointError(
@@ -291,12 +288,27 @@ def _check_layer_count(hf_dir: Path, stored: Mapping[str, TensorStorageMetadata]
         )  # fmt: skip
 
 
+def check_safetensors_headers(hf_dir: Path) -> None:
+    """Refuse, before any tensor is read, a safetensors file whose header lies (offsets past the end, a
+    shape or dtype that does not fit its bytes, a 2^60-byte header length, a truncated file): safetensors'
+    own validation of every header, which torch's reader does not do before it seeks and allocates."""
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                path, f"is not a valid safetensors file ({error})", "download or export it again"
+            ) from None
+
+
 def load_hf_weights(hf_dir: Path, spec: ModelSpec, args, targets: Mapping[str, torch.Tensor]) -> None:
     """Fill `targets` (lockstep name -> a full tensor, or a DTensor of which this rank fills only its
     shard) from a Hugging Face folder, in place. Each rank reads only the boxes of the safetensors
     files that its shards cover, so its memory grows with its shard and never holds a full tensor
     (beyond a block-aligned margin where a row transform meets a shard boundary inside a block). The
     ranks read independently: no collective is involved."""
+    check_safetensors_headers(hf_dir)
     reader = HuggingFaceStorageReader(str(hf_dir))
     stored = reader.read_metadata().state_dict_metadata
     reads: list[_BoxRead] = []
@@ -340,13 +352,16 @@ _ARCHITECTURE_FIELDS = (
 
 def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
     """Refuse a Hugging Face model of another family, or whose architecture differs from this run's flavor."""
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_hf_config(hf_dir)
     family = family_of_hf_config(config, hf_dir / "config.json")
     if family != spec.name:
         raise CheckpointError(
             hf_dir, f"is a {family} model, this run's is {spec.name}", f"train with --model.name {family}"
         )
-    theirs = spec.hf_adapter.args_from_hf_config(config)
+    theirs = checked_args(
+        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=hf_dir / "config.json",
+        fix="give the config.json saved with the model",
+    )  # fmt: skip
     fields = [f for f in _ARCHITECTURE_FIELDS if hasattr(args, f)]  # the ones this model family has
     differences = [
         f"{f}: {getattr(theirs, f)} vs {getattr(args, f)}" for f in fields if getattr(theirs, f) != getattr(args, f)

@@ -15,7 +15,6 @@ data set. Here the args come from config.json, as they always have for from-hf."
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +31,8 @@ from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights
 from lockstep.checkpoint.states import persistent_tensors
-from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
+from lockstep.json_input import read_hf_config
+from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
 
 
 def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> tuple[ModelSpec, object]:
@@ -43,14 +43,18 @@ def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> 
     if not is_hf_folder(hf_dir):
         raise CheckpointError(hf_dir, "is not a Hugging Face model folder (config.json and *.safetensors)")
     folders.require_new_or_empty(out_dir, "an import")
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_hf_config(hf_dir)
     spec = model_spec(model_name or family_of_hf_config(config, hf_dir / "config.json"))
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type is not None and model_type not in spec.hf_model_types:  # --model names another family
         raise CheckpointError(
             hf_dir, f"holds a {model_type!r} model, not {spec.name}", "drop --model (the family comes from model_type)"
         )
-    return spec, spec.hf_adapter.args_from_hf_config(config)
+    args = checked_args(
+        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=hf_dir / "config.json",
+        fix="give the config.json saved with the model",
+    )  # fmt: skip
+    return spec, args
 
 
 def _targets(shapes: dict[str, torch.Size], mesh: DeviceMesh | None) -> dict[str, torch.Tensor]:

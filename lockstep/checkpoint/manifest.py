@@ -3,39 +3,56 @@ and the safe reader: every file name it records must name a plain file in the st
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
+from typing import Any
+
+from lockstep.config.errors import ConfigError
+from lockstep.errors import InputError
+from lockstep.json_input import Bool, Int, ListOf, MapOf, Obj, Str, read_json
+from lockstep.models.registry import ModelSpec, checked_args, model_spec
 
 MANIFEST = "lockstep.json"
-_DIGEST = re.compile(r"^[0-9a-f]{32}$")
+PLAIN_FILE_NAME = r"(?!\.\.?$)[^/\\\x00]+"
+"""A name that can only mean a file directly in its folder: no separator, not '.' or '..', no NUL, not
+absolute. Every file name a checkpoint records must be one, so no crafted manifest can make a load open
+anything outside the step folder (``/dev/zero``, ``../../etc/hostname``)."""
 
-
-def plain_file_name(name: object) -> bool:
-    """A name that can only mean a file directly in its folder: no separator, not '.' or '..', no NUL,
-    not absolute. Every file name a checkpoint records must be one, so no crafted manifest can make a
-    load open anything outside the step folder (``/dev/zero``, ``../../etc/hostname``)."""
-    return (
-        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-        and "\0" not in name
-    )  # fmt: skip
+SHAPE = Obj(
+    required={
+        "step": Int(min=0),
+        "model": Obj(required={"name": Str(), "args": MapOf()}),
+        "files": MapOf(Int(min=0), name=Str(pattern=PLAIN_FILE_NAME)),
+    },
+    optional={
+        "format": Int(min=1),
+        "checksums": MapOf(Str(pattern=r"[0-9a-f]{32}"), name=Str(pattern=PLAIN_FILE_NAME)),
+        "model_only": Bool(),
+        "parts": ListOf(Str()),
+        "layout": MapOf(),
+        "config": MapOf(),
+        "fingerprints": MapOf(),
+    },
+)
+"""What lockstep writes (``CheckpointManager.save``, ``convert from-hf``); other keys are the record's."""
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest, its shape checked: ValueError naming the key for one that is not lockstep's
-    (damaged or crafted). ``files`` maps plain file names to byte counts, ``checksums`` plain names of
-    listed files to xxh3-128 hex digests."""
+    """The manifest, its shape checked: InputError naming the file and the key for one that is not
+    lockstep's (damaged or crafted). ``files`` maps plain file names to byte counts, ``checksums`` plain
+    names of listed files to xxh3-128 hex digests."""
     path = folder / MANIFEST
-    manifest = json.loads(path.read_text())
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    files, digests = manifest.get("files", {}), manifest.get("checksums", {})
-    if not isinstance(files, dict) or not all(
-        plain_file_name(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in files.items()
-    ):
-        raise ValueError(f"{path}: 'files' must map file names in the folder to byte counts")
-    if not isinstance(digests, dict) or not all(
-        k in files and isinstance(v, str) and _DIGEST.match(v) for k, v in digests.items()
-    ):
-        raise ValueError(f"{path}: 'checksums' must map files listed under 'files' to xxh3-128 digests")
+    manifest = read_json(path, SHAPE, fix="", max_bytes=64 * 2**20)
+    if unlisted := sorted(set(manifest.get("checksums") or {}) - set(manifest["files"])):
+        raise InputError(path, f"checksums.{unlisted[0]}: names a file that 'files' does not list")
     return manifest
+
+
+def recorded_model(folder: Path, manifest: dict) -> tuple[ModelSpec, Any]:
+    """The model family and *Args a manifest records, checked as an HF config.json is (``checked_args``):
+    a crafted ``model.args`` (a billion layers, a string for a size) is refused before anything is built."""
+    where, fix = folder / MANIFEST, "it was changed after saving; load another checkpoint"
+    try:
+        spec = model_spec(manifest["model"]["name"])
+    except ConfigError as error:
+        raise InputError(where, f"model.name: {error}", fix) from None
+    return spec, checked_args(spec, lambda: spec.args_from_dict(manifest["model"]["args"]), where=where, fix=fix)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lockstep.cli import EXIT_OK, print_json
 from lockstep.errors import InputError, LockstepError
-from lockstep.parallel.process_group import machine_memory_bytes
+from lockstep.models.size import machine_memory_bytes
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ resolved here, once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from lockstep.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
-from lockstep.errors import InputError
+from lockstep.json_input import read_hf_config
 
 SECTION_TYPES: dict[str, type] = {
     "job": JobSectionConfig,
@@ -318,12 +317,7 @@ def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig, recorded
             "from_hf takes the architecture from a Hugging Face folder's config.json; set "
             "checkpoint.initial_load_path to that folder" + (f" ({folder} has no config.json)" if folder else ""),
         )
-    try:
-        model.hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(folder / "config.json", f"is not readable JSON ({error})") from None
-    if not isinstance(model.hf_config, dict):
-        raise InputError(folder / "config.json", "is not a JSON object", "give the config.json saved with the model")
+    model.hf_config = read_hf_config(folder)
 
 
 def _validate_invariant_batch(training: TrainingConfig, dims: ParallelDims, per_rank: int, groups: int) -> None:

@@ -22,6 +22,7 @@ from lockstep.data.prepared import (
     CHECKSUM,
     MANIFEST,
     PLAN,
+    PLAN_SHAPE,
     SHARDS,
     TOKENIZER_FILE,
     dataset_fingerprint,
@@ -61,7 +62,7 @@ def finalize(folder: Path, log: Callable[[str], None] = print) -> dict:
     folder = Path(folder)
     if not (folder / PLAN).is_file():
         raise InputError(folder, "holds no preparation (no plan.json)", "run lockstep data prepare --out FOLDER first")
-    plan = read_json(folder / PLAN)
+    plan = read_json(folder / PLAN, PLAN_SHAPE)
     dtype = np.dtype(plan["dtype"])
     records = [done_record(folder, shard["name"], dtype) for shard in plan["shards"]]
     missing = [shard["name"] for shard, record in zip(plan["shards"], records, strict=True) if record is None]

@@ -36,6 +36,8 @@ from lockstep.data.prepared import (
     FORMAT,
     MANIFEST,
     PLAN,
+    PLAN_SHAPE,
+    SHARD_RECORD,
     SHARDS,
     TOKENIZER_CONFIG,
     TOKENIZER_FILE,
@@ -136,7 +138,7 @@ def _claim(out: Path, plan: dict) -> bool:
         raise InputError(out, "--out is a file", "pass a folder")
     plan_file = out / PLAN
     if plan_file.is_file():
-        existing = read_json(plan_file)
+        existing = read_json(plan_file, PLAN_SHAPE)
         if _comparable(existing) != _comparable(plan):
             raise InputError(
                 out,
@@ -178,7 +180,7 @@ def done_record(out: Path, name: str, dtype: np.dtype) -> dict | None:
     if not record_file.is_file():
         return None
     try:
-        record = read_json(record_file)
+        record = read_json(record_file, SHARD_RECORD)
         tokens, docs = shard_path(out, name, "tokens"), shard_path(out, name, "docs")
         complete = tokens.stat().st_size == record["tokens"] * dtype.itemsize
         complete = complete and docs.stat().st_size == record["documents"] * 8

@@ -19,7 +19,6 @@ at a trillion tokens a start must not read the data.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ import numpy as np
 
 from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
 from lockstep.errors import InputError
+from lockstep.json_input import Int, ListOf, MapOf, Obj, Shape, Str, check_shape
+from lockstep.json_input import read_json as read_checked_json
 
 if TYPE_CHECKING:
     from lockstep.data.dataset import TokenWindows
@@ -61,15 +62,49 @@ def shard_path(folder: Path, name: str, suffix: str) -> Path:
     return folder / SHARDS / f"{name}.{suffix}"
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object written by preparation; InputError (naming the file) when it is not one."""
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, f"cannot read it ({e})", "prepare the folder again (lockstep data prepare)") from e
-    if not isinstance(value, dict):
-        raise InputError(path, "is not a JSON object", "prepare the folder again (lockstep data prepare)")
-    return value
+PREPARE_AGAIN = "prepare the folder again (lockstep data prepare)"
+_ANY_OBJECT = MapOf()
+_HEX32 = Str(pattern=r"[0-9a-f]{32}")
+_COUNT = Int(min=0)
+PLAN_SHARD = Obj(
+    required={"name": Str(pattern=r"[0-9]{1,12}"), "kind": Str(), "file": _COUNT, "start": _COUNT, "end": _COUNT}
+)
+SHARD_RECORD = Obj(required={"documents": _COUNT, "tokens": _COUNT, "tokens_xxh3": _HEX32, "docs_xxh3": _HEX32})
+"""shards/NNNNN.json, written by the worker that finished the shard."""
+PLAN_SHAPE = Obj(
+    required={
+        "format": Str(choices=(FORMAT,)),
+        "version": Int(),
+        "dtype": Str(choices=("uint16", "uint32")),
+        "tokenizer": Obj(
+            required={"kind": Str(choices=("bytes", "hf")), "fingerprint": Str(), "vocab_size": Int(min=1, max=2**32)},
+            optional={"name": Str(), "bos_id": _COUNT, "eos_id": _COUNT},
+        ),
+        "source": Obj(
+            required={"kind": Str(), "files": ListOf(Obj())},
+            optional={"text_field": Str(), "split": Str(), "fingerprint": Str()},
+        ),
+        "shards": ListOf(PLAN_SHARD),
+    },
+    optional={"location": Str()},
+)
+"""plan.json: what ``lockstep data prepare`` writes before any shard (and checks a rerun against)."""
+MANIFEST_SHAPE = Obj(
+    required={
+        **PLAN_SHAPE.required,
+        "num_tokens": _COUNT,
+        "num_documents": _COUNT,
+        "fingerprint": Str(),
+        "shards": ListOf(Obj(required={**PLAN_SHARD.required, **SHARD_RECORD.required})),
+    },
+    optional={**PLAN_SHAPE.optional, "checksum": Str()},
+)
+"""manifest.json: the plan and every shard's record, written by finalize."""
+
+
+def read_json(path: Path, shape: Shape = _ANY_OBJECT) -> dict:
+    """A JSON object written by preparation, of `shape`; InputError (naming the file and key) otherwise."""
+    return read_checked_json(path, shape, fix=PREPARE_AGAIN)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -91,10 +126,7 @@ def read_manifest(folder: Path) -> dict:
             f"{FORMAT!r} version {VERSION}",
             "prepare the data again with this lockstep",
         )
-    names = [shard.get("name") for shard in manifest.get("shards", []) if isinstance(shard, dict)]
-    if manifest.get("dtype") not in ("uint16", "uint32") or not all(isinstance(n, str) and n.isdigit() for n in names):
-        raise InputError(path, "has an unknown token dtype or shard name", "prepare the data again")  # never a path
-    return manifest
+    return check_shape(path, manifest, MANIFEST_SHAPE, fix=PREPARE_AGAIN)  # a shard name is never a path
 
 
 def folder_tokenizer(folder: Path, manifest: dict) -> Tokenizer:

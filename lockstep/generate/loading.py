@@ -11,7 +11,6 @@ tokenizer's fingerprint, and a tokenizer from the run's config that does not mat
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,11 +23,13 @@ from torch import nn
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights, read_model_weights, resolve_checkpoint_folder
+from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.states import persistent_tensors, tied_aliases
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from lockstep.errors import InputError, LockstepError
-from lockstep.models.registry import ModelSpec, family_of_hf_config, model_spec
+from lockstep.json_input import read_hf_config
+from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
 
 FIX_PATH = "give a run folder, a checkpoint step folder (step-N) or a Hugging Face folder (config.json + safetensors)"
 
@@ -71,8 +72,7 @@ def resolve_source(path: Path) -> Source:
     else:
         folder = resolve_checkpoint_folder(path)  # a checkpoint root; raises when it holds none
     manifest = folders.read_manifest(folder)
-    spec = model_spec(manifest["model"]["name"])
-    args = spec.args_from_dict(manifest["model"]["args"])
+    spec, args = recorded_model(folder, manifest)
     config = manifest.get("config")
     if run_config.is_file():
         config = _read_toml(run_config)
@@ -84,18 +84,15 @@ def resolve_source(path: Path) -> Source:
 
 
 def _hf_source(path: Path) -> Source:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path / "config.json", f"is not valid JSON ({e})") from e
+    config = read_hf_config(path)
     try:
         spec = model_spec(family_of_hf_config(config))
     except ValueError as e:
         raise InputError(path / "config.json", str(e).removeprefix("config.json: ")) from e
-    try:
-        args = spec.hf_adapter.args_from_hf_config(config)
-    except KeyError as e:
-        raise InputError(path / "config.json", f"lacks {e}", "give the config.json saved with the model") from e
+    args = checked_args(
+        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=path / "config.json",
+        fix="give the config.json saved with the model",
+    )  # fmt: skip
     return Source(path, "hf", spec, args, None, None)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
+from lockstep.errors import InputError
 from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3, DeepSeekV3Args
 from lockstep.models.deepseek_v3 import hf_adapter as deepseek_v3_hf
 from lockstep.models.deepseek_v3 import parallel_plan as deepseek_v3_plan
@@ -23,6 +24,7 @@ from lockstep.models.llama3 import parallel_plan as llama3_plan
 from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args
 from lockstep.models.qwen3 import hf_adapter as qwen3_hf
 from lockstep.models.qwen3 import parallel_plan as qwen3_plan
+from lockstep.models.size import WEIGHT_BYTES_PER_PARAMETER, size_problem
 
 
 @dataclass(frozen=True)
@@ -158,20 +160,43 @@ def _args_from_hf(spec: ModelSpec, model: ModelConfig) -> Any:
         fix = f"train with --model.name {family}" if family else "lockstep has no family for it"
         raise ConfigError("model.flavor", f"from_hf: the config.json is a {model_type!r} model, not {spec.name}; {fix}")
     try:
-        args = spec.hf_adapter.args_from_hf_config(model.hf_config)
+        return _typed_args(lambda: spec.hf_adapter.args_from_hf_config(model.hf_config), "model.hf_config")
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ConfigError(
-            "model.flavor", f"from_hf: the config.json is not a {spec.name} config ({error!r} missing or wrong)"
+            "model.flavor", f"from_hf: the config.json is not a {spec.name} config ({error} missing or wrong)"
         ) from None
+
+
+def _typed_args(build: Callable[[], Any], prefix: str) -> Any:
+    """The args `build` makes, every plain field coerced to its declared type (as an override would be),
+    so a string or float where the field is an int is refused here, not deep inside a build."""
+    args = build()
     plain = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(args)
-        if not dataclasses.is_dataclass(getattr(args, f.name))
+        if not dataclasses.is_dataclass(getattr(args, f.name)) and getattr(args, f.name) is not None
     }
-    typed = _overrides(
-        args, {k: v for k, v in plain.items() if v is not None and k not in NOT_OVERRIDABLE}, "model.hf_config"
-    )
-    return dataclasses.replace(args, **typed)  # each value of the field's type, as an override would be
+    return dataclasses.replace(args, **_typed(args, plain, prefix))
+
+
+def checked_args(spec: ModelSpec, build: Callable[[], Any], *, where: Any, fix: str) -> Any:
+    """*Args read from a file lockstep did not just write (an HF config.json, a checkpoint manifest's
+    model.args), checked as strictly as model.overrides before anything is built: every key present,
+    every value of its field's type, shapes positive and divisible, and the fp32 weights small enough to
+    fit this machine. Otherwise InputError naming `where`, the key and `fix`."""
+    try:
+        args = _typed_args(build, "")
+        _check_shape(args)
+        args.validate()
+    except KeyError as error:
+        raise InputError(where, f"lacks the key {error}", fix) from None
+    except ConfigError as error:
+        raise InputError(where, str(error), fix) from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as error:
+        raise InputError(where, f"is not a {spec.name} model ({error})", fix) from None
+    if problem := size_problem(spec, args, bytes_per_parameter=WEIGHT_BYTES_PER_PARAMETER):
+        raise InputError(where, problem, fix)
+    return args
 
 
 NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "it is training.seq_len"}
@@ -179,16 +204,25 @@ NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "
 
 def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
     """model.overrides checked against the args dataclass: known fields, values of the field's type."""
-    from lockstep.config.loader import _coerce  # the loader's own coercion: CLI strings and TOML values alike
-
     hints = typing.get_type_hints(type(args))
-    checked = {}
-    for name, value in overrides.items():
+    for name in overrides:
         key = f"{prefix}.{name}"
         if name not in hints:
             raise ConfigError(key, f"{type(args).__name__} has no field {name!r}{_suggest(name, list(hints))}")
         if name in NOT_OVERRIDABLE:
             raise ConfigError(key, f"cannot be overridden: {NOT_OVERRIDABLE[name]}")
+    return _typed(args, overrides, prefix)
+
+
+def _typed(args: Any, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`values` of the args dataclass's fields, each coerced to the field's type (the config loader's own
+    coercion: CLI strings, TOML and JSON values alike); ConfigError naming the field otherwise."""
+    from lockstep.config.loader import _coerce
+
+    hints = typing.get_type_hints(type(args))
+    checked = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
         try:
             checked[name] = _coerce(value, hints[name], key)
         except ConfigError as error:
@@ -211,4 +245,4 @@ def family_of_hf_config(config: dict, where: object = "config.json") -> str:
         if model_type in spec.hf_model_types:
             return name
     supported = ", ".join(t for spec in MODELS.values() for t in spec.hf_model_types)
-    raise ValueError(f"{where}: model_type {model_type!r} is not one lockstep reads (supported: {supported})")
+    raise InputError(where, f"model_type {model_type!r} is not one lockstep reads (supported: {supported})")

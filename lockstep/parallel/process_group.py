@@ -71,10 +71,3 @@ def destroy_process_group(barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def machine_memory_bytes() -> int:
-    """The most memory one rank of this machine could use: its host memory or its largest GPU's."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    return max([host, *gpus])

@@ -4,7 +4,6 @@ initialise from the root seed (so every layout starts from identical weights).""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from lockstep.config.sections import (
     ParallelismConfig,
 )
 from lockstep.models.registry import model_args
+from lockstep.models.size import TRAINING_BYTES_PER_PARAMETER, size_problem
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
 from lockstep.parallel.canonical import TreeReduceScatter
 from lockstep.parallel.canonical_linear import apply_canonical_linears, canonical_plan
@@ -31,7 +31,6 @@ from lockstep.parallel.expert_parallel import apply_expert_parallel
 from lockstep.parallel.fsdp import apply_fsdp
 from lockstep.parallel.node_levels import AxisLevels
 from lockstep.parallel.pipeline import Pipeline, pipeline_llm
-from lockstep.parallel.process_group import machine_memory_bytes
 from lockstep.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -81,38 +80,14 @@ class BuiltModel:
     """Its linear layers sum in fixed chunks (debug.deterministic): the logits come back whole."""
 
 
-TRAINING_BYTES_PER_PARAMETER = 16
-"""fp32 weights, gradients and AdamW's two moments: a floor under what training holds per parameter."""
-
-
-def parameter_count(spec, args) -> int:
-    """The model's parameters, from meta builds of at most a few blocks (so an absurd n_layers is counted,
-    not built): the blocks past the first non-dense one are taken to be like it."""
-
-    def counted(layers: int) -> int:
-        with torch.device("meta"):
-            model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
-        return sum(p.numel() for p in model.parameters())
-
-    first = getattr(args, "n_dense_layers", 0) + 1
-    if args.n_layers <= first + 1:
-        return counted(args.n_layers)
-    one_block = counted(first + 1) - counted(first)
-    return counted(first) + (args.n_layers - first) * one_block
-
-
 def check_model_size(spec, args, world_size: int, memory_bytes: float | None = None) -> None:
     """Refuse, before anything is built, a model whose weights, gradients and AdamW state alone could not
-    fit the machine even spread over every rank (an n_layers, dim or vocabulary typed a few orders of
-    magnitude too large), in one line naming the sizes and the limit."""
-    parameters = parameter_count(spec, args)
-    need, have = parameters * TRAINING_BYTES_PER_PARAMETER / world_size, memory_bytes or machine_memory_bytes()
-    if need > have:
-        shape = ", ".join(f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size") if hasattr(args, k))
-        raise ConfigError(
-            "model", f"{shape}: {parameters:.3g} parameters need at least {need / 2**30:.1f} GiB per rank for "
-            f"weights, gradients and AdamW state over {world_size} ranks; a rank has at most {have / 2**30:.1f} GiB",
-        )  # fmt: skip
+    fit the machine even spread over every rank, in one line naming the sizes and the limit."""
+    problem = size_problem(
+        spec, args, bytes_per_parameter=TRAINING_BYTES_PER_PARAMETER, world_size=world_size, memory_bytes=memory_bytes
+    )
+    if problem:
+        raise ConfigError("model", f"{problem} (weights, gradients and AdamW state)")
 
 
 def check_model_fits_layout(

@@ -146,10 +146,11 @@ def test_publish_never_replaces_a_checkpoint_unless_allowed(run):
     root = run / "run" / "checkpoint"
     partial = folders.partial_folder(root, 8)
     shutil.copytree(folders.step_folder(root, 4), partial)
+    manifest = folders.read_manifest(partial) | {"step": 8}
     (partial / folders.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="exists already.*discard_newer"):
-        folders.publish(partial, folders.step_folder(root, 8), {"step": 8})
-    folders.publish(partial, folders.step_folder(root, 8), {"step": 8}, replace=True)
+        folders.publish(partial, folders.step_folder(root, 8), manifest)
+    folders.publish(partial, folders.step_folder(root, 8), manifest, replace=True)
     assert folders.problem_with(folders.step_folder(root, 8)) is None
 
 

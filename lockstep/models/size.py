@@ -1,0 +1,56 @@
+"""How big a model is before it is built, and whether it can fit: so that an ``n_layers``, ``dim`` or
+vocabulary typed a few orders of magnitude too large (by hand, in an HF config.json or in a crafted
+checkpoint manifest) is one line naming the sizes, never an allocation error or a build without end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+TRAINING_BYTES_PER_PARAMETER = 16
+"""fp32 weights, gradients and AdamW's two moments: a floor under what training holds per parameter."""
+
+WEIGHT_BYTES_PER_PARAMETER = 4
+"""fp32 weights alone: what converting, evaluating or generating holds at least."""
+
+
+def machine_memory_bytes() -> int:
+    """The most memory one rank of this machine could use: its host memory or its largest GPU's."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    return max([host, *gpus])
+
+
+def parameter_count(spec: Any, args: Any) -> int:
+    """The model's parameters, from meta builds of at most a few blocks (so an absurd n_layers is counted,
+    not built): the blocks past the first non-dense one are taken to be like it."""
+
+    def counted(layers: int) -> int:
+        with torch.device("meta"):
+            model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
+        return sum(p.numel() for p in model.parameters())
+
+    first = getattr(args, "n_dense_layers", 0) + 1
+    if args.n_layers <= first + 1:
+        return counted(args.n_layers)
+    one_block = counted(first + 1) - counted(first)
+    return counted(first) + (args.n_layers - first) * one_block
+
+
+def size_problem(
+    spec: Any, args: Any, *, bytes_per_parameter: int, world_size: int = 1, memory_bytes: float | None = None
+) -> str | None:
+    """Why the model cannot fit `memory_bytes` per rank (this machine's by default) at `bytes_per_parameter`
+    spread over `world_size` ranks, or None: the sizes, the need and the limit, in one line."""
+    parameters = parameter_count(spec, args)
+    need, have = parameters * bytes_per_parameter / world_size, memory_bytes or machine_memory_bytes()
+    if need <= have:
+        return None
+    shape = ", ".join(f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size") if hasattr(args, k))
+    return (
+        f"{shape}: {parameters:.3g} parameters need at least {need / 2**30:.1f} GiB per rank at {bytes_per_parameter} "
+        f"bytes each over {world_size} rank(s); a rank has at most {have / 2**30:.1f} GiB"
+    )
