@@ -2,9 +2,10 @@
 
 Exit codes (every subcommand): 0 done; 1 a failure (a bug, a crash, a collective that broke, a
 comparison that found a difference); 2 bad config or input (one line naming the key or file and the
-fix); 75 (EX_TEMPFAIL) training stopped by SIGTERM/SIGINT/SIGHUP after its last step was saved (with
-checkpointing on): run the same command again to resume; 76 training stopped by such a signal with
-nothing saved for its last step (checkpointing off): a rerun starts from the last saved step, if any. ``LOCKSTEP_TRACEBACK=1`` prints the full
+fix); 75 (EX_TEMPFAIL) training stopped early (SIGTERM/SIGINT/SIGHUP, or its fault-tolerance lighthouse
+lost) after its last step was saved (with checkpointing on): run the same command again to resume; 76
+training stopped early with nothing saved for its last step (checkpointing off): a rerun starts from
+the last saved step, if any. ``LOCKSTEP_TRACEBACK=1`` prints the full
 traceback of a bad-input error, for bug reports.
 """
 

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -59,6 +60,29 @@ from lockstep.train.healing import HealingState, SafeHTTPTransport
 
 KILL_IN_SUM_ENV = "LOCKSTEP_FT_KILL_IN_SUM"
 HOLD_ENV = "LOCKSTEP_FT_HOLD"
+
+
+class LighthouseLost(LockstepError):
+    """No quorum could be formed: the lighthouse is gone or unreachable (or every other group with it).
+    The trainer saves the last committed step before it stops on this (exit 75: restart the lighthouse,
+    then rerun the same command to resume)."""
+
+    def __init__(self, lighthouse: str, error: BaseException, *, at_start: bool, quorum_timeout_s: float) -> None:
+        self.lighthouse = lighthouse
+        message = re.search(r'message: "([^"]*)"', str(error))  # a gRPC status: its message says it all
+        cause = message.group(1) if message else str(error).split(";")[0].split(": transport error")[0][:160]
+        if at_start:
+            what = f"cannot reach the torchft lighthouse at {lighthouse} ({cause})"
+            fix = "start it first (lockstep lighthouse) or fix fault_tolerance.lighthouse / $TORCHFT_LIGHTHOUSE"
+        else:
+            what = f"the torchft lighthouse at {lighthouse} gave no quorum within {quorum_timeout_s:g} s ({cause})"
+            fix = "restart it (lockstep lighthouse) and rerun the same command to resume"
+        super().__init__(f"fault_tolerance.lighthouse: {what}; {fix}")
+
+
+QUORUM_FAILURES = (TimeoutError, RuntimeError, ConnectionError)
+"""What torchft's Manager raises when the lighthouse (or the group's manager server) cannot be reached."""
+
 
 ReadBlocks = Callable[[tuple[int, ...], int, int | None], tuple[list[list[Microbatch]], int]]
 """(blocks, number of blocks, step samples or None for the global batch) -> per-block microbatches,
@@ -129,25 +153,14 @@ class FaultTolerance:
         if store_addr is None or store_port is None:  # one process without torchrun: the group's own store
             self._own_store = torch.distributed.TCPStore(advertised, 0, is_master=True, wait_for_workers=False)
             store_addr, store_port = advertised, str(self._own_store.port)
-        self.manager = Manager(
-            pg=process_group,
-            load_state_dict=lambda state: self.healing.load_state_dict(state),
-            state_dict=lambda: self.healing.state_dict(),
-            min_replica_size=config.min_replica_size,
-            use_async_quorum=False,  # the quorum (and any heal) completes before the step picks its blocks
-            timeout=timeout,
-            quorum_timeout=timedelta(seconds=config.quorum_timeout_s),
-            connect_timeout=timeout,
-            rank=world.rank,
-            world_size=world.world_size,
-            store_addr=store_addr,
-            store_port=int(store_port),
-            lighthouse_addr=lighthouse,
-            replica_id=f"replica_{config.replica_id}",
-            hostname=advertised,
-            checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
-            init_sync=False,  # every group initialises the same weights from the seed
-        )
+        self.lighthouse = lighthouse
+        try:
+            self.manager = self._manager(
+                process_group, lighthouse=lighthouse, advertised=advertised, store_addr=store_addr,
+                store_port=int(store_port), world=world,
+            )  # fmt: skip
+        except QUORUM_FAILURES as error:
+            raise LighthouseLost(lighthouse, error, at_start=True, quorum_timeout_s=config.quorum_timeout_s) from None
         self.log = FaultLog(run_folder / "faults.jsonl" if world.is_main else None)
         kill_at = os.environ.get(KILL_IN_SUM_ENV, "")
         self._kill_in_sum = int(kill_at) if kill_at else None
@@ -159,6 +172,30 @@ class FaultTolerance:
         """Samples of the last step computed (the global batch, unless it shrank with the live groups)."""
         self.last_heal_s = math.nan
         self._settings = torch.zeros(8, dtype=torch.int32)
+
+    def _manager(
+        self, process_group, *, lighthouse: str, advertised: str, store_addr: str, store_port: int, world: WorldInfo
+    ) -> Manager:
+        config, timeout = self.config, timedelta(seconds=self.config.timeout_s)
+        return Manager(
+            pg=process_group,
+            load_state_dict=lambda state: self.healing.load_state_dict(state),
+            state_dict=lambda: self.healing.state_dict(),
+            min_replica_size=config.min_replica_size,
+            use_async_quorum=False,  # the quorum (and any heal) completes before the step picks its blocks
+            timeout=timeout,
+            quorum_timeout=timedelta(seconds=config.quorum_timeout_s),
+            connect_timeout=timeout,
+            rank=world.rank,
+            world_size=world.world_size,
+            store_addr=store_addr,
+            store_port=store_port,
+            lighthouse_addr=lighthouse,
+            replica_id=f"replica_{config.replica_id}",
+            hostname=advertised,
+            checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
+            init_sync=False,  # every group initialises the same weights from the seed
+        )
 
     def attach(self, states: dict, step: int, settings: dict) -> None:
         """What a heal sends and receives (the checkpoint's parts), the step this launch starts from (a
@@ -175,7 +212,12 @@ class FaultTolerance:
         self._hold_drill()
         heals = self.healing.received
         started = time.perf_counter()
-        self.manager.start_quorum()
+        try:
+            self.manager.start_quorum()
+        except QUORUM_FAILURES as error:
+            raise LighthouseLost(
+                self.lighthouse, error, at_start=False, quorum_timeout_s=self.config.quorum_timeout_s
+            ) from None
         self.participants = self.manager.num_participants()
         participant = self.manager.participating_rank()
         if participant is None:

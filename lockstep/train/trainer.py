@@ -39,6 +39,7 @@ from lockstep.parallel.process_group import destroy_process_group, init_process_
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.comm import CommTimeouts
 from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
+from lockstep.train.fault_tolerance import FaultTolerance, LighthouseLost
 from lockstep.train.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.launches import (
@@ -79,10 +80,12 @@ def resolve_device(training: TrainingConfig) -> torch.device:
 
 class Trainer:
     stopped_by_signal: bool = False
+    """Set by train() when it stopped before training.steps (SIGTERM/SIGINT/SIGHUP, or a lost lighthouse):
+    the CLI exits 75 or 76, so that a scheduler or script can tell a stop to resume from a finished run."""
     stop_saved: bool = False
-    """Stopped by a signal, with the last step saved (exit 75); stopped without a save exits 76."""
-    """Set by train() when SIGTERM/SIGINT ended it early (after saving): the CLI exits 75, so that a
-    scheduler or script can tell a stop to resume from from a finished run."""
+    """Stopped early with the last step saved (exit 75); stopped without a save exits 76."""
+    stop_reason: str = ""
+    """Why the run stopped early when no signal asked it to (a lost fault-tolerance lighthouse)."""
 
     @releases_run_lock_on_error
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
@@ -210,8 +213,6 @@ class Trainer:
     def _fault_tolerance(self, canonical: bool, microbatch: int):
         """Built from the fault_tolerance section, early (the group heartbeats from here on): this group's
         torchft manager; each group computes blocks of group_batch samples."""
-        from lockstep.train.fault_tolerance import FaultTolerance
-
         level = (self.group_batch // microbatch).bit_length() - 1  # blocks of 2^level microbatches
         return FaultTolerance(
             self.config.fault_tolerance, self.world, self.device, self.group_batch, level, canonical, self.run_folder
@@ -432,7 +433,13 @@ class Trainer:
                 self.profiler.start(self.state.step)
                 while self.state.step < steps and not stopping:
                     # The step's quorum under fault tolerance; a group that is behind heals here.
-                    if self.fault_tolerance is not None and self.fault_tolerance.start_step():
+                    try:
+                        healed = self.fault_tolerance is not None and self.fault_tolerance.start_step()
+                    except LighthouseLost as lost:  # save the last committed step, then stop (exit 75)
+                        self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
+                        self.stop_reason, stopping = str(lost), True
+                        break
+                    if healed:
                         clock = time.perf_counter() - self.state.elapsed_s  # the healed run's time
                         self._record_heal()
                         if self.state.step >= steps:
@@ -471,7 +478,10 @@ class Trainer:
                 self.checkpoints.close()
                 self.stopped_by_signal = stopping
                 self.stop_saved = stopping and self.checkpoints.saved_step == self.state.step
-                if self.stop_saved:
+                if self.stop_reason:
+                    saved = "saved" if self.stop_saved else "nothing saved for it (checkpointing is off)"
+                    self.display.print(f"stopped after step {self.state.step}, {saved}: {self.stop_reason}")
+                elif self.stop_saved:
                     self.display.print(f"stopped by signal after step {self.state.step}, saved: rerun to resume")
                 elif stopping:
                     self.display.print(

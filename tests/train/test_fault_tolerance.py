@@ -188,3 +188,35 @@ def test_without_keep_global_batch_the_step_shrinks_and_the_fault_is_recorded(tm
         assert_same_steps({s: got0[s] for s in range(1, broken)}, expected)  # both groups: the full batch
     shrunk = {s: got0[s] for s in range(broken, steps + 1)}
     assert all(r["loss"] != expected[s]["loss"] for s, r in shrunk.items())  # torchft's way: half the batch
+
+
+def test_a_lighthouse_lost_mid_run_saves_the_last_committed_step_and_says_so(tmp_path):
+    """The lighthouse (`lockstep lighthouse`, its own process) is killed between steps 2 and 3 (the group is
+    held before step 3's quorum until it is dead): the group saves step 2, prints one line naming the
+    lighthouse and the fix, and exits 75."""
+    hold = tmp_path / "lighthouse-gone"
+    lighthouse = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lockstep.cli import main; sys.exit(main(sys.argv[1:]))", "lighthouse", "--port", "0", "--bind", "127.0.0.1",
+         "--join-timeout-ms", "100", "--heartbeat-timeout-ms", "2000"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        port = lighthouse.stdout.readline().split()[2].rsplit(":", 1)[1]
+        address = f"http://127.0.0.1:{port}"
+        group = start_group(
+            tmp_path, address, 0, 8, "--checkpoint.enable", "--checkpoint.interval", "100",
+            "--fault_tolerance.quorum_timeout_s", "3", "--fault_tolerance.timeout_s", "3",
+            env={HOLD_ENV: f"3:{hold}"},
+        )  # fmt: skip
+        wait_for_step(tmp_path, 0, 2, group)
+    finally:
+        lighthouse.kill()
+        lighthouse.wait()
+        hold.touch()
+    assert finish(group) == 75
+    log = (tmp_path / "replica_0.log").read_text()
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if "fault_tolerance.lighthouse" in line]
+    assert line.startswith("stopped after step 2, saved: ") and address in line and "rerun" in line
+    steps = sorted(p.name for p in (tmp_path / "run" / "replica_0" / "checkpoint").glob("step-*"))
+    assert steps == ["step-00000002"]
