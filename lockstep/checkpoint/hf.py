@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 import warnings
@@ -87,13 +88,24 @@ def read_model_weights(
     wanted = None if names is None else set(names)
     reader = SafeFileSystemReader(str(folder), verify=verify)
     metadata = reader.read_metadata().state_dict_metadata
+    described = sum(
+        math.prod(meta.size) * meta.properties.dtype.itemsize
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and key.startswith("model.")
+    )
+    stored = sum(path.stat().st_size for path in folder.glob("*.distcp"))
+    if described > stored:  # a .metadata that lies must not make this process allocate what it says
+        raise CheckpointError(
+            folder, f".metadata describes {described} bytes of weights; its data files hold {stored}",
+            "load another checkpoint (this one was changed after saving)",
+        )  # fmt: skip
     state = {
         key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.items()
         if key.startswith("model.") and (wanted is None or key.removeprefix("model.") in wanted)
     }
     try:  # the checksums are verified as the files are read
-        dcp.load({"model": state}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load({"model": state}, storage_reader=reader, planner=SafeLoadPlanner(folder=str(folder)), no_dist=True)
     except CheckpointException as failure:
         ours = [e for e, _ in failure.failures.values() if isinstance(e, CheckpointError)]
         raise (ours[0] if ours else failure) from None

@@ -16,10 +16,11 @@ thread, write from a background thread over a separate gloo group, and are publi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.checksums import ChecksumWriter
-from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.errors import CheckpointError, CheckpointMismatch, disk_failure, save_refused
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.config.sections import CheckpointConfig
 from lockstep.errors import LockstepError
@@ -41,14 +42,10 @@ RECORDED_ONLY = ("layout", "config", "model_overrides")
 """Identity entries written to the manifest for the record, not compared by check_identity."""
 
 
-class CheckpointMismatch(LockstepError):
-    """The checkpoint belongs to another setup (model, tokenizer, dataset)."""
-
-
-def _checkpoint_error(failure: CheckpointException) -> CheckpointError | None:
+def _checkpoint_error(failure: CheckpointException) -> LockstepError | None:
     """Our own error inside DCP's wrapper (DCP gathers every rank's failure), if it is one."""
     for exc, _ in failure.failures.values():
-        if isinstance(exc, CheckpointError):
+        if isinstance(exc, LockstepError):
             return exc
     return None
 
@@ -284,7 +281,11 @@ class CheckpointManager:
             optional = getattr(states[name], "optional", ())
             states[name].absent = {key for key in optional if f"{name}.{key}" not in keys} if optional else set()
         try:
-            dcp.load({name: states[name] for name in sorted(wanted)}, storage_reader=reader, planner=SafeLoadPlanner())
+            dcp.load(
+                {name: states[name] for name in sorted(wanted)},
+                storage_reader=reader,
+                planner=SafeLoadPlanner(folder=str(folder)),
+            )
         except CheckpointException as failure:
             raise (_checkpoint_error(failure) or failure) from None
         finally:
@@ -326,8 +327,9 @@ class CheckpointManager:
         }
         writer = ChecksumWriter(str(partial), sync_files=True)
         if self.config.async_mode == "disabled":
-            dcp.save(to_save, storage_writer=writer)
-            self._publish(step, partial, manifest, started, writer)
+            with self._refusals(partial):
+                dcp.save(to_save, storage_writer=writer)
+                self._publish(step, partial, manifest, started, writer)
             return
         future = dcp.async_save(
             to_save, storage_writer=writer, process_group=self._async_group, async_stager=self._stager()
@@ -358,8 +360,9 @@ class CheckpointManager:
             return
         future, step, partial, manifest, writer = self._pending
         self._pending = None
-        future.result()
-        self._publish(step, partial, manifest, None, writer)
+        with self._refusals(partial):
+            future.result()
+            self._publish(step, partial, manifest, None, writer)
 
     def poll(self) -> None:
         """Publish an async save that has finished, without waiting for one that has not."""
@@ -379,6 +382,18 @@ class CheckpointManager:
             self.log(f"saved checkpoint step {step} in {self.timings['save_s']:.2f}s")
         else:
             self.log(f"saved checkpoint step {step} (async)")
+
+    @contextlib.contextmanager
+    def _refusals(self, partial: Path) -> Iterator[None]:
+        """A save the file system refuses (a full disk) ends in one line naming the folder and the newest
+        complete checkpoint, not in DCP's per-rank tracebacks."""
+        try:
+            yield
+        except BaseException as error:  # DCP wraps rank failures in CheckpointException, a BaseException
+            if (refusal := disk_failure(error)) is None:
+                raise
+            newest = max((s for s, f in folders.published_steps(self.root) if folders.has_manifest(f)), default=None)
+            raise save_refused(partial, refusal, newest) from None
 
     def _barrier(self) -> None:
         if self.distributed:

@@ -37,11 +37,11 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.errors import CheckpointError, CheckpointMismatch
 from lockstep.checkpoint.manifest import read_manifest
 
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
@@ -101,7 +101,29 @@ def load_value_safely(raw: bytes):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, except that non-tensor items are unpickled by the allow-list loader."""
+    """DCP's default planner, except that non-tensor items are unpickled by the allow-list loader, and a
+    tensor the checkpoint lacks or holds in another shape is one line naming it (a model whose shape
+    changed cannot be loaded, --checkpoint.ignore_mismatch or not)."""
+
+    def __init__(self, *args, folder: str = "checkpoint", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.folder = folder
+
+    def create_local_plan(self) -> LoadPlan:
+        stored = self.metadata.state_dict_metadata
+        fix = "resume with the model it was saved with, or start a new run in another job.dump_folder"
+        for fqn, value in self.state_dict.items():
+            if fqn not in stored:
+                if self.allow_partial_load:
+                    continue
+                raise CheckpointMismatch(f"{self.folder} holds no {fqn}, which this run's model has; {fix}")
+            meta = stored[fqn]
+            if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+                if tuple(meta.size) != tuple(value.size()):
+                    raise CheckpointMismatch(
+                        f"{self.folder} holds {fqn} of shape {list(meta.size)}; this run's is {list(value.size())}; {fix}"
+                    )
+        return super().create_local_plan()
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         self.load_value(read_item, load_value_safely(value.getvalue()))

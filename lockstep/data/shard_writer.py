@@ -23,7 +23,7 @@ import xxhash
 from lockstep.data.cache import atomic_path
 from lockstep.data.prepared import shard_path
 from lockstep.data.shard_plan import ShardTask, load_hf_dataset
-from lockstep.data.sources import _decode, _json_texts, _parquet_texts, _text_of
+from lockstep.data.sources import TOO_DEEP, _decode, _json_texts, _parquet_texts, _text_of
 from lockstep.data.tokenizer import BytesTokenizer, Tokenizer
 from lockstep.errors import InputError, LockstepError
 from lockstep.lifetime import die_with_parent
@@ -68,6 +68,9 @@ def _jsonl_range(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str
         except json.JSONDecodeError as e:
             where = f"line {_line_number(path, task.start, number)}"
             raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where) from e
+        except RecursionError:
+            where = f"line {_line_number(path, task.start, number)}"
+            raise InputError(path, TOO_DEEP, "fix or drop that line", where) from None
         except InputError as e:
             raise InputError(e.path, e.problem, e.fix, f"line {_line_number(path, task.start, number)}") from e
         consumed = 0

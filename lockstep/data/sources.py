@@ -91,7 +91,17 @@ def _text_of(record: object, text_field: str, file: Path, where: str) -> str:
             "fix or drop that record (every record's text must be a string)",
             where=where,
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a "\ud800" escape decodes to a lone surrogate that no tokenizer takes
+        raise InputError(
+            file, f"field {text_field!r} holds a lone surrogate (\\u{ord(text[e.start]):04x}), not text",
+            "fix or drop that record", where=where,
+        ) from None  # fmt: skip
     return text
+
+
+TOO_DEEP = "the record nests deeper than a JSON reader can follow (a text record needs a few levels)"
 
 
 def _json_texts(file: Path, text_field: str) -> Iterator[str]:
@@ -101,6 +111,8 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
         raw = file.read_bytes()
         try:
             records = json.loads(_decode(raw, file))
+        except RecursionError:
+            raise InputError(file, TOO_DEEP, "fix the JSON there") from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data": a second document follows, so it is JSON Lines
                 raise InputError(file, f"invalid JSON: {e.msg}", "fix the JSON there", f"{e.lineno}:{e.colno}") from e
@@ -119,6 +131,8 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
             where = f"line {number}"
             try:
                 record = json.loads(_decode(raw_line, file, number))
+            except RecursionError:
+                raise InputError(file, TOO_DEEP, "fix or drop that line", where=where) from None
             except json.JSONDecodeError as e:
                 raise InputError(
                     file, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where=where

@@ -3,6 +3,7 @@ checksum while the checkpoint loads (each file by exactly one rank; resume falls
 older one, which overwrites whatever the failed load wrote), old checkpoints without checksums still
 load, and a newer or unloadable checkpoint is only deleted or overwritten with --checkpoint.discard_newer."""
 
+import errno
 import json
 import shutil
 from collections import defaultdict
@@ -14,13 +15,14 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.cli import main as cli_main
 from lockstep.errors import LockstepError
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.conftest import EIGHT
 from tests.checkpoint.crafting import flip_byte, flip_tensor_byte
 from tests.checkpoint.helpers import CHECKPOINTED, assert_bitwise, result, train
 from tests.distributed import run_on_ranks
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_overrides
 
 
 def _resume(folder, *overrides: str) -> int:
@@ -188,3 +190,35 @@ def test_a_checkpoint_folder_outside_the_run_folder_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="outside job.dump_folder"):
         validate_job_config(tiny_config(tmp_path, "--checkpoint.folder", "../shared-checkpoints"), world_size=1)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(run, capsys, monkeypatch):
+    """The file system refuses the step-12 save (ENOSPC from every write): one line naming the cut-short
+    folder and step 8, still the newest complete checkpoint; nothing is published for step 12."""
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lockstep.checkpoint.checksums._HashingStream.write", full)
+    code = cli_main(["train", "--config", "llama3_debug", *tiny_overrides(run), *CHECKPOINTED])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("lockstep train: error: ")]
+    assert "step-00000012.partial" in line and "No space left on device" in line
+    assert "step 8 is still the newest complete checkpoint" in line
+    assert [s for s, f in folders.published_steps(run / "run" / "checkpoint") if folders.has_manifest(f)] == [4, 8]
+
+
+def test_a_model_of_another_shape_is_one_line_even_with_ignore_mismatch(run, capsys):
+    """ignore_mismatch and allow_config_change let a changed model through the identity checks; its
+    tensors still cannot load. One line names the first missing tensor, and the healthy checkpoint is
+    neither skipped as damaged nor set aside."""
+    code = cli_main([
+        "train", "--config", "llama3_debug", *tiny_overrides(run), *CHECKPOINTED, "--model.overrides.n_layers", "3",
+        "--checkpoint.ignore_mismatch", "--checkpoint.allow_config_change",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("lockstep train: error: ")]
+    assert "step-00000008 holds no model.layers.2." in line and "resume with the model it was saved with" in line
+    assert [s for s, f in folders.published_steps(run / "run" / "checkpoint") if folders.has_manifest(f)] == [4, 8]
