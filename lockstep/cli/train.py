@@ -14,7 +14,7 @@ from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, EX
 from lockstep.config import JobConfig, load_config, validate_job_config
 from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
-from lockstep.train.comm import CollectiveTimeout
+from lockstep.train.comm import CollectiveFailure
 
 
 def run(argv: list[str]) -> int:
@@ -49,7 +49,7 @@ def run(argv: list[str]) -> int:
         return launch_torchrun(args.nproc, argv)
     try:
         return _train(load_config(args.config, overrides))
-    except CollectiveTimeout as error:  # a peer hung or died: one line, not a traceback (exit 1)
+    except CollectiveFailure as error:  # a peer hung or died: one line, not a traceback (exit 1)
         print(f"lockstep train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
     except LockstepError as error:

@@ -38,6 +38,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from lockstep.config.job import ParallelDims
 
 
+def _all_gather(output: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch has
+    only the former. Looked up at each call, so a counter that wraps torch.distributed sees it."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, mine, group=group)
+
+
 def tree_reduce_rows_(rows: torch.Tensor) -> torch.Tensor:
     """``tree_reduce_rows`` in place: the same additions of the same operands, so the same bits, written
     into the rows themselves instead of fresh halves. Returns a view of row 0, which holds the total."""
@@ -148,7 +155,7 @@ def finish_all_reduce_levels(flat: torch.Tensor, received: torch.Tensor, levels:
     chunk = flat.numel() // (g * n)
     if levels.inner is None:
         mine = tree_reduce_rows_(received.view(n, chunk)).contiguous()
-        dist.all_gather_into_tensor(flat, mine, group=levels.outer)
+        _all_gather(flat, mine, group=levels.outer)
         return flat
     part = tree_reduce_rows_(received.view(g, n * chunk))  # this position's block, summed over the run
     if levels.outer is not None:
@@ -156,8 +163,8 @@ def finish_all_reduce_levels(flat: torch.Tensor, received: torch.Tensor, levels:
         dist.all_to_all_single(across, part.contiguous(), group=levels.outer)
         mine = tree_reduce_rows_(across.view(n, chunk)).contiguous()
         part = received[: n * chunk]  # row 0, free again: the block summed over every run
-        dist.all_gather_into_tensor(part, mine, group=levels.outer)
-    dist.all_gather_into_tensor(flat, part.contiguous(), group=levels.inner)
+        _all_gather(part, mine, group=levels.outer)
+    _all_gather(flat, part.contiguous(), group=levels.inner)
     return flat
 
 

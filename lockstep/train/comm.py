@@ -12,8 +12,13 @@ JSON to ``<run>/comm_traces/`` and raises ``CollectiveTimeout``, whose one line 
 its process group and sizes, and the training step. On CUDA, NCCL's watchdog aborts a timed-out
 communicator itself; ``TORCH_NCCL_DUMP_ON_TIMEOUT`` makes it write the same record first.
 
-Drill: ``LOCKSTEP_STALL=RANK:STEP`` makes that rank hang at the start of that step (until a signal
-kills it, as torchrun's teardown does), so a test or an operator can watch the others time out.
+A peer that dies (kill -9, a crash) breaks its connections instead: the survivors' collective fails
+at once, and ``PeerLost`` says so in one line with the same record, while the launcher names the rank
+that failed first.
+
+Drills: ``LOCKSTEP_STALL=RANK:STEP`` makes that rank hang at the start of that step (until a signal
+kills it, as torchrun's teardown does), so a test or an operator can watch the others time out;
+``LOCKSTEP_DIE=RANK:STEP`` makes it SIGKILL itself there.
 """
 
 from __future__ import annotations
@@ -36,14 +41,33 @@ _SET_HERE: set[str] = set()
 """The environment variables this module set (the others are the user's, and win)."""
 
 
-class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the comm timeout (a peer hung or died): a failure of the
-    job's machines or of a peer, not a bad input, so the CLI prints this one line and exits 1."""
+class CollectiveFailure(RuntimeError):
+    """A collective that could not complete because of a peer or the network, not of this rank: a failure
+    of the job's machines, not a bad input, so the CLI prints this one line and exits 1."""
+
+
+class CollectiveTimeout(CollectiveFailure):
+    """A collective did not complete within the comm timeout (a peer hung or died)."""
+
+
+class PeerLost(CollectiveFailure):
+    """A peer's connection broke inside a collective (it was killed or crashed): the launcher names the
+    rank that failed first, so the survivors say so in one line each instead of a traceback."""
 
 
 def is_timeout(error: BaseException) -> bool:
     """gloo raises "Timed out waiting Nms for ..."; NCCL (blocking wait) "... timed out"."""
     return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+
+
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "socket closed", "broken pipe")
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """gloo's transport errors when the other end of a pair died; NCCL reports them as DistBackendError."""
+    if isinstance(error, dist.DistBackendError):
+        return True
+    return isinstance(error, RuntimeError) and any(phrase in str(error).lower() for phrase in _PEER_GONE)
 
 
 def _process_groups() -> list[dist.ProcessGroup]:
@@ -114,22 +138,29 @@ class CommTimeouts:
         try:
             yield
         except Exception as error:
-            if not is_timeout(error):
-                raise
-            raise CollectiveTimeout(self._describe(step)) from error
+            if is_timeout(error):
+                raise CollectiveTimeout(self._describe(step)) from error
+            if is_peer_lost(error):
+                raise PeerLost(self._describe(step, lost=str(error))) from error
+            raise
 
     def _stall_drill(self, step: int) -> None:
+        if os.environ.get("LOCKSTEP_DIE") == f"{self.rank}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank that dies at once, as under kill -9
         if os.environ.get("LOCKSTEP_STALL") != f"{self.rank}:{step}":
             return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung for good: only a signal ends it
         while True:
             time.sleep(60)
 
-    def _describe(self, step: int) -> str:
+    def _describe(self, step: int, lost: str = "") -> str:
         what, dump = "a collective", self._dump(step)
         if dump is not None:
             what = _last_collective(json.loads(dump.read_text()))
         where = f"; flight recorder: {dump}" if dump is not None else " (comm.trace_buf_size = 0: no flight recorder)"
+        if lost:
+            cause = lost.split("] ", 1)[-1].split(". ")[0][:120]
+            return f"rank {self.rank}: {what} failed at step {step}: a peer is gone ({cause}){where}"
         return (
             f"rank {self.rank}: {what} timed out after {self.timeout_s} s at step {step} "
             f"(a peer hung or died; comm.{'train' if self.timeout_s == self.comm.train_timeout_seconds else 'init'}"

@@ -36,3 +36,16 @@ def test_a_stalled_rank_ends_the_run_within_the_train_timeout(tmp_path):
         and errors[0].split("collective ")[1].split(" ")[0]
         == max(entries, key=lambda e: e["record_id"])["profiling_name"]
     )
+
+
+def test_a_rank_killed_by_sigkill_ends_the_run_in_one_line_per_survivor(tmp_path):
+    """Rank 1 SIGKILLs itself at step 3: rank 0's collective fails at once (its peer's connection closed),
+    and the user sees one error line from rank 0 and the launcher's line naming rank 1, no traceback."""
+    command = [LOCKSTEP, "train", "--nproc", "2", "--config", "llama3_debug", *tiny_overrides(tmp_path)]
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "LOCKSTEP_DIE": "1:3"}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output[-3000:]
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("lockstep train: error:")]
+    assert error.startswith("lockstep train: error: rank 0: collective gloo:") and "at step 3: a peer is gone" in error
+    assert "lockstep train: rank 1 failed (signal SIGKILL)" in output
