@@ -11,7 +11,10 @@ common evaluation steps, under the same gate (evaluation steps only some runs ha
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from lockstep.cli import EXIT_FAILURE
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 """What matplotlib writes from the file name's suffix."""
@@ -60,9 +63,13 @@ def run(argv: list[str]) -> int:
     if args.run:
         if not (len(args.config) == 2 and not args.rev) and not (len(args.config) == 1 and len(args.rev) == 2):
             parser.error("--run needs two --config, or one --config and two --rev")
-        from lockstep.tools.run_pair import launch_pair
+        from lockstep.tools.run_pair import SideFailed, launch_pair
 
-        runs = launch_pair(args.config, args.rev, overrides, args.out, args.seed, args.nproc)
+        try:
+            runs = launch_pair(args.config, args.rev, overrides, args.out, args.seed, args.nproc)
+        except SideFailed as failed:
+            print(f"lockstep compare: error: {failed}", file=sys.stderr, flush=True)
+            return EXIT_FAILURE
     elif overrides:
         parser.error(f"unknown arguments {overrides}")
     if len(runs) < 2:

@@ -9,6 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lockstep.errors import LockstepError
+
+
+class SideFailed(RuntimeError):
+    """One side's launch failed: a failure of that run (exit 1), named with its log, not a bad input."""
+
+
 FORCED = ["--debug.deterministic", "--debug.fingerprint", "--metrics.log_freq", "1"]
 
 
@@ -23,12 +30,31 @@ def _run(command: list[str], cwd: Path | None, log: Path) -> None:
     with open(log, "w") as out:
         done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {log}")
+        raise SideFailed(f"{' '.join(command[-2:])} ... failed (exit {done.returncode}); its output is in {log}")
+
+
+def check_revisions(revisions: list[str]) -> None:
+    """Every revision names a commit of the repository containing the current directory: LockstepError in
+    one line otherwise, before anything is checked out or launched."""
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode:
+        raise LockstepError("--rev: the current directory is not in a git repository; run from your checkout")
+    for revision in revisions:
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{revision}^{{commit}}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if found.returncode:
+            raise LockstepError(f"--rev {revision!r}: no such commit in {top.stdout.strip()} (git log lists them)")
 
 
 def worktree(revision: str, where: Path) -> Path:
     """A detached checkout of `revision` of the repository containing the current directory."""
-    subprocess.run(["git", "worktree", "add", "--detach", str(where), revision], check=True, capture_output=True)
+    if where.exists():
+        raise LockstepError(f"{where}: exists already (from an earlier --run?); pass another --out or remove it")
+    done = subprocess.run(["git", "worktree", "add", "--detach", str(where), revision], capture_output=True, text=True)
+    if done.returncode:
+        raise LockstepError(f"--rev {revision!r}: git worktree add failed: {done.stderr.strip().splitlines()[-1]}")
     return where
 
 
@@ -36,11 +62,12 @@ def launch_pair(
     configs: list[str], revisions: list[str], overrides: list[str], out_dir: Path, seed: int, nproc: int
 ) -> list[Path]:
     """Run both sides; returns their run folders. Exactly one of configs/revisions has two entries."""
+    check_revisions(revisions)
     out_dir.mkdir(parents=True, exist_ok=True)
     sides = [(config, None) for config in configs] if len(configs) == 2 else []
-    if revisions:
-        sides = [(configs[0], worktree(rev, out_dir / f"worktree-{i}")) for i, rev in enumerate(revisions)]
     try:
+        for i, revision in enumerate(revisions):  # one at a time, so a failed second removes the first
+            sides.append((configs[0], worktree(revision, out_dir / f"worktree-{i}")))
         return _launch(sides, overrides, out_dir, seed, nproc)
     finally:
         for _, tree in sides:

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from lockstep.cli import main
 from lockstep.config import dump_toml
@@ -202,3 +203,15 @@ def test_val_loss_only_some_runs_have_is_noted_not_gated(tmp_path, capsys):
     code, out, _ = _gate(capsys, without, _run_with_validation(tmp_path / "neither", []), "--assert-equal")
     assert code == 0  # runs without validation: as before
     assert out.splitlines()[-1] == "no difference (bitwise) at the 20 common step(s)"
+
+
+def test_a_revision_that_names_no_commit_is_one_line_before_anything_is_checked_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the checkout
+    argv = ["compare", "--run", "--config", "llama3_debug", "--rev", "HEAD", "--rev", "no-such-rev"]
+    code = main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "--rev 'no-such-rev': no such commit" in err, err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)  # outside any repository
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "not in a git repository" in capsys.readouterr().err
