@@ -144,9 +144,16 @@ def test_a_killed_group_heals_from_its_peer_and_every_step_is_bitwise(tmp_path, 
 
 def run_with_group1_killed_in_sum(folder: Path, lighthouse: str, steps: int, sums: int, *extra: str):
     """Both groups start; group 1 kills itself in its `sums`-th cross-group sum and group 0 finishes.
-    Returns group 0's step records and the one step it recorded as uncommitted."""
-    group0 = start_group(folder, lighthouse, 0, steps, *extra)
+    Returns group 0's step records and the one step it recorded as uncommitted. Group 0 is held before its
+    first quorum until group 1's manager heartbeats (its launch is recorded after the manager starts), so
+    the lighthouse's majority rule puts both in the first quorum however slow group 1's start-up is."""
+    ready = folder / "group-1-heartbeats"
+    group0 = start_group(folder, lighthouse, 0, steps, *extra, env={HOLD_ENV: f"1:{ready}"})
     group1 = start_group(folder, lighthouse, 1, steps, *extra, env={KILL_IN_SUM_ENV: str(sums)})
+    launches = folder / "run" / "replica_1" / "launches"
+    while not (launches.is_dir() and any(launches.iterdir())) and group1.poll() is None:
+        time.sleep(0.05)
+    ready.touch()
     assert finish(group1) == -signal.SIGKILL
     assert finish(group0) == 0
     got0 = records(folder / "run" / "replica_0" / "metrics.jsonl")
