@@ -7,6 +7,7 @@ offsets, so a checkpoint taken with one layout resumes with any other.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,11 @@ class DataLoader:
     must be subtrees of the canonical summation tree over the global microbatch index
     (lockstep.parallel.canonical).
 
-    A rank reads only its own microbatches; the step's valid-token count (the loss denominator) comes
-    from the windows' counts (``TokenWindows.valid_tokens``), not from the other ranks' samples. The
+    A rank reads only its own microbatches. The step's valid-token count (the loss denominator) comes
+    from the windows' counts (``TokenWindows.valid_tokens``, the document index alone): with
+    ``sum_over_ranks`` set (the trainer's data-parallel sum) each rank counts its own samples and one
+    integer all-reduce gives the step's count, so a rank of a 512-rank job touches no shard it does not
+    read; without it (fault tolerance's blocks, tools) the count covers the whole step. The
     next step's batches are read by a background thread while this one trains (the order is a pure
     function of the sample index, so reading ahead cannot change it); ``take_wait_s`` says how long
     the trainer waited for data since it last asked.
@@ -66,6 +70,9 @@ class DataLoader:
         self._ahead: tuple[tuple, Future] | None = None
         self._wait_s = 0.0
         self._source_tokens: dict[str, int] = {}
+        self.sum_over_ranks: Callable[[list[int]], list[int]] | None = None
+        """Sums a list of integer counts over the data-parallel ranks (each rank passing its own), or
+        None: every rank then counts the whole step itself. Called on the caller's thread."""
 
     def global_microbatch(self, step_start: int, microbatch_index: int) -> Microbatch:
         start = step_start + microbatch_index * self.local_batch
@@ -78,7 +85,11 @@ class DataLoader:
         microbatches = [self.global_microbatch(step_start, j) for j in mine]
         if self.pin_memory:
             microbatches = [Microbatch(mb.inputs.pin_memory(), mb.labels.pin_memory()) for mb in microbatches]
-        step_windows = self.order.windows_of(range(step_start, step_start + step_samples))
+        samples = range(step_start, step_start + step_samples)
+        if self.sum_over_ranks is not None:  # this rank's samples only; next_blocks sums over the ranks
+            own = (step_start + j * self.local_batch + i for j in mine for i in range(self.local_batch))
+            samples = sorted(own)
+        step_windows = self.order.windows_of(samples)
         if isinstance(self.windows, MixtureWindows):
             by_source = self.windows.valid_tokens_by_source(step_windows)
             return microbatches, sum(by_source.values()), by_source
@@ -115,6 +126,10 @@ class DataLoader:
             result = self._read_step(*key)
         self._wait_s += time.perf_counter() - started
         microbatches, global_tokens, by_source = result
+        if self.sum_over_ranks is not None:
+            names = sorted(by_source)
+            summed = self.sum_over_ranks([global_tokens, *(by_source[name] for name in names)])
+            global_tokens, by_source = summed[0], dict(zip(names, summed[1:], strict=True))
         for name, tokens in by_source.items():  # counted here, when the step is consumed, not when read ahead
             self._source_tokens[name] = self._source_tokens.get(name, 0) + tokens
         self.step_start = self.next_sample_index

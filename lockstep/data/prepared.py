@@ -154,11 +154,17 @@ class PreparedOrigin:
 
 class ShardedTokens:
     """The shards' tokens as one read-only sequence: ``len``, an int, a slice or an int array of positions,
-    as a numpy array would answer (what TokenWindows asks of its tokens). Shards are memory-mapped on
-    first use; a window that crosses a shard boundary is stitched from both."""
+    as a numpy array would answer (what TokenWindows asks of its tokens). A window that crosses a shard
+    boundary is stitched from both.
+
+    Nothing is opened until a sample is read: a rank of a 512-rank job touches only the shards its own
+    samples lie in (the manifest, read once, gives every shard's token count). A shard is checked against
+    the manifest's size when it is first mapped, and at most ``_OPEN_SHARDS`` stay mapped (least
+    recently used first out), so a corpus of 10^5 shards never holds 10^5 maps."""
 
     def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype) -> None:
         self.paths = paths
+        self.counts = counts
         self.dtype = dtype
         self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -169,10 +175,12 @@ class ShardedTokens:
         starts = self._document_maps.get(index)
         if starts is None:
             path = self.paths[index].with_suffix(".docs")
-            starts = np.memmap(path, dtype=np.uint64, mode="r") if path.stat().st_size else np.empty(0, np.uint64)
+            starts = np.memmap(path, dtype=np.uint64, mode="r") if _size(path) else np.empty(0, np.uint64)
             self._document_maps[index] = starts
             if len(self._document_maps) > _OPEN_SHARDS:
                 self._document_maps.popitem(last=False)
+        else:
+            self._document_maps.move_to_end(index)
         return starts
 
     def documents_starting_in(self, start: int, stop: int) -> int:
@@ -197,7 +205,14 @@ class ShardedTokens:
     def _shard(self, index: int) -> np.ndarray:
         tokens = self._maps.get(index)
         if tokens is None:
-            tokens = np.memmap(self.paths[index], dtype=self.dtype, mode="r")
+            path, expected = self.paths[index], self.counts[index] * self.dtype.itemsize
+            if (size := _size(path)) != expected:
+                found = "it is missing" if size < 0 else f"it has {size} bytes"
+                raise InputError(
+                    path, f"the manifest records {expected} bytes but {found}",
+                    "prepare the folder again, or run lockstep data verify on it",
+                )  # fmt: skip
+            tokens = np.memmap(path, dtype=self.dtype, mode="r") if expected else np.empty(0, self.dtype)
             self._maps[index] = tokens
             if len(self._maps) > _OPEN_SHARDS:
                 self._maps.popitem(last=False)
@@ -237,6 +252,14 @@ class ShardedTokens:
         return out
 
 
+def _size(path: Path) -> int:
+    """The file's size in bytes, or -1 when it is missing (one stat)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 def load_prepared_windows(
     folder: Path,
     tokenizer: Tokenizer,
@@ -244,7 +267,7 @@ def load_prepared_windows(
     manifest: dict | None = None,
 ) -> TokenWindows:
     """Windows of seq_len + 1 tokens over a prepared folder. Refuses (one line) a tokenizer other than the
-    folder's and a shard whose size is not the manifest's; reads no token content."""
+    folder's; opens no shard (a shard whose size is not the manifest's is refused when first read)."""
     from lockstep.data.dataset import TokenWindows  # imported here: it pulls in torch, which workers do not need
 
     folder = Path(folder)
@@ -258,20 +281,8 @@ def load_prepared_windows(
             tokenizer_fix(folder, manifest),
         )
     dtype = np.dtype(manifest["dtype"])
-    paths, counts = [], []
-    for shard in manifest["shards"]:
-        path = shard_path(folder, shard["name"], "tokens")
-        size = path.stat().st_size if path.is_file() else -1
-        if size != shard["tokens"] * dtype.itemsize:
-            found = "it is missing" if size < 0 else f"it has {size} bytes"
-            raise InputError(
-                path,
-                f"the manifest records {shard['tokens'] * dtype.itemsize} bytes but {found}",
-                "prepare the folder again, or run lockstep data verify on it",
-            )
-        paths.append(path)
-        counts.append(shard["tokens"])
-    tokens = ShardedTokens(paths, counts, dtype)
+    paths = [shard_path(folder, shard["name"], "tokens") for shard in manifest["shards"]]
+    tokens = ShardedTokens(paths, [shard["tokens"] for shard in manifest["shards"]], dtype)  # opens nothing yet
     if len(tokens) < seq_len + 1:
         fits = f"training.seq_len <= {len(tokens) - 1} would fit, " if len(tokens) >= 2 else ""
         raise InputError(

@@ -33,6 +33,15 @@ class CrossRankReducer:
         self.dp_group = _group(mesh, "dp", dims.dp)
         self.pp_group = _group(mesh, "pp", dims.pp)
 
+    def sum_counts(self, counts: list[int], device: torch.device) -> list[int]:
+        """Integer counts summed over the data-parallel ranks, each rank passing its own (exact in any
+        order): the step's valid tokens from every rank's own samples, in one small all-reduce."""
+        if self.dp_group is None:
+            return list(counts)
+        total = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(total, group=self.dp_group)
+        return total.tolist()
+
     def _sum(self, flat: torch.Tensor, group) -> torch.Tensor:
         if self.canonical:
             return tree_all_reduce(flat, group)

@@ -7,6 +7,7 @@ forward/backward each with the loss normalised by the global valid-token count, 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -154,6 +155,8 @@ class Trainer:
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
         self.gradient_tree = canonical_gradient_tree(self.model, self.tree_on_shards) if use_tree else None
         self.reducer = CrossRankReducer(self.mesh, self.dims, canonical, levels)
+        if self.fault_tolerance is None:  # each rank counts its own samples' tokens: one integer all-reduce
+            self.loader.sum_over_ranks = functools.partial(self.reducer.sum_counts, device=self.device)
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not self.tree_on_shards
         )
