@@ -36,9 +36,9 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
-from lockstep.json_input import read_hf_config
 from lockstep.models.common.hf_source import HFPiece
 from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config
+from lockstep.untrusted import read_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}

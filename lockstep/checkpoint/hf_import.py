@@ -31,8 +31,8 @@ from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights
 from lockstep.checkpoint.states import persistent_tensors
-from lockstep.json_input import read_hf_config
 from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
+from lockstep.untrusted import read_hf_config
 
 
 def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> tuple[ModelSpec, object]:

@@ -8,8 +8,8 @@ from typing import Any
 
 from lockstep.config.errors import ConfigError
 from lockstep.errors import InputError
-from lockstep.json_input import Bool, Int, ListOf, MapOf, Obj, Str, read_json
 from lockstep.models.registry import ModelSpec, checked_args, model_spec
+from lockstep.untrusted import Bool, Int, ListOf, MapOf, Obj, Str, read_json
 
 MANIFEST = "lockstep.json"
 PLAIN_FILE_NAME = r"(?!\.\.?$)[^/\\\x00]+"
@@ -29,7 +29,7 @@ SHAPE = Obj(
         "model_only": Bool(),
         "parts": ListOf(Str()),
         "layout": MapOf(),
-        "config": MapOf(),
+        "config": MapOf(MapOf()),
         "fingerprints": MapOf(),
     },
 )
@@ -42,6 +42,8 @@ def read_manifest(folder: Path) -> dict:
     names of listed files to xxh3-128 hex digests."""
     path = folder / MANIFEST
     manifest = read_json(path, SHAPE, fix="", max_bytes=64 * 2**20)
+    if manifest.get("format", 1) >= 2 and not isinstance(manifest.get("checksums"), dict):
+        raise InputError(path, "checksums: expected an object (a format-2 checkpoint records every file's checksum)")
     if unlisted := sorted(set(manifest.get("checksums") or {}) - set(manifest["files"])):
         raise InputError(path, f"checksums.{unlisted[0]}: names a file that 'files' does not list")
     return manifest

@@ -324,7 +324,7 @@ class SafeFileSystemReader(FileSystemReader):
         if not self.verify or not manifest.is_file():
             return {}
         try:
-            return dict(read_manifest(Path(self.path)).get("checksums", {}))
+            return dict(read_manifest(Path(self.path)).get("checksums") or {})
         except OSError:
             return {}  # an unreadable manifest is folders.problem_with's to report
         except ValueError as e:  # a crafted one: its names could point outside the folder

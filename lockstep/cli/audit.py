@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-
+from lockstep.cli.arguments import Parser, integer
 from lockstep.config import load_config
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep audit",
         description="Run a few steps with deterministic warn-only mode and list every nondeterministic op "
         "and every layout-dependent feature of the config (exit 1 if any is nondeterministic).",
     )
     parser.add_argument("--config", help="a shipped config name or a TOML file path")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=integer(1, 10**6), default=3)
     args, overrides = parser.parse_known_args(argv)
     import tempfile
 

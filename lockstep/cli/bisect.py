@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from lockstep.cli.arguments import Parser
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep bisect",
         description="Find the first step where two runs differ and the first module (or the reduction, "
         "or the optimizer update) that makes the difference, by replaying that step with hooks.",

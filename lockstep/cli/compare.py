@@ -10,11 +10,11 @@ common evaluation steps, under the same gate (evaluation steps only some runs ha
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from lockstep.cli import EXIT_FAILURE
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer, number
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 """What matplotlib writes from the file name's suffix."""
@@ -32,7 +32,7 @@ def _check_plot_path(path: Path) -> None:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep compare",
         description="Compare runs (run folders or loss files) step by step; with --run, launch them first.",
     )
@@ -40,8 +40,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument(
         "--assert-equal", action="store_true", help="exit 1 unless bitwise equal at every step of every run"
     )
-    parser.add_argument("--rtol", type=float, default=None, help="exit 1 if a loss differs beyond rtol/atol")
-    parser.add_argument("--atol", type=float, default=None)
+    parser.add_argument("--rtol", type=number(0), default=None, help="exit 1 if a loss differs beyond rtol/atol")
+    parser.add_argument("--atol", type=number(0), default=None)
     parser.add_argument(
         "--common-steps-only",
         action="store_true",
@@ -52,8 +52,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--config", action="append", default=[], help="with --run: a config (twice for two)")
     parser.add_argument("--rev", action="append", default=[], help="with --run: a git revision (twice)")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="with --run: where runs go")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
+    parser.add_argument("--nproc", type=integer(1, MAX_PROCESSES_PER_MACHINE), default=1)
     args, overrides = parser.parse_known_args(argv)
     from lockstep.tools import compare
 

@@ -5,21 +5,24 @@ writes only its shard of the model (lockstep.checkpoint.hf_import)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from lockstep.cli import EXIT_BAD_INPUT
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lockstep convert", description="Hugging Face <-> lockstep checkpoints.")
+    parser = Parser(prog="lockstep convert", description="Hugging Face <-> lockstep checkpoints.")
     sub = parser.add_subparsers(dest="direction", required=True)
     to_hf = sub.add_parser("to-hf", help="a lockstep checkpoint (or run folder) -> safetensors + config.json")
     to_hf.add_argument("source", type=Path)
     to_hf.add_argument("out_dir", type=Path)
     to_hf.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     to_hf.add_argument(
-        "--max-shard-bytes", type=int, default=5 << 30, help="largest safetensors file; about the memory it needs"
+        "--max-shard-bytes",
+        type=integer(1),
+        default=5 << 30,
+        help="largest safetensors file; about the memory it needs",
     )
     from_hf = sub.add_parser(
         "from-hf",
@@ -32,7 +35,10 @@ def run(argv: list[str]) -> int:
         "--model", default=None, help="model family of the weights (default: from config.json's model_type)"
     )
     from_hf.add_argument(
-        "--nproc", type=int, default=1, help="processes on this machine (torchrun); memory per process ~ model / N"
+        "--nproc",
+        type=integer(1, MAX_PROCESSES_PER_MACHINE),
+        default=1,
+        help="processes on this machine (torchrun); memory per process ~ model / N",
     )
     args = parser.parse_args(argv)
     from lockstep.checkpoint.hf import export_to_hf

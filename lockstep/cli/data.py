@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 from lockstep.cli import EXIT_FAILURE, EXIT_OK
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer, number
 from lockstep.errors import InputError, LockstepError
 
 EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lockstep data", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="lockstep data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="tokenize a dataset into a prepared folder")
     prepare.add_argument("--dataset", required=True, choices=["text", "json", "parquet", "hf"])
@@ -33,14 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--tokenizer", default="builtin", choices=["builtin", "bytes", "hf"])
     prepare.add_argument("--tokenizer-path", default="", help="tokenizer.json or its folder (--tokenizer hf)")
     prepare.add_argument("--out", required=True, type=Path, help="the prepared folder (new, or this preparation's)")
-    prepare.add_argument("--workers", type=int, default=0, help="worker processes; 0 = one per core")
     prepare.add_argument(
-        "--tokenizer-threads", type=int, default=0, help="tokenizer threads per worker; 0 = cores / workers"
+        "--workers", type=integer(0, MAX_PROCESSES_PER_MACHINE), default=0, help="worker processes; 0 = one per core"
     )
-    prepare.add_argument("--num-jobs", type=int, default=1, help="independent jobs sharing the work")
-    prepare.add_argument("--job-index", type=int, default=0, help="this job's index, 0 .. num-jobs - 1")
     prepare.add_argument(
-        "--shard-mb", type=float, default=16.0, help="input MB per shard (JSON Lines files are cut at line ends)"
+        "--tokenizer-threads",
+        type=integer(0, 4096),
+        default=0,
+        help="tokenizer threads per worker; 0 = cores / workers",
+    )
+    prepare.add_argument("--num-jobs", type=integer(1, 10**6), default=1, help="independent jobs sharing the work")
+    prepare.add_argument("--job-index", type=integer(0), default=0, help="this job's index, 0 .. num-jobs - 1")
+    prepare.add_argument(
+        "--shard-mb",
+        type=number(0, above=True),
+        default=16.0,
+        help="input MB per shard (JSON Lines files are cut at line ends)",
     )
     prepare.add_argument("--text-field", default="text", help="field/column holding the text (json, parquet, hf)")
     prepare.add_argument("--split", default="train", help="the split to read (hf)")

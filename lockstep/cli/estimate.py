@@ -11,27 +11,36 @@ import json
 import sys
 
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, print_json
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer, number
 from lockstep.config import load_config
 from lockstep.tools.estimate import DEVICES, Topology, device_spec, estimate, nearest_fitting, render
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep estimate",
         description="Predict per-rank memory and per-step communication of a config at any world size. Any "
         "other --section.key value pair overrides the config, as for lockstep train.",
     )
     parser.add_argument("--config", help="a shipped config name (e.g. llama3_70b) or a TOML file path")
-    parser.add_argument("--nproc", type=int, help="ranks on one node (the world size)")
-    parser.add_argument("--nnodes", type=int, help="nodes (with --nproc-per-node)")
-    parser.add_argument("--nproc-per-node", type=int, help="ranks (GPUs) per node (default 8)")
+    parser.add_argument("--nproc", type=integer(1, 10**7), help="ranks on one node (the world size)")
+    parser.add_argument("--nnodes", type=integer(1, 10**6), help="nodes (with --nproc-per-node)")
+    parser.add_argument(
+        "--nproc-per-node", type=integer(1, MAX_PROCESSES_PER_MACHINE), help="ranks (GPUs) per node (default 8)"
+    )
     parser.add_argument("--device", default="h100", choices=[*DEVICES, "cpu"], help="device kind (default h100)")
-    parser.add_argument("--device-memory", type=float, help="GiB per device, instead of the device kind's")
-    parser.add_argument("--peak-tflops", type=float, help="dense matmul TFLOP/s in the compute dtype")
-    parser.add_argument("--hbm-gbps", type=float, help="device memory bandwidth, GB/s")
-    parser.add_argument("--intra-node-gbps", type=float, help="per device, one direction, inside a node, GB/s")
-    parser.add_argument("--inter-node-gbps", type=float, help="per device, one direction, between nodes, GB/s")
-    parser.add_argument("--vocab-size", type=int, help="the tokenizer's size, when its file is not here")
+    parser.add_argument(
+        "--device-memory", type=number(0, above=True), help="GiB per device, instead of the device kind's"
+    )
+    parser.add_argument("--peak-tflops", type=number(0, above=True), help="dense matmul TFLOP/s in the compute dtype")
+    parser.add_argument("--hbm-gbps", type=number(0, above=True), help="device memory bandwidth, GB/s")
+    parser.add_argument(
+        "--intra-node-gbps", type=number(0, above=True), help="per device, one direction, inside a node, GB/s"
+    )
+    parser.add_argument(
+        "--inter-node-gbps", type=number(0, above=True), help="per device, one direction, between nodes, GB/s"
+    )
+    parser.add_argument("--vocab-size", type=integer(1, 2**31), help="the tokenizer's size, when its file is not here")
     parser.add_argument("--no-advice", action="store_true", help="skip the search for layouts that fit")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args, overrides = parser.parse_known_args(argv)

@@ -15,18 +15,24 @@ import tempfile
 from pathlib import Path
 
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_OK, print_json
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer
 from lockstep.errors import LockstepError
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep eval",
         description="Evaluate a checkpoint's held-out loss. Other --section.key value pairs override the config "
         "(e.g. --validation.steps 10 --validation.dataset json --validation.dataset_path val.jsonl).",
     )
     parser.add_argument("path", type=Path, help="a run folder, a checkpoint step-N folder or a Hugging Face folder")
     parser.add_argument("--config", help="the config for a Hugging Face folder (a preset name or TOML path)")
-    parser.add_argument("--nproc", type=int, default=None, help="evaluate on N processes on this machine")
+    parser.add_argument(
+        "--nproc",
+        type=integer(1, MAX_PROCESSES_PER_MACHINE),
+        default=None,
+        help="evaluate on N processes on this machine",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--scratch", type=Path, default=None, help=argparse.SUPPRESS)  # given to the workers
     args, overrides = parser.parse_known_args(argv)

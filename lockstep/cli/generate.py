@@ -16,24 +16,29 @@ import sys
 from pathlib import Path
 
 from lockstep.cli import EXIT_OK, print_json
+from lockstep.cli.arguments import Parser, integer, number
 from lockstep.errors import InputError, LockstepError
 from lockstep.models.size import machine_memory_bytes
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lockstep generate", description="Continue prompts with a model.")
+    parser = Parser(prog="lockstep generate", description="Continue prompts with a model.")
     parser.add_argument("path", type=Path, help="a run folder, a checkpoint step folder or a Hugging Face folder")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument(
         "--prompts-file", type=Path, help="a UTF-8 text file, one prompt per line (blank lines skipped)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt at most (default 64)")
+    parser.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens per prompt at most (default 64)")
     parser.add_argument("--greedy", action="store_true", help="always the most likely token")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same tokens (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    parser.add_argument("--temperature", type=number(0), default=1.0, help="0 means greedy (default 1.0)")
+    parser.add_argument("--top-k", type=integer(0), default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument(
+        "--top-p", type=number(0, above=True), default=1.0, help="nucleus sampling mass in (0, 1] (default 1)"
+    )
+    parser.add_argument(
+        "--seed", type=integer(0, 2**63 - 1), default=0, help="the same seed gives the same tokens (default 0)"
+    )
+    parser.add_argument("--batch-size", type=integer(1), default=8, help="prompts decoded together (default 8)")
     parser.add_argument("--tokenizer-path", type=Path, help="a tokenizer.json (or its folder) to use instead")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt and line")

@@ -3,23 +3,25 @@ one's loss, replayed (lockstep.tools.inspect_step). Reads the run folder, writes
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from lockstep.cli import print_json
+from lockstep.cli.arguments import Parser, integer
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep inspect",
         description="Show the global sample indices of a training step, each sample's source file, document and "
         "token offset, and a decoded preview; --losses replays the step for each sample's loss.",
     )
     parser.add_argument("run", type=Path, help="a run folder")
-    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--step", type=integer(0), required=True)
     parser.add_argument("--losses", action="store_true", help="replay the step for per-sample losses (checked)")
-    parser.add_argument("--preview-tokens", type=int, default=48, help="tokens decoded per sample (default 48)")
+    parser.add_argument(
+        "--preview-tokens", type=integer(0, 10**6), default=48, help="tokens decoded per sample (default 48)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     from lockstep.tools.inspect_step import add_losses, describe, step_samples

@@ -8,28 +8,28 @@ It runs torchft's own ``LighthouseServer`` in this process (the same server as t
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 
 from lockstep.cli import EXIT_OK
+from lockstep.cli.arguments import Parser, integer
 from lockstep.errors import LockstepError
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep lighthouse", description="Serve torchft's lighthouse for fault-tolerant replica groups."
     )
-    parser.add_argument("--port", type=int, default=29510, help="port to serve on (0: any free port)")
+    parser.add_argument("--port", type=integer(0, 65535), default=29510, help="port to serve on (0: any free port)")
     parser.add_argument("--bind", default="[::]", help="address to bind (default all interfaces)")
     parser.add_argument(
-        "--min-replicas", type=int, default=1, help="fewest replica groups a quorum may hold (default 1)"
+        "--min-replicas", type=integer(1), default=1, help="fewest replica groups a quorum may hold (default 1)"
     )
     parser.add_argument(
-        "--join-timeout-ms", type=int, default=60000, help="how long a quorum waits for more groups to join"
+        "--join-timeout-ms", type=integer(0), default=60000, help="how long a quorum waits for more groups to join"
     )
     parser.add_argument(
-        "--heartbeat-timeout-ms", type=int, default=5000, help="a group silent this long is dropped from quorums"
+        "--heartbeat-timeout-ms", type=integer(1), default=5000, help="a group silent this long is dropped from quorums"
     )
     args = parser.parse_args(argv)
     if args.min_replicas < 1:

@@ -4,23 +4,23 @@ rank and tensor that differ), 2 for a bad run folder or a step without fingerpri
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from lockstep.cli import print_json
+from lockstep.cli.arguments import Parser, integer
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep replay",
         description="Recompute step N from the newest checkpoint before it, in the run's layout, and compare loss, "
         "grad norm and fingerprints with the recorded ones; on a difference name the first rank and tensor.",
     )
     parser.add_argument("run", type=Path, help="a run folder trained with --debug.fingerprint")
-    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--step", type=integer(0), required=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     from lockstep.tools.inspect_step import check_run

@@ -7,10 +7,10 @@ resume); 76 stopped by such a signal with nothing saved; 2 bad config or input; 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED
+from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer
 from lockstep.config import JobConfig, load_config, validate_job_config
 from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
@@ -18,7 +18,7 @@ from lockstep.train.comm import CollectiveFailure
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lockstep train",
         description="Train a model. Any other --section.key value pair overrides the config "
         "(e.g. --training.steps 10 --debug.deterministic).",
@@ -26,7 +26,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--config", help="a shipped config name (e.g. llama3_debug) or a TOML file path")
     parser.add_argument(
         "--nproc",
-        type=int,
+        type=integer(1, MAX_PROCESSES_PER_MACHINE),
         default=None,
         help="start N processes on this machine through torchrun (multi-node: torchrun)",
     )

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import (
     NOT_YET_SUPPORTED,
@@ -34,7 +32,7 @@ from lockstep.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
-from lockstep.json_input import read_hf_config
+from lockstep.untrusted import load_toml, read_hf_config
 
 SECTION_TYPES: dict[str, type] = {
     "job": JobSectionConfig,
@@ -296,9 +294,10 @@ def _recorded_hf_config(config: JobConfig) -> dict | None:
         return None
     recorded = run_folder(config) / "config.toml"
     try:
-        return tomllib.loads(recorded.read_text()).get("model", {}).get("hf_config") or None
-    except (OSError, tomllib.TOMLDecodeError):
+        hf_config = load_toml(recorded.read_bytes()).get("model", {}).get("hf_config")
+    except (OSError, ValueError, AttributeError):
         return None
+    return hf_config if isinstance(hf_config, dict) and hf_config else None
 
 
 def resolve_hf_flavor(model: ModelConfig, checkpoint: CheckpointConfig, recorded: dict | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-import json
 import re
 import types
 import typing
@@ -25,6 +24,7 @@ import tomllib
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import SECTION_TYPES, JobConfig
 from lockstep.errors import InputError
+from lockstep.untrusted import parse_json
 
 PRESET_PACKAGE = "lockstep.config.presets"
 _TRUE = {"true", "1", "yes", "on"}
@@ -67,6 +67,8 @@ def parse_toml(raw: bytes, path: str | Path) -> dict[str, Any]:
         ) from e
     try:
         return tomllib.loads(text)
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise InputError(path, "nests arrays or tables deeper than Python can read", "fix the TOML") from None
     except tomllib.TOMLDecodeError as e:
         message, where = str(e), ""
         if match := _TOML_POSITION.fullmatch(message):
@@ -120,24 +122,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (tuple, list):
         items = _split_list(value, key) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise ConfigError(key, f"expected a list; got {value!r}")
+            raise ConfigError(key, f"expected a list; got {_shown(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
-                raise ConfigError(key, f"expected {len(args)} values; got {value!r}")
+                raise ConfigError(key, f"expected {len(args)} values; got {_shown(value)}")
             return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
         item_type = args[0] if args else str
         coerced = [_coerce(v.strip() if isinstance(v, str) else v, item_type, key) for v in items if v != ""]
         return tuple(coerced) if origin is tuple else coerced
     if origin is dict:  # a free-form table (model.overrides): its owner checks the entries
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a table of keys and values; got {value!r}")
+            raise ConfigError(key, f"expected a table of keys and values; got {_shown(value)}")
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ConfigError(key, f"expected true or false; got {value!r}")
+        raise ConfigError(key, f"expected true or false; got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -146,7 +148,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected an integer; got {value!r}")
+        raise ConfigError(key, f"expected an integer; got {_shown(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -155,11 +157,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected a number; got {value!r}")
+        raise ConfigError(key, f"expected a number; got {_shown(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(key, f"expected a string; got {value!r}")
+        raise ConfigError(key, f"expected a string; got {_shown(value)}")
     raise ConfigError(key, f"unsupported field type {hint}")
 
 
@@ -170,7 +172,7 @@ def _toml_value(value: Any) -> Any:
         return value
     try:
         return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return value
 
 
@@ -180,15 +182,15 @@ def _split_list(value: str, key: str) -> list[Any]:
     if not text.startswith("["):
         return value.split(",")
     try:
-        return json.loads(text)
+        return parse_json(text)
     except ValueError:
         pass
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         pass
     if not text.endswith("]"):
-        raise ConfigError(key, f"{value!r} opens a list but does not close it; write it as a,b or [a, b]")
+        raise ConfigError(key, f"{_shown(value)} opens a list but does not close it; write it as a,b or [a, b]")
     return text[1:-1].split(",")  # unquoted words, [model, loss]
 
 
@@ -200,6 +202,10 @@ def _custom_sections(module_name: str) -> dict[str, type]:
     """Sections contributed by a user module: a ``CONFIG_SECTIONS = {"name": Dataclass}`` dict."""
     if not module_name:
         return {}
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise ConfigError(
+            "job.custom_config_module", f"{module_name!r} is not a module name (dotted identifiers, as import takes)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -293,3 +299,9 @@ def dump_toml(config: JobConfig) -> str:
     """The fully resolved config; ``--config`` on this text reproduces the run. None values are left
     out (TOML has no null), which restores the same defaults."""
     return tomli_w.dumps(_toml_ready(config_to_dict(config)))
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to a readable length (an option can be 200 kB)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

@@ -75,5 +75,5 @@ def prepare_cached(
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         if result.shards_written:
-            print(f"lockstep: tokenized {source.location} into the cache: {result.summary()}", file=sys.stderr)
+            print(f"lockstep: tokenized {source.location} into the cache: {result.summary()}", flush=True)
     return folder, True

@@ -86,7 +86,9 @@ def finalize(folder: Path, log: Callable[[str], None] = print) -> dict:
     }
     text = json.dumps(manifest, indent=1)
     target = folder / MANIFEST
-    if not (target.is_file() and target.read_text() == text):
+    if target.exists() and not target.is_file():
+        raise InputError(target, "is not a file", "remove it, then finalize again")
+    if not (target.is_file() and target.read_bytes() == text.encode()):
         with atomic_path(target) as tmp:
             tmp.write_text(text)
     stale = [p for p in [*folder.iterdir(), *(folder / SHARDS).iterdir()] if _TEMPORARY.search(p.name)]

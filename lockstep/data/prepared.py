@@ -19,6 +19,7 @@ at a trillion tokens a start must not read the data.
 from __future__ import annotations
 
 import hashlib
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,8 @@ import numpy as np
 
 from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
 from lockstep.errors import InputError
-from lockstep.json_input import Int, ListOf, MapOf, Obj, Shape, Str, check_shape
-from lockstep.json_input import read_json as read_checked_json
+from lockstep.untrusted import Int, ListOf, MapOf, Obj, Shape, Str, check_shape
+from lockstep.untrusted import read_json as read_checked_json
 
 if TYPE_CHECKING:
     from lockstep.data.dataset import TokenWindows
@@ -65,7 +66,8 @@ def shard_path(folder: Path, name: str, suffix: str) -> Path:
 PREPARE_AGAIN = "prepare the folder again (lockstep data prepare)"
 _ANY_OBJECT = MapOf()
 _HEX32 = Str(pattern=r"[0-9a-f]{32}")
-_COUNT = Int(min=0)
+_COUNT = Int(min=0, max=2**50)
+"""Tokens, documents, bytes: far above any real shard or corpus, below what an int64 offset holds."""
 PLAN_SHARD = Obj(
     required={"name": Str(pattern=r"[0-9]{1,12}"), "kind": Str(), "file": _COUNT, "start": _COUNT, "end": _COUNT}
 )
@@ -175,7 +177,13 @@ class ShardedTokens:
         starts = self._document_maps.get(index)
         if starts is None:
             path = self.paths[index].with_suffix(".docs")
-            starts = np.memmap(path, dtype=np.uint64, mode="r") if _size(path) else np.empty(0, np.uint64)
+            size = _size(path)
+            if size < 0 or size % 8:
+                found = "it is missing" if size < 0 else f"it has {size} bytes, not a multiple of 8"
+                raise InputError(
+                    path, f"is not a document index ({found})", "prepare the folder again, or run lockstep data verify"
+                )  # fmt: skip
+            starts = np.memmap(path, dtype=np.uint64, mode="r") if size else np.empty(0, np.uint64)
             self._document_maps[index] = starts
             if len(self._document_maps) > _OPEN_SHARDS:
                 self._document_maps.popitem(last=False)
@@ -253,11 +261,15 @@ class ShardedTokens:
 
 
 def _size(path: Path) -> int:
-    """The file's size in bytes, or -1 when it is missing (one stat)."""
+    """The size in bytes of a shard file, or -1 when it is missing (one lstat). A link or anything but a
+    plain file is refused: a shard is read only from inside its prepared folder."""
     try:
-        return path.stat().st_size
+        status = path.lstat()
     except FileNotFoundError:
         return -1
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(path, "is not a plain file (a link, a folder or a device)", "prepare the folder again")
+    return status.st_size
 
 
 def load_prepared_windows(

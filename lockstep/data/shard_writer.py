@@ -73,6 +73,9 @@ def _jsonl_range(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str
             raise InputError(path, TOO_DEEP, "fix or drop that line", where) from None
         except InputError as e:
             raise InputError(e.path, e.problem, e.fix, f"line {_line_number(path, task.start, number)}") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            where = f"line {_line_number(path, task.start, number)}"
+            raise InputError(path, f"invalid JSON: {str(e)[:100]}", "fix or drop that line", where) from None
         consumed = 0
 
 

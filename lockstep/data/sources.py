@@ -116,6 +116,8 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data": a second document follows, so it is JSON Lines
                 raise InputError(file, f"invalid JSON: {e.msg}", "fix the JSON there", f"{e.lineno}:{e.colno}") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise InputError(file, f"invalid JSON: {e}", "fix the JSON there") from None
         else:
             if isinstance(records, dict):  # JSON Lines of one line
                 records = [records]
@@ -137,6 +139,8 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
                 raise InputError(
                     file, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where=where
                 ) from e
+            except ValueError as e:  # an integer of more digits than Python converts
+                raise InputError(file, f"invalid JSON: {str(e)[:100]}", "fix or drop that line", where=where) from None
             yield _text_of(record, text_field, file, where)
 
 

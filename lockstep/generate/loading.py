@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
 
@@ -28,8 +27,8 @@ from lockstep.checkpoint.states import persistent_tensors, tied_aliases
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from lockstep.errors import InputError, LockstepError
-from lockstep.json_input import read_hf_config
 from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
+from lockstep.untrusted import load_toml, read_hf_config
 
 FIX_PATH = "give a run folder, a checkpoint step folder (step-N) or a Hugging Face folder (config.json + safetensors)"
 
@@ -63,7 +62,9 @@ def resolve_source(path: Path) -> Source:
     if (path / folders.MANIFEST).is_file():
         folder = resolve_checkpoint_folder(path)
     elif run_config.is_file():
-        root = path / str(_read_toml(run_config).get("checkpoint", {}).get("folder", "checkpoint"))
+        checkpoint = _read_toml(run_config).get("checkpoint")
+        folder_name = checkpoint.get("folder", "checkpoint") if isinstance(checkpoint, dict) else "checkpoint"
+        root = path / str(folder_name)
         folder = folders.find_checkpoint(root, -1, _note) if root.is_dir() else None
         if folder is None:
             raise InputError(path, "is a run folder without a loadable checkpoint", "train with --checkpoint.enable")
@@ -98,18 +99,18 @@ def _hf_source(path: Path) -> Source:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise InputError(path, f"is not valid TOML ({e})") from e
+        return load_toml(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"is not valid TOML ({e})") from None
 
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _section(cls: type, values: dict) -> Any:
+def _section(cls: type, values: object) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    return cls(**{k: v for k, v in values.items() if k in names}) if isinstance(values, dict) else cls()
 
 
 def load_tokenizer(source: Source, tokenizer_path: Path | None = None) -> Tokenizer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,23 +161,13 @@ def _args_from_hf(spec: ModelSpec, model: ModelConfig) -> Any:
         fix = f"train with --model.name {family}" if family else "lockstep has no family for it"
         raise ConfigError("model.flavor", f"from_hf: the config.json is a {model_type!r} model, not {spec.name}; {fix}")
     try:
-        return _typed_args(lambda: spec.hf_adapter.args_from_hf_config(model.hf_config), "model.hf_config")
+        args = spec.hf_adapter.args_from_hf_config(model.hf_config)
+        _check_types(args)
+        return args
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ConfigError(
             "model.flavor", f"from_hf: the config.json is not a {spec.name} config ({error} missing or wrong)"
         ) from None
-
-
-def _typed_args(build: Callable[[], Any], prefix: str) -> Any:
-    """The args `build` makes, every plain field coerced to its declared type (as an override would be),
-    so a string or float where the field is an int is refused here, not deep inside a build."""
-    args = build()
-    plain = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(args)
-        if not dataclasses.is_dataclass(getattr(args, f.name)) and getattr(args, f.name) is not None
-    }
-    return dataclasses.replace(args, **_typed(args, plain, prefix))
 
 
 def checked_args(spec: ModelSpec, build: Callable[[], Any], *, where: Any, fix: str) -> Any:
@@ -185,7 +176,8 @@ def checked_args(spec: ModelSpec, build: Callable[[], Any], *, where: Any, fix: 
     every value of its field's type, shapes positive and divisible, and the fp32 weights small enough to
     fit this machine. Otherwise InputError naming `where`, the key and `fix`."""
     try:
-        args = _typed_args(build, "")
+        args = build()
+        _check_types(args)
         _check_shape(args)
         args.validate()
     except KeyError as error:
@@ -197,6 +189,28 @@ def checked_args(spec: ModelSpec, build: Callable[[], Any], *, where: Any, fix: 
     if problem := size_problem(spec, args, bytes_per_parameter=WEIGHT_BYTES_PER_PARAMETER):
         raise InputError(where, problem, fix)
     return args
+
+
+def _check_types(args: Any, prefix: str = "") -> None:
+    """Every field of the args dataclass (nested ones too: RoPE scaling) holds a value of its declared
+    type, as JSON gives it: no string for a number, no null where a value is needed (ValueError naming
+    the field). Stricter than overrides on the command line, which arrive as text."""
+    hints = typing.get_type_hints(type(args))
+    for f in dataclasses.fields(args):
+        value, hint, name = getattr(args, f.name), hints[f.name], prefix + f.name
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if value is None:
+            if type(None) not in allowed:
+                raise ValueError(f"{name} is null; it needs a value")
+            continue
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{name}.")
+            continue
+        kinds = tuple(typing.get_origin(a) or a for a in allowed if a is not type(None))
+        if float in kinds:
+            kinds += (int,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ValueError(f"{name} = {value!r} is not of its type ({hint})")
 
 
 NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "it is training.seq_len"}

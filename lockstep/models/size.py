@@ -40,17 +40,30 @@ def parameter_count(spec: Any, args: Any) -> int:
     return counted(first) + (args.n_layers - first) * one_block
 
 
+def buffer_count(spec: Any, args: Any) -> int:
+    """Elements of the model's buffers (the RoPE table grows with max_seq_len), from a one-layer meta build."""
+    with torch.device("meta"):
+        model = spec.build(dataclasses.replace(args, n_layers=1), "sdpa")
+    return sum(b.numel() for b in model.buffers())
+
+
 def size_problem(
     spec: Any, args: Any, *, bytes_per_parameter: int, world_size: int = 1, memory_bytes: float | None = None
 ) -> str | None:
     """Why the model cannot fit `memory_bytes` per rank (this machine's by default) at `bytes_per_parameter`
     spread over `world_size` ranks, or None: the sizes, the need and the limit, in one line."""
-    parameters = parameter_count(spec, args)
+    try:
+        parameters = parameter_count(spec, args) + buffer_count(spec, args)
+    except (OverflowError, RuntimeError, ValueError, TypeError, MemoryError) as error:
+        cause = str(error).strip().splitlines()[0][:120] if str(error).strip() else "a size beyond any tensor"
+        return f"cannot be sized ({type(error).__name__}: {cause})"
     need, have = parameters * bytes_per_parameter / world_size, memory_bytes or machine_memory_bytes()
     if need <= have:
         return None
-    shape = ", ".join(f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size") if hasattr(args, k))
+    shape = ", ".join(
+        f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size", "max_seq_len") if hasattr(args, k)
+    )
     return (
-        f"{shape}: {parameters:.3g} parameters need at least {need / 2**30:.1f} GiB per rank at {bytes_per_parameter} "
+        f"{shape}: {parameters:.3g} parameters and buffer elements need at least {need / 2**30:.1f} GiB per rank at {bytes_per_parameter} "
         f"bytes each over {world_size} rank(s); a rank has at most {have / 2**30:.1f} GiB"
     )

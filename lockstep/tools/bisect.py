@@ -4,7 +4,6 @@ reduction or the optimizer update."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from lockstep.tools.compare import compare_series, first_difference, load_series
 from lockstep.tools.replay import launch_replay
+from lockstep.untrusted import parse_json
 
 
 @dataclass
@@ -85,7 +85,16 @@ def bisect(run_a: Path, run_b: Path, work: Path) -> Finding:
     work.mkdir(parents=True, exist_ok=True)
     captures = [replay(run, step, work / f"capture-{i}") for i, run in enumerate((run_a, run_b))]
     finding = locate(*captures, step)
-    threads = [json.loads((run / "env.json").read_text()).get("threads") for run in (run_a, run_b)]
+    threads = [_recorded_threads(run) for run in (run_a, run_b)]
     if not finding.phase and threads[0] != threads[1]:
         finding.detail += f"; the runs used {threads[0]} and {threads[1]} CPU threads, which changes kernel sums"
     return finding
+
+
+def _recorded_threads(run: Path) -> object:
+    """The CPU threads a run recorded in env.json, or None where it is missing or unreadable."""
+    try:
+        record = parse_json((run / "env.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record.get("threads") if isinstance(record, dict) else None

@@ -12,16 +12,14 @@ it is noted, not gated (the validation settings are in the config differences pr
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from lockstep.errors import InputError
+from lockstep.untrusted import load_toml, parse_json
 
 FINGERPRINTS = ("grad_fingerprint", "param_fingerprint")
 NUMBERS = ("loss", "grad_norm", "val_loss")
@@ -57,11 +55,12 @@ def load_series(path: Path) -> dict[int, dict]:
         raise InputError(file, f"unreadable ({error})") from None
     try:
         if text.lstrip().startswith("["):
-            records = [(f"record {i + 1}", r) for i, r in enumerate(json.loads(text))]
+            records = [(f"record {i + 1}", r) for i, r in enumerate(parse_json(text, allow_nan=True))]
         else:
-            records = [(f"line {n}", json.loads(x)) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
-    except json.JSONDecodeError as error:
-        raise InputError(file, f"not JSON ({error})", fix) from None
+            lines = enumerate(text.splitlines(), 1)
+            records = [(f"line {n}", parse_json(x, allow_nan=True)) for n, x in lines if x.strip()]
+    except ValueError as error:
+        raise InputError(file, f"not JSON: {error}", fix) from None
     if not records:
         raise InputError(file, "has no records (empty: did the run log any step?)", fix)
     series = {}
@@ -114,13 +113,13 @@ def _run_facts(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not Path(path).is_dir():
         return config, env
     try:
-        config = _flatten(tomllib.loads((path / "config.toml").read_text()))
-    except (OSError, tomllib.TOMLDecodeError):
+        config = _flatten(load_toml((path / "config.toml").read_bytes()))
+    except (OSError, ValueError):
         pass
     try:
-        flat_env = _flatten(json.loads((path / "env.json").read_text()))
+        flat_env = _flatten(parse_json((path / "env.json").read_bytes(), allow_nan=True))
         env = {k: v for k, v in flat_env.items() if any(k == f or k.startswith(f + ".") for f in ENVIRONMENT_FACTS)}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         pass
     return config, env
 

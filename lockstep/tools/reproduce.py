@@ -17,7 +17,6 @@ updated parameter (optimizer) that does is named.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lockstep.tools.replay import launch_replay
 from lockstep.train.fingerprint import RankFingerprints
 from lockstep.train.metrics import json_floats
 from lockstep.train.run_folder import environment_differences
+from lockstep.untrusted import parse_json
 
 CHECKED = ("loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
 
@@ -110,7 +110,7 @@ def _summary(steps: list[int]) -> str:
 def read_replay(out: Path) -> dict[int, dict]:
     """The replay's per-rank records (verify mode), by rank."""
     return {
-        int(path.name.rsplit(".rank", 1)[1].split(".")[0]): json_floats(json.loads(path.read_text()))
+        int(path.name.rsplit(".rank", 1)[1].split(".")[0]): json_floats(parse_json(path.read_bytes(), allow_nan=True))
         for path in out.parent.glob(f"{out.name}.rank*.json")
     }
 

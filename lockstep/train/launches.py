@@ -32,6 +32,7 @@ from lockstep.config.sections import CheckpointConfig, MetricsConfig
 from lockstep.errors import InputError, LockstepError
 from lockstep.train.metrics import MetricsLogger
 from lockstep.train.run_folder import prepare_run_folder
+from lockstep.untrusted import load_toml, parse_json
 
 LAUNCHES = "launches"
 RECORD = "launch.json"
@@ -87,7 +88,7 @@ def env_for_step(run_folder: Path, step: int) -> dict[str, Any]:
     launch_env = config_for_step(run_folder, step).parent / "env.json"
     path = launch_env if launch_env.is_file() else run_folder / "env.json"
     try:
-        record = json.loads(path.read_text())
+        record = parse_json(path.read_bytes(), allow_nan=True)
     except (OSError, ValueError) as error:
         raise InputError(
             path, f"is not readable JSON ({error})", "it is written by lockstep train; restore it"
@@ -119,16 +120,17 @@ def launch_folders(run_folder: Path) -> list[tuple[int, Path]]:
 
 def _read_toml(path: Path) -> dict[str, Any] | None:
     try:
-        return tomllib.loads(path.read_text())
+        return load_toml(path.read_bytes())
     except (OSError, ValueError):
         return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        record = parse_json(path.read_bytes(), allow_nan=True)
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def previous_launch_config(run_folder: Path) -> dict[str, Any] | None:

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from lockstep.errors import InputError
 from lockstep.train.metrics import json_floats
+from lockstep.untrusted import parse_json
 
 PACKAGES = ("lockstep", "torch", "numpy", "tokenizers", "datasets", "safetensors", "rich", "tensorboard")
 
@@ -127,7 +129,7 @@ def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl record; +inf for a line that is not one (a write torn by a crash or
     a full disk), which then moves aside with the records to recompute instead of stopping the resume."""
     try:
-        return int(json.loads(line)["step"])
+        return int(parse_json(line, allow_nan=True)["step"])
     except (ValueError, KeyError, TypeError):
         return math.inf
 
@@ -135,5 +137,15 @@ def _logged_step(line: str) -> float:
 def read_metrics(folder: Path) -> list[dict]:
     """Every logged step of a run folder, in order, non-finite values as floats again (written as
     "NaN"/"Infinity"/"-Infinity" strings; older files' bare NaN tokens are read too)."""
-    with open(Path(folder) / "metrics.jsonl") as f:
-        return [json_floats(json.loads(line)) for line in f if line.strip()]
+    path = Path(folder) / "metrics.jsonl"
+    with open(path, "rb") as f:
+        records = []
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json_floats(parse_json(line, allow_nan=True)))
+                except ValueError as error:
+                    raise InputError(
+                        path, str(error), "it is written by lockstep train", where=f"line {number}"
+                    ) from None
+        return records

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import InputError, LockstepError
+from lockstep.untrusted import parse_json
 
 LOCK_FILE = ".lock"
 
@@ -53,8 +54,10 @@ def _usable_folder(folder: Path) -> Path:
 
 def _open_lock_file(folder: Path) -> int:
     path = folder / LOCK_FILE
+    if path.is_symlink():  # writing the holder through it would change a file outside the run
+        raise InputError(path, "is a link, not the run's lock file", "remove the link, then run again")
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         raise InputError(path, f"cannot open the run folder lock: {e.strerror}", "check its permissions") from e
 
@@ -65,7 +68,7 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     if not text:
         return None
     try:
-        holder = json.loads(text)
+        holder = parse_json(text)
     except ValueError:
         return {"unreadable": text[:80]}
     return holder if isinstance(holder, dict) else {"unreadable": text[:80]}

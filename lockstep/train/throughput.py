@@ -7,10 +7,12 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lockstep.data.cache import atomic_path
+from lockstep.untrusted import parse_json
 
 # Dense (non-sparse) tensor-core peaks in FLOP/s, from the vendors' data sheets.
 CUDA_PEAK_FLOPS = {
@@ -56,7 +58,7 @@ def peak_flops(device: torch.device, mixed_precision: str, cache_file=None) -> f
                 return peaks["bf16" if mixed_precision == "bf16" else "fp32"]
         return CUDA_PEAK_FLOPS["H100"]["bf16"]
     key = peak_cache_key(torch.get_num_threads())
-    cached = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
+    cached = _read_cache(cache_file)
     if key not in cached:
         cached[key] = measure_cpu_matmul_peak()
         if cache_file is not None:
@@ -71,3 +73,12 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_reserved(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss * 1024 / 2**30
+
+
+def _read_cache(cache_file: Path | None) -> dict:
+    """The measured peaks cached so far; empty when there is no cache or it is unreadable (measured again)."""
+    try:
+        cached = parse_json(cache_file.read_bytes()) if cache_file is not None and cache_file.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}

@@ -4,10 +4,12 @@ in; the step's valid-token count reads no other rank's document index. Counted w
 counter, not timed."""
 
 import numpy as np
+import pytest
 
 from lockstep.data.loader import DataLoader, placement
 from lockstep.data.prepared import load_prepared_windows
 from lockstep.data.tokenizer import BytesTokenizer
+from lockstep.errors import InputError
 from lockstep.tools.scale.io_counter import counting_file_ops
 from tests.data.test_prepare import _corpus, _prepare
 
@@ -72,3 +74,22 @@ def test_own_counts_summed_over_ranks_equal_the_whole_steps_count(tmp_path):
         counts.append([loader.next_step(rank, WORLD)[1] for _ in range(3)])
     assert [sum(c[step] for c in counts) for step in range(3)] == expected
     assert all(0 < c[0] < expected[0] for c in counts)
+
+
+def test_a_damaged_shard_is_refused_in_one_line_when_a_rank_first_reads_it(tmp_path):
+    """Start-up no longer stats every shard, so a shard cut short (or replaced by a link) is refused when
+    it is first mapped, naming the file and `lockstep data verify`; the other shards still read."""
+    _corpus(tmp_path / "in")
+    _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4096)
+    shards = tmp_path / "out" / "shards"
+    truncated, linked = shards / "00003.tokens", shards / "00005.tokens"
+    truncated.write_bytes(truncated.read_bytes()[:-3])
+    (tmp_path / "elsewhere").write_bytes(linked.read_bytes())
+    linked.unlink()
+    linked.symlink_to(tmp_path / "elsewhere")
+    tokens = load_prepared_windows(tmp_path / "out", BytesTokenizer(), SEQ_LEN).tokens
+    assert len(tokens[int(tokens.offsets[4]) : int(tokens.offsets[4]) + 10]) == 10
+    with pytest.raises(InputError, match=r"00003.tokens: the manifest records \d+ bytes but it has .*data verify"):
+        tokens[int(tokens.offsets[3])]
+    with pytest.raises(InputError, match="00005.tokens: is not a plain file"):
+        tokens[int(tokens.offsets[5])]

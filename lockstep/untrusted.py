@@ -1,6 +1,7 @@
-"""JSON that lockstep reads back from disk (checkpoint and dataset manifests, preparation plans, Hugging
-Face config.json): one bounded parse and one shape check per file, so that a damaged or crafted file
-is one line naming the file and the key, never a traceback from deep inside whatever used the value.
+"""Files lockstep reads back from disk but did not just write (checkpoint and dataset manifests,
+preparation plans, Hugging Face config.json, a run folder's records): one bounded parse and, for the
+JSON files lockstep depends on, one shape check, so that a damaged or crafted file is one line naming
+the file and the key, never a traceback from deep inside whatever used the value.
 
 A shape is built from a few combinators (``Int``, ``Num``, ``Str``, ``Bool``, ``ListOf``, ``MapOf``,
 ``Obj``, ``Optional``, ``Anything``) and checked before any value is used. The parse itself is bounded:
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from lockstep.errors import InputError
 
@@ -219,9 +222,10 @@ def _no_lone_surrogates(value: Any, key: str = "") -> None:
             _no_lone_surrogates(item, _child(key, index))
 
 
-def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
-    """The JSON value of `text`, bounded: ValueError for invalid UTF-8 or JSON, NaN or Infinity, nesting
-    deeper than `max_depth` and lone surrogates (the message says which)."""
+def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH, allow_nan: bool = False) -> Any:
+    """The JSON value of `text`, bounded: ValueError for invalid UTF-8 or JSON, NaN or Infinity (unless
+    `allow_nan`: metrics records hold them), nesting deeper than `max_depth`, integers of more digits than
+    Python converts, and lone surrogates (the message says which)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -230,13 +234,22 @@ def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if _depth_exceeds(text, max_depth):
         raise ValueError(f"nests deeper than {max_depth} levels")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise ValueError(f"is not valid JSON ({e})") from None
     except (ValueError, RecursionError) as e:
         raise ValueError(f"is not valid JSON ({e})") from None
     _no_lone_surrogates(value)
     return value
+
+
+def load_toml(text: str | bytes) -> dict:
+    """A TOML document read back from a run folder: ValueError for invalid UTF-8 or TOML and for nesting
+    deeper than tomllib's recursion can follow."""
+    try:
+        return tomllib.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except RecursionError:
+        raise ValueError("nests arrays or tables deeper than Python can read") from None
 
 
 def check_shape(path: str | Path, value: Any, shape: Shape, *, fix: str) -> Any:
