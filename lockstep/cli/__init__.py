@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return module.run(argv[1:])
     except LockstepError as error:
         return report(argv[0], error)
+    except SystemExit as done:  # argparse: --help (0) or a bad option (2, its one line printed already)
+        return done.code if isinstance(done.code, int) else EXIT_FAILURE
     finally:
         if json_only:
             _json_stdout.pop()

@@ -160,13 +160,25 @@ def _exit_code(failed, received: list[int], command: str) -> int:
     stopped = {EXIT_STOPPED, EXIT_STOPPED_UNSAVED} & set(codes)
     if (stopped or received) and all(code in after_stop for code in codes):
         return EXIT_STOPPED if stopped == {EXIT_STOPPED} else EXIT_STOPPED_UNSAVED
-    rank, first = failed.get_first_failure()
+    rank, first = _cause(failed)
     message = first.error_file_data.get("message")
     if first.exitcode == EXIT_BAD_INPUT and isinstance(message, str):
         raise LockstepError(f"rank {rank}: {message}")
     how = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
     print(f"lockstep {command}: rank {rank} failed ({how}); its output above says why", flush=True)
     return first.exitcode if first.exitcode > 0 else EXIT_FAILURE
+
+
+def _cause(failed) -> tuple[int, object]:
+    """The failure that most likely caused the others. A rank killed from outside (kill -9, the OOM
+    killer) makes its peers' collectives fail at once and exit 1 (PeerLost), sometimes before torchrun
+    notices the killed one: when the first failure is such an exit 1, a rank that died of a signal is
+    named instead."""
+    rank, first = failed.get_first_failure()
+    if first.exitcode != EXIT_FAILURE:
+        return rank, first
+    killed = [(r, f) for r, f in sorted(failed.failures.items()) if f.exitcode < 0]
+    return killed[0] if killed else (rank, first)
 
 
 def launch_torchrun(nproc: int, argv: list[str], command: str = "train") -> int:

@@ -41,9 +41,11 @@ def parameter_count(spec: Any, args: Any) -> int:
 
 
 def buffer_count(spec: Any, args: Any) -> int:
-    """Elements of the model's buffers (the RoPE table grows with max_seq_len), from a one-layer meta build."""
+    """Elements of the model's buffers (the RoPE table grows with max_seq_len), from a meta build of the
+    fewest layers the model allows (its dense ones and one more)."""
+    layers = min(args.n_layers, getattr(args, "n_dense_layers", 0) + 1)
     with torch.device("meta"):
-        model = spec.build(dataclasses.replace(args, n_layers=1), "sdpa")
+        model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
     return sum(b.numel() for b in model.buffers())
 
 
@@ -64,6 +66,6 @@ def size_problem(
         f"{k} {getattr(args, k)}" for k in ("n_layers", "dim", "vocab_size", "max_seq_len") if hasattr(args, k)
     )
     return (
-        f"{shape}: {parameters:.3g} parameters and buffer elements need at least {need / 2**30:.1f} GiB per rank at {bytes_per_parameter} "
-        f"bytes each over {world_size} rank(s); a rank has at most {have / 2**30:.1f} GiB"
+        f"{shape}: {parameters:.3g} parameters need at least {need / 2**30:.1f} GiB per rank at {bytes_per_parameter} "
+        f"bytes each (buffers counted too) over {world_size} rank(s); a rank has at most {have / 2**30:.1f} GiB"
     )

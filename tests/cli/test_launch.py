@@ -113,7 +113,9 @@ def test_a_bad_input_on_the_workers_is_one_line_and_exit_2(tmp_path):
 def test_nproc_below_one_is_refused(tmp_path, nproc):
     done = subprocess.run(_nproc(tmp_path, nproc=nproc), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip() == f"lockstep train: error: --nproc: must be >= 1; got {nproc}"
+    assert done.stderr.strip() == (
+        f"lockstep train: error: argument --nproc: {nproc} must be in 1 .. 1024 (lockstep train --help lists the options)"
+    )
 
 
 def test_two_ranks_print_the_run_folder_once_and_mfu_counts_both_devices(tmp_path, lockstep_cache):

@@ -99,7 +99,12 @@ def test_identity_mismatch_names_only_the_differing_keys(tmp_path):
     identity = {"model": {"name": "llama3", "args": {"dim": 128, "n_layers": 2}}, "layout": {"dp_shard": 1}}
     checkpoint = tmp_path / "step-00000004"
     checkpoint.mkdir()
-    manifest = {"model": {"name": "llama3", "args": {"dim": 64, "n_layers": 2}}, "layout": {"dp_shard": 2}}
+    manifest = {
+        "step": 4,
+        "files": {},
+        "model": {"name": "llama3", "args": {"dim": 64, "n_layers": 2}},
+        "layout": {"dp_shard": 2},
+    }
     (checkpoint / folders.MANIFEST).write_text(json.dumps(manifest))
     manager = CheckpointManager(CheckpointConfig(), tmp_path, identity, torch.device("cpu"))
     with pytest.raises(CheckpointMismatch, match=r"\(checkpoint -> this run: model\.args\.dim: 64 -> 128\)\. Use"):
