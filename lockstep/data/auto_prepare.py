@@ -23,6 +23,7 @@ from lockstep.data.prepared import FORMAT, MANIFEST, VERSION
 from lockstep.data.shard_plan import SHARD_BYTES, identity, plan_files
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
+from lockstep.errors import InputError
 
 
 @contextlib.contextmanager
@@ -43,8 +44,12 @@ def prepare_cached(
     cache_folder: str = "",
     source_fingerprint: str | None = None,
     shard_bytes: int = SHARD_BYTES,
+    nodes: int = 1,
 ) -> tuple[Path, bool]:
-    """The prepared cache folder of `source` tokenized by `tokenizer`, and whether this call prepared it."""
+    """The prepared cache folder of `source` tokenized by `tokenizer`, and whether this call prepared it.
+    A job of several `nodes` never tokenizes at start-up (each node would tokenize the whole corpus into
+    its own cache, or several would write one shared cache): it uses an entry that exists, or is refused
+    in one line with the ``lockstep data prepare`` command to run once before the launch."""
     record, tasks = plan_files(source, shard_bytes)
     key = identity(
         {
@@ -60,6 +65,13 @@ def prepare_cached(
     folder = root / key
     if (folder / MANIFEST).is_file():
         return folder, False
+    if nodes > 1 and source.kind != "builtin":  # (the built-in corpus is a few MB: every machine tokenizes it)
+        raise InputError(
+            source.location, f"is not prepared, and this job spans {nodes} nodes: each would tokenize all of it",
+            f"prepare it once before the launch (lockstep data prepare --dataset {source.kind} --dataset-path "
+            f"{source.location} --tokenizer ... --out FOLDER), then train with --training.dataset prepared "
+            "--training.dataset_path FOLDER",
+        )  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     with machine_lock(root / f"{key}.lock"):
         if (folder / MANIFEST).is_file():  # another local rank prepared it while this one waited

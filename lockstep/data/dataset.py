@@ -94,6 +94,7 @@ def load_token_windows(
     seq_len: int,
     cache_folder: str,
     source_fingerprint: str | None = None,
+    nodes: int = 1,
 ) -> TokenWindows:
     """Prepare `source` into the cache once per machine (lockstep.data.auto_prepare: the machinery of
     ``lockstep data prepare``) and view it as windows of seq_len + 1. The fingerprint is the documents'
@@ -102,7 +103,7 @@ def load_token_windows(
     from lockstep.data.auto_prepare import prepare_cached  # it imports this module
     from lockstep.data.prepared import load_prepared_windows, read_manifest
 
-    folder, _ = prepare_cached(source, tokenizer, cache_folder, source_fingerprint)
+    folder, _ = prepare_cached(source, tokenizer, cache_folder, source_fingerprint, nodes=nodes)
     manifest = read_manifest(folder)
     if manifest["num_tokens"] < seq_len + 1:
         raise _too_small(source, manifest["num_tokens"], seq_len)

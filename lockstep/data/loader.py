@@ -207,10 +207,11 @@ def document_source(training: TrainingConfig, data: DataConfig) -> tuple[Documen
 
 
 def build_token_windows(
-    training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer
+    training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer, nodes: int = 1
 ) -> TokenWindows | MixtureWindows:
     """The training windows: a mixture of prepared folders (data.mixture), a prepared folder as it is
-    (lockstep data prepare), anything else prepared into the cache first (once per machine)."""
+    (lockstep data prepare), anything else prepared into the cache first (once per machine; a job of
+    several `nodes` only uses an entry that exists)."""
     if data.mixture:
         return load_mixture(data.mixture, tokenizer, training.seq_len)
     if training.dataset == "prepared":
@@ -218,4 +219,4 @@ def build_token_windows(
 
         return load_prepared_windows(Path(training.dataset_path), tokenizer, training.seq_len)
     source, fingerprint = document_source(training, data)
-    return load_token_windows(source, tokenizer, training.seq_len, data.cache_folder, fingerprint)
+    return load_token_windows(source, tokenizer, training.seq_len, data.cache_folder, fingerprint, nodes=nodes)

@@ -109,14 +109,17 @@ class Trainer:
         # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
         # of one rank when nothing is sharded, so that every layout computes the same bf16 numbers.
         self.fsdp = self.dims.fsdp or config.training.mixed_precision == "bf16"
+        # Tokenizing (once per machine, under a file lock) happens before the process group is up, so no
+        # collective waits on it; a multi-node job must train on data prepared before the launch.
+        self.tokenizer = build_tokenizer(config.model, config.data)
+        nodes = max(1, self.world.world_size // max(1, self.world.ranks_per_node))
+        windows = build_token_windows(config.training, config.data, self.tokenizer, nodes=nodes)
         init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)
         self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
         self.seeds = seed_everything(config.debug.seed, axis_rank(self.mesh, "pp"), self.mesh)
 
         training = config.training
-        self.tokenizer = build_tokenizer(config.model, config.data)
-        windows = build_token_windows(training, config.data, self.tokenizer)
         # With fault tolerance the global batch spans all replica groups; this group's layout runs blocks of it.
         self.global_batch, self.group_batch = resolve_group_batch_size(config, self.dims)
         self.dp_rank = axis_rank(self.mesh, "dp")

@@ -6,7 +6,8 @@ counter, not timed."""
 import numpy as np
 import pytest
 
-from lockstep.data.loader import DataLoader, placement
+from lockstep.config.sections import DataConfig, TrainingConfig
+from lockstep.data.loader import DataLoader, build_token_windows, placement
 from lockstep.data.prepared import load_prepared_windows
 from lockstep.data.tokenizer import BytesTokenizer
 from lockstep.errors import InputError
@@ -93,3 +94,16 @@ def test_a_damaged_shard_is_refused_in_one_line_when_a_rank_first_reads_it(tmp_p
         tokens[int(tokens.offsets[3])]
     with pytest.raises(InputError, match="00005.tokens: is not a plain file"):
         tokens[int(tokens.offsets[5])]
+
+
+def test_a_multi_node_job_never_tokenizes_raw_files_at_start_up(tmp_path):
+    """Raw json on a 2-node job with no cache entry is one line with the prepare command, before any process
+    group; on one node it is prepared into the cache (under the machine lock), and then 2 nodes use it."""
+    _corpus(tmp_path / "in")
+    training = TrainingConfig(dataset="json", dataset_path=str(tmp_path / "in"), seq_len=SEQ_LEN)
+    data = DataConfig(cache_folder=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="spans 2 nodes.*lockstep data prepare --dataset json"):
+        build_token_windows(training, data, BytesTokenizer(), nodes=2)
+    assert not (tmp_path / "cache" / "prepared").exists()
+    one = build_token_windows(training, data, BytesTokenizer(), nodes=1)
+    assert build_token_windows(training, data, BytesTokenizer(), nodes=2).fingerprint == one.fingerprint
