@@ -305,6 +305,8 @@ def check_safetensors_headers(hf_dir: Path) -> None:
     shape or dtype that does not fit its bytes, a 2^60-byte header length, a truncated file): safetensors'
     own validation of every header, which torch's reader does not do before it seeks and allocates."""
     for path in sorted(hf_dir.glob("*.safetensors")):
+        if not path.is_file():  # a FIFO or a device would block the open or never end (a link to a blob is fine)
+            raise CheckpointError(path, "is not a regular file", "download or export it again")
         try:
             with safe_open(path, "pt"):
                 pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import re
 import types
 import typing
@@ -150,13 +151,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         raise ConfigError(key, f"expected an integer; got {_shown(value)}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 2**1023 else math.inf
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means anything at inf or nan
+                raise ConfigError(key, f"expected a finite number; got {_shown(value)}")
+            return number
         raise ConfigError(key, f"expected a number; got {_shown(value)}")
     if hint is str:
         if isinstance(value, str):

@@ -46,9 +46,8 @@ class StepGuards:
         if self.nonfinite == "ignore" or (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.consecutive_skips.finite()
             return False
-        message = (
-            f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}; first non-finite value: {locate()}"
-        )
+        where = " | ".join(line.strip() for line in locate().splitlines() if line.strip())  # one line
+        message = f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}; first non-finite value: {where}"
         if self.nonfinite == "stop":
             raise NonFiniteError(message + " (debug.nonfinite = skip would drop such steps)")
         self.consecutive_skips.skipped(step, message)  # raises at debug.max_consecutive_skips in a row
