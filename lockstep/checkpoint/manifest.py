@@ -9,7 +9,7 @@ from typing import Any
 from lockstep.config.errors import ConfigError
 from lockstep.errors import InputError
 from lockstep.models.registry import ModelSpec, checked_args, model_spec
-from lockstep.untrusted import Bool, Int, ListOf, MapOf, Obj, Str, read_json
+from lockstep.untrusted import Bool, Int, ListOf, MapOf, Obj, Optional, Str, read_json
 
 MANIFEST = "lockstep.json"
 PLAIN_FILE_NAME = r"(?!\.\.?$)[^/\\\x00]+"
@@ -30,7 +30,7 @@ SHAPE = Obj(
         "parts": ListOf(Str()),
         "layout": MapOf(),
         "config": MapOf(MapOf()),
-        "fingerprints": MapOf(),
+        "fingerprints": MapOf(Optional(Str())),
     },
 )
 """What lockstep writes (``CheckpointManager.save``, ``convert from-hf``); other keys are the record's."""
