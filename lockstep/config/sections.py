@@ -41,6 +41,12 @@ def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+MAX_SAMPLES = 2**24
+"""More samples in one batch than any run holds (16M): a larger batch size is a typo, refused at once."""
+MAX_TOKENS = 2**24
+"""More tokens in one sequence (or loss chunk) than any model attends over."""
+
+
 @dataclass
 class JobSectionConfig:
     dump_folder: str = "./outputs/run"
@@ -122,13 +128,15 @@ class TrainingConfig:
 
     def validate(self) -> None:
         _require(self.steps > 0, "training.steps", f"must be > 0; got {self.steps}")
-        _require(self.local_batch_size > 0, "training.local_batch_size", "must be > 0")
         _require(
-            self.global_batch_size == -1 or self.global_batch_size > 0,
-            "training.global_batch_size",
-            "must be > 0, or -1 for local_batch_size x data-parallel degree",
+            0 < self.local_batch_size <= MAX_SAMPLES, "training.local_batch_size", f"must be in 1 .. {MAX_SAMPLES}"
         )
-        _require(self.seq_len > 0, "training.seq_len", "must be > 0")
+        _require(
+            self.global_batch_size == -1 or 0 < self.global_batch_size <= MAX_SAMPLES,
+            "training.global_batch_size",
+            f"must be in 1 .. {MAX_SAMPLES}, or -1 for local_batch_size x data-parallel degree",
+        )
+        _require(0 < self.seq_len <= MAX_TOKENS, "training.seq_len", f"must be in 1 .. {MAX_TOKENS}")
         _require(self.max_norm >= 0, "training.max_norm", "must be >= 0 (0 disables clipping)")
         _one_of(self.mixed_precision, ("fp32", "bf16"), "training.mixed_precision")
         _one_of(self.dataset, ("builtin", "text", "json", "parquet", "prepared"), "training.dataset")
@@ -144,7 +152,10 @@ class TrainingConfig:
             "prepared to use it, or drop it (--training.dataset_path=)",
         )
         _one_of(self.device, ("auto", "cpu", "cuda"), "training.device")
-        _require(self.loss_chunk_tokens >= 0, "training.loss_chunk_tokens", "must be >= 0 (0 disables chunking)")
+        _require(
+            0 <= self.loss_chunk_tokens <= MAX_TOKENS, "training.loss_chunk_tokens",
+            f"must be in 0 .. {MAX_TOKENS} (0 disables chunking)",
+        )  # fmt: skip
 
 
 @dataclass

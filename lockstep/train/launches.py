@@ -17,6 +17,7 @@ reset to the config's). training.steps and the parallel layout may change; they 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from lockstep.checkpoint.manager import UNSET, describe_differences, differences
 from lockstep.config.sections import CheckpointConfig, MetricsConfig
 from lockstep.errors import InputError, LockstepError
 from lockstep.train.metrics import MetricsLogger
-from lockstep.train.run_folder import prepare_run_folder
+from lockstep.train.run_folder import prepare_run_folder, write_replacing
 from lockstep.untrusted import load_toml, parse_json
 
 LAUNCHES = "launches"
@@ -269,9 +270,11 @@ def start_launch(
     launches = launch_folders(run_folder)
     number = launches[-1][0] + 1 if launches else 1
     folder = run_folder / LAUNCHES / f"{number:03d}"
+    if os.path.lexists(folder.parent) and (folder.parent.is_symlink() or not folder.parent.is_dir()):
+        raise InputError(folder.parent, "is not a folder (a file or a link)", "move it out of the run folder")
     folder.mkdir(parents=True)  # the run lock makes the number ours; an existing folder is never reused
-    (folder / "config.toml").write_text(config_toml)
-    (folder / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_replacing(folder / "config.toml", config_toml)
+    write_replacing(folder / "env.json", json.dumps(env, indent=2) + "\n")
     changed: dict[str, tuple[Any, Any]] = {}
     if launches:
         previous = launches[-1][1]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lockstep.data.cache import atomic_path
 from lockstep.errors import InputError
 from lockstep.train.metrics import json_floats
 from lockstep.untrusted import parse_json
@@ -96,15 +97,31 @@ def environment_differences(recorded: dict) -> list[str]:
     return found
 
 
+def write_replacing(path: Path, text: str) -> None:
+    """Write a run-folder file by renaming a new file over it: a link left there is replaced, never
+    written through (a run must not change a file outside its folder)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def plain_or_absent(path: Path) -> None:
+    """Refuse, in one line, a run-folder file that lockstep appends to or reads back but that is a link,
+    a folder or a FIFO (appending would write outside the run; reading a FIFO would never end)."""
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        raise InputError(path, "is not a plain file (a link, a folder or a FIFO)", "move it out of the run folder")
+
+
 def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: int | None = None) -> Path:
     """Write config.toml and env.json (the latest launch's: launches/ keeps every launch's, so start_launch
     runs first), and return the metrics.jsonl path. A fresh run keeps an earlier
     run's metrics.jsonl under a numbered name; a run resumed from step k appends to it, after moving
     any records past step k (steps that are about to be recomputed) to metrics.rewound.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(config_toml)
-    (folder / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_replacing(folder / "config.toml", config_toml)
+    write_replacing(folder / "env.json", json.dumps(env, indent=2) + "\n")
     metrics = folder / "metrics.jsonl"
+    for path in (metrics, folder / "metrics.rewound.jsonl"):
+        plain_or_absent(path)
     if not metrics.exists():
         return metrics
     if resumed_at is None:

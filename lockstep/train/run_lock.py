@@ -54,8 +54,8 @@ def _usable_folder(folder: Path) -> Path:
 
 def _open_lock_file(folder: Path) -> int:
     path = folder / LOCK_FILE
-    if path.is_symlink():  # writing the holder through it would change a file outside the run
-        raise InputError(path, "is a link, not the run's lock file", "remove the link, then run again")
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):  # a link would be written through
+        raise InputError(path, "is not a plain file (a link, a folder or a FIFO)", "remove it, then run again")
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as e:
