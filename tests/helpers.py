@@ -95,7 +95,9 @@ def host_reads():
             setattr(torch.Tensor, name, original)
 
 
-class _Records(logging.Handler):
+class WarningRecords(logging.Handler):
+    """WARNING records: a `lockstep` process would print them on stderr (logging's last resort)."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.lines: list[str] = []
@@ -126,7 +128,7 @@ def run_cli(args: list[str], capture) -> tuple[int, str, str]:
     group, environment variable, working directory or signal handler changed."""
     capture.readouterr()  # drop what came before
     before = _process_state()
-    records, root = _Records(), logging.getLogger()
+    records, root = WarningRecords(), logging.getLogger()
     launch = mock.patch("lockstep.cli.launch.launch_torchrun", side_effect=AssertionError("run_cli launched torchrun"))
     root.addHandler(records)
     try:

@@ -174,7 +174,7 @@ DAMAGES: list[Damage] = [
     _bad("model-name-unknown", _manifest(tamper.setter(("model", "name"), "gpt5"))),
     _bad("model-name-surrogate", _manifest(tamper.setter(("model", "name"), Raw(LONE_SURROGATE)))),
     _bad("fingerprints-string", _manifest(tamper.setter(("fingerprints",), "x"))),
-    _bad("fingerprints-tokenizer-int", _manifest(tamper.setter(("fingerprints", "tokenizer"), 5))),
+    _harmless("fingerprints-tokenizer-int", _manifest(tamper.setter(("fingerprints", "tokenizer"), 5))),  # eval, to-hf
     _harmless("config-string", _manifest(tamper.setter(("config",), "x"))),
     _harmless("config-model-list", _manifest(tamper.setter(("config", "model"), [1]))),
     _harmless("config-null-value", _manifest(tamper.setter(("config", "job", "description"), None))),
@@ -185,6 +185,7 @@ DAMAGES: list[Damage] = [
     _harmless("layout-int", _manifest(tamper.setter(("layout",), 5))),
     _harmless("format-string", _manifest(tamper.setter(("format",), "2"))),
     _harmless("format-99", _manifest(tamper.setter(("format",), 99))),
+    _harmless("format-null", _manifest(tamper.setter(("format",), None))),
     _bad("manifest-truncated", _manifest(tamper.truncate(0.5))),
     _bad("manifest-empty", _manifest(tamper.text(b""))),
     _bad("manifest-not-utf8", _manifest(tamper.text(tamper.NOT_UTF8))),
@@ -245,7 +246,7 @@ class Command:
 
 
 RESUME_FAST = frozenset({
-    "files-string", "files-dotdot-hostname", "files-surrogate-name", "files-size-5000-digits", "checksums-wrong",
+    "files-string", "format-null", "files-dotdot-hostname", "files-surrogate-name", "files-size-5000-digits", "checksums-wrong",
     "missing-model", "model-string", "fingerprints-tokenizer-int", "config-deep", "manifest-truncated",
     "manifest-deep-list", "manifest-link-sentinel", "metadata-garbage-refreshed", "metadata-pickle-payload",
     "data-flipped", "data-link-sentinel-refreshed",

@@ -6,6 +6,11 @@ the exit code is one the case documents, a refusal (exit 2) is exactly one stder
 fixtures and the sentinel folder) changed, and no process it started outlives it. In-process runs are
 fast; the subprocess variant is what a user sees: real streams and exit code, and every descendant found
 afterwards by a marker variable in its environment, whoever its parent is by then.
+
+Python warnings count only in the subprocess variant: which ones a process shows depends on filters
+that lockstep installs when its modules are first imported, and in-process those filters belong to
+whichever test imported the module first (pytest discards them with that test's warning context).
+In-process runs record warnings and drop them; the subprocess cases see them as a user would.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from unittest import mock
 
 import psutil
 
+from tests.helpers import WarningRecords
+
 if TYPE_CHECKING:
     from tests.hostile.fixtures import Fixtures
 
@@ -58,7 +65,6 @@ or of /dev/zero never ends, and this bounds it."""
 JOIN_S = 20.0
 """How long processes that are exiting get to finish before they count as left behind."""
 _LAUNCHER = "lockstep.cli.launch.launch_torchrun"
-_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 """Per-interpreter helpers that live as long as the test process, not the command (a real
 ``lockstep`` process takes them with it when it exits)."""
@@ -248,17 +254,6 @@ def _kill_marked(token: str) -> None:
 # --- in-process runs -----------------------------------------------------------------------------
 
 
-class _Records(logging.Handler):
-    """WARNING records: a `lockstep` process would print them on stderr (logging's last resort)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def _process_state() -> dict[str, object]:
     dist = sys.modules.get("torch.distributed")
     return {
@@ -307,15 +302,15 @@ def _memory_budget(extra: int):
 def run_in_process(
     argv: list[str], *, watched: list[Path], work: Path, timeout_s: float, launches: bool = True, **_
 ) -> Outcome:
-    """``lockstep.cli.main(argv)`` here, with both streams captured as a `lockstep` process would show
-    them (its warnings and WARNING log records included) and a SIGALRM timeout for reads that block."""
+    """``lockstep.cli.main(argv)`` here, with both streams captured (WARNING log records included, which a
+    `lockstep` process prints on stderr) and a SIGALRM timeout for reads that block."""
     from lockstep.cli import main
 
     before_files, before_children, before_state = snapshot(watched), _descendants(), _process_state()
     scratch = work / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)
-    out, err, records = io.StringIO(), io.StringIO(), _Records()
+    out, err, records = io.StringIO(), io.StringIO(), WarningRecords()
     code, escaped, hung = None, "", False
     previous_alarm = signal.signal(signal.SIGALRM, _timeout)
     logging.getLogger().addHandler(records)
@@ -325,13 +320,10 @@ def run_in_process(
         with (
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
-            warnings.catch_warnings(record=True) as caught,
+            warnings.catch_warnings(record=True),
             stand_in,
             _memory_budget(MEMORY_BUDGET),
         ):
-            warnings.simplefilter("default")
-            for category in _HIDDEN_WARNINGS:
-                warnings.filterwarnings("ignore", category=category)
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
             try:
                 code = main(argv)
@@ -351,9 +343,7 @@ def run_in_process(
         signal.signal(signal.SIGALRM, previous_alarm)
         logging.getLogger().removeHandler(records)
         tempfile.tempdir = saved_tempdir
-    stderr = err.getvalue()
-    stderr += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
-    stderr += "".join(line + "\n" for line in records.lines)
+    stderr = err.getvalue() + "".join(line + "\n" for line in records.lines)
     if escaped:
         stderr += escaped
     state = _restore(before_state)
