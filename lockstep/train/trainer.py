@@ -20,6 +20,7 @@ from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, 
 from lockstep.config import JobConfig, dump_toml, validate_job_config
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import (
+    ValidationBatches,
     deterministic_chunks,
     microbatch_size,
     resolve_group_batch_size,
@@ -29,6 +30,7 @@ from lockstep.config.job import (
 )
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
+from lockstep.data.dataset import TokenWindows
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.models.common.attention import resolve_attention_backend
@@ -114,6 +116,11 @@ class Trainer:
         self.tokenizer = build_tokenizer(config.model, config.data)
         nodes = max(1, self.world.world_size // max(1, self.world.ranks_per_node))
         windows = build_token_windows(config.training, config.data, self.tokenizer, nodes=nodes)
+        validation = None
+        if config.validation.enable:
+            batches = resolve_validation(config, self.dims)
+            held_out = validation_windows(config.validation, config.data, self.tokenizer, batches.seq_len, nodes)
+            validation = (batches, held_out)
         init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)
         self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
@@ -175,7 +182,7 @@ class Trainer:
         self.forward_backward.node_levels = self._replica_nodes(use_tree, microbatch)
         self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
-        self.validator = self._validator() if config.validation.enable else None
+        self.validator = self._validator(*validation) if validation is not None else None
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
@@ -246,11 +253,9 @@ class Trainer:
             return None
         return [canonical_nodes(r * per_rank, per_rank) for r in range(self.dims.dp_replicate)]
 
-    def _validator(self) -> Validator:
+    def _validator(self, batches: ValidationBatches, windows: TokenWindows) -> Validator:
         """Built from the validation section; it evaluates through the same forward as training."""
         config = self.config
-        batches = resolve_validation(config, self.dims)
-        windows = validation_windows(config.validation, config.data, self.tokenizer, batches.seq_len)
         groups = [self.reducer.dp_group, self.reducer.pp_group]
         summed_losses = self.forward_backward.summed_losses
         return Validator(

@@ -45,9 +45,10 @@ cross-entropy (fp32, one element), or None on a rank that holds no loss (a pipel
 
 
 def validation_windows(
-    validation: ValidationConfig, data: DataConfig, tokenizer: Tokenizer, seq_len: int
+    validation: ValidationConfig, data: DataConfig, tokenizer: Tokenizer, seq_len: int, nodes: int = 1
 ) -> TokenWindows:
-    """The validation split, tokenized once (cached) like training data."""
+    """The validation split, tokenized once (cached) like training data (a job of several `nodes` only
+    uses a cache entry that exists: lockstep.data.auto_prepare)."""
     kind = validation.dataset or "builtin"
     if kind == "prepared":
         return load_prepared_windows(Path(validation.dataset_path), tokenizer, seq_len)
@@ -58,7 +59,7 @@ def validation_windows(
     else:  # prepared into the cache once, found again by the files' paths, sizes and times
         source = file_source(kind, validation.dataset_path, data.text_field, key="validation.dataset_path")
         fingerprint = None
-    return load_token_windows(source, tokenizer, seq_len, data.cache_folder, fingerprint)
+    return load_token_windows(source, tokenizer, seq_len, data.cache_folder, fingerprint, nodes=nodes)
 
 
 @dataclass
