@@ -42,7 +42,7 @@ def read_manifest(folder: Path) -> dict:
     names of listed files to xxh3-128 hex digests."""
     path = folder / MANIFEST
     manifest = read_json(path, SHAPE, fix="", max_bytes=64 * 2**20)
-    if manifest.get("format", 1) >= 2 and not isinstance(manifest.get("checksums"), dict):
+    if (manifest.get("format") or 1) >= 2 and not isinstance(manifest.get("checksums"), dict):
         raise InputError(path, "checksums: expected an object (a format-2 checkpoint records every file's checksum)")
     if unlisted := sorted(set(manifest.get("checksums") or {}) - set(manifest["files"])):
         raise InputError(path, f"checksums.{unlisted[0]}: names a file that 'files' does not list")
