@@ -502,10 +502,15 @@ class ProfilingConfig:
     save_traces_folder: str = "profile_traces"
     """Where traces go, inside the run folder."""
     enable_memory_snapshot: bool = False
-    """CUDA: record allocator history and dump torch.cuda.memory snapshots at the traced steps and on an
+    """CUDA: record allocator history and dump torch.cuda.memory snapshots at memory_snapshot_steps and on an
     out-of-memory error (viewable at pytorch.org/memory_viz). CPU: a per-interval peak RSS goes into metrics."""
     save_memory_snapshot_folder: str = "memory_snapshot"
     """Where memory snapshots go, inside the run folder."""
+    memory_snapshot_steps: list[int] = field(default_factory=list)
+    """Steps whose memory snapshot is dumped (a 100k-entry pickle each); empty = none, only an out-of-memory
+    step's. Every rank in memory_snapshot_ranks dumps its own."""
+    memory_snapshot_ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks that record allocator history and dump snapshots (-1: every rank; at 512 ranks, 512 files)."""
 
     def validate(self) -> None:
         _require(self.profile_freq > 0, "profiling.profile_freq", "must be > 0")
@@ -518,6 +523,11 @@ class ProfilingConfig:
             f"({self.profile_freq}); raise profiling.profile_freq or lower them",
         )
         _relative_folder(self.save_traces_folder, "profiling.save_traces_folder")
+        _require(all(s > 0 for s in self.memory_snapshot_steps), "profiling.memory_snapshot_steps", "steps are >= 1")
+        _require(
+            all(r >= 0 for r in self.memory_snapshot_ranks) or self.memory_snapshot_ranks == [-1],
+            "profiling.memory_snapshot_ranks", "ranks are >= 0, or [-1] for every rank",
+        )  # fmt: skip
         _relative_folder(self.save_memory_snapshot_folder, "profiling.save_memory_snapshot_folder")
         _require(
             self.save_traces_folder != self.save_memory_snapshot_folder,

@@ -10,7 +10,9 @@ the per-step bookkeeping is paid.
 
 Memory snapshots (CUDA): the allocator's history is recorded from the start and dumped, as
 torch.cuda.memory._dump_snapshot writes it (drag it onto https://pytorch.org/memory_viz), at the
-traced steps and when a step runs out of memory. On CPU there is no allocator history; the step
+steps listed in ``memory_snapshot_steps`` and when a step runs out of memory, by the ranks in
+``memory_snapshot_ranks`` only (rank 0 by default: 512 ranks dumping 100k-entry pickles would load the
+file system for nothing). On CPU there is no allocator history; the step
 metrics carry the peak resident set size instead (lockstep.train.step_metrics).
 
 Files are never overwritten: a step traced again after a resume gets a new name.
@@ -45,7 +47,10 @@ class Profiler:
         self.traces = run_folder / profiling.save_traces_folder
         self.snapshots = run_folder / profiling.save_memory_snapshot_folder
         self.rank = rank
-        self.cuda_snapshots = profiling.enable_memory_snapshot and device.type == "cuda"
+        ranks = profiling.memory_snapshot_ranks
+        self.cuda_snapshots = (
+            profiling.enable_memory_snapshot and device.type == "cuda" and (ranks == [-1] or rank in ranks)
+        )
         self._profile: torch.profiler.profile | None = None
         self._step = 0
 
@@ -88,7 +93,7 @@ class Profiler:
         self._step = step
         if self._profile is not None:
             self._profile.step()
-        if self.cuda_snapshots and step % self.profiling.profile_freq == 0:
+        if self.cuda_snapshots and step in self.profiling.memory_snapshot_steps:
             self._snapshot(f"iteration_{step}")
 
     def stop(self) -> None:
