@@ -33,6 +33,9 @@ _FALSE = {"false", "0", "no", "off"}
 _TOML_POSITION = re.compile(r"(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def preset_names() -> list[str]:
     """Configs shipped inside the package, usable as ``--config NAME``."""
     folder = resources.files(PRESET_PACKAGE)
@@ -162,6 +165,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if number is not None:
             if not math.isfinite(number):  # no setting means anything at inf or nan
                 raise ConfigError(key, f"expected a finite number; got {_shown(value)}")
+            if abs(number) > FLOAT32_MAX:  # tensors and optimizers hold settings as float32
+                raise ConfigError(key, f"{_shown(value)} is beyond a float32 ({FLOAT32_MAX:.3g}); no setting needs it")
             return number
         raise ConfigError(key, f"expected a number; got {_shown(value)}")
     if hint is str:

@@ -3,6 +3,7 @@ hooks on every module (run only after a non-finite loss or gradient was seen).""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -80,7 +81,9 @@ def first_nonfinite_module(model: nn.Module, replay: Callable[[], None]) -> str 
             handles.append(module.register_forward_hook(on_forward(name)))
             handles.append(module.register_full_backward_hook(on_backward(name)))
     try:
-        replay()
+        with warnings.catch_warnings():  # the embedding's hook sees gradients of outputs only: that is enough
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            replay()
     finally:
         for handle in handles:
             handle.remove()
