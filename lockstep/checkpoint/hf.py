@@ -37,7 +37,7 @@ from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.models.common.hf_source import HFPiece
-from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config
+from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args
 from lockstep.untrusted import read_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -372,10 +372,7 @@ def check_hf_config(hf_dir: Path, spec: ModelSpec, args) -> None:
         raise CheckpointError(
             hf_dir, f"is a {family} model, this run's is {spec.name}", f"train with --model.name {family}"
         )
-    theirs = checked_args(
-        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=hf_dir / "config.json",
-        fix="give the config.json saved with the model",
-    )  # fmt: skip
+    theirs = hf_config_args(spec, config, hf_dir / "config.json")
     fields = [f for f in _ARCHITECTURE_FIELDS if hasattr(args, f)]  # the ones this model family has
     differences = [
         f"{f}: {getattr(theirs, f)} vs {getattr(args, f)}" for f in fields if getattr(theirs, f) != getattr(args, f)

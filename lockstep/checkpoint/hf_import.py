@@ -31,7 +31,7 @@ from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights
 from lockstep.checkpoint.states import persistent_tensors
-from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
+from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args, model_spec
 from lockstep.untrusted import read_hf_config
 
 
@@ -50,10 +50,7 @@ def check_import(hf_dir: Path, out_dir: Path, model_name: str | None = None) -> 
         raise CheckpointError(
             hf_dir, f"holds a {model_type!r} model, not {spec.name}", "drop --model (the family comes from model_type)"
         )
-    args = checked_args(
-        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=hf_dir / "config.json",
-        fix="give the config.json saved with the model",
-    )  # fmt: skip
+    args = hf_config_args(spec, config, hf_dir / "config.json")
     return spec, args
 
 

@@ -27,7 +27,7 @@ from lockstep.checkpoint.states import persistent_tensors, tied_aliases
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from lockstep.errors import InputError, LockstepError
-from lockstep.models.registry import ModelSpec, checked_args, family_of_hf_config, model_spec
+from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args, model_spec
 from lockstep.untrusted import load_toml, read_hf_config
 
 FIX_PATH = "give a run folder, a checkpoint step folder (step-N) or a Hugging Face folder (config.json + safetensors)"
@@ -90,10 +90,7 @@ def _hf_source(path: Path) -> Source:
         spec = model_spec(family_of_hf_config(config))
     except ValueError as e:
         raise InputError(path / "config.json", str(e).removeprefix("config.json: ")) from e
-    args = checked_args(
-        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=path / "config.json",
-        fix="give the config.json saved with the model",
-    )  # fmt: skip
+    args = hf_config_args(spec, config, path / "config.json")
     return Source(path, "hf", spec, args, None, None)
 
 

@@ -191,6 +191,14 @@ def checked_args(spec: ModelSpec, build: Callable[[], Any], *, where: Any, fix: 
     return args
 
 
+def hf_config_args(spec: ModelSpec, config: dict, where: Any) -> Any:
+    """The family's *Args of a Hugging Face config.json (read from `where`), through ``checked_args``."""
+    return checked_args(
+        spec, lambda: spec.hf_adapter.args_from_hf_config(config), where=where,
+        fix="give the config.json saved with the model",
+    )  # fmt: skip
+
+
 def _check_types(args: Any, prefix: str = "") -> None:
     """Every field of the args dataclass (nested ones too: RoPE scaling) holds a value of its declared
     type, as JSON gives it: no string for a number, no null where a value is needed (ValueError naming
@@ -218,25 +226,16 @@ NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "
 
 def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
     """model.overrides checked against the args dataclass: known fields, values of the field's type."""
+    from lockstep.config.loader import _coerce  # the loader's own coercion: CLI strings and TOML values alike
+
     hints = typing.get_type_hints(type(args))
-    for name in overrides:
+    checked = {}
+    for name, value in overrides.items():
         key = f"{prefix}.{name}"
         if name not in hints:
             raise ConfigError(key, f"{type(args).__name__} has no field {name!r}{_suggest(name, list(hints))}")
         if name in NOT_OVERRIDABLE:
             raise ConfigError(key, f"cannot be overridden: {NOT_OVERRIDABLE[name]}")
-    return _typed(args, overrides, prefix)
-
-
-def _typed(args: Any, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """`values` of the args dataclass's fields, each coerced to the field's type (the config loader's own
-    coercion: CLI strings, TOML and JSON values alike); ConfigError naming the field otherwise."""
-    from lockstep.config.loader import _coerce
-
-    hints = typing.get_type_hints(type(args))
-    checked = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
         try:
             checked[name] = _coerce(value, hints[name], key)
         except ConfigError as error:

@@ -24,29 +24,23 @@ def machine_memory_bytes() -> int:
     return max([host, *gpus])
 
 
-def parameter_count(spec: Any, args: Any) -> int:
-    """The model's parameters, from meta builds of at most a few blocks (so an absurd n_layers is counted,
-    not built): the blocks past the first non-dense one are taken to be like it."""
-
-    def counted(layers: int) -> int:
-        with torch.device("meta"):
-            model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
-        return sum(p.numel() for p in model.parameters())
-
-    first = getattr(args, "n_dense_layers", 0) + 1
-    if args.n_layers <= first + 1:
-        return counted(args.n_layers)
-    one_block = counted(first + 1) - counted(first)
-    return counted(first) + (args.n_layers - first) * one_block
-
-
-def buffer_count(spec: Any, args: Any) -> int:
-    """Elements of the model's buffers (the RoPE table grows with max_seq_len), from a meta build of the
-    fewest layers the model allows (its dense ones and one more)."""
-    layers = min(args.n_layers, getattr(args, "n_dense_layers", 0) + 1)
+def _built_counts(spec: Any, args: Any, layers: int) -> tuple[int, int]:
+    """(parameters, buffer elements) of a meta build of the model with `layers` layers."""
     with torch.device("meta"):
         model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
-    return sum(b.numel() for b in model.buffers())
+    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+
+
+def element_counts(spec: Any, args: Any) -> tuple[int, int]:
+    """(parameters, buffer elements) of the model, from meta builds of at most a few blocks (so an absurd
+    n_layers is counted, not built): the blocks past the first non-dense one are taken to be like it.
+    Buffers (the RoPE table grows with max_seq_len) come from the smaller build."""
+    first = getattr(args, "n_dense_layers", 0) + 1
+    if args.n_layers <= first + 1:
+        return _built_counts(spec, args, args.n_layers)
+    base, buffers = _built_counts(spec, args, first)
+    one_block = _built_counts(spec, args, first + 1)[0] - base
+    return base + (args.n_layers - first) * one_block, buffers
 
 
 def size_problem(
@@ -55,7 +49,7 @@ def size_problem(
     """Why the model cannot fit `memory_bytes` per rank (this machine's by default) at `bytes_per_parameter`
     spread over `world_size` ranks, or None: the sizes, the need and the limit, in one line."""
     try:
-        parameters = parameter_count(spec, args) + buffer_count(spec, args)
+        parameters = sum(element_counts(spec, args))
     except (OverflowError, RuntimeError, ValueError, TypeError, MemoryError) as error:
         cause = str(error).strip().splitlines()[0][:120] if str(error).strip() else "a size beyond any tensor"
         return f"cannot be sized ({type(error).__name__}: {cause})"

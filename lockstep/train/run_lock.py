@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import InputError, LockstepError
+from lockstep.train.run_folder import plain_or_absent
 from lockstep.untrusted import parse_json
 
 LOCK_FILE = ".lock"
@@ -54,8 +55,7 @@ def _usable_folder(folder: Path) -> Path:
 
 def _open_lock_file(folder: Path) -> int:
     path = folder / LOCK_FILE
-    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):  # a link would be written through
-        raise InputError(path, "is not a plain file (a link, a folder or a FIFO)", "remove it, then run again")
+    plain_or_absent(path)  # the holder written through a link would change a file outside the run
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as e:
