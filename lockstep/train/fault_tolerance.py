@@ -155,10 +155,25 @@ class FaultTolerance:
             store_addr, store_port = advertised, str(self._own_store.port)
         self.lighthouse = lighthouse
         try:
-            self.manager = self._manager(
-                process_group, lighthouse=lighthouse, advertised=advertised, store_addr=store_addr,
-                store_port=int(store_port), world=world,
-            )  # fmt: skip
+            self.manager = Manager(
+                pg=process_group,
+                load_state_dict=lambda state: self.healing.load_state_dict(state),
+                state_dict=lambda: self.healing.state_dict(),
+                min_replica_size=config.min_replica_size,
+                use_async_quorum=False,  # the quorum (and any heal) completes before the step picks its blocks
+                timeout=timeout,
+                quorum_timeout=timedelta(seconds=config.quorum_timeout_s),
+                connect_timeout=timeout,
+                rank=world.rank,
+                world_size=world.world_size,
+                store_addr=store_addr,
+                store_port=int(store_port),
+                lighthouse_addr=lighthouse,
+                replica_id=f"replica_{config.replica_id}",
+                hostname=advertised,
+                checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
+                init_sync=False,  # every group initialises the same weights from the seed
+            )
         except QUORUM_FAILURES as error:
             raise LighthouseLost(lighthouse, error, at_start=True, quorum_timeout_s=config.quorum_timeout_s) from None
         self.log = FaultLog(run_folder / "faults.jsonl" if world.is_main else None)
@@ -172,30 +187,6 @@ class FaultTolerance:
         """Samples of the last step computed (the global batch, unless it shrank with the live groups)."""
         self.last_heal_s = math.nan
         self._settings = torch.zeros(8, dtype=torch.int32)
-
-    def _manager(
-        self, process_group, *, lighthouse: str, advertised: str, store_addr: str, store_port: int, world: WorldInfo
-    ) -> Manager:
-        config, timeout = self.config, timedelta(seconds=self.config.timeout_s)
-        return Manager(
-            pg=process_group,
-            load_state_dict=lambda state: self.healing.load_state_dict(state),
-            state_dict=lambda: self.healing.state_dict(),
-            min_replica_size=config.min_replica_size,
-            use_async_quorum=False,  # the quorum (and any heal) completes before the step picks its blocks
-            timeout=timeout,
-            quorum_timeout=timedelta(seconds=config.quorum_timeout_s),
-            connect_timeout=timeout,
-            rank=world.rank,
-            world_size=world.world_size,
-            store_addr=store_addr,
-            store_port=store_port,
-            lighthouse_addr=lighthouse,
-            replica_id=f"replica_{config.replica_id}",
-            hostname=advertised,
-            checkpoint_transport=SafeHTTPTransport(timeout=timeout, num_chunks=0),
-            init_sync=False,  # every group initialises the same weights from the seed
-        )
 
     def attach(self, states: dict, step: int, settings: dict) -> None:
         """What a heal sends and receives (the checkpoint's parts), the step this launch starts from (a
