@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,11 +66,13 @@ def has_manifest(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-def problem_with(folder: Path, content: bool = True) -> str | None:
-    """Why `folder` cannot be loaded, or None if it looks intact: the manifest and every file's size,
-    and with `content` the non-tensor items unpickled through the allow-list (small; one rank is
-    enough, CheckpointManager has the ranks agree). The checksums are verified while the checkpoint
-    loads (SafeFileSystemReader), so a same-size corruption shows up there, not here."""
+def problem_with(folder: Path, content: bool = True, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why `folder` cannot be loaded, or None if it looks intact: the manifest and the sizes of the files
+    it lists, and with `content` the non-tensor items unpickled through the allow-list (small; one rank
+    is enough, CheckpointManager has the ranks agree). `share` = (rank, world) checks only every
+    world-th file from rank on: a checkpoint of W ranks holds O(W) files, and each rank checking all
+    of them would cost the file system O(W^2) stats at every resume. The checksums are verified while
+    the checkpoint loads (SafeFileSystemReader), so a same-size corruption shows up there, not here."""
     try:
         manifest = read_manifest(folder)
     except InputError as e:
@@ -78,14 +81,19 @@ def problem_with(folder: Path, content: bool = True) -> str | None:
         recorded_model(folder, manifest)
     except InputError as e:
         return f"{MANIFEST}: {e.problem}"
-    for name, size in manifest.get("files", {}).items():
+    rank, world = share
+    for name, size in sorted(manifest.get("files", {}).items())[rank::world]:
         path = folder / name
-        if path.is_symlink():
-            return f"file {name} is a link, not a file of the checkpoint"
-        if not path.is_file():
+        try:
+            found = path.lstat()
+        except FileNotFoundError:
             return f"file {name} is missing"
-        if path.stat().st_size != size:
-            return f"file {name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if stat.S_ISLNK(found.st_mode):
+            return f"file {name} is a link, not a file of the checkpoint"
+        if not stat.S_ISREG(found.st_mode):
+            return f"file {name} is missing"
+        if found.st_size != size:
+            return f"file {name} has {found.st_size} bytes, the manifest says {size}"
     if not content:
         return None
     from lockstep.checkpoint.safe_reader import unsafe_item

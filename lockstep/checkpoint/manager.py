@@ -204,16 +204,21 @@ class CheckpointManager:
             )  # fmt: skip
         return None
 
+    @property
+    def loaded_parts(self) -> frozenset[str]:
+        """The parts the last load wrote (the model is absent when it was excluded from loading)."""
+        return frozenset(self._loading)
+
     def problem_with(self, folder: Path) -> str | None:
-        """folders.problem_with (sizes on every rank, the allow-listed items on rank 0), with the
-        verdicts agreed (so every rank takes the same decision); a clean folder is not checked again
-        on load. The checksums are verified during the load."""
+        """folders.problem_with (each rank the sizes of its share of the files, rank 0 the allow-listed
+        items), with the verdicts agreed (so every rank takes the same decision); a clean folder is not
+        checked again on load. The checksums are verified during the load."""
         if folder in self._failed:  # failed while loading (the ranks agree already)
             return self._failed[folder]
         started = time.perf_counter()
-        problem = folders.problem_with(folder, content=self.rank == 0)
+        world = dist.get_world_size() if self.distributed else 1
+        problem = folders.problem_with(folder, content=self.rank == 0, share=(self.rank, world))
         if self.distributed:
-            world = dist.get_world_size()
             verdicts: list[str | None] = [None] * world
             dist.all_gather_object(verdicts, problem, group=self._async_group)
             problem = next((p for p in verdicts if p), None)

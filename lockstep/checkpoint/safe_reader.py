@@ -208,9 +208,18 @@ class SafeFileSystemReader(FileSystemReader):
         self.verify = verify
         self.verify_seconds = 0.0
         self._metadata_digest: str | None = None
+        self._metadata: dict[object, Metadata] = {}
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
+        """The checkpoint's metadata, read and checked once per reader: it lists every rank's chunks, so
+        at W ranks it is O(W) in size, and each rank reads it (DCP's load asks for it again)."""
+        rank = kwargs.get("rank")
+        if rank not in self._metadata:
+            self._metadata[rank] = self._read_metadata(rank)
+        return self._metadata[rank]
+
+    def _read_metadata(self, rank: int | None) -> Metadata:
+        path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as stream:
             raw = stream.read()
         self._metadata_digest = xxhash.xxh3_128(raw).hexdigest()

@@ -50,12 +50,23 @@ class RunCheckpoints:
         self.saved_step: int | None = None
         """The step this launch saved last (a step redone under fault tolerance is not saved twice)."""
 
-    def start(self, optimizers: list[torch.optim.Optimizer], spec, args, parts: list[nn.Module]) -> bool:
+    def start(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        spec,
+        args,
+        parts: list[nn.Module],
+        fill_weights: Callable[[], None],
+    ) -> bool:
         """Load the newest usable checkpoint of this run (True), or else the initial weights of
-        checkpoint.initial_load_path, if any (False). A resumed run keeps the optimizer
-        hyperparameters of its config, not those the checkpoint carried, then its lr schedule."""
+        checkpoint.initial_load_path, if any (False). `fill_weights` draws the initial values of the
+        (materialised, unfilled) parameters; it runs only when no checkpoint's model was loaded, so a
+        resume of a large model spends nothing on values it overwrites. A resumed run keeps the
+        optimizer hyperparameters of its config, not those the checkpoint carried, then its lr schedule."""
         from_config = optimizer_hyperparameters(optimizers)
         self.resumed_from = self.manager.resume(self.states, accept=self._accept)
+        if self.resumed_from is None or "model" not in self.manager.loaded_parts:
+            fill_weights()
         if self.resumed_from is not None:
             reset_optimizer_hyperparameters(optimizers, from_config)
             self.states["lr_scheduler"].apply()

@@ -61,6 +61,9 @@ class Layout:
     initialize: bool = True
     """False leaves the parts on the meta device, unfilled: lockstep estimate materialises them as fake
     tensors, which hold shapes only."""
+    fill: bool = True
+    """False materialises the parts without drawing their initial values: the caller fills them
+    (``fill_weights``) unless a checkpoint's model loads over them, so a resume draws nothing."""
 
 
 @dataclass
@@ -178,8 +181,10 @@ def build_model(
                 else None,
                 ignored_params=set(expert_params),
             )
-        if layout.initialize:
+        if layout.initialize and layout.fill:
             part.init_weights(layout.root_seed, layout.device)
+        elif layout.initialize:
+            part.materialize(layout.device)
         return part
 
     if dims.pp > 1:

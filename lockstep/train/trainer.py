@@ -149,6 +149,7 @@ class Trainer:
         layout = Layout(
             self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
             self.attention_backend, deterministic_chunks=deterministic_chunks(config.debug, self.dims), reduction_levels=levels,
+            fill=False,  # drawn below unless a checkpoint's model loads over them
         )  # fmt: skip
         self.model = build_model(
             config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
@@ -200,7 +201,8 @@ class Trainer:
             self._checkpoint_states(), self.device, self._log, around_save=self.comm.relaxed,
         )  # fmt: skip
         spec = model_args(config.model, 1, 1)[0]
-        resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts)
+        fill = functools.partial(self._fill_weights, config.debug.seed)
+        resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts, fill)
         if self.fault_tolerance is not None:
             identity = self._checkpoint_identity(windows.fingerprint)
             self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
@@ -222,6 +224,10 @@ class Trainer:
         self.peak_flops = peak_flops(
             self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
         )
+
+    def _fill_weights(self, root_seed: int) -> None:
+        for part in self.model.parts:
+            part.fill_weights(root_seed)
 
     def _fault_tolerance(self, canonical: bool, microbatch: int):
         """Built from the fault_tolerance section, early (the group heartbeats from here on): this group's

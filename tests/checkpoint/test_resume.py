@@ -234,3 +234,26 @@ def test_a_checkpoint_of_the_previous_sample_order_is_refused_unless_asked(tmp_p
     with Trainer(config, show_progress=False) as trainer:
         assert trainer.state.step == 2
         trainer.train()
+
+
+def test_a_resume_draws_no_initial_weights_unless_the_model_is_not_loaded(tmp_path, monkeypatch):
+    """Resuming fills no parameter before the checkpoint overwrites it; with the model excluded from
+    loading, the parameters get the run's initial values (the seed's, bitwise), not leftover memory."""
+    from lockstep.models.common import init as init_fns
+
+    drawn = []
+    original = init_fns.initialize_parameters
+    monkeypatch.setattr(init_fns, "initialize_parameters", lambda *a, **k: drawn.append(1) or original(*a, **k))
+    checkpointed = ["--checkpoint.enable", "--checkpoint.interval", "2", "--training.steps", "2"]
+    with Trainer(tiny_config(tmp_path, *checkpointed), show_progress=False) as trainer:
+        initial = {n: p.detach().clone() for n, p in trainer.named_params}
+        trainer.train()
+    assert len(drawn) == 1
+    with Trainer(tiny_config(tmp_path, *checkpointed), show_progress=False) as trainer:
+        assert trainer.state.step == 2 and len(drawn) == 1
+        trained = {n: p.detach().clone() for n, p in trainer.named_params}
+    assert any(not torch.equal(trained[n], initial[n]) for n in initial)
+    excluded = [*checkpointed, "--checkpoint.exclude_from_loading", "model"]
+    with Trainer(tiny_config(tmp_path, *excluded), show_progress=False) as trainer:
+        assert trainer.state.step == 2 and len(drawn) == 2
+        assert all(torch.equal(p, initial[n]) for n, p in trainer.named_params)

@@ -89,6 +89,10 @@ class Decoder(nn.Module):
         """Materialise (from meta) on `device`, zero the buffers (MoE router state), build the RoPE
         table and fill every parameter from (root_seed, name)."""
         self.materialize(device)
+        self.fill_weights(root_seed)
+
+    def fill_weights(self, root_seed: int) -> None:
+        """Every parameter's initial values from (root_seed, name), in place (after ``materialize``)."""
         init_fns.initialize_parameters(self, root_seed, self.init_for)
 
     def moe_modules(self) -> list[nn.Module]:

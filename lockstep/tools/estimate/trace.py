@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group
 from torch.distributed.pipelining._utils import _StageBackwardMeta
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,6 +31,7 @@ from lockstep.parallel.mesh import AXES
 from lockstep.tools.estimate.memory import StorageTracker
 from lockstep.tools.estimate.rank_step import RankStep
 from lockstep.tools.estimate.wire import Traffic, WireCounter
+from lockstep.tools.scale.mirror import clear_sharding_caches
 
 
 @dataclass
@@ -113,20 +113,13 @@ def fake_world(rank: int, world_size: int):
     """A fake process group of `world_size` in which this process is `rank`. DTensor caches its sharding
     decisions by mesh, and meshes of two worlds compare equal while their groups differ: the caches are
     cleared on the way in and out, so no rank sees another's groups."""
-    _clear_sharding_caches()
+    clear_sharding_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
-        _clear_sharding_caches()
-
-
-def _clear_sharding_caches() -> None:
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()
-    propagator._propagate_tensor_meta_cached.cache_clear()
-    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+        clear_sharding_caches()
 
 
 def trace_rank(

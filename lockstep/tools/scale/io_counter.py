@@ -8,7 +8,9 @@ them up at each call). Bytes read and written come from the kernel's own per-pro
 (``/proc/self/io``: ``rchar``/``wchar``, every read and write system call of every thread, DCP's
 writer threads included); pages read through a memory map are not system calls and are not in them.
 
-Audit hooks cannot be removed, so one hook is installed once and feeds whichever count is running.
+Audit hooks cannot be removed, so one hook is installed once and feeds the innermost count running:
+a count inside another (a checkpoint save inside a training step) takes its work, bytes included, out
+of the outer one, and ``not_counted`` does the same for work done on another rank's behalf.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _ACTIVE: list[FileOps] = []
-_REAL_STAT = os.stat
+_REAL = {"stat": os.stat, "lstat": os.lstat, "fsync": os.fsync}
 _HOOKED = False
 
 
@@ -41,6 +43,8 @@ class FileOps:
     fsyncs: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    _nested_bytes: list[int] = field(default_factory=lambda: [0, 0], repr=False)
+    """Bytes read and written inside counts nested in this one: theirs, not this count's."""
 
     def opened_under(self, folder: Path | str) -> set[str]:
         """The distinct paths opened inside `folder`."""
@@ -71,10 +75,12 @@ _CODE_SUFFIXES = (".py", ".pyc", ".so", ".pth", ".typed")
 
 
 def _python_internals(name: str, directory: bool = False) -> bool:
-    """A module, or a directory the import system lists (a sys.path entry or a package), read by a lazy
-    import inside the counted code: the interpreter's work, not the rank's."""
-    if name.endswith(_CODE_SUFFIXES) or f"{os.sep}__pycache__" in name:
-        return True
+    """A module, package metadata, or a directory the import system lists (a sys.path entry or a
+    package), read by a lazy import inside the counted code: the interpreter's work, not the rank's."""
+    if name.endswith(_CODE_SUFFIXES) or f"{os.sep}__pycache__" in name or name in ("/proc/self/io", os.devnull):
+        return True  # /proc/self/io: the counter's own reads; os.devnull: a module probing file types
+    if any(f"{suffix}{os.sep}" in name for suffix in (".egg-info", ".dist-info")):
+        return True  # package metadata (importlib.metadata's version lookups)
     if any(name == root or name.startswith(root + os.sep) for root in (sys.prefix, sys.base_prefix)):
         return True
     return directory and (name in sys.path or _is_file(os.path.join(name, "__init__.py")))
@@ -83,7 +89,7 @@ def _python_internals(name: str, directory: bool = False) -> bool:
 def _is_file(path: str) -> bool:
     """os.path.isfile through the unwrapped stat (the counter must not count its own checks)."""
     try:
-        return stat.S_ISREG(_REAL_STAT(path).st_mode)
+        return stat.S_ISREG(_REAL["stat"](path).st_mode)
     except OSError:
         return False
 
@@ -120,10 +126,10 @@ def _io_counters() -> tuple[int, int]:
 
 
 def _counting(original: Callable, attribute: str) -> Callable:
-    def counted(*args, **kwargs):
-        if _ACTIVE:
+    def counted(path, *args, **kwargs):
+        if _ACTIVE and (isinstance(path, int) or not _python_internals(os.path.abspath(os.fsdecode(path)))):
             setattr(_ACTIVE[-1], attribute, getattr(_ACTIVE[-1], attribute) + 1)
-        return original(*args, **kwargs)
+        return original(path, *args, **kwargs)
 
     return counted
 
@@ -136,15 +142,32 @@ def counting_file_ops() -> Iterator[FileOps]:
         sys.addaudithook(_hook)
         _HOOKED = True
     ops = FileOps()
-    originals = {"stat": os.stat, "lstat": os.lstat, "fsync": os.fsync}
-    os.stat, os.lstat = _counting(originals["stat"], "stats"), _counting(originals["lstat"], "stats")
-    os.fsync = _counting(originals["fsync"], "fsyncs")
+    if not _ACTIVE:  # the first count running wraps them; counts nested in it share the wrappers
+        os.stat, os.lstat = _counting(_REAL["stat"], "stats"), _counting(_REAL["lstat"], "stats")
+        os.fsync = _counting(_REAL["fsync"], "fsyncs")
     read, written = _io_counters()
     _ACTIVE.append(ops)
     try:
         yield ops
     finally:
         _ACTIVE.remove(ops)
-        os.stat, os.lstat, os.fsync = originals["stat"], originals["lstat"], originals["fsync"]
+        if not _ACTIVE:
+            os.stat, os.lstat, os.fsync = _REAL["stat"], _REAL["lstat"], _REAL["fsync"]
         now_read, now_written = _io_counters()
-        ops.bytes_read, ops.bytes_written = now_read - read, now_written - written
+        ops.bytes_read = now_read - read - ops._nested_bytes[0]
+        ops.bytes_written = now_written - written - ops._nested_bytes[1]
+        for outer in _ACTIVE:
+            outer._nested_bytes[0] += now_read - read - ops._nested_bytes[0]
+            outer._nested_bytes[1] += now_written - written - ops._nested_bytes[1]
+
+
+@contextlib.contextmanager
+def not_counted() -> Iterator[None]:
+    """Work inside the block belongs to no count running: a harness playing rank r of a job does rank
+    0's share too (publishing a checkpoint) so that what follows finds it, and rank r's figures must
+    not include it."""
+    if not _ACTIVE:
+        yield
+        return
+    with counting_file_ops():
+        yield

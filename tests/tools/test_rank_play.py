@@ -1,0 +1,95 @@
+"""One rank of a 64-rank FSDP job, played through the real trainer on a mirror process group: its
+start-up, steps, checkpoint save and resume touch only its own share of the files, and no phase costs
+more file-system operations at W = 64 than at W = 16 (counted with the audit-hook counter, not timed)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lockstep.tools.scale.mirror import MirrorGroup, mirror_world
+from lockstep.tools.scale.rank_play import play
+from tests.data.test_prepare import _corpus, _prepare
+
+OPERATIONS = ("opens", "files", "written", "stats", "listings", "maps", "fsyncs")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prepared")
+    _corpus(folder / "in")
+    _prepare(folder / "in", folder / "out", shard_bytes=4096)
+    assert len(list((folder / "out" / "shards").glob("*.tokens"))) >= 48
+    return folder / "out"
+
+
+def _played(prepared, tmp_path, rank, world):
+    run = tmp_path / f"run-{rank}-{world}"
+    return play(rank, world, dataset=prepared, dump_folder=run, steps=2), run
+
+
+def _names(paths):
+    return {path.rsplit("/", 1)[-1] for path in paths}
+
+
+def test_a_rank_of_64_touches_its_own_share_and_no_phase_grows_with_the_world(prepared, tmp_path):
+    small, _ = _played(prepared, tmp_path, 5, 16)
+    played, run = _played(prepared, tmp_path, 37, 64)
+    checkpoints, shards = run / "checkpoint", prepared / "shards"
+
+    assert played.start_up.opened_under(shards) == set() and played.start_up.maps == 0
+    assert played.start_up.opens[str((prepared / "manifest.json").resolve())] == 1
+    for step in played.steps:  # its own samples (and the next step's, read ahead): at most 2 shards each
+        assert len(step.opened_under(shards)) <= 4 and step.listings == 0
+        assert step.opened_under(checkpoints) == set()
+
+    saved = played.save.opened_under(checkpoints)
+    assert _names(played.save.written) == {"__37_0.distcp", "__37_0.distcp.xxh3"} and saved == played.save.written
+    assert played.save.fsyncs == 1 and played.save.listings == 0
+
+    loaded = _names(played.load.opened_under(checkpoints))
+    assert played.load.opens[str(checkpoints.resolve() / "step-00000002" / ".metadata")] == 1
+    assert "__37_0.distcp" in loaded
+    peers = {name for name in loaded if name.endswith(".distcp")} - {"__37_0.distcp"}
+    assert len(peers) <= 1  # a peer's file this play verifies because its reader is not played (docstring)
+    assert played.resume.opened_under(shards) == set() and played.load.written == set()
+    assert played.initialised == [1, 0]  # the resumed launch draws no initial weights
+
+    for phase in ("start_up", "save", "resume", "load"):
+        ours, theirs = getattr(played, phase).as_record(), getattr(small, phase).as_record()
+        assert {k: ours[k] for k in OPERATIONS} == {k: theirs[k] for k in OPERATIONS}, phase
+    assert [s.as_record()["stats"] for s in played.steps] == [s.as_record()["stats"] for s in small.steps]
+
+
+def test_rank_0_also_publishes_the_manifest_and_checks_only_its_share_of_the_files(prepared, tmp_path):
+    played, run = _played(prepared, tmp_path, 0, 64)
+    step = run / "checkpoint" / "step-00000002"
+    assert len(list(step.glob("*.distcp"))) == 64
+    written = _names(played.save.written)
+    assert {"__0_0.distcp", "__0_0.distcp.xxh3", "lockstep.json"} <= written
+    assert any(name.startswith(".metadata") for name in written)  # DCP writes it under a temporary name
+    assert not any(name.startswith("__") and not name.startswith("__0_") for name in written)
+    assert played.initialised == [1, 0]
+    # Each rank checks the sizes of its share of the data files (1 of 64), so rank 0's resume, which
+    # also writes the run folder's records, costs as many operations at W = 64 as at W = 16.
+    small, _ = _played(prepared, tmp_path, 0, 16)
+    for phase in ("resume", "load"):
+        ours, theirs = getattr(played, phase).as_record(), getattr(small, phase).as_record()
+        assert {k: ours[k] for k in OPERATIONS} == {k: theirs[k] for k in OPERATIONS}, phase
+
+
+def test_the_mirror_group_completes_collectives_as_if_every_rank_held_this_ranks_data():
+    with mirror_world(rank=3, world_size=8):
+        assert isinstance(dist.group.WORLD, MirrorGroup) and dist.get_rank() == 3
+        gathered = torch.empty(8 * 2)
+        dist.all_gather_into_tensor(gathered, torch.tensor([1.0, 2.0]))
+        assert gathered.tolist() == [1.0, 2.0] * 8
+        chunk = torch.empty(2)
+        dist.reduce_scatter_tensor(chunk, torch.arange(16.0))
+        assert chunk.tolist() == [6.0 * 8, 7.0 * 8]  # rank 3's chunk, summed over 8 equal ranks
+        count = torch.tensor([5])
+        dist.all_reduce(count)
+        assert count.item() == 40
+        objects = [None] * 8
+        dist.all_gather_object(objects, {"seed": 7})
+        assert objects == [{"seed": 7}] * 8
+    assert not dist.is_initialized()
