@@ -151,19 +151,23 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(partial: Path, final: Path, manifest: dict, replace: bool = False) -> None:
-    """Record every file's size and checksum (from the writers' sidecars) in the manifest, make it
-    durable, then rename into place. An existing `final` is replaced only with `replace`."""
+def publish(
+    partial: Path, final: Path, manifest: dict, written: dict[str, list] | None = None, replace: bool = False
+) -> None:
+    """Record every file's size and checksum in the manifest, make it durable, then rename into place.
+    `written` ({name: [size, digest]}, every rank's, from the save's write results) spares reading the
+    data files again; a file it lacks (DCP's ``.metadata``) is hashed from disk. The writers made their
+    own files durable (DCP's sync_files), so only the manifest and the folder are synced here. An
+    existing `final` is replaced only with `replace`."""
     if final.exists() and not replace:
         raise CheckpointError(
             final, "a checkpoint of this step exists already and would be overwritten",
             "move it away, or pass --checkpoint.discard_newer to replace it",
         )  # fmt: skip
-    digests = checksums.collect(partial)
-    for path in partial.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    files = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
+    recorded = dict(written or {})
+    recorded |= checksums.hash_unrecorded(partial, recorded)
+    files = {name: size for name, (size, _) in sorted(recorded.items())}
+    digests = {name: digest for name, (_, digest) in sorted(recorded.items())}
     manifest_path = partial / MANIFEST
     with open(manifest_path, "w") as f:
         record = {"format": FORMAT, "checksum": checksums.ALGORITHM, "files": files, "checksums": digests}

@@ -87,7 +87,8 @@ def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str | None = None) -
     # DCP's save returns on every rank once rank 0 has written the metadata, i.e. all ranks are done.
     with warnings.catch_warnings():  # DCP warns that no_dist means one process: it does here
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.save({"model": weights}, storage_writer=ChecksumWriter(str(partial)), no_dist=world == 1)
+        writer = ChecksumWriter(str(partial))
+        dcp.save({"model": weights}, storage_writer=writer, no_dist=world == 1)
     if world == 1 or dist.get_rank() == 0:
         manifest = {
             "format": folders.FORMAT,
@@ -97,7 +98,7 @@ def import_from_hf(hf_dir: Path, out_dir: Path, model_name: str | None = None) -
             "model": {"name": spec.name, "flavor": f"hf:{hf_dir.name}", "args": dataclasses.asdict(args)},
             "source": str(hf_dir),
         }
-        folders.publish(partial, final, manifest)
+        folders.publish(partial, final, manifest, writer.files)
     if world > 1:
         dist.barrier()  # every rank returns with the checkpoint published
     timings["save_s"] = time.perf_counter() - started

@@ -376,11 +376,11 @@ class CheckpointManager:
 
     def _publish(self, step: int, partial: Path, manifest: dict, started: float | None, writer: ChecksumWriter) -> None:
         # DCP's save returns on every rank only after rank 0 wrote the metadata, i.e. after all ranks
-        # finished writing (and their checksum sidecars), so rank 0 can publish without a collective.
+        # finished writing; their files' sizes and digests came to rank 0 with DCP's write results.
         self.timings["checksum_s"] = writer.hash_seconds  # this rank's hashing time
         if self.rank == 0:
             replace = self.config.discard_newer or step in self._replaceable
-            folders.publish(partial, folders.step_folder(self.root, step), manifest, replace=replace)
+            folders.publish(partial, folders.step_folder(self.root, step), manifest, writer.files, replace=replace)
             folders.prune(self.root, self.config.keep_latest_k)
         if started is not None:
             self.timings["save_s"] = time.perf_counter() - started

@@ -539,7 +539,12 @@ class ProfilingConfig:
 @dataclass
 class CommConfig:
     init_timeout_seconds: int = 300
-    """Collective timeout until the first step is done (start-up, compilation, checkpoint loading)."""
+    """Collective timeout until the first step is done (start-up, compilation, checkpoint loading), and
+    around every later save and evaluation. Counted at 512 ranks (BENCHMARKS.md, issue 26), a rank's
+    start-up does O(1) file operations (about 50, and a resume about 70 more: no shard opened, 1 of the
+    checkpoint's W files checked per rank), so what must fit is compute and bandwidth: the first step's
+    compilation and each rank's 1/W of the checkpoint plus DCP's whole ``.metadata``. The 405B, 671B and
+    235B presets raise it to 900 s for their per-rank load (about 16 GB at 512 ranks for 671B)."""
     train_timeout_seconds: int = 100
     """Collective timeout from the second step on: a rank that hangs makes every rank exit within it, naming
     the collective and the step."""

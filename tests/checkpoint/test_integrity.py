@@ -34,7 +34,7 @@ def test_manifest_records_a_checksum_per_file(trained):
     manifest = folders.read_manifest(folders.step_folder(trained / "run" / "checkpoint", 8))
     assert manifest["format"] == 2 and manifest["checksum"] == "xxh3_128"
     assert set(manifest["checksums"]) == set(manifest["files"]) - {folders.MANIFEST}
-    assert not list((trained / "run" / "checkpoint").rglob("*.xxh3"))  # sidecars folded in
+    assert not list((trained / "run" / "checkpoint").rglob("*.xxh3"))  # no per-file sidecars
 
 
 def test_same_size_corruption_falls_back_with_a_message(run, capsys):

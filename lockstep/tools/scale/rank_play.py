@@ -13,7 +13,10 @@ that save. The audit-hook counter (lockstep.tools.scale.io_counter) takes each p
 
 On rank r != 0, rank 0's share of a save (DCP's ``.metadata``, lockstep's manifest and publication) runs
 uncounted, and the other W - 1 ranks' data files are written as copies of this rank's, uncounted: the
-second launch then meets the folder a real job leaves, with W ranks' files in it. DCP's ``.metadata``
+second launch then meets the folder a real job leaves, with W ranks' files in it. Rank 0 receives their
+sizes and digests as it would from DCP's write results. One artefact remains: the load verifies the
+checksum of about one peer file whose reader is not played (each file goes to the rank that reads it,
+and an unread one to rank i mod W), which a real job's peers would read themselves. DCP's ``.metadata``
 holds this rank's entries only; at W ranks it holds every rank's, about W times the size, and the
 ``metadata_bytes_at_world`` figure scales it.
 """
@@ -185,36 +188,35 @@ def _counting_saves(trainer: Trainer, result: RankPlay) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _rank_zero_share(rank: int, world: int, result: RankPlay) -> Iterator[None]:
-    """On rank != 0, what rank 0 and the other ranks would have written for a save, done uncounted:
-    the peers' data files (copies of this rank's), then rank 0's publication."""
+    """What the other ranks and rank 0 would have written for a save, done uncounted: the peers' data
+    files (copies of this rank's, with their sizes and digests in the write results rank 0 receives),
+    then, on rank != 0, rank 0's publication."""
     original: Callable = CheckpointManager._publish
 
-    def publish(self: CheckpointManager, step: int, partial: Path, *args, **kwargs) -> None:
+    def publish(self: CheckpointManager, step: int, partial: Path, manifest: dict, started, writer) -> None:
         result.metadata_bytes = (partial / ".metadata").stat().st_size
-        if rank == 0:
-            _write_peer_files(partial, rank, world)
-            return original(self, step, partial, *args, **kwargs)
         with not_counted():
-            _write_peer_files(partial, rank, world)
+            own = [path.name for path in partial.iterdir() if path.name.startswith(f"__{rank}_")]
+            recorded = getattr(writer.fs, "written", {})  # (an older lockstep left checksum files instead)
+            for peer in range(world):
+                for name in own if peer != rank else []:
+                    copy = name.replace(f"__{rank}_", f"__{peer}_", 1)
+                    shutil.copyfile(partial / name, partial / copy)
+                    if name in recorded:
+                        writer.files[copy] = recorded[name]
+        if rank == 0:
+            return original(self, step, partial, manifest, started, writer)
+        with not_counted():
+            if recorded:
+                writer.files |= recorded
             self.rank = 0
             try:
-                original(self, step, partial, *args, **kwargs)
+                original(self, step, partial, manifest, started, writer)
             finally:
                 self.rank = rank
 
     with mock.patch.object(CheckpointManager, "_publish", publish):
         yield
-
-
-def _write_peer_files(partial: Path, rank: int, world: int) -> None:
-    """The other ranks' data files and checksum sidecars, as copies of this rank's."""
-    own = [p for p in partial.iterdir() if p.name.startswith(f"__{rank}_")]
-    with not_counted():
-        for peer in range(world):
-            if peer == rank:
-                continue
-            for path in own:
-                shutil.copyfile(path, partial / path.name.replace(f"__{rank}_", f"__{peer}_", 1))
 
 
 def published(dump_folder: Path) -> list[Path]:
