@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # One thread per process: measured 10x faster than oversubscribed threads on the 2-core CI box.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: train test lint bench clean-venv
+.PHONY: train test lint bench clean-venv gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ train: .venv
 
 test: .venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist worksteal  # three test processes: ranks start up and wait in collectives, a third keeps both cores busy
+
+# On a lent GPU machine: its own python and torch, no venv, nothing from the network (benchmarks/gpu_acceptance.py).
+GPU_OUT ?= gpu-results
+gpu-check:
+	$(PYTHON) benchmarks/gpu_acceptance.py $(GPU_OUT)
 
 lint: .venv
 	$(VENV)/bin/ruff check lockstep tests benchmarks
