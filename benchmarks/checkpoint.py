@@ -27,8 +27,8 @@ from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState, OptimizerState
 from lockstep.config.sections import CheckpointConfig, ModelConfig, OptimizerConfig
 from lockstep.models.registry import model_args
+from lockstep.train.observe.throughput import peak_memory_gib
 from lockstep.train.optimizer import build_optimizer
-from lockstep.train.throughput import peak_memory_gib
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,11 +35,11 @@ import torch
 
 from lockstep.config import load_config
 from lockstep.config.sections import CommConfig, DebugConfig, ProfilingConfig
-from lockstep.train.comm import CommTimeouts
-from lockstep.train.profiling import Profiler
-from lockstep.train.run_folder import read_metrics
-from lockstep.train.spikes import SpikeDetector
-from lockstep.train.step_metrics import StepMetrics
+from lockstep.run.folder import read_metrics
+from lockstep.train.guards.spikes import SpikeDetector
+from lockstep.train.observe.profiling import Profiler
+from lockstep.train.observe.step_metrics import StepMetrics
+from lockstep.train.resilience.comm import CommTimeouts
 from lockstep.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"

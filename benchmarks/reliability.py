@@ -35,7 +35,7 @@ import torch
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import read_model_weights
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 
 RESULTS = Path(__file__).parent / "results"
 LOCKSTEP = [sys.executable, "-m", "lockstep"]

@@ -144,7 +144,7 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
         ParallelismConfig,
     )
     from lockstep.parallel.mesh import build_mesh
-    from lockstep.train.model_factory import Layout, build_model
+    from lockstep.parallel.parallelize import Layout, build_model
 
     device, parallelism = torch.device("cpu"), ParallelismConfig()
     dims = resolve_parallel_dims(parallelism, int(os.environ["WORLD_SIZE"]))

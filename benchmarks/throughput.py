@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lockstep.train.throughput import mfu_percent
+from lockstep.train.observe.throughput import mfu_percent
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,7 +68,7 @@ def run_one(
 
 
 def matmul_peak(threads: int) -> float:
-    code = "import torch; from lockstep.train.throughput import measure_cpu_matmul_peak as m; print(m(seconds=2.0))"
+    code = "import torch; from lockstep.train.observe.throughput import measure_cpu_matmul_peak as m; print(m(seconds=2.0))"
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     return float(
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

@@ -14,7 +14,7 @@ from lockstep.cli.arguments import MAX_PROCESSES_PER_MACHINE, Parser, integer
 from lockstep.config import JobConfig, load_config, validate_job_config
 from lockstep.config.job import run_folder
 from lockstep.errors import LockstepError
-from lockstep.train.comm import CollectiveFailure
+from lockstep.train.resilience.comm import CollectiveFailure
 
 
 def run(argv: list[str]) -> int:
@@ -38,12 +38,12 @@ def run(argv: list[str]) -> int:
         config = load_config(args.config, overrides)
         validate_job_config(config, args.nproc)  # fail here, before N processes start
         from lockstep.config.job import resolve_parallel_dims
-        from lockstep.train.model_factory import check_model_fits_layout
+        from lockstep.parallel.parallelize import check_model_fits_layout
 
         check_model_fits_layout(
             config.model, resolve_parallel_dims(config.parallelism, args.nproc), config.debug
         )  # overrides too
-        from lockstep.train.run_lock import check_run_folder_free
+        from lockstep.run.lock import check_run_folder_free
 
         check_run_folder_free(run_folder(config))  # rank 0 takes the lock itself once started
         return launch_torchrun(args.nproc, argv)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lockstep.determinism.seeds import derived_seed
 from lockstep.errors import LockstepError
-from lockstep.train.determinism import derived_seed
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from lockstep.data.provenance import SampleSource
 from lockstep.errors import InputError, LockstepError
+from lockstep.run.metrics_file import json_floats, strict_json
 from lockstep.tools.replay import launch_replay
 from lockstep.tools.reproduce import read_replay
-from lockstep.train.metrics import json_floats, strict_json
 
 RUN_FIX = "give a run folder written by lockstep train (it holds config.toml and env.json)"
 DATA_FIX = (
@@ -71,8 +71,8 @@ def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
     from lockstep.data.order import SampleOrder
     from lockstep.data.provenance import sample_sources
     from lockstep.data.tokenizer import build_tokenizer
-    from lockstep.train.determinism import derived_seed
-    from lockstep.train.launches import config_for_step, env_for_step
+    from lockstep.determinism.seeds import derived_seed
+    from lockstep.run.launches import config_for_step, env_for_step
 
     check_run(run)
     if preview_tokens < 0:

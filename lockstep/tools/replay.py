@@ -99,7 +99,7 @@ class ReplayFailed(LockstepError):
 def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> None:
     """Run this module for `run`'s step under torchrun with the world size and CPU thread count of the
     launch that trained it (kernels sum differently with other thread counts), on this machine."""
-    from lockstep.train.launches import env_for_step
+    from lockstep.run.launches import env_for_step
 
     env_record = env_for_step(run, step)
     world = int(env_record.get("world_size", 1))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-mode", dest="mode", choices=("capture", "verify"), default="capture")
     args = parser.parse_args(argv)
     from lockstep.config import load_config
-    from lockstep.train.launches import config_for_step
+    from lockstep.run.launches import config_for_step
 
     start = checkpoint_before(args.run, args.step)
     scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
@@ -183,7 +183,7 @@ def _replay(config, args) -> int:
 
 def _verify(trainer) -> dict:
     """The next step as training ran it, and each of its samples' losses beforehand."""
-    from lockstep.train.metrics import strict_json
+    from lockstep.run.metrics_file import strict_json
 
     start = trainer.loader.next_sample_index
     losses = trainer.sample_losses(start)

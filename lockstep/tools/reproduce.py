@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lockstep.errors import InputError
+from lockstep.run.folder import environment_differences
+from lockstep.run.metrics_file import json_floats
 from lockstep.tools.compare import load_series
 from lockstep.tools.replay import launch_replay
-from lockstep.train.fingerprint import RankFingerprints
-from lockstep.train.metrics import json_floats
-from lockstep.train.run_folder import environment_differences
+from lockstep.train.observe.fingerprint import RankFingerprints
 from lockstep.untrusted import parse_json
 
 CHECKED = ("loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
@@ -116,8 +116,8 @@ def read_replay(out: Path) -> dict[int, dict]:
 
 
 def reproduce(run: Path, step: int, work: Path) -> Verdict:
+    from lockstep.run.launches import env_for_step
     from lockstep.tools.inspect_step import step_samples
-    from lockstep.train.launches import env_for_step
 
     recorded = recorded_step(run, step)
     step_samples(run, step, preview_tokens=0)  # the data must be the run's (one line otherwise), before a launch

@@ -19,7 +19,7 @@ from lockstep.checkpoint.initial import load_initial_weights
 from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState
 from lockstep.config.sections import CheckpointConfig
-from lockstep.train.launches import (
+from lockstep.run.launches import (
     check_config_change,
     optimizer_hyperparameters,
     reset_optimizer_hyperparameters,

@@ -20,9 +20,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from lockstep.data.loader import Microbatch
 from lockstep.models.common.attention import AttentionMasks
 from lockstep.parallel.canonical import GradientTree, TreeSum, shard_block_loss
+from lockstep.parallel.parallelize import BuiltModel
 from lockstep.parallel.replicate import ReplicaGradientSum
 from lockstep.train.loss import ChunkedLossHead, PipelineLoss
-from lockstep.train.model_factory import BuiltModel
 
 
 @dataclass

@@ -33,39 +33,39 @@ from lockstep.data.cache import cache_root
 from lockstep.data.dataset import TokenWindows
 from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
+from lockstep.determinism.seeds import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, typed_overrides
 from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels, levels_record
+from lockstep.parallel.parallelize import Layout, build_model, check_model_fits_layout
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
-from lockstep.train.checkpointing import RunCheckpoints
-from lockstep.train.comm import CommTimeouts
-from lockstep.train.determinism import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
-from lockstep.train.fault_tolerance import FaultTolerance, LighthouseLost
-from lockstep.train.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
-from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
-from lockstep.train.launches import (
+from lockstep.parallel.reducer import CrossRankReducer, any_rank_flag
+from lockstep.run.folder import environment
+from lockstep.run.launches import (
     config_record,
     record_launch,
     resumed_seed,
     shared_settings,
 )
+from lockstep.run.lock import RunLock, releases_run_lock_on_error
+from lockstep.train.checkpointing import RunCheckpoints
+from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
+from lockstep.train.guards.nonfinite import first_nonfinite_module
+from lockstep.train.guards.step_guards import StepGuards
 from lockstep.train.loss import PipelineLoss, global_batch_loss
-from lockstep.train.metrics import ConsoleDisplay, format_record
-from lockstep.train.model_factory import Layout, build_model, check_model_fits_layout
-from lockstep.train.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
-from lockstep.train.nonfinite import first_nonfinite_module
+from lockstep.train.observe.display import ConsoleDisplay, format_record
+from lockstep.train.observe.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
+from lockstep.train.observe.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
+from lockstep.train.observe.profiling import Profiler
+from lockstep.train.observe.sample_losses import SampleLosses, StepPlace, step_sample_losses
+from lockstep.train.observe.step_metrics import StepMetrics
+from lockstep.train.observe.throughput import mfu_percent, peak_flops
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
-from lockstep.train.profiling import Profiler
-from lockstep.train.reduction import CrossRankReducer, any_rank_flag
-from lockstep.train.run_folder import environment
-from lockstep.train.run_lock import RunLock, releases_run_lock_on_error
-from lockstep.train.sample_losses import SampleLosses, StepPlace, step_sample_losses
-from lockstep.train.step_guards import StepGuards
-from lockstep.train.step_metrics import StepMetrics
-from lockstep.train.step_state import GracefulStop, StepResult, TrainState
-from lockstep.train.throughput import mfu_percent, peak_flops
+from lockstep.train.resilience.comm import CommTimeouts
+from lockstep.train.resilience.fault_tolerance import FaultTolerance, LighthouseLost
+from lockstep.train.state import GracefulStop, StepResult, TrainState
 from lockstep.train.validation import Validator, validation_windows
 
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config
 

@@ -16,7 +16,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import read_model_weights
 from lockstep.checkpoint.manager import CheckpointMismatch
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import CHECKPOINTED, assert_bitwise, result, train
 from tests.distributed import run_on_ranks

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.helpers import run_cli, tiny_config, tiny_overrides
 

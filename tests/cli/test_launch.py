@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lockstep.cli import main
-from lockstep.train.run_folder import read_metrics
-from lockstep.train.throughput import peak_cache_key
+from lockstep.run.folder import read_metrics
+from lockstep.train.observe.throughput import peak_cache_key
 from tests.helpers import tiny_overrides
 
 LOCKSTEP = os.path.join(os.path.dirname(sys.executable), "lockstep")

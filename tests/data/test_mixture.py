@@ -30,7 +30,7 @@ from lockstep.data.prepared import read_manifest
 from lockstep.data.shard_plan import plan_files
 from lockstep.data.sources import file_source
 from lockstep.data.tokenizer import BytesTokenizer
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.helpers import tiny_overrides
 

@@ -18,7 +18,7 @@ from lockstep.data.shard_plan import plan_files
 from lockstep.data.sources import file_source
 from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer
 from lockstep.errors import InputError, LockstepError
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.data.ranks import auto_prepare_rank
 from tests.helpers import tiny_config, tiny_overrides

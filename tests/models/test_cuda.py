@@ -9,7 +9,7 @@ from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunk
 from torch.nn.attention.flex_attention import BlockMask
 
 from lockstep.models.common.attention import AttentionMasks
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config, tiny_model

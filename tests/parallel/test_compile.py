@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from lockstep.config.sections import CompileConfig, ModelConfig
 from lockstep.models.registry import model_args
 from lockstep.parallel.compile import apply_compile
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import free_port, run_on_ranks
 from tests.helpers import tiny_config

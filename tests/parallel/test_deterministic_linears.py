@@ -10,8 +10,8 @@ from lockstep.config.errors import ConfigError
 from lockstep.config.job import resolve_parallel_dims
 from lockstep.parallel import activation_checkpoint
 from lockstep.parallel.canonical_linear import tree_of_products
+from lockstep.parallel.parallelize import check_model_fits_layout
 from lockstep.tools.estimate.measure import measure_rank
-from lockstep.train.model_factory import check_model_fits_layout
 
 SMALL = ["--training.seq_len", "128", "--training.local_batch_size", "2", "--training.global_batch_size", "2"]
 SELECTIVE_OP = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]

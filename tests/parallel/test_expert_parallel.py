@@ -21,10 +21,10 @@ from lockstep.config.sections import ActivationCheckpointConfig
 from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3
 from lockstep.parallel.activation_checkpoint import apply_activation_checkpointing
 from lockstep.parallel.expert_parallel import apply_expert_parallel
+from lockstep.run.folder import read_metrics
 from lockstep.tools.estimate.measure import measure_rank
 from lockstep.tools.estimate.rank_step import RankStep
-from lockstep.train.moe_balance import moe_blocks, move_expert_biases
-from lockstep.train.run_folder import read_metrics
+from lockstep.train.observe.moe_balance import moe_blocks, move_expert_biases
 from tests.checkpoint.helpers import assert_bitwise, result, train
 from tests.distributed import run_on_ranks
 from tests.helpers import host_reads

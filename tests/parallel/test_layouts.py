@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lockstep.config.errors import ConfigError
+from lockstep.run.folder import read_metrics
 from lockstep.tools.estimate.wire import WireCounter
-from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_in_folder, run_on_ranks
 from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config

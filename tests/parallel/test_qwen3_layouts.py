@@ -12,7 +12,7 @@ import torch
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import resolve_parallel_dims
 from lockstep.models.qwen3 import QWEN3_FLAVORS
-from lockstep.train.model_factory import check_model_fits_layout
+from lockstep.parallel.parallelize import check_model_fits_layout
 from tests.distributed import run_in_folder
 from tests.helpers import tiny_config
 from tests.parallel.test_layouts import DETERMINISTIC, SAME_BATCH, _pipeline, _result, _run, _train

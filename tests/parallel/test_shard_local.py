@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from lockstep.parallel.canonical import grad_norm_fp64
-from lockstep.train.fingerprint import model_fingerprint
+from lockstep.train.observe.fingerprint import model_fingerprint
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config

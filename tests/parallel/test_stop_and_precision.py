@@ -8,7 +8,7 @@ import time
 import torch
 
 from lockstep.parallel.canonical import TreeReduceScatter
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config

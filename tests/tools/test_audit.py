@@ -9,8 +9,8 @@ import torch._inductor.config as inductor
 
 from lockstep.config import load_config
 from lockstep.config.errors import ConfigError
+from lockstep.determinism.seeds import refuse_timed_kernel_choice
 from lockstep.tools.audit import config_findings, torch_alerts
-from lockstep.train.determinism import refuse_timed_kernel_choice
 from tests.helpers import tiny_overrides
 
 LOCKSTEP = os.path.join(os.path.dirname(sys.executable), "lockstep")
@@ -102,7 +102,7 @@ def test_deterministic_mode_turns_cudnn_attention_off():
     import torch
 
     from lockstep.config.sections import DebugConfig
-    from lockstep.train.determinism import configure_determinism
+    from lockstep.determinism.seeds import configure_determinism
 
     was = torch.backends.cuda.cudnn_sdp_enabled(), torch.are_deterministic_algorithms_enabled()
     try:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config, tiny_overrides

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lockstep.train.nonfinite import NonFiniteError
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
+from lockstep.train.guards.nonfinite import NonFiniteError
 from lockstep.train.trainer import Trainer
 from tests.helpers import tiny_config
 

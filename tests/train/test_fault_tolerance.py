@@ -24,7 +24,7 @@ pytest.importorskip("torchft")
 
 from torchft.coordination import LighthouseServer  # noqa: E402
 
-from lockstep.train.fault_tolerance import HOLD_ENV, KILL_IN_SUM_ENV  # noqa: E402
+from lockstep.train.resilience.fault_tolerance import HOLD_ENV, KILL_IN_SUM_ENV  # noqa: E402
 from lockstep.train.trainer import Trainer  # noqa: E402
 from tests.helpers import tiny_config, tiny_overrides  # noqa: E402
 

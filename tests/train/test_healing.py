@@ -12,7 +12,7 @@ from torch.distributed._serialization import _streaming_save  # noqa: E402
 
 from lockstep.config import load_config  # noqa: E402
 from lockstep.errors import LockstepError  # noqa: E402
-from lockstep.train.healing import HealingState, SafeHTTPTransport, read_peer_state  # noqa: E402
+from lockstep.train.resilience.healing import HealingState, SafeHTTPTransport, read_peer_state  # noqa: E402
 from lockstep.train.trainer import Trainer  # noqa: E402
 from tests.helpers import tiny_overrides  # noqa: E402
 

@@ -11,9 +11,9 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
 from lockstep.cli import main
 from lockstep.config.sections import CheckpointConfig
-from lockstep.train.launches import changes_the_numbers
+from lockstep.run.folder import read_metrics
+from lockstep.run.launches import changes_the_numbers
 from lockstep.train.optimizer import lr_factor
-from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_overrides
 

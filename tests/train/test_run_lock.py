@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from lockstep.cli import main
-from lockstep.train.run_lock import LOCK_FILE, RunFolderBusy, RunLock
+from lockstep.run.lock import LOCK_FILE, RunFolderBusy, RunLock
 from tests.helpers import tiny_overrides
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from lockstep.train.run_lock import RunLock
+from lockstep.run.lock import RunLock
 RunLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from lockstep.config.sections import DebugConfig
-from lockstep.train.spikes import SpikeDetector
+from lockstep.train.guards.spikes import SpikeDetector
 
 
 def _detector(window: list[float], action: str = "log", size: int = 8) -> SpikeDetector:

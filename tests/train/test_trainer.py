@@ -12,9 +12,9 @@ import torch
 
 from lockstep.config import load_config
 from lockstep.config.sections import LRSchedulerConfig
+from lockstep.run.folder import read_metrics
 from lockstep.train.loss import global_batch_loss
 from lockstep.train.optimizer import lr_factor
-from lockstep.train.run_folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.helpers import host_reads, tiny_config, tiny_model
 
@@ -177,4 +177,4 @@ def test_one_host_read_per_step(tmp_path):
                 trainer.train_step()
     reads.pop("loader.py", None)
     reads.pop("outside lockstep", None)  # torch's own (AdamW's CPU step counters)
-    assert reads == {"step_state.py": 3}  # StepResult.read
+    assert reads == {"state.py": 3}  # StepResult.read

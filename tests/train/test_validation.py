@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lockstep.config.errors import ConfigError
 from lockstep.data.dataset import IGNORE_INDEX
-from lockstep.train.run_folder import read_metrics
+from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_in_folder
 from tests.helpers import merged_rank_weights, save_rank_weights, tiny_config

@@ -25,12 +25,12 @@ from lockstep.config.job import ParallelDims, resolve_parallel_dims
 from lockstep.data.tokenizer import HFTokenizer
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args
+from lockstep.parallel.parallelize import check_model_fits_layout
 from lockstep.parallel.pipeline import stage_layer_ranges
 from lockstep.tools.estimate.devices import GIB, DeviceSpec
 from lockstep.tools.estimate.memory import TERMS
 from lockstep.tools.estimate.rank_step import StepShape
 from lockstep.tools.estimate.trace import PipelineMailbox, RankTrace, stage_ranks, trace_rank, traceable
-from lockstep.train.model_factory import check_model_fits_layout
 
 PUBLISHED_VOCAB = {"llama3": 128256, "deepseek_v3": 129280, "qwen3": 151936, "qwen3_moe": 151936}
 """A family's published tokenizer size, used when the config's tokenizer cannot be read here."""

@@ -26,11 +26,11 @@ from lockstep.data.loader import Microbatch
 from lockstep.parallel.canonical import clip_, grad_norm_fp64, sharded_parameters
 from lockstep.parallel.mesh import axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels
+from lockstep.parallel.parallelize import BuiltModel, Layout, build_model
+from lockstep.parallel.reducer import CrossRankReducer
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.loss import PipelineLoss, global_batch_loss
-from lockstep.train.model_factory import BuiltModel, Layout, build_model
 from lockstep.train.optimizer import build_optimizer
-from lockstep.train.reduction import CrossRankReducer
 
 
 @dataclass

@@ -38,7 +38,7 @@ def run(folder: Path, config: str = "llama3_debug") -> Path:
 
 
 def main(configs: list[str]) -> None:
-    from lockstep.train.run_folder import read_metrics
+    from lockstep.run.folder import read_metrics
 
     for config in configs or REFERENCES:
         with tempfile.TemporaryDirectory() as folder:

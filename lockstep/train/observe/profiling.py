@@ -13,7 +13,7 @@ torch.cuda.memory._dump_snapshot writes it (drag it onto https://pytorch.org/mem
 steps listed in ``memory_snapshot_steps`` and when a step runs out of memory, by the ranks in
 ``memory_snapshot_ranks`` only (rank 0 by default: 512 ranks dumping 100k-entry pickles would load the
 file system for nothing). On CPU there is no allocator history; the step
-metrics carry the peak resident set size instead (lockstep.train.step_metrics).
+metrics carry the peak resident set size instead (lockstep.train.observe.step_metrics).
 
 Files are never overwritten: a step traced again after a resume gets a new name.
 """

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lockstep.train.throughput import peak_memory_gib
+from lockstep.train.observe.throughput import peak_memory_gib
 
 _HIGH_WATER = re.compile(r"VmHWM:\s+(\d+) kB")
 

@@ -14,8 +14,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from lockstep.config.job import ParallelDims
 from lockstep.parallel.canonical import combine_nodes, tree_all_reduce
 from lockstep.parallel.node_levels import AxisLevels
+from lockstep.parallel.parallelize import BuiltModel
 from lockstep.parallel.replicate import ReplicaGradientSum
-from lockstep.train.model_factory import BuiltModel
 
 
 def _group(mesh: DeviceMesh | None, axis: str, size: int):

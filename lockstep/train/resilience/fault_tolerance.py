@@ -6,7 +6,7 @@ groups through the lighthouse, and a process group over them that torchft reconf
 come and go) and runs a step's gradients across groups:
 
 - ``start_step`` asks for the step's quorum before any work, synchronously: a group that is behind
-  (restarted) heals there, receiving a live group's full state (lockstep.train.healing), and the
+  (restarted) heals there, receiving a live group's full state (lockstep.train.resilience.healing), and the
   group knows which groups take part before it picks its microbatches.
 - ``step_gradients`` computes this group's blocks of the global batch (lockstep.parallel.block_sum):
   with ``keep_global_batch`` the batch keeps its group_size blocks and the live groups share all of
@@ -56,7 +56,7 @@ from lockstep.errors import LockstepError
 from lockstep.parallel.block_sum import blocks_of, combine_blocks
 from lockstep.parallel.canonical import local_tensor
 from lockstep.parallel.process_group import WorldInfo
-from lockstep.train.healing import HealingState, SafeHTTPTransport
+from lockstep.train.resilience.healing import HealingState, SafeHTTPTransport
 
 KILL_IN_SUM_ENV = "LOCKSTEP_FT_KILL_IN_SUM"
 HOLD_ENV = "LOCKSTEP_FT_HOLD"

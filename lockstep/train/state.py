@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lockstep.train.moe_balance import MoEStats
+from lockstep.train.observe.moe_balance import MoEStats
 
 
 @dataclass
@@ -20,7 +20,7 @@ class TrainState:
     elapsed_s: float = 0.0
     """Wall time since the run's first step, summed over its launches (time-to-target-loss)."""
     loss_window: list[float] = field(default_factory=list)
-    """The spike detector's window of recent ordinary losses (lockstep.train.spikes)."""
+    """The spike detector's window of recent ordinary losses (lockstep.train.guards.spikes)."""
 
     def state_dict(self) -> dict:
         return {

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import InputError, LockstepError
-from lockstep.train.run_folder import plain_or_absent
+from lockstep.run.folder import plain_or_absent
 from lockstep.untrusted import parse_json
 
 LOCK_FILE = ".lock"

@@ -4,7 +4,7 @@ A step's loss is compared with the window of the last ``debug.spike_window`` ord
 and non-finite steps stay out of it, so one spike does not hide the next): its z-score is
 (loss - mean) / standard deviation. Above ``debug.spike_threshold`` the step is a spike, and
 ``spikes.jsonl`` in the run folder records the step, the loss, the z-score, the window's mean and
-deviation, the step's global sample indices and each sample's loss (lockstep.train.sample_losses),
+deviation, the step's global sample indices and each sample's loss (lockstep.train.observe.sample_losses),
 so ``lockstep inspect RUN --step N`` can show the culprit documents.
 
 With ``spike_action = log`` the run trains on, bitwise as without detection: the decision reads the
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lockstep.config.sections import DebugConfig
-from lockstep.train.metrics import strict_json
-from lockstep.train.sample_losses import SampleLosses
+from lockstep.run.metrics_file import strict_json
+from lockstep.train.observe.sample_losses import SampleLosses
 
 SPIKES_FILE = "spikes.jsonl"
 

@@ -2,7 +2,7 @@
 
 Built from the ``debug`` section. A NaN/Inf loss or grad norm acts per ``debug.nonfinite`` (stop naming
 the first module that produced it, skip, or ignore; too many skips in a row stop the run), and a loss
-spike (``debug.spike_window``, lockstep.train.spikes) is recorded and, with ``spike_action = skip``,
+spike (``debug.spike_window``, lockstep.train.guards.spikes) is recorded and, with ``spike_action = skip``,
 dropped. The trainer clears a dropped step's gradients and routing counts.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lockstep.config.sections import DebugConfig
-from lockstep.train.nonfinite import ConsecutiveSkips, NonFiniteError
-from lockstep.train.sample_losses import SampleLosses
-from lockstep.train.spikes import SpikeDetector
+from lockstep.train.guards.nonfinite import ConsecutiveSkips, NonFiniteError
+from lockstep.train.guards.spikes import SpikeDetector
+from lockstep.train.observe.sample_losses import SampleLosses
 
 
 class StepGuards:

@@ -3,8 +3,8 @@ config.toml (resolved; ``--config`` on it reproduces the run), env.json (version
 host, device, seeds, data fingerprints) and metrics.jsonl (one JSON object per logged step).
 
 config.toml and env.json are the latest launch's; every launch (first, resumed, rerun) keeps its own
-copies and step range under launches/NNN (lockstep.train.launches). ``.lock`` names the run that
-holds the folder (lockstep.train.run_lock)."""
+copies and step range under launches/NNN (lockstep.run.launches). ``.lock`` names the run that
+holds the folder (lockstep.run.lock)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from lockstep.data.cache import atomic_path
 from lockstep.errors import InputError
-from lockstep.train.metrics import json_floats
+from lockstep.run.metrics_file import json_floats
 from lockstep.untrusted import parse_json
 
 PACKAGES = ("lockstep", "torch", "numpy", "tokenizers", "datasets", "safetensors", "rich", "tensorboard")

@@ -31,8 +31,8 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.manager import UNSET, describe_differences, differences, flatten
 from lockstep.config.sections import CheckpointConfig, MetricsConfig
 from lockstep.errors import InputError, LockstepError
-from lockstep.train.metrics import MetricsLogger
-from lockstep.train.run_folder import prepare_run_folder, write_replacing
+from lockstep.run.folder import prepare_run_folder, write_replacing
+from lockstep.run.metrics_file import MetricsLogger
 from lockstep.untrusted import load_toml, parse_json
 
 LAUNCHES = "launches"
