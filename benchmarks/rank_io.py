@@ -69,7 +69,11 @@ def _prepared(work: Path, shards: int) -> Path:
 
 def play(folder: Path, world: int, rank: int, steps: int, seq_len: int, local_batch: int) -> dict:
     from lockstep.data.loader import DataLoader
-    from lockstep.data.prepared import load_prepared_windows
+
+    try:
+        from lockstep.data.dataset import load_prepared_windows
+    except ImportError:  # a checkout from before it moved (--checkout)
+        from lockstep.data.prepared import load_prepared_windows
     from lockstep.data.tokenizer import BytesTokenizer
 
     counting = _counter()

@@ -27,6 +27,7 @@ from pathlib import Path
 from lockstep.checkpoint import checksums
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.manifest import MANIFEST, read_manifest, recorded_model
+from lockstep.checkpoint.safe_reader import unsafe_item
 from lockstep.errors import InputError
 
 __all__ = ["MANIFEST", "read_manifest"]  # re-exported: the folder helpers' callers read manifests through here
@@ -96,8 +97,6 @@ def problem_with(folder: Path, content: bool = True, share: tuple[int, int] = (0
             return f"file {name} has {found.st_size} bytes, the manifest says {size}"
     if not content:
         return None
-    from lockstep.checkpoint.safe_reader import unsafe_item
-
     return unsafe_item(folder)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.checksums import ChecksumWriter
@@ -345,8 +346,6 @@ class CheckpointManager:
     def _stager(self):
         """Stage (copy) the state synchronously, so training can go on at once; in pinned host memory
         when asked and the device is CUDA (the CPU has no pinned memory to speak of)."""
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
         pinned = self.config.async_mode == "async_with_pinned_mem" and self.device.type == "cuda"
         return DefaultStager(
             StagingOptions(

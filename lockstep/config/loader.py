@@ -113,7 +113,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     return overrides
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str) -> Any:
     """Convert a TOML value or CLI string to the field's type, or raise ConfigError naming key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -122,7 +122,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        return coerce(value, inner, key)
     if origin in (tuple, list):
         items = _split_list(value, key) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -130,9 +130,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(key, f"expected {len(args)} values; got {_shown(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+            return tuple(coerce(v, a, key) for v, a in zip(items, args, strict=True))
         item_type = args[0] if args else str
-        coerced = [_coerce(v.strip() if isinstance(v, str) else v, item_type, key) for v in items if v != ""]
+        coerced = [coerce(v.strip() if isinstance(v, str) else v, item_type, key) for v in items if v != ""]
         return tuple(coerced) if origin is tuple else coerced
     if origin is dict:  # a free-form table (model.overrides): its owner checks the entries
         if not isinstance(value, dict):
@@ -258,7 +258,7 @@ class _Builder:
             name, value = name[3:], False
         if name not in hints:
             raise self._unknown(f"{section}.{name}", "config key")
-        coerced = _coerce(value, hints[name], f"{section}.{name}")
+        coerced = coerce(value, hints[name], f"{section}.{name}")
         if isinstance(coerced, dict):  # a table merges with entries given before (TOML, then the CLI)
             coerced = self.values[section].get(name, {}) | coerced
         self.values[section][name] = coerced

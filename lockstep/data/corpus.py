@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,6 @@ def _is_validation(document: str) -> bool:
 
 def builtin_corpus(cache_folder: str = "") -> BuiltinCorpus:
     """The corpus as train/validation jsonl files (built once, cached by Python version)."""
-    import sys
-
     folder = cache_root(cache_folder) / f"builtin-corpus-py{sys.version_info.major}.{sys.version_info.minor}"
     sha_file = folder / "sha256"
     if not sha_file.exists():

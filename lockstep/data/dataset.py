@@ -10,17 +10,16 @@ resuming needs only a sample index.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lockstep.data.auto_prepare import prepare_cached
+from lockstep.data.prepared import PreparedOrigin, ShardedTokens, read_manifest, shard_path, tokenizer_fix
 from lockstep.data.sources import DocumentSource
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.errors import InputError
-
-if TYPE_CHECKING:
-    from lockstep.data.prepared import PreparedOrigin
 
 IGNORE_INDEX = -100
 
@@ -100,9 +99,6 @@ def load_token_windows(
     ``lockstep data prepare``) and view it as windows of seq_len + 1. The fingerprint is the documents'
     (`source_fingerprint` when given, else the content digests taken while preparing) with the
     tokenizer's; a start once the cache exists reads no data, only file sizes and times."""
-    from lockstep.data.auto_prepare import prepare_cached  # it imports this module
-    from lockstep.data.prepared import load_prepared_windows, read_manifest
-
     folder, _ = prepare_cached(source, tokenizer, cache_folder, source_fingerprint, nodes=nodes)
     manifest = read_manifest(folder)
     if manifest["num_tokens"] < seq_len + 1:
@@ -121,3 +117,38 @@ def _too_small(source: DocumentSource | None, num_tokens: int, seq_len: int) -> 
         f"has {num_tokens} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
         f"{fits}or add data",
     )
+
+
+def load_prepared_windows(
+    folder: Path,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    manifest: dict | None = None,
+) -> TokenWindows:
+    """Windows of seq_len + 1 tokens over a prepared folder. Refuses (one line) a tokenizer other than the
+    folder's; opens no shard (a shard whose size is not the manifest's is refused when first read)."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    recorded = manifest["tokenizer"]
+    if recorded["fingerprint"] != tokenizer.fingerprint:
+        raise InputError(
+            folder,
+            f"was prepared with another tokenizer (fingerprint {recorded['fingerprint'][:12]}, this run's is "
+            f"{tokenizer.fingerprint[:12]})",
+            tokenizer_fix(folder, manifest),
+        )
+    dtype = np.dtype(manifest["dtype"])
+    paths = [shard_path(folder, shard["name"], "tokens") for shard in manifest["shards"]]
+    tokens = ShardedTokens(paths, [shard["tokens"] for shard in manifest["shards"]], dtype)  # opens nothing yet
+    if len(tokens) < seq_len + 1:
+        fits = f"training.seq_len <= {len(tokens) - 1} would fit, " if len(tokens) >= 2 else ""
+        raise InputError(
+            folder,
+            f"has {len(tokens)} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
+            f"{fits}or add data",
+        )
+    origin = PreparedOrigin(folder, manifest)
+    return TokenWindows(
+        tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"], origin,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip

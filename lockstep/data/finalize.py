@@ -17,7 +17,6 @@ import numpy as np
 import xxhash
 
 from lockstep.data.cache import atomic_path
-from lockstep.data.prepare import done_record
 from lockstep.data.prepared import (
     CHECKSUM,
     MANIFEST,
@@ -26,6 +25,7 @@ from lockstep.data.prepared import (
     SHARDS,
     TOKENIZER_FILE,
     dataset_fingerprint,
+    done_record,
     read_json,
     read_manifest,
     shard_path,

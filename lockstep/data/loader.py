@@ -16,7 +16,7 @@ import torch
 
 from lockstep.config.sections import DataConfig, TrainingConfig
 from lockstep.data.corpus import builtin_corpus
-from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_token_windows
+from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_prepared_windows, load_token_windows
 from lockstep.data.mixture import MixtureWindows, load_mixture
 from lockstep.data.order import ORDER_VERSION, SampleOrder
 from lockstep.data.sources import DocumentSource, file_source
@@ -215,8 +215,6 @@ def build_token_windows(
     if data.mixture:
         return load_mixture(data.mixture, tokenizer, training.seq_len)
     if training.dataset == "prepared":
-        from lockstep.data.prepared import load_prepared_windows
-
         return load_prepared_windows(Path(training.dataset_path), tokenizer, training.seq_len)
     source, fingerprint = document_source(training, data)
     return load_token_windows(source, tokenizer, training.seq_len, data.cache_folder, fingerprint, nodes=nodes)

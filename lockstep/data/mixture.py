@@ -25,10 +25,10 @@ import torch
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.mixture import KEY, parse_mixture
-from lockstep.data.dataset import TokenWindows
+from lockstep.data.dataset import TokenWindows, load_prepared_windows
 from lockstep.data.interleave import Interleave, interleave, period_counts
 from lockstep.data.order import SampleOrder
-from lockstep.data.prepared import load_prepared_windows, read_manifest
+from lockstep.data.prepared import read_manifest
 from lockstep.data.tokenizer import Tokenizer
 
 

@@ -29,21 +29,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from lockstep.data.cache import atomic_path
+from lockstep.data.finalize import finalize
 from lockstep.data.prepared import (
     BYTES_MARKER,
     FORMAT,
     MANIFEST,
     PLAN,
     PLAN_SHAPE,
-    SHARD_RECORD,
     SHARDS,
     TOKENIZER_CONFIG,
     TOKENIZER_FILE,
     VERSION,
+    done_record,
     read_json,
-    shard_path,
     token_dtype,
 )
 from lockstep.data.shard_plan import ShardTask
@@ -174,21 +183,6 @@ def _write_tokenizer(out: Path, tokenizer: Tokenizer) -> None:
             tmp.write_bytes(config.read_bytes())
 
 
-def done_record(out: Path, name: str, dtype: np.dtype) -> dict | None:
-    """A shard's record when the shard is complete (record present, files of the recorded sizes)."""
-    record_file = shard_path(out, name, "json")
-    if not record_file.is_file():
-        return None
-    try:
-        record = read_json(record_file, SHARD_RECORD)
-        tokens, docs = shard_path(out, name, "tokens"), shard_path(out, name, "docs")
-        complete = tokens.stat().st_size == record["tokens"] * dtype.itemsize
-        complete = complete and docs.stat().st_size == record["documents"] * 8
-    except (InputError, OSError, KeyError, TypeError):
-        return None
-    return record if complete else None
-
-
 def prepare(
     source: dict,
     tasks: list[ShardTask],
@@ -255,8 +249,6 @@ def _prepare_job(
     num_jobs: int, job_index: int, show_progress: bool, log: Log, started: float,
 ) -> PrepareResult:  # fmt: skip
     """The rest of ``prepare``, holding this job's lock."""
-    from lockstep.data.finalize import finalize
-
     dtype = np.dtype(plan["dtype"])
     _write_tokenizer(out, tokenizer)
     (out / SHARDS).mkdir(exist_ok=True)
@@ -281,15 +273,6 @@ def _prepare_job(
 
 
 def _progress_bar(show: bool, total: int):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
 
     progress = Progress(
         TextColumn("tokenizing"),

@@ -23,7 +23,6 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,9 +30,6 @@ from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
 from lockstep.errors import InputError
 from lockstep.untrusted import Int, ListOf, MapOf, Obj, Shape, Str, check_shape
 from lockstep.untrusted import read_json as read_checked_json
-
-if TYPE_CHECKING:
-    from lockstep.data.dataset import TokenWindows
 
 FORMAT = "lockstep-prepared"
 VERSION = 1
@@ -272,38 +268,16 @@ def _size(path: Path) -> int:
     return status.st_size
 
 
-def load_prepared_windows(
-    folder: Path,
-    tokenizer: Tokenizer,
-    seq_len: int,
-    manifest: dict | None = None,
-) -> TokenWindows:
-    """Windows of seq_len + 1 tokens over a prepared folder. Refuses (one line) a tokenizer other than the
-    folder's; opens no shard (a shard whose size is not the manifest's is refused when first read)."""
-    from lockstep.data.dataset import TokenWindows  # imported here: it pulls in torch, which workers do not need
-
-    folder = Path(folder)
-    manifest = manifest or read_manifest(folder)
-    recorded = manifest["tokenizer"]
-    if recorded["fingerprint"] != tokenizer.fingerprint:
-        raise InputError(
-            folder,
-            f"was prepared with another tokenizer (fingerprint {recorded['fingerprint'][:12]}, this run's is "
-            f"{tokenizer.fingerprint[:12]})",
-            tokenizer_fix(folder, manifest),
-        )
-    dtype = np.dtype(manifest["dtype"])
-    paths = [shard_path(folder, shard["name"], "tokens") for shard in manifest["shards"]]
-    tokens = ShardedTokens(paths, [shard["tokens"] for shard in manifest["shards"]], dtype)  # opens nothing yet
-    if len(tokens) < seq_len + 1:
-        fits = f"training.seq_len <= {len(tokens) - 1} would fit, " if len(tokens) >= 2 else ""
-        raise InputError(
-            folder,
-            f"has {len(tokens)} tokens (BOS and EOS included), fewer than one window of seq_len + 1 = {seq_len + 1}",
-            f"{fits}or add data",
-        )
-    origin = PreparedOrigin(folder, manifest)
-    return TokenWindows(
-        tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id, manifest["fingerprint"], origin,
-        vocab_size=tokenizer.vocab_size,
-    )  # fmt: skip
+def done_record(out: Path, name: str, dtype: np.dtype) -> dict | None:
+    """A shard's record when the shard is complete (record present, files of the recorded sizes)."""
+    record_file = shard_path(out, name, "json")
+    if not record_file.is_file():
+        return None
+    try:
+        record = read_json(record_file, SHARD_RECORD)
+        tokens, docs = shard_path(out, name, "tokens"), shard_path(out, name, "docs")
+        complete = tokens.stat().st_size == record["tokens"] * dtype.itemsize
+        complete = complete and docs.stat().st_size == record["documents"] * 8
+    except (InputError, OSError, KeyError, TypeError):
+        return None
+    return record if complete else None

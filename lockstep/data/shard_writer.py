@@ -21,10 +21,10 @@ import numpy as np
 import xxhash
 
 from lockstep.data.cache import atomic_path
-from lockstep.data.prepared import shard_path
+from lockstep.data.prepared import TOKENIZER_FILE, shard_path
 from lockstep.data.shard_plan import ShardTask, load_hf_dataset
-from lockstep.data.sources import TOO_DEEP, _decode, _json_texts, _parquet_texts, _text_of
-from lockstep.data.tokenizer import BytesTokenizer, Tokenizer
+from lockstep.data.sources import TOO_DEEP, decode_text, json_texts, parquet_texts, text_of
+from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
 from lockstep.errors import InputError, LockstepError
 from lockstep.lifetime import die_with_parent
 
@@ -63,8 +63,8 @@ def _jsonl_range(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str
             try:
                 record = json.loads(raw_line.decode("utf-8"))
             except UnicodeDecodeError:
-                record = json.loads(_decode(raw_line, path, 1))  # raises with the byte
-            yield _text_of(record, task.text_field, path, ""), consumed
+                record = json.loads(decode_text(raw_line, path, 1))  # raises with the byte
+            yield text_of(record, task.text_field, path, ""), consumed
         except json.JSONDecodeError as e:
             where = f"line {_line_number(path, task.start, number)}"
             raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where) from e
@@ -84,10 +84,10 @@ def _whole_file(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str,
     if task.kind == "text":  # one file, one document; newlines as text mode reads them
         raw = path.read_bytes()
         hasher.update(raw)
-        yield _decode(raw, path).replace("\r\n", "\n").replace("\r", "\n"), len(raw)
+        yield decode_text(raw, path).replace("\r\n", "\n").replace("\r", "\n"), len(raw)
         return
     _file_bytes(path, hasher)
-    texts = _parquet_texts(path, task.text_field) if task.kind == "parquet" else _json_texts(path, task.text_field)
+    texts = parquet_texts(path, task.text_field) if task.kind == "parquet" else json_texts(path, task.text_field)
     size, seen = task.end - task.start, 0
     for text in texts:  # progress by text length; what the file holds beyond its texts, at its end
         step = min(len(text), size - seen)
@@ -200,9 +200,6 @@ def init_worker(threads: int, queue, folder: str, tokenizer_kind: str, dtype: st
     die_with_parent()
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-    from lockstep.data.prepared import TOKENIZER_FILE
-    from lockstep.data.tokenizer import HFTokenizer
-
     tokenizer = BytesTokenizer() if tokenizer_kind == "bytes" else HFTokenizer(Path(folder) / TOKENIZER_FILE)
     _WORKER.update(queue=queue, folder=Path(folder), tokenizer=tokenizer, dtype=np.dtype(dtype))
 

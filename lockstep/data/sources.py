@@ -52,14 +52,14 @@ class DocumentSource:
         for file in self.files:
             if self.kind == "text":  # one file, one document
                 # Newlines as text mode reads them (as before), so cached token files stay valid.
-                yield _decode(file.read_bytes(), file).replace("\r\n", "\n").replace("\r", "\n")
+                yield decode_text(file.read_bytes(), file).replace("\r\n", "\n").replace("\r", "\n")
             elif self.kind == "parquet":
-                yield from _parquet_texts(file, self.text_field)
+                yield from parquet_texts(file, self.text_field)
             else:  # builtin (the corpus's own jsonl) and json
-                yield from _json_texts(file, self.text_field)
+                yield from json_texts(file, self.text_field)
 
 
-def _decode(raw: bytes, file: Path, line: int = 0) -> str:
+def decode_text(raw: bytes, file: Path, line: int = 0) -> str:
     """UTF-8 text, or InputError at the line (counted here when `line` is 0) of the first bad byte."""
     try:
         return raw.decode("utf-8")
@@ -73,7 +73,7 @@ def _decode(raw: bytes, file: Path, line: int = 0) -> str:
         ) from e
 
 
-def _text_of(record: object, text_field: str, file: Path, where: str) -> str:
+def text_of(record: object, text_field: str, file: Path, where: str) -> str:
     if not isinstance(record, dict):
         raise InputError(file, f"a record must be a JSON object; got {type(record).__name__}", where=where)
     if text_field not in record:
@@ -104,13 +104,13 @@ def _text_of(record: object, text_field: str, file: Path, where: str) -> str:
 TOO_DEEP = "the record nests deeper than a JSON reader can follow (a text record needs a few levels)"
 
 
-def _json_texts(file: Path, text_field: str) -> Iterator[str]:
+def json_texts(file: Path, text_field: str) -> Iterator[str]:
     """A .json array of records, or JSON Lines (one record per line; .jsonl, or .json that is not one
     document). Read here rather than through `datasets` so an error can name the line."""
     if file.suffix == ".json":
         raw = file.read_bytes()
         try:
-            records = json.loads(_decode(raw, file))
+            records = json.loads(decode_text(raw, file))
         except RecursionError:
             raise InputError(file, TOO_DEEP, "fix the JSON there") from None
         except json.JSONDecodeError as e:
@@ -124,7 +124,7 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
             if not isinstance(records, list):
                 raise InputError(file, "a .json dataset must be an array of records or JSON Lines")
             for index, record in enumerate(records):
-                yield _text_of(record, text_field, file, f"record {index}")
+                yield text_of(record, text_field, file, f"record {index}")
             return
     with open(file, "rb") as f:
         for number, raw_line in enumerate(f, start=1):
@@ -132,7 +132,7 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
                 continue
             where = f"line {number}"
             try:
-                record = json.loads(_decode(raw_line, file, number))
+                record = json.loads(decode_text(raw_line, file, number))
             except RecursionError:
                 raise InputError(file, TOO_DEEP, "fix or drop that line", where=where) from None
             except json.JSONDecodeError as e:
@@ -141,10 +141,10 @@ def _json_texts(file: Path, text_field: str) -> Iterator[str]:
                 ) from e
             except ValueError as e:  # an integer of more digits than Python converts
                 raise InputError(file, f"invalid JSON: {str(e)[:100]}", "fix or drop that line", where=where) from None
-            yield _text_of(record, text_field, file, where)
+            yield text_of(record, text_field, file, where)
 
 
-def _parquet_texts(file: Path, text_field: str) -> Iterator[str]:
+def parquet_texts(file: Path, text_field: str) -> Iterator[str]:
     """The text column of a parquet file, read in row batches."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from tokenizers import Tokenizer as _Tokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import DataConfig, ModelConfig
 from lockstep.data.cache import atomic_path, cache_root
+from lockstep.data.corpus import builtin_corpus
 from lockstep.errors import InputError
 
 BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -55,8 +59,6 @@ class HFTokenizer:
     beside it when present, else from the usual special-token names."""
 
     def __init__(self, path: str | Path) -> None:
-        from tokenizers import Tokenizer as _Tokenizer
-
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -122,9 +124,6 @@ def train_builtin_tokenizer(corpus_path: Path, corpus_sha256: str, cache_folder:
     target = folder / "tokenizer.json"
     if target.exists():
         return target
-    from tokenizers import Tokenizer as _Tokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     tokenizer = _Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -153,7 +152,5 @@ def build_tokenizer(model: ModelConfig, data: DataConfig) -> Tokenizer:
         return BytesTokenizer()
     if model.tokenizer == "hf":
         return HFTokenizer(model.tokenizer_path)
-    from lockstep.data.corpus import builtin_corpus
-
     corpus = builtin_corpus(data.cache_folder)
     return HFTokenizer(train_builtin_tokenizer(corpus.train_path, corpus.sha256, data.cache_folder))

@@ -13,6 +13,8 @@ import secrets
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor._random import manual_seed
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import DebugConfig
@@ -25,8 +27,6 @@ def resolve_root_seed(debug: DebugConfig) -> int:
 
 def agree_on_seed(seed: int) -> int:
     """Rank 0's seed on every rank (a drawn seed differs per process until broadcast)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return seed
     box = [seed]
@@ -61,8 +61,6 @@ def seed_everything(root_seed: int, pipeline_rank: int = 0, mesh=None) -> dict:
     random.seed(seeds["python"])
     np.random.seed(seeds["python"] % 2**32)
     if mesh is not None and mesh.device_type == "cuda":
-        from torch.distributed.tensor._random import manual_seed
-
         # Over the SPMD axes only: the stages of a pipeline keep their own seeds.
         manual_seed(seeds["torch"], mesh["dp_replicate", "dp_shard", "tp"])
         seeds["dtensor"] = seeds["torch"]

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from lockstep.config.errors import ConfigError
+from lockstep.config.loader import coerce  # the loader's own coercion: CLI strings and TOML values alike
 from lockstep.config.sections import ModelConfig
 from lockstep.errors import InputError
 from lockstep.models.deepseek_v3 import DEEPSEEK_V3_FLAVORS, DeepSeekV3, DeepSeekV3Args
@@ -226,8 +227,6 @@ NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "
 
 def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
     """model.overrides checked against the args dataclass: known fields, values of the field's type."""
-    from lockstep.config.loader import _coerce  # the loader's own coercion: CLI strings and TOML values alike
-
     hints = typing.get_type_hints(type(args))
     checked = {}
     for name, value in overrides.items():
@@ -237,7 +236,7 @@ def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overri
         if name in NOT_OVERRIDABLE:
             raise ConfigError(key, f"cannot be overridden: {NOT_OVERRIDABLE[name]}")
         try:
-            checked[name] = _coerce(value, hints[name], key)
+            checked[name] = coerce(value, hints[name], key)
         except ConfigError as error:
             if "unsupported field type" not in str(error):
                 raise

@@ -115,10 +115,10 @@ class _SharedCast:
         self.tree = ArrivalTree(sources)
 
     def for_source(self, source: int) -> torch.Tensor:
-        return _SourceWeight.apply(self.weight, self, source)
+        return SourceWeight.apply(self.weight, self, source)
 
 
-class _SourceWeight(torch.autograd.Function):
+class SourceWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, shared: _SharedCast, source: int) -> torch.Tensor:
         ctx.shared, ctx.source = shared, source

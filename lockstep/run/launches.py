@@ -84,8 +84,6 @@ def config_for_step(run_folder: Path, step: int) -> Path:
 def env_for_step(run_folder: Path, step: int) -> dict[str, Any]:
     """The env.json of the launch that trained `step` (its world size, threads and data fingerprint may
     differ from a later launch's), the top-level one without launch records; InputError if unreadable."""
-    from lockstep.errors import InputError
-
     launch_env = config_for_step(run_folder, step).parent / "env.json"
     path = launch_env if launch_env.is_file() else run_folder / "env.json"
     try:

@@ -20,11 +20,19 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lockstep.data.provenance import SampleSource
+from lockstep.config import load_config
+from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims
+from lockstep.data.loader import build_token_windows
+from lockstep.data.mixture import MixtureWindows
+from lockstep.data.order import SampleOrder
+from lockstep.data.provenance import SampleSource, sample_sources
+from lockstep.data.tokenizer import build_tokenizer
+from lockstep.determinism.seeds import derived_seed
 from lockstep.errors import InputError, LockstepError
+from lockstep.run.launches import config_for_step, env_for_step
 from lockstep.run.metrics_file import json_floats, strict_json
-from lockstep.tools.replay import launch_replay
-from lockstep.tools.reproduce import read_replay
+from lockstep.tools.compare import load_series
+from lockstep.tools.replay import launch_replay, read_replay
 
 RUN_FIX = "give a run folder written by lockstep train (it holds config.toml and env.json)"
 DATA_FIX = (
@@ -64,16 +72,6 @@ def check_run(run: Path) -> None:
 
 def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
     """The samples of `step` and where each came from."""
-    from lockstep.config import load_config
-    from lockstep.config.job import resolve_group_batch_size, resolve_parallel_dims
-    from lockstep.data.loader import build_token_windows
-    from lockstep.data.mixture import MixtureWindows
-    from lockstep.data.order import SampleOrder
-    from lockstep.data.provenance import sample_sources
-    from lockstep.data.tokenizer import build_tokenizer
-    from lockstep.determinism.seeds import derived_seed
-    from lockstep.run.launches import config_for_step, env_for_step
-
     check_run(run)
     if preview_tokens < 0:
         raise InputError(run, f"--preview-tokens must be >= 0; got {preview_tokens}")
@@ -107,8 +105,6 @@ def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
 
 def add_losses(run: Path, found: StepSamples) -> None:
     """Replay the step (from the newest checkpoint before it) for each sample's loss and the step loss."""
-    from lockstep.tools.compare import load_series
-
     work = Path(tempfile.mkdtemp(prefix="lockstep-inspect-"))
     try:
         launch_replay(run, found.step, work / "replay", mode="verify")

@@ -30,9 +30,15 @@ from pathlib import Path
 import torch
 
 from lockstep.checkpoint import folders
+from lockstep.config import load_config
 from lockstep.config.job import standalone
 from lockstep.errors import LockstepError
 from lockstep.parallel.canonical import full_value
+from lockstep.parallel.mesh import axis_rank
+from lockstep.run.launches import config_for_step, env_for_step
+from lockstep.run.metrics_file import json_floats, strict_json
+from lockstep.train.trainer import Trainer
+from lockstep.untrusted import parse_json
 
 
 def _full(value) -> torch.Tensor | None:
@@ -99,13 +105,9 @@ class ReplayFailed(LockstepError):
 def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> None:
     """Run this module for `run`'s step under torchrun with the world size and CPU thread count of the
     launch that trained it (kernels sum differently with other thread counts), on this machine."""
-    from lockstep.run.launches import env_for_step
-
     env_record = env_for_step(run, step)
     world = int(env_record.get("world_size", 1))
     if (env_record.get("device") or {}).get("type") == "cuda":
-        import torch
-
         if world > torch.cuda.device_count():
             raise ReplayFailed(
                 f"step {step} of {run} ran on {world} GPUs and this machine has {torch.cuda.device_count()}; run "
@@ -127,6 +129,14 @@ def launch_replay(run: Path, step: int, out: Path, mode: str = "capture") -> Non
         raise ReplayFailed(f"replaying step {step} of {run} failed: {why} (LOCKSTEP_TRACEBACK=1 shows its output)")
 
 
+def read_replay(out: Path) -> dict[int, dict]:
+    """The replay's per-rank records (verify mode), by rank."""
+    return {
+        int(path.name.rsplit(".rank", 1)[1].split(".")[0]): json_floats(parse_json(path.read_bytes(), allow_nan=True))
+        for path in out.parent.glob(f"{out.name}.rank*.json")
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lockstep.tools.replay")
     parser.add_argument("--replay-run", dest="run", type=Path, required=True)
@@ -134,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-out", dest="out", type=Path, required=True)
     parser.add_argument("--replay-mode", dest="mode", choices=("capture", "verify"), default="capture")
     args = parser.parse_args(argv)
-    from lockstep.config import load_config
-    from lockstep.run.launches import config_for_step
 
     start = checkpoint_before(args.run, args.step)
     scratch = Path(tempfile.mkdtemp(prefix="lockstep-replay-"))
@@ -160,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _replay(config, args) -> int:
-    from lockstep.parallel.mesh import axis_rank
-    from lockstep.train.trainer import Trainer
 
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
@@ -183,7 +189,6 @@ def _replay(config, args) -> int:
 
 def _verify(trainer) -> dict:
     """The next step as training ran it, and each of its samples' losses beforehand."""
-    from lockstep.run.metrics_file import strict_json
 
     start = trainer.loader.next_sample_index
     losses = trainer.sample_losses(start)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from lockstep.errors import InputError
 from lockstep.run.folder import environment_differences
+from lockstep.run.launches import env_for_step
 from lockstep.run.metrics_file import json_floats
 from lockstep.tools.compare import load_series
-from lockstep.tools.replay import launch_replay
+from lockstep.tools.inspect_step import step_samples
+from lockstep.tools.replay import launch_replay, read_replay
 from lockstep.train.observe.fingerprint import RankFingerprints
-from lockstep.untrusted import parse_json
 
 CHECKED = ("loss", "grad_norm", "grad_fingerprint", "param_fingerprint")
 
@@ -107,18 +108,7 @@ def _summary(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{', '.join(map(str, steps[:8]))}, ... {steps[-1]}"
 
 
-def read_replay(out: Path) -> dict[int, dict]:
-    """The replay's per-rank records (verify mode), by rank."""
-    return {
-        int(path.name.rsplit(".rank", 1)[1].split(".")[0]): json_floats(parse_json(path.read_bytes(), allow_nan=True))
-        for path in out.parent.glob(f"{out.name}.rank*.json")
-    }
-
-
 def reproduce(run: Path, step: int, work: Path) -> Verdict:
-    from lockstep.run.launches import env_for_step
-    from lockstep.tools.inspect_step import step_samples
-
     recorded = recorded_step(run, step)
     step_samples(run, step, preview_tokens=0)  # the data must be the run's (one line otherwise), before a launch
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from lockstep.data.loader import Microbatch
-from lockstep.models.common.attention import AttentionMasks
+from lockstep.models.common.masks import AttentionMasks
 from lockstep.parallel.canonical import GradientTree, TreeSum, shard_block_loss
 from lockstep.parallel.parallelize import BuiltModel
 from lockstep.parallel.replicate import ReplicaGradientSum

@@ -31,9 +31,8 @@ from lockstep.config.errors import ConfigError
 from lockstep.config.job import ValidationBatches
 from lockstep.config.sections import DataConfig, ValidationConfig
 from lockstep.data.corpus import builtin_corpus
-from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_token_windows
+from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_prepared_windows, load_token_windows
 from lockstep.data.loader import Microbatch
-from lockstep.data.prepared import load_prepared_windows
 from lockstep.data.sources import DocumentSource, file_source
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.models.common.moe import token_counting_paused

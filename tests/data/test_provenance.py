@@ -12,11 +12,11 @@ import numpy as np
 
 from lockstep.config.sections import DataConfig, TrainingConfig
 from lockstep.data.auto_prepare import prepare_cached
-from lockstep.data.dataset import TokenWindows
+from lockstep.data.dataset import TokenWindows, load_prepared_windows
 from lockstep.data.loader import DataLoader, build_token_windows
 from lockstep.data.mixture import load_mixture
 from lockstep.data.prepare import prepare
-from lockstep.data.prepared import load_prepared_windows, read_manifest
+from lockstep.data.prepared import read_manifest
 from lockstep.data.provenance import SampleSource, sample_sources
 from lockstep.data.shard_plan import plan_files
 from lockstep.data.sources import file_source

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lockstep.config.sections import DataConfig, TrainingConfig
+from lockstep.data.dataset import load_prepared_windows
 from lockstep.data.loader import DataLoader, build_token_windows, placement
-from lockstep.data.prepared import load_prepared_windows
 from lockstep.data.tokenizer import BytesTokenizer
 from lockstep.errors import InputError
 from lockstep.tools.scale.io_counter import counting_file_ops

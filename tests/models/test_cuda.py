@@ -8,7 +8,7 @@ import torch
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.nn.attention.flex_attention import BlockMask
 
-from lockstep.models.common.attention import AttentionMasks
+from lockstep.models.common.masks import AttentionMasks
 from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks

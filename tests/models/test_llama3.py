@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from lockstep.models.common.attention import block_causal_mask, document_ids_from_tokens
 from lockstep.models.common.init import full_value
+from lockstep.models.common.masks import block_causal_mask, document_ids_from_tokens
 from lockstep.models.common.rope import Llama3RopeScaling, inverse_frequencies
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3
 from tests.helpers import tiny_model

@@ -1,9 +1,4 @@
-"""Attention kernels and the masks they take.
-
-A mask is built once per microbatch by the model's ``get_attention_masks`` and passed into
-``forward``; nothing is cached on a module, so a microbatch can never see another's mask.
-SDPA takes an additive [B, 1, S, S] block-causal mask (or none: plain causal); FlexAttention
-takes a BlockMask built from the same document ids, compiled, so no [B, 1, S, S] tensor exists.
+"""Attention kernels and modules; the masks they take are lockstep.models.common.masks.
 
 ``model.attention = auto`` (the default) is FlexAttention on CUDA and SDPA elsewhere; the run
 resolves it once (``resolve_attention_backend``) and the model is built with the result.
@@ -12,21 +7,16 @@ resolves it once (``resolve_attention_backend``) and the model is built with the
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
-from torch.utils._pytree import register_dataclass
+from torch.nn.attention.flex_attention import flex_attention
 
 from lockstep.config.errors import ConfigError
+from lockstep.models.common.kv_cache import LayerCache
+from lockstep.models.common.masks import AttentionMasks
 from lockstep.models.common.rope import apply_rope
-
-if TYPE_CHECKING:
-    from lockstep.models.common.kv_cache import LayerCache
 
 BACKENDS = ("sdpa", "flex")
 """What a model is built with; ``auto`` is resolved to one of these first."""
@@ -46,106 +36,6 @@ def resolve_attention_backend(setting: str, device_type: str) -> str:
     if setting not in BACKENDS:
         raise ConfigError("model.attention", f"must be one of auto, {', '.join(BACKENDS)}; got {setting!r}")
     return setting
-
-
-@dataclass
-class AttentionMasks:
-    """What one microbatch's attention calls need: an SDPA mask, a FlexAttention BlockMask, or the
-    document ids to build either from (deferred).
-
-    All None means plain causal attention (no document boundaries).
-    """
-
-    sdpa_mask: torch.Tensor | None = None
-    """Additive float mask [B, 1, S, S] (0 = attend, -inf = not)."""
-    block_mask: BlockMask | None = None
-    """FlexAttention's [B, 1, S, S] mask in 128x128 blocks (see ``flex_block_mask``)."""
-    document_ids: torch.Tensor | None = None
-    """Deferred: the [B, S] document ids from which the model builds the mask when its forward starts
-    (``resolve``). A pipeline schedule splits these per microbatch, so each stage builds one
-    microbatch's mask ([b, 1, S, S], or a BlockMask of batch b) at a time instead of receiving the
-    whole rank batch's."""
-
-    def resolve(self, backend: str) -> AttentionMasks:
-        """The masks to attend with: built from the document ids when deferred, else these."""
-        if self.document_ids is None:
-            return self
-        return build_attention_masks(self.document_ids, backend)
-
-
-# A pytree node, so a pipeline schedule splits the deferred document ids by microbatch along with
-# the tokens (pipelining always defers, see flex_block_mask).
-register_dataclass(AttentionMasks)
-
-
-def document_ids_from_tokens(tokens_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Document index of each position: a new document starts after every EOS token."""
-    is_eos = (tokens_BS == eos_id).to(torch.int32)
-    starts = torch.cumsum(is_eos, dim=1) - is_eos
-    return starts
-
-
-def block_causal_mask(document_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, S, S]: query i sees key j iff j <= i and both lie in the same document."""
-    seq_len = document_ids_BS.shape[1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids_BS.device).tril()
-    same_document = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
-    return (same_document & causal)[:, None]
-
-
-def build_attention_masks(document_ids_BS: torch.Tensor | None, backend: str) -> AttentionMasks:
-    if document_ids_BS is None:
-        return AttentionMasks()
-    if backend == "flex":
-        return AttentionMasks(block_mask=flex_block_mask(document_ids_BS))
-    return AttentionMasks(sdpa_mask=additive_mask(block_causal_mask(document_ids_BS)))
-
-
-def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """0 where attention is allowed, -inf elsewhere. SDPA turns a boolean mask into this form inside
-    every call and saves that copy for backward, once per layer; converting once per microbatch lets
-    all layers share one tensor (at seq 2048, batch 8: 128 MiB instead of 128 MiB per layer)."""
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-    return mask.masked_fill_(~allowed, float("-inf"))
-
-
-def document_causal_mask_mod(document_ids_BS: torch.Tensor) -> Callable:
-    """FlexAttention's mask_mod of ``block_causal_mask``: the same rule, one (q, kv) pair at a time.
-
-    Every call returns a closure of the same code object, so the compiled ``create_block_mask``
-    reuses one graph for every microbatch of a shape (dynamo guards on the code, and lifts the
-    captured ids to a graph input)."""
-
-    def document_causal(b, h, q_idx, kv_idx):
-        same_document = document_ids_BS[b, q_idx] == document_ids_BS[b, kv_idx]
-        return same_document & (q_idx >= kv_idx)
-
-    return document_causal
-
-
-@functools.cache
-def _compiled_create_block_mask():
-    """torch 2.13's way to compile it (its ``_compile=True`` flag is deprecated and does this).
-
-    Eager, create_block_mask evaluates mask_mod into a dense [B, 1, S, S] bool tensor (torch's
-    create_mask) and only then reduces it to 128x128 blocks; compiled, inductor fuses the evaluation
-    into the block reductions, so only [B, 1, S/128, S/128] buffers are allocated (tested). Static
-    shapes: one graph per (batch, seq) shape, and a run has one or two."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return torch.compile(create_block_mask, dynamic=False)
-
-
-def flex_block_mask(document_ids_BS: torch.Tensor) -> BlockMask:
-    """The BlockMask of one (micro)batch's documents: [B, 1, S, S] in blocks, shared by all heads.
-
-    Under pipelining the model builds it inside the stage's forward from the microbatch's own
-    document ids (``AttentionMasks.resolve``), so no whole-batch mask is built. A built BlockMask
-    would survive a split too (torch 2.13 lifts the ids the mask_mod captures into pytree leaves and
-    splits them along the batch dim with the block tables; tested), but the ids are what travel."""
-    batch, seq_len = document_ids_BS.shape
-    mask_mod = document_causal_mask_mod(document_ids_BS)
-    return _compiled_create_block_mask()(mask_mod, batch, None, seq_len, seq_len, device=document_ids_BS.device)
 
 
 FLEX_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
@@ -169,8 +59,6 @@ def _compiled_flex_attention():
     dim) (torch/_inductor/template_heuristics/triton.py ``get_flex_attn_*_configs``), and under
     torch's deterministic mode the reductions around it are filtered to one config too
     (runtime/triton_heuristics.py ``filter_reduction_configs_for_determinism``)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lockstep.models.common import init as init_fns
-from lockstep.models.common.attention import BACKENDS, AttentionMasks, build_attention_masks, document_ids_from_tokens
+from lockstep.models.common.attention import BACKENDS
 from lockstep.models.common.kv_cache import KVCache, LayerCache
+from lockstep.models.common.masks import AttentionMasks, build_attention_masks, document_ids_from_tokens
+from lockstep.models.common.moe import MoE
 
 
 class Decoder(nn.Module):
@@ -97,8 +98,6 @@ class Decoder(nn.Module):
 
     def moe_modules(self) -> list[nn.Module]:
         """The mixture-of-experts blocks (lockstep.models.common.moe.MoE), in layer order."""
-        from lockstep.models.common.moe import MoE  # moe imports FeedForward from here
-
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def set_force_load_balance(self, enabled: bool) -> None:
@@ -149,19 +148,6 @@ class Decoder(nn.Module):
         if self.output is None:
             return h
         return self.output(h) if head is None else head(h, self.output)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lockstep.models.common.attention import AttentionMasks
+from lockstep.models.common.masks import AttentionMasks
 
 
 class LayerCache:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lockstep.models.common.decoder import FeedForward
+from lockstep.models.common.feed_forward import FeedForward
 
 _counting = [True]
 

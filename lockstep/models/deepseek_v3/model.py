@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lockstep.models.common.attention import AttentionMasks, SharedAcrossHeads, attention
-from lockstep.models.common.decoder import Decoder, FeedForward, TransformerBlock
+from lockstep.models.common.attention import SharedAcrossHeads, attention
+from lockstep.models.common.decoder import Decoder, TransformerBlock
+from lockstep.models.common.feed_forward import FeedForward
 from lockstep.models.common.kv_cache import LayerCache
+from lockstep.models.common.masks import AttentionMasks
 from lockstep.models.common.moe import MoE, Router
 from lockstep.models.common.rope import apply_rope, rope_cos_sin
 from lockstep.models.deepseek_v3.args import DeepSeekV3Args

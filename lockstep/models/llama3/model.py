@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from lockstep.models.common.attention import GroupedQueryAttention
-from lockstep.models.common.decoder import Decoder, FeedForward, TransformerBlock
+from lockstep.models.common.decoder import Decoder, TransformerBlock
+from lockstep.models.common.feed_forward import FeedForward
 from lockstep.models.common.rope import rope_cos_sin
 from lockstep.models.llama3.args import Llama3Args
 

@@ -26,7 +26,7 @@ from lockstep.config import JobConfig
 from lockstep.config.job import ParallelDims
 from lockstep.config.sections import MULTI_STAGE_SCHEDULES, ParallelismConfig
 from lockstep.parallel.canonical import local_tensor
-from lockstep.parallel.expert_parallel import _SourceWeight
+from lockstep.parallel.expert_parallel import SourceWeight
 from lockstep.parallel.mesh import AXES
 from lockstep.tools.estimate.memory import StorageTracker
 from lockstep.tools.estimate.rank_step import RankStep
@@ -178,9 +178,9 @@ def _labelled(step: RankStep, tracker: StorageTracker):
                     original = module.compute
                     module.compute = tracker.labelled(original, "routed_experts")
                     stack.callback(setattr, module, "compute", original)
-        original_source = _SourceWeight.backward  # the per-source expert gradients, added into their tree
-        _SourceWeight.backward = staticmethod(tracker.labelled(original_source, "routed_experts"))
-        stack.callback(setattr, _SourceWeight, "backward", staticmethod(original_source))
+        original_source = SourceWeight.backward  # the per-source expert gradients, added into their tree
+        SourceWeight.backward = staticmethod(tracker.labelled(original_source, "routed_experts"))
+        stack.callback(setattr, SourceWeight, "backward", staticmethod(original_source))
         if step.replica_sum is not None:  # the replicate axis's buckets
             for name in ("_launch", "_launch_nodes", "finish"):
                 original = getattr(step.replica_sum, name)

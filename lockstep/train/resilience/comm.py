@@ -33,6 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import _dump_fr_trace_json
 
 from lockstep.config.sections import CommConfig
 
@@ -172,8 +173,6 @@ class CommTimeouts:
         if self.comm.trace_buf_size == 0:
             return None
         try:
-            from torch._C._distributed_c10d import _dump_fr_trace_json
-
             record = _dump_fr_trace_json()
         except (ImportError, RuntimeError):
             return None

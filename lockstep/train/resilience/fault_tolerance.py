@@ -38,6 +38,7 @@ import math
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -384,6 +385,4 @@ class GradientPacking:
 
 
 def _hostname() -> str:
-    import socket
-
     return socket.gethostname()

@@ -17,6 +17,7 @@ and it fetches over http(s) only.
 
 from __future__ import annotations
 
+import urllib.request
 import warnings
 from datetime import timedelta
 from typing import IO, Any
@@ -43,8 +44,6 @@ class SafeHTTPTransport(HTTPTransport):
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
-        import urllib.request
-
         if urlparse(address).scheme not in ("http", "https"):
             raise LockstepError(f"healing: a peer announced {address!r}; only http(s) checkpoint addresses are read")
         with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:

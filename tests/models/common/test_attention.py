@@ -16,14 +16,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
-from lockstep.models.common.attention import (
-    AttentionMasks,
-    attention,
-    block_causal_mask,
-    document_ids_from_tokens,
-    flex_block_mask,
-    resolve_attention_backend,
-)
+from lockstep.models.common.attention import attention, resolve_attention_backend
+from lockstep.models.common.masks import AttentionMasks, block_causal_mask, document_ids_from_tokens, flex_block_mask
 
 SEQ = 384  # three 128-blocks
 EOS = 9
