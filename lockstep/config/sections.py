@@ -5,8 +5,8 @@ device or the mesh), so these classes are the whole vocabulary of run settings. 
 architecture does not live here: it lives in each model's ``*Args`` and is chosen by
 ``model.name`` + ``model.flavor``.
 
-Every field carries a one-line docstring (the string literal after it); the README's config
-reference is generated from these docstrings, so they are the documentation.
+Every field carries a one-line docstring (the string literal after it); docs/config-reference.md is
+generated from these docstrings, so they are the documentation.
 
 ``validate()`` checks what a section can check on its own; checks that span sections live in
 ``lockstep.config.job``.
@@ -54,7 +54,7 @@ class JobSectionConfig:
     description: str = ""
     """Free text describing the run; recorded in config.toml."""
     custom_config_module: str = ""
-    """Importable module that defines extra config sections (see README, "Custom config sections")."""
+    """Importable module that defines extra config sections (docs/config.md, "Custom config sections")."""
 
     def validate(self) -> None:
         _require(bool(self.dump_folder), "job.dump_folder", "must not be empty")
@@ -573,7 +573,7 @@ class CommConfig:
 class FaultToleranceConfig:
     enable: bool = False
     """Run as one replica group of a torchft job: replica groups form the outer data-parallel axis, keep
-    training when one dies, and a restarted group heals from a live one (README, "Fault tolerance")."""
+    training when one dies, and a restarted group heals from a live one (docs/fault-tolerance.md)."""
     replica_id: int = 0
     """This group's index, 0 .. group_size - 1; its run folder is <dump_folder>/replica_<id>."""
     group_size: int = 1
