@@ -34,13 +34,11 @@ def profile_rank(steps: int) -> None:
                      "--job.dump_folder", f"{folder}/run", "--training.device", "cpu"]  # fmt: skip
         with Trainer(load_config("llama3_debug", overrides), show_progress=False) as trainer:
             for _ in range(3):
-                trainer.train_step()
-                trainer.state.step += 1
+                trainer.state.advance(trainer.train_step().samples * 256)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 started = time.perf_counter()
                 for _ in range(steps):
-                    trainer.train_step()
-                    trainer.state.step += 1
+                    trainer.state.advance(trainer.train_step().samples * 256)
                 wall = time.perf_counter() - started
             # The token all-to-alls, forward and backward (wall time on this thread, waiting included).
             all_to_all_us = sum(

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer, Tokenizer
 from lockstep.errors import InputError
 from lockstep.untrusted import Int, ListOf, MapOf, Obj, Shape, Str, check_shape
 from lockstep.untrusted import read_json as read_checked_json
@@ -125,13 +124,6 @@ def read_manifest(folder: Path) -> dict:
             "prepare the data again with this lockstep",
         )
     return check_shape(path, manifest, MANIFEST_SHAPE, fix=PREPARE_AGAIN)  # a shard name is never a path
-
-
-def folder_tokenizer(folder: Path, manifest: dict) -> Tokenizer:
-    """The tokenizer a prepared folder carries."""
-    if manifest["tokenizer"]["kind"] == "bytes":
-        return BytesTokenizer()
-    return HFTokenizer(Path(folder) / TOKENIZER_FILE)
 
 
 def tokenizer_fix(folder: Path, manifest: dict) -> str:

@@ -28,8 +28,3 @@ def build_mesh(dims: ParallelDims, device: torch.device, single: bool = False) -
 
 def axis_rank(mesh: DeviceMesh | None, axis: str) -> int:
     return 0 if mesh is None else mesh.get_local_rank(axis)
-
-
-def axis_group(mesh: DeviceMesh | None, axis: str):
-    """The process group of one axis, or None when there is no mesh."""
-    return None if mesh is None else mesh.get_group(axis)

@@ -15,7 +15,6 @@ without always closing the earlier ones.
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import os
 import socket
@@ -159,10 +158,6 @@ class RunLock:
         _HELD[key] = lock
         return lock
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         """Empty the lock file (a clean end: the next run has nothing to take over) and unlock.
         Idempotent; a lock handed over to a later Trainer of this process is left to that one."""
@@ -175,20 +170,3 @@ class RunLock:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-
-
-def releases_run_lock_on_error(init: Callable) -> Callable:
-    """Decorate an ``__init__`` that sets ``self.run_lock``: if it raises after taking the lock, the
-    lock is released cleanly, so a refused or failed start leaves no stale holder behind."""
-
-    @functools.wraps(init)
-    def wrapper(self, *args, **kwargs) -> None:
-        try:
-            init(self, *args, **kwargs)
-        except BaseException:
-            lock = getattr(self, "run_lock", None)
-            if lock is not None:
-                lock.release()
-            raise
-
-    return wrapper

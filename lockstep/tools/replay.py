@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _replay(config, args) -> int:
-
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
-            trainer.train_step()
-            trainer.state.step += 1
+            result = trainer.train_step()
+            trainer.state.advance(result.samples * config.training.seq_len)
         rank = os.environ.get("RANK", "0")
         if args.mode == "verify":
             Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(_verify(trainer)))

@@ -22,6 +22,14 @@ class TrainState:
     loss_window: list[float] = field(default_factory=list)
     """The spike detector's window of recent ordinary losses (lockstep.train.guards.spikes)."""
 
+    def advance(self, tokens: int, elapsed_s: float | None = None) -> None:
+        """One committed step of `tokens` tokens: the one place that moves the step, the tokens seen and
+        (given the run's clock) the elapsed time, for the trainer and for tools that step a trainer."""
+        self.step += 1
+        self.tokens_seen += tokens
+        if elapsed_s is not None:
+            self.elapsed_s = elapsed_s
+
     def state_dict(self) -> dict:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s,

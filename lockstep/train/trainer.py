@@ -7,6 +7,7 @@ forward/backward each with the loss normalised by the global valid-token count, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -49,7 +50,7 @@ from lockstep.run.launches import (
     resumed_seed,
     shared_settings,
 )
-from lockstep.run.lock import RunLock, releases_run_lock_on_error
+from lockstep.run.lock import RunLock
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.guards.nonfinite import first_nonfinite_module
@@ -81,6 +82,22 @@ def resolve_device(training: TrainingConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _undoes_its_start_on_error(init: Callable) -> Callable:
+    """Decorate Trainer.__init__: if any stage raises, what the earlier stages started is ended (the
+    metrics file closed, the torchft manager shut down, the run lock released, the process group this
+    trainer started destroyed), so a failed start leaves no heartbeat, lock or group behind."""
+
+    @functools.wraps(init)
+    def wrapper(self: Trainer, *args, **kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self.abandon_start()
+            raise
+
+    return wrapper
+
+
 class Trainer:
     stopped_by_signal: bool = False
     """Set by train() when it stopped before training.steps (SIGTERM/SIGINT/SIGHUP, or a lost lighthouse):
@@ -90,7 +107,13 @@ class Trainer:
     stop_reason: str = ""
     """Why the run stopped early when no signal asked it to (a lost fault-tolerance lighthouse)."""
 
-    @releases_run_lock_on_error
+    run_lock: RunLock | None = None
+    fault_tolerance: FaultTolerance | None = None
+    metrics = None
+    owns_process_group: bool = False
+    """This trainer started the process group (a caller may have started one before), so it ends it."""
+
+    @_undoes_its_start_on_error
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
         self.world = world_from_env()
         validate_job_config(config, self.world.world_size)
@@ -121,6 +144,7 @@ class Trainer:
             batches = resolve_validation(config, self.dims)
             held_out = validation_windows(config.validation, config.data, self.tokenizer, batches.seq_len, nodes)
             validation = (batches, held_out)
+        self.owns_process_group = not torch.distributed.is_initialized()
         init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)
         self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
         config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
@@ -410,6 +434,18 @@ class Trainer:
             self.fault_tolerance.close()
         destroy_process_group(barrier=not failed)
 
+    def abandon_start(self) -> None:
+        """End what a failed __init__ started, each step even if an earlier one fails."""
+        undo = [
+            lambda: self.metrics is not None and self.metrics.close(),
+            lambda: self.fault_tolerance is not None and self.fault_tolerance.close(),
+            lambda: self.run_lock is not None and self.run_lock.release(),
+            lambda: self.owns_process_group and destroy_process_group(barrier=False),
+        ]
+        for step in undo:
+            with contextlib.suppress(Exception):
+                step()
+
     def _end_launch(self) -> None:
         """Record where this launch ended and release the run folder: the run writes nothing more. An
         async save still in flight (the loop ended by an error) keeps the lock until the process exits,
@@ -472,9 +508,7 @@ class Trainer:
                                 self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
                             stopping = result.stop
                             continue
-                        self.state.step += 1
-                        self.state.tokens_seen += result.samples * training.seq_len
-                        self.state.elapsed_s = time.perf_counter() - clock
+                        self.state.advance(result.samples * training.seq_len, time.perf_counter() - clock)
                         interval_tokens += result.samples * training.seq_len
                         # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
                         stopping = result.stop
@@ -490,7 +524,7 @@ class Trainer:
                             self.display.print(format_record(record))
                             interval_start, interval_tokens = time.perf_counter(), 0
                         self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
-                        self.display.step(self.state.step, None)
+                        self.display.step(self.state.step, result.loss_value)
                     self.comm.step_done(step)
                 self.checkpoints.close()
                 self.stopped_by_signal = stopping

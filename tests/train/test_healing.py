@@ -28,7 +28,7 @@ def deepseek(folder) -> Trainer:
 
 def step(trainer: Trainer) -> dict:
     result = trainer.train_step(fingerprint=True)
-    trainer.state.step += 1
+    trainer.state.advance(result.samples * trainer.config.training.seq_len)
     return {"loss": result.loss_value, "grad_norm": result.grad_norm_value} | result.fingerprints
 
 

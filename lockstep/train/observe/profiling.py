@@ -54,10 +54,6 @@ class Profiler:
         self._profile: torch.profiler.profile | None = None
         self._step = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.profiling.enable_profiling or self.cuda_snapshots
-
     def start(self, step: int) -> None:
         """Before the first step of this launch; `step` steps are already done."""
         self._step = step

@@ -37,11 +37,6 @@ class SampleLosses:
         """Per-token loss of each sample (nan for a sample without loss-taking tokens)."""
         return [s / t if t else float("nan") for s, t in zip(self.summed, self.tokens, strict=True)]
 
-    def step_loss(self) -> float:
-        """The step loss these add up to (summed in fp64: equal to the trained loss to rounding)."""
-        total_tokens = sum(self.tokens)
-        return sum(self.summed) / total_tokens if total_tokens else float("nan")
-
 
 @dataclass
 class StepPlace:
