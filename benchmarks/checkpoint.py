@@ -52,7 +52,9 @@ def folder_gib(folder: Path) -> float:
 
 def measure(model, optimizer, kind: str, dtype: str, mode: str, scratch: Path) -> dict:
     config = CheckpointConfig(enable=True, folder="ckpt", async_mode=mode)
-    manager = CheckpointManager(config, scratch, {"model": {}}, torch.device("cpu"), log=lambda message: None)
+    manager = CheckpointManager(
+        config, dump_folder=scratch, identity={"model": {}}, device=torch.device("cpu"), log=lambda message: None
+    )
     model_state = ModelState([model], dtype=torch.bfloat16 if dtype == "bf16" else None)
     states = {"model": model_state}
     if kind == "full":

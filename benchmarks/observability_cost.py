@@ -81,7 +81,7 @@ def micro(work: Path) -> dict:
     device = torch.device("cpu")
     metrics = StepMetrics(device)
     comm = CommTimeouts(CommConfig(), work, 0)
-    profiler = Profiler(ProfilingConfig(), work, 0, device)
+    profiler = Profiler(ProfilingConfig(), run_folder=work, rank=0, device=device)
 
     def step_bookkeeping(i: int) -> None:
         with comm.watching(i), profiler.step(i):
@@ -93,7 +93,7 @@ def micro(work: Path) -> dict:
     found = {"per_step_us": per_call_us(step_bookkeeping, 20000)}
     # Profiling on, between traced windows (the window never comes: profile_freq is huge).
     untraced = ProfilingConfig(enable_profiling=True, profile_freq=10**9, profiler_warmup=0, profiler_active=1)
-    traced_later = Profiler(untraced, work, 0, device)
+    traced_later = Profiler(untraced, run_folder=work, rank=0, device=device)
     traced_later.start(0)
 
     def profiled_step(i: int) -> None:
@@ -102,7 +102,7 @@ def micro(work: Path) -> dict:
 
     found["profiler_between_traces_us"] = per_call_us(profiled_step, 20000)
     traced_later.stop()
-    spikes = SpikeDetector(DebugConfig(spike_window=20), [], work, writes=False)
+    spikes = SpikeDetector(DebugConfig(spike_window=20), window=[], run_folder=work, writes=False)
     found["spike_check_us"] = per_call_us(lambda i: spikes.check(i, 2.0 + (i % 7) * 1e-3), 20000)
     found["record_us"] = per_call_us(lambda i: metrics.record(), 2000)
     return found

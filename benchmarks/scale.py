@@ -144,18 +144,24 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
         ParallelismConfig,
     )
     from lockstep.parallel.mesh import build_mesh
-    from lockstep.parallel.parallelize import Layout, build_model
+    from lockstep.parallel.parallelize import BuildSettings, build_model
 
     device, parallelism = torch.device("cpu"), ParallelismConfig()
     dims = resolve_parallel_dims(parallelism, int(os.environ["WORLD_SIZE"]))
-    layout = Layout(
-        dims, build_mesh(dims, device), device, "fp32", canonical_reductions=True, fsdp=dims.fsdp, root_seed=0,
+    settings = BuildSettings(
+        dims=dims,
+        mesh=build_mesh(dims, device),
+        device=device,
+        mixed_precision="fp32",
+        layout_invariant_reductions=True,
+        fsdp=dims.fsdp,
+        root_seed=0,
         attention_backend="sdpa",
-    )  # fmt: skip
+    )
     results = {}
     with _Peak() as peak:
         built = build_model(
-            ModelConfig(flavor=flavor), ActivationCheckpointConfig(), CompileConfig(), parallelism, layout,
+            ModelConfig(flavor=flavor), ActivationCheckpointConfig(), CompileConfig(), parallelism, settings,
             options.vocab, options.seq_len,
         )  # fmt: skip
     results["init"] = _record(peak, baseline, model_bytes)
@@ -164,7 +170,9 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
     spec = model_spec("llama3")
     with _Peak() as peak:
         if options.hf_reader == "shard":
-            checkpointer = CheckpointManager(CheckpointConfig(), Path(options.scratch), {}, device, log=lambda m: None)
+            checkpointer = CheckpointManager(
+                CheckpointConfig(), dump_folder=Path(options.scratch), identity={}, device=device, log=lambda m: None
+            )
             load_initial_weights(Path(options.hf_dir), checkpointer, {}, spec, built.args, built.parts)
         else:  # what initial.py did before issue 11: every rank builds the full model, then shards it
             full = {name: torch.empty(p.shape) for part in built.parts for name, p in part.named_parameters()}

@@ -16,7 +16,7 @@ class LockstepError(ValueError):
 class InputError(LockstepError):
     """A bad input file: names the file (and line or record where known), the problem and the fix."""
 
-    def __init__(self, path: str | Path, problem: str, fix: str = "", where: str = "") -> None:
+    def __init__(self, path: str | Path, problem: str, fix: str = "", *, where: str = "") -> None:
         self.path = str(path)
         self.problem = problem
         self.fix = fix

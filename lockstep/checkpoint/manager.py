@@ -101,6 +101,7 @@ class CheckpointManager:
     def __init__(
         self,
         checkpoint: CheckpointConfig,
+        *,
         dump_folder: Path,
         identity: dict,
         device: torch.device,

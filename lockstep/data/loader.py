@@ -55,7 +55,9 @@ class DataLoader:
     With a mixture (lockstep.data.mixture) the windows are its sources' and the order its interleaving;
     ``take_source_tokens`` gives the valid tokens per source of the steps consumed since it last asked."""
 
-    def __init__(self, windows: TokenWindows | MixtureWindows, seed: int, global_batch: int, local_batch: int) -> None:
+    def __init__(
+        self, windows: TokenWindows | MixtureWindows, *, seed: int, global_batch: int, local_batch: int
+    ) -> None:
         self.windows = windows
         mixture = isinstance(windows, MixtureWindows)
         self.order = windows.sample_order(seed) if mixture else SampleOrder(seed, windows.num_windows)

@@ -67,15 +67,17 @@ def _jsonl_range(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str
             yield text_of(record, task.text_field, path, ""), consumed
         except json.JSONDecodeError as e:
             where = f"line {_line_number(path, task.start, number)}"
-            raise InputError(path, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where) from e
+            raise InputError(
+                path, f"invalid JSON: {e.msg} (column {e.colno})", "fix or drop that line", where=where
+            ) from e
         except RecursionError:
             where = f"line {_line_number(path, task.start, number)}"
-            raise InputError(path, TOO_DEEP, "fix or drop that line", where) from None
+            raise InputError(path, TOO_DEEP, "fix or drop that line", where=where) from None
         except InputError as e:
-            raise InputError(e.path, e.problem, e.fix, f"line {_line_number(path, task.start, number)}") from e
+            raise InputError(e.path, e.problem, e.fix, where=f"line {_line_number(path, task.start, number)}") from e
         except ValueError as e:  # an integer of more digits than Python converts
             where = f"line {_line_number(path, task.start, number)}"
-            raise InputError(path, f"invalid JSON: {str(e)[:100]}", "fix or drop that line", where) from None
+            raise InputError(path, f"invalid JSON: {str(e)[:100]}", "fix or drop that line", where=where) from None
         consumed = 0
 
 
@@ -105,7 +107,7 @@ def _hf_rows(task: ShardTask, hasher: xxhash.xxh3_128) -> Iterator[tuple[str, in
             if not isinstance(text, str):
                 where = f"row {task.start + row}"
                 raise InputError(
-                    task.path, f"column {task.text_field!r} is not a string there", "fix or drop it", where
+                    task.path, f"column {task.text_field!r} is not a string there", "fix or drop it", where=where
                 )
             hasher.update(text.encode("utf-8"))
             hasher.update(b"\0")

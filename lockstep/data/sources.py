@@ -115,7 +115,9 @@ def json_texts(file: Path, text_field: str) -> Iterator[str]:
             raise InputError(file, TOO_DEEP, "fix the JSON there") from None
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data": a second document follows, so it is JSON Lines
-                raise InputError(file, f"invalid JSON: {e.msg}", "fix the JSON there", f"{e.lineno}:{e.colno}") from e
+                raise InputError(
+                    file, f"invalid JSON: {e.msg}", "fix the JSON there", where=f"{e.lineno}:{e.colno}"
+                ) from e
         except ValueError as e:  # an integer of more digits than Python converts
             raise InputError(file, f"invalid JSON: {e}", "fix the JSON there") from None
         else:
@@ -168,7 +170,7 @@ def parquet_texts(file: Path, text_field: str) -> Iterator[str]:
         for batch in parquet.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 if text is None:
-                    raise InputError(file, f"column {text_field!r} is null", "fix or drop that row", f"row {row}")
+                    raise InputError(file, f"column {text_field!r} is null", "fix or drop that row", where=f"row {row}")
                 yield text
                 row += 1
     except pa.ArrowException as e:

@@ -34,15 +34,16 @@ from lockstep.parallel.pipeline import Pipeline, pipeline_llm
 from lockstep.parallel.tensor_parallel import apply_tensor_parallel
 
 
-@dataclass
-class Layout:
-    """What the model transformations need to know about the run, resolved once by the trainer."""
+@dataclass(kw_only=True)
+class BuildSettings:
+    """What the model transformations need to know about the run, resolved once by the trainer (a
+    layout, in lockstep's words, is the parallel degrees alone: ``dims``)."""
 
     dims: ParallelDims
     mesh: DeviceMesh | None
     device: torch.device
     mixed_precision: str
-    canonical_reductions: bool
+    layout_invariant_reductions: bool
     """Sum gradients in the canonical tree (FSDP's reduce-scatter included), in fp32 and bf16 alike;
     off only with debug.layout_invariant_reductions = false (the backend's own sums)."""
     fsdp: bool
@@ -135,19 +136,19 @@ def build_model(
     activation_checkpoint: ActivationCheckpointConfig,
     compile_config: CompileConfig,
     parallelism: ParallelismConfig,
-    layout: Layout,
+    settings: BuildSettings,
     vocab_size: int,
     seq_len: int,
     pipeline_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     num_pipeline_microbatches: int = 0,
 ) -> BuiltModel:
     spec, args = model_args(model, vocab_size, seq_len)
-    dims = layout.dims  # check_model_fits_layout ran before the process group started
+    dims = settings.dims  # check_model_fits_layout ran before the process group started
     with torch.device("meta"):
-        whole = spec.build(args, layout.attention_backend)
+        whole = spec.build(args, settings.attention_backend)
     built = BuiltModel([], [name for name, _ in whole.named_parameters()], whole.num_flops_per_token(seq_len), args)
 
-    chunks = layout.deterministic_chunks
+    chunks = settings.deterministic_chunks
     canonical_tp = built.canonical_tp = spec.canonical_tensor_parallel and (chunks > 1 or (chunks and dims.tp > 1))
     if canonical_tp and args.vocab_size % chunks:
         raise ConfigError(
@@ -158,39 +159,39 @@ def build_model(
         if canonical_tp:  # no sequence or loss parallelism: activations whole on every tp rank
             plan = spec.tensor_parallel_plan(part, False)
             if dims.tp > 1:
-                apply_tensor_parallel(part, layout.mesh["tp"], canonical_plan(part, plan, chunks))
+                apply_tensor_parallel(part, settings.mesh["tp"], canonical_plan(part, plan, chunks))
             else:
                 apply_canonical_linears(part, plan, chunks)
         elif dims.tp > 1:
             plan = spec.tensor_parallel_plan(part, parallelism.loss_parallel)
-            apply_tensor_parallel(part, layout.mesh["tp"], plan)
+            apply_tensor_parallel(part, settings.mesh["tp"], plan)
         expert_params = []
         if dims.ep > 1:
-            expert_params = apply_expert_parallel(part, layout.mesh["dp_shard"], layout.canonical_reductions)
+            expert_params = apply_expert_parallel(part, settings.mesh["dp_shard"], settings.layout_invariant_reductions)
             built.unmanaged_params += expert_params
         apply_activation_checkpointing(part.layers, activation_checkpoint)
         apply_compile(part.layers, compile_config)
-        if layout.fsdp:
+        if settings.fsdp:
             built.fsdp_modules += apply_fsdp(
                 part,
-                layout.mesh["dp_shard"],
-                layout.mixed_precision,
+                settings.mesh["dp_shard"],
+                settings.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
-                canonical_reduce_scatter=TreeReduceScatter(layout.reduction_levels.get("dp_shard"))
-                if layout.canonical_reductions
+                canonical_reduce_scatter=TreeReduceScatter(settings.reduction_levels.get("dp_shard"))
+                if settings.layout_invariant_reductions
                 else None,
                 ignored_params=set(expert_params),
             )
-        if layout.initialize and layout.fill:
-            part.init_weights(layout.root_seed, layout.device)
-        elif layout.initialize:
-            part.materialize(layout.device)
+        if settings.initialize and settings.fill:
+            part.init_weights(settings.root_seed, settings.device)
+        elif settings.initialize:
+            part.materialize(settings.device)
         return part
 
     if dims.pp > 1:
         built.pipeline = pipeline_llm(
-            whole, layout.mesh["pp"], parallelism, num_pipeline_microbatches, layout.device, pipeline_loss, parallelize,
-            sync_every_microbatch=layout.canonical_reductions and layout.fsdp,  # the tree kept on the shards
+            whole, settings.mesh["pp"], parallelism, num_pipeline_microbatches, settings.device, pipeline_loss, parallelize,
+            sync_every_microbatch=settings.layout_invariant_reductions and settings.fsdp,  # the tree kept on the shards
         )  # fmt: skip
         built.parts = built.pipeline.model_parts
     else:

@@ -24,10 +24,15 @@ def _group(mesh: DeviceMesh | None, axis: str, size: int):
 
 class CrossRankReducer:
     def __init__(
-        self, mesh: DeviceMesh | None, dims: ParallelDims, canonical: bool, levels: dict[str, AxisLevels] | None = None
+        self,
+        mesh: DeviceMesh | None,
+        *,
+        dims: ParallelDims,
+        layout_invariant_reductions: bool,
+        levels: dict[str, AxisLevels] | None = None,
     ) -> None:
         """`levels`: the data-parallel axes split by node (``data_parallel_levels``), for two-level sums."""
-        self.canonical = canonical
+        self.layout_invariant_reductions = layout_invariant_reductions
         self.replicate_levels = (levels or {}).get("dp_replicate")
         self.replicate_group = _group(mesh, "dp_replicate", dims.dp_replicate)
         self.dp_group = _group(mesh, "dp", dims.dp)
@@ -43,7 +48,7 @@ class CrossRankReducer:
         return total.tolist()
 
     def _sum(self, flat: torch.Tensor, group) -> torch.Tensor:
-        if self.canonical:
+        if self.layout_invariant_reductions:
             return tree_all_reduce(flat, group)
         dist.all_reduce(flat, group=group)
         return flat
@@ -59,7 +64,7 @@ class CrossRankReducer:
         if self.replicate_group is None:
             return None
         replica_sum = ReplicaGradientSum(
-            self.replicate_group, canonical=self.canonical, bucket_bytes=int(bucket_mb * 2**20),
+            self.replicate_group, layout_invariant_reductions=self.layout_invariant_reductions, bucket_bytes=int(bucket_mb * 2**20),
             levels=self.replicate_levels,
         )  # fmt: skip
         unmanaged = {id(p) for p in model.unmanaged_params}

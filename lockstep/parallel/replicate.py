@@ -49,11 +49,16 @@ class ReplicaGradientSum:
     """
 
     def __init__(
-        self, group: dist.ProcessGroup, *, canonical: bool, bucket_bytes: int, levels: AxisLevels | None = None
+        self,
+        group: dist.ProcessGroup,
+        *,
+        layout_invariant_reductions: bool,
+        bucket_bytes: int,
+        levels: AxisLevels | None = None,
     ) -> None:
         """`levels`: the replicate axis split by node (``axis_levels``), for the canonical sum in two levels."""
         self.group = group
-        self.canonical = canonical
+        self.layout_invariant_reductions = layout_invariant_reductions
         self.levels = levels or AxisLevels.flat(group)
         self.bucket_bytes = bucket_bytes
         self.replicas = dist.get_world_size(group)
@@ -133,11 +138,11 @@ class ReplicaGradientSum:
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad for p in bucket.params]
         bucket.present = [g is not None for g in grads]
-        if self.canonical and self._node_levels is not None:
+        if self.layout_invariant_reductions and self._node_levels is not None:
             self._launch_nodes(bucket)
             return
         flat = self._flatten(bucket.params, grads)
-        if not self.canonical:
+        if not self.layout_invariant_reductions:
             bucket.flat = flat
             bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
             return
@@ -180,10 +185,10 @@ class ReplicaGradientSum:
         gathers = []
         for bucket in self._buckets:
             bucket.work.wait()
-            if self.canonical and self._node_levels is None:  # the rest of the two-level sum
+            if self.layout_invariant_reductions and self._node_levels is None:  # the rest of the two-level sum
                 finish_all_reduce_levels(bucket.flat, bucket.received, self.levels)
                 bucket.received = None
-            elif self.canonical:  # this rank's chunk, summed over replicas in rank order, then shared
+            elif self.layout_invariant_reductions:  # this rank's chunk, summed over replicas in rank order, then shared
                 reduced = self._reduce_received(bucket)
                 bucket.received = None
                 gathers.append(dist.all_gather_single(bucket.flat, reduced, group=self.group, async_op=True))

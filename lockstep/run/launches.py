@@ -312,7 +312,9 @@ def record_launch(
     try:
         launch = start_launch(run_folder, config_toml, env, start_step, resumed_from, log)
         metrics_file = prepare_run_folder(run_folder, config_toml, env, resumed_at=resumed_at)
-        return launch, MetricsLogger(metrics, run_folder, metrics_file, run_folder.name)
+        return launch, MetricsLogger(
+            metrics, run_folder=run_folder, metrics_file=metrics_file, run_name=run_folder.name
+        )
     except OSError as e:  # e.g. a file where launches/NNN or metrics.jsonl belongs
         raise InputError(
             e.filename or run_folder, f"cannot record this launch ({e.strerror})",

@@ -17,7 +17,7 @@ from lockstep.config.sections import MetricsConfig
 
 
 class MetricsLogger:
-    def __init__(self, metrics: MetricsConfig, run_folder: Path, metrics_file: Path, run_name: str) -> None:
+    def __init__(self, metrics: MetricsConfig, *, run_folder: Path, metrics_file: Path, run_name: str) -> None:
         self._file = open(metrics_file, "a")
         self._tensorboard = None
         self._wandb = None

@@ -31,6 +31,7 @@ class RunCheckpoints:
     def __init__(
         self,
         checkpoint: CheckpointConfig,
+        *,
         run_folder: Path,
         identity: dict,
         states: dict,
@@ -44,7 +45,7 @@ class RunCheckpoints:
         self.run_folder = run_folder
         self.states = states
         """What a checkpoint holds, by part (model, optimizer, lr_scheduler, dataloader, train_state, rng)."""
-        self.manager = CheckpointManager(checkpoint, run_folder, identity, device, log)
+        self.manager = CheckpointManager(checkpoint, dump_folder=run_folder, identity=identity, device=device, log=log)
         self.log = log
         self.resumed_from: Path | None = None
         self.saved_step: int | None = None

@@ -57,6 +57,7 @@ class ForwardBackward:
     def __init__(
         self,
         model: BuiltModel,
+        *,
         settings: LossSettings,
         device: torch.device,
         gradient_tree: GradientTree | None,

@@ -40,7 +40,7 @@ from lockstep.models.registry import model_args, typed_overrides
 from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels, levels_record
-from lockstep.parallel.parallelize import Layout, build_model, check_model_fits_layout
+from lockstep.parallel.parallelize import BuildSettings, build_model, check_model_fits_layout
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
 from lockstep.parallel.reducer import CrossRankReducer, any_rank_flag
 from lockstep.run.folder import environment
@@ -156,10 +156,14 @@ class Trainer:
         self.dp_rank = axis_rank(self.mesh, "dp")
         # Under pipelining the tree's leaves are the schedule's microbatches, so the loader cuts those.
         microbatch = microbatch_size(training, config.parallelism, self.dims)
-        self.loader = DataLoader(windows, self.seeds["data"], self.global_batch, microbatch)
+        self.loader = DataLoader(
+            windows, seed=self.seeds["data"], global_batch=self.global_batch, local_batch=microbatch
+        )
         # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16).
-        canonical = use_tree = config.debug.layout_invariant_reductions
-        self.fault_tolerance = self._fault_tolerance(use_tree, microbatch) if config.fault_tolerance.enable else None
+        layout_invariant = config.debug.layout_invariant_reductions
+        self.fault_tolerance = (
+            self._fault_tolerance(layout_invariant, microbatch) if config.fault_tolerance.enable else None
+        )
         self.loader.pin_memory = self.device.type == "cuda"
         if summary := getattr(windows, "summary", None):  # a mixture says how its weights were resolved
             self._log(summary())
@@ -169,14 +173,22 @@ class Trainer:
             loss_fn = torch.compile(global_batch_loss)
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
         # The canonical sums run inside each node first, then across nodes (a hierarchical ring's bytes).
-        levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if use_tree else {}
-        layout = Layout(
-            self.dims, self.mesh, self.device, training.mixed_precision, use_tree, self.fsdp, config.debug.seed,
-            self.attention_backend, deterministic_chunks=deterministic_chunks(config.debug, self.dims), reduction_levels=levels,
+        levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if layout_invariant else {}
+        settings = BuildSettings(
+            dims=self.dims,
+            mesh=self.mesh,
+            device=self.device,
+            mixed_precision=training.mixed_precision,
+            layout_invariant_reductions=layout_invariant,
+            fsdp=self.fsdp,
+            root_seed=config.debug.seed,
+            attention_backend=self.attention_backend,
+            deterministic_chunks=deterministic_chunks(config.debug, self.dims),
+            reduction_levels=levels,
             fill=False,  # drawn below unless a checkpoint's model loads over them
-        )  # fmt: skip
+        )
         self.model = build_model(
-            config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
+            config.model, config.activation_checkpoint, config.compile, config.parallelism, settings,
             self.tokenizer.vocab_size, training.seq_len, pipeline_loss,
             self.group_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
         )  # fmt: skip
@@ -186,10 +198,12 @@ class Trainer:
         self.moe_blocks = moe_blocks(self.model.parts)
         # FSDP reduce-scatters every micro-step and keeps the tree on the shards (1/dp_shard of the
         # gradients per rank, pipeline stages too); its microbatches are placed strided over the shards.
-        self.tree_on_shards = use_tree and self.fsdp
+        self.tree_on_shards = layout_invariant and self.fsdp
         self.microbatch_stride = self.dims.dp_shard if self.tree_on_shards else 1
-        self.gradient_tree = canonical_gradient_tree(self.model, self.tree_on_shards) if use_tree else None
-        self.reducer = CrossRankReducer(self.mesh, self.dims, canonical, levels)
+        self.gradient_tree = canonical_gradient_tree(self.model, self.tree_on_shards) if layout_invariant else None
+        self.reducer = CrossRankReducer(
+            self.mesh, dims=self.dims, layout_invariant_reductions=layout_invariant, levels=levels
+        )
         if self.fault_tolerance is None:  # each rank counts its own samples' tokens: one integer all-reduce
             self.loader.sum_over_ranks = functools.partial(self.reducer.sum_counts, device=self.device)
         self.replica_sum = self.reducer.replica_gradient_sum(
@@ -202,9 +216,14 @@ class Trainer:
         )  # fmt: skip
         shard_group = self.mesh.get_group("dp_shard") if self.tree_on_shards and self.dims.dp_shard > 1 else None
         self.forward_backward = ForwardBackward(
-            self.model, settings, self.device, self.gradient_tree, self.replica_sum, shard_group
+            self.model,
+            settings=settings,
+            device=self.device,
+            gradient_tree=self.gradient_tree,
+            replica_sum=self.replica_sum,
+            shard_group=shard_group,
         )
-        self.forward_backward.node_levels = self._replica_nodes(use_tree, microbatch)
+        self.forward_backward.node_levels = self._replica_nodes(layout_invariant, microbatch)
         self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         self.validator = self._validator(*validation) if validation is not None else None
@@ -212,17 +231,23 @@ class Trainer:
         self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
-        self.guards = StepGuards(config.debug, self.state.loss_window, self.run_folder, self.world.is_main, self._log)
+        self.guards = StepGuards(
+            config.debug,
+            loss_window=self.state.loss_window,
+            run_folder=self.run_folder,
+            writes=self.world.is_main,
+            log=self._log,
+        )
         self.place = StepPlace(
             self.dp_rank, self.dims.dp, self.microbatch_stride, self.model.pipeline is not None,
             [self.reducer.dp_group, self.reducer.pp_group],
         )  # fmt: skip
-        self.profiler = Profiler(config.profiling, self.run_folder, self.world.rank, self.device)
+        self.profiler = Profiler(config.profiling, run_folder=self.run_folder, rank=self.world.rank, device=self.device)
         self.step_metrics = StepMetrics(self.device, timeline=self._memory_timeline())
         self.rank_fingerprints = RankFingerprints(self.run_folder, self.world.rank)
         self.checkpoints = RunCheckpoints(
-            config.checkpoint, self.run_folder, self._checkpoint_identity(windows.fingerprint),
-            self._checkpoint_states(), self.device, self._log, around_save=self.comm.relaxed,
+            config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
+            states=self._checkpoint_states(), device=self.device, log=self._log, around_save=self.comm.relaxed,
         )  # fmt: skip
         spec = model_args(config.model, 1, 1)[0]
         fill = functools.partial(self._fill_weights, config.debug.seed)
@@ -232,7 +257,10 @@ class Trainer:
             self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
 
         fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
-        layout_record = {"degrees": dict(zip(AXES, self.dims.sizes(), strict=True)), "canonical_reductions": canonical}
+        layout_record = {
+            "degrees": dict(zip(AXES, self.dims.sizes(), strict=True)),
+            "canonical_reductions": layout_invariant,
+        }
         layout_record["reduction_levels"] = levels_record(levels)  # canonical sums: inside nodes, then across
         layout_record["deterministic_chunks"] = deterministic_chunks(config.debug, self.dims)
         layout_record["attention"] = self.attention_backend  # model.attention = auto: the kernel that ran
@@ -253,12 +281,18 @@ class Trainer:
         for part in self.model.parts:
             part.fill_weights(root_seed)
 
-    def _fault_tolerance(self, canonical: bool, microbatch: int):
+    def _fault_tolerance(self, layout_invariant: bool, microbatch: int):
         """Built from the fault_tolerance section, early (the group heartbeats from here on): this group's
         torchft manager; each group computes blocks of group_batch samples."""
         level = (self.group_batch // microbatch).bit_length() - 1  # blocks of 2^level microbatches
         return FaultTolerance(
-            self.config.fault_tolerance, self.world, self.device, self.group_batch, level, canonical, self.run_folder
+            self.config.fault_tolerance,
+            world=self.world,
+            device=self.device,
+            block_samples=self.group_batch,
+            block_level=level,
+            layout_invariant_reductions=layout_invariant,
+            run_folder=self.run_folder,
         )
 
     def _group_gradients(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
@@ -275,11 +309,16 @@ class Trainer:
             blocks, num_blocks, self.dp_rank, self.dims.dp, self.microbatch_stride, step_samples
         )
 
-    def _replica_nodes(self, canonical: bool, microbatch: int) -> list[list[int]] | None:
+    def _replica_nodes(self, layout_invariant: bool, microbatch: int) -> list[list[int]] | None:
         """When each replica's block of K microbatches (K not a power of two, no FSDP sharding) is not
         one node of the canonical tree: the nodes of every replica's block (canonical_nodes)."""
         per_rank = self.group_batch // microbatch // self.dims.dp
-        if not canonical or self.dims.dp_replicate == 1 or self.dims.dp_shard > 1 or per_rank & (per_rank - 1) == 0:
+        if (
+            not layout_invariant
+            or self.dims.dp_replicate == 1
+            or self.dims.dp_shard > 1
+            or per_rank & (per_rank - 1) == 0
+        ):
             return None
         return [canonical_nodes(r * per_rank, per_rank) for r in range(self.dims.dp_replicate)]
 
@@ -289,7 +328,14 @@ class Trainer:
         groups = [self.reducer.dp_group, self.reducer.pp_group]
         summed_losses = self.forward_backward.summed_losses
         return Validator(
-            config.validation, windows, batches, self.dp_rank, self.dims.dp, summed_losses, groups, self.device
+            config.validation,
+            windows=windows,
+            batches=batches,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dims.dp,
+            summed_losses=summed_losses,
+            groups=groups,
+            device=self.device,
         )
 
     def _checkpoint_identity(self, dataset_fingerprint: str) -> dict:

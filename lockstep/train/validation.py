@@ -78,6 +78,7 @@ class Validator:
     def __init__(
         self,
         validation: ValidationConfig,
+        *,
         windows: TokenWindows,
         batches: ValidationBatches,
         dp_rank: int,

@@ -126,7 +126,11 @@ def test_proportions_are_exact_over_every_window_of_ten_steps(sources, weights, 
     steps, wherever it starts, holds exactly 10 x global_batch x w_i rows of source i (10 x global_batch
     is a multiple of the period), and every window of 1-40 samples is within 2 of L w_i."""
     windows = _mixture(sources, weights)
-    rows = [name for batch in _served([DataLoader(windows, 5, global_batch, 2)], 60) for name in _row_sources(batch)]
+    rows = [
+        name
+        for batch in _served([DataLoader(windows, seed=5, global_batch=global_batch, local_batch=2)], 60)
+        for name in _row_sources(batch)
+    ]
     per_step = [rows[s * global_batch : (s + 1) * global_batch] for s in range(60)]
     shares = dict(zip(windows.names, windows.shares, strict=True))
     for start in range(50):
@@ -143,9 +147,11 @@ def test_the_sample_of_g_is_a_pure_function_of_seed_and_g(sources):
     alone, in reverse, or far out (g = 10^12) on a fresh order gives what one batched call gives; another
     seed changes windows but never the source of a sample."""
     windows = _mixture(sources, {"alpha": "0.7", "beta": "0.3"})
-    reference = _served([DataLoader(windows, 3, 8, 2)], 6)
+    reference = _served([DataLoader(windows, seed=3, global_batch=8, local_batch=2)], 6)
     for dp_degree, shard_degree in ((2, 1), (4, 1), (2, 2), (4, 2)):
-        served = _served([DataLoader(windows, 3, 8, 2) for _ in range(dp_degree)], 6, shard_degree)
+        served = _served(
+            [DataLoader(windows, seed=3, global_batch=8, local_batch=2) for _ in range(dp_degree)], 6, shard_degree
+        )
         assert all(torch.equal(a, b) for a, b in zip(served, reference, strict=True)), (dp_degree, shard_degree)
     batched = windows.sample_order(3).windows_of(range(300))
     fresh = windows.sample_order(3)
@@ -180,17 +186,17 @@ def test_resume_in_another_layout_equals_an_uninterrupted_run(sources):
     are bitwise those of an uninterrupted run, and so are the per-source token counts. A mixture with
     other weights refuses the state (fingerprint over all sources)."""
     weights = {"alpha": "0.7", "beta": "0.3"}
-    expected = _served([DataLoader(_mixture(sources, weights), 9, 8, 2)], 8)
-    first = DataLoader(_mixture(sources, weights), 9, 8, 2)
+    expected = _served([DataLoader(_mixture(sources, weights), seed=9, global_batch=8, local_batch=2)], 8)
+    first = DataLoader(_mixture(sources, weights), seed=9, global_batch=8, local_batch=2)
     _served([first], 3)
     state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint holds it
     assert state == {"next_sample_index": 24, "fingerprint": first.windows.fingerprint, "order_version": 2}
-    resumed = [DataLoader(_mixture(sources, weights), 9, 8, 2) for _ in range(2)]
+    resumed = [DataLoader(_mixture(sources, weights), seed=9, global_batch=8, local_batch=2) for _ in range(2)]
     for loader in resumed:
         loader.load_state_dict(state)
     served = _served(resumed, 5)
     assert all(torch.equal(a, b) for a, b in zip(served, expected[3:], strict=True))
-    reweighted = DataLoader(_mixture(sources, {"alpha": "0.6", "beta": "0.4"}), 9, 8, 2)
+    reweighted = DataLoader(_mixture(sources, {"alpha": "0.6", "beta": "0.4"}), seed=9, global_batch=8, local_batch=2)
     with pytest.raises(ValueError, match="fingerprint differs"):
         reweighted.load_state_dict(state)
 
@@ -200,7 +206,7 @@ def test_source_tokens_count_the_consumed_steps_only(sources):
     that source (counted here from the served tensors); the step read ahead is not counted, and each call
     starts afresh. The global token count is their sum."""
     windows = _mixture(sources, {"alpha": "0.7", "beta": "0.2", "gamma": "0.1"})
-    loader = DataLoader(windows, 2, 10, 5)
+    loader = DataLoader(windows, seed=2, global_batch=10, local_batch=5)
 
     def step_truth() -> tuple[dict[str, int], int]:
         truth = dict.fromkeys(windows.names, 0)
@@ -234,7 +240,7 @@ def test_a_tiny_training_run_on_a_two_source_mixture(sources, tmp_path):
     assert trainer.loader.windows.fingerprint == windows.fingerprint
     left = trainer.loader.take_source_tokens()
     got = {n: left.get(n, 0) + sum(r.get(f"data/tokens/{n}", 0) for r in records) for n in windows.names}
-    own = DataLoader(windows, trainer.seeds["data"], trainer.global_batch, 2)
+    own = DataLoader(windows, seed=trainer.seeds["data"], global_batch=trainer.global_batch, local_batch=2)
     for _ in range(3):
         own.next_step()
     assert got == own.take_source_tokens() and all(got.values())

@@ -106,7 +106,9 @@ def test_inspect_names_the_windows_the_loader_serves(spiky, capfd):
     config = load_config(str(run / "config.toml"), [])
     tokenizer = build_tokenizer(config.model, config.data)
     seed = json.loads((run / "env.json").read_text())["seeds"]["data"]
-    loader = DataLoader(build_token_windows(config.training, config.data, tokenizer), seed, 2, 1)
+    loader = DataLoader(
+        build_token_windows(config.training, config.data, tokenizer), seed=seed, global_batch=2, local_batch=1
+    )
     step = 17
     code, out, _ = run_cli(["inspect", str(run), "--step", str(step), "--json", "--preview-tokens", "12"], capfd)
     shown = json.loads(out)["sources"]

@@ -106,7 +106,7 @@ def test_identity_mismatch_names_only_the_differing_keys(tmp_path):
         "layout": {"dp_shard": 2},
     }
     (checkpoint / folders.MANIFEST).write_text(json.dumps(manifest))
-    manager = CheckpointManager(CheckpointConfig(), tmp_path, identity, torch.device("cpu"))
+    manager = CheckpointManager(CheckpointConfig(), dump_folder=tmp_path, identity=identity, device=torch.device("cpu"))
     with pytest.raises(CheckpointMismatch, match=r"\(checkpoint -> this run: model\.args\.dim: 64 -> 128\)\. Use"):
         manager.check_identity(checkpoint)
 

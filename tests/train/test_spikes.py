@@ -11,7 +11,7 @@ from lockstep.train.guards.spikes import SpikeDetector
 
 def _detector(window: list[float], action: str = "log", size: int = 8) -> SpikeDetector:
     debug = DebugConfig(spike_window=size, spike_threshold=6.0, spike_action=action, max_consecutive_skips=5)
-    return SpikeDetector(debug, window, None, writes=False)
+    return SpikeDetector(debug, window=window, run_folder=None, writes=False)
 
 
 def _noisy(rng: random.Random, level: float) -> float:

@@ -127,7 +127,7 @@ class GroupedQueryAttention(nn.Module):
     on q and k, and optionally QK-norm (Qwen3: ``HeadNorm`` on each head's q and k, before RoPE).
     Llama 3 and Qwen3 share it; parameter names follow torchtitan's (wq, wk, wv, wo)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm_eps: float | None = None):
+    def __init__(self, dim: int, *, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm_eps: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)

@@ -158,6 +158,7 @@ class TransformerBlock(nn.Module):
     def __init__(
         self,
         dim: int,
+        *,
         norm_eps: float,
         attention: nn.Module,
         feed_forward: nn.Module | None = None,

@@ -40,6 +40,7 @@ class Router(nn.Module):
     def __init__(
         self,
         dim: int,
+        *,
         num_experts: int,
         top_k: int,
         score_func: str,
@@ -117,7 +118,7 @@ class MoE(nn.Module):
     auxiliary-loss-free balancing bias; ``tokens_per_expert`` counts this step's routing and is
     consumed by ``update_expert_bias`` after the optimizer step."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_shared: int, router: Router) -> None:
+    def __init__(self, dim: int, *, hidden_dim: int, num_experts: int, num_shared: int, router: Router) -> None:
         super().__init__()
         self.router = router
         self.experts = GroupedExperts(dim, hidden_dim, num_experts)

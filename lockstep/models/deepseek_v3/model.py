@@ -63,14 +63,18 @@ class MultiHeadLatentAttention(nn.Module):
 def _block(a: DeepSeekV3Args, layer_id: int) -> TransformerBlock:
     attention = MultiHeadLatentAttention(a)
     if layer_id < a.n_dense_layers:
-        return TransformerBlock(a.dim, a.norm_eps, attention, feed_forward=FeedForward(a.dim, a.inter_dim))
+        return TransformerBlock(
+            a.dim, norm_eps=a.norm_eps, attention=attention, feed_forward=FeedForward(a.dim, a.inter_dim)
+        )
     router = Router(
-        a.dim, a.n_routed_experts, a.n_activated_experts, a.score_func, a.n_expert_groups,
-        a.n_limited_groups, a.route_scale, a.norm_topk_prob,
+        a.dim, num_experts=a.n_routed_experts, top_k=a.n_activated_experts, score_func=a.score_func, num_groups=a.n_expert_groups,
+        num_limited_groups=a.n_limited_groups, route_scale=a.route_scale, norm_topk_prob=a.norm_topk_prob,
     )  # fmt: skip
-    moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, a.n_shared_experts, router)
+    moe = MoE(
+        a.dim, hidden_dim=a.moe_inter_dim, num_experts=a.n_routed_experts, num_shared=a.n_shared_experts, router=router
+    )
     moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
-    return TransformerBlock(a.dim, a.norm_eps, attention, moe=moe)
+    return TransformerBlock(a.dim, norm_eps=a.norm_eps, attention=attention, moe=moe)
 
 
 class DeepSeekV3(Decoder):

@@ -16,8 +16,10 @@ from lockstep.models.llama3.args import Llama3Args
 
 
 def _block(a: Llama3Args) -> TransformerBlock:
-    attention = GroupedQueryAttention(a.dim, a.n_heads, a.kv_heads, a.head_dim)
-    return TransformerBlock(a.dim, a.norm_eps, attention, feed_forward=FeedForward(a.dim, a.ffn_hidden_dim))
+    attention = GroupedQueryAttention(a.dim, n_heads=a.n_heads, n_kv_heads=a.kv_heads, head_dim=a.head_dim)
+    return TransformerBlock(
+        a.dim, norm_eps=a.norm_eps, attention=attention, feed_forward=FeedForward(a.dim, a.ffn_hidden_dim)
+    )
 
 
 class Llama3(Decoder):

@@ -20,16 +20,20 @@ from lockstep.models.qwen3.args import Qwen3Args
 
 
 def _block(a: Qwen3Args) -> TransformerBlock:
-    attention = GroupedQueryAttention(a.dim, a.n_heads, a.kv_heads, a.head_dim, qk_norm_eps=a.norm_eps)
+    attention = GroupedQueryAttention(
+        a.dim, n_heads=a.n_heads, n_kv_heads=a.kv_heads, head_dim=a.head_dim, qk_norm_eps=a.norm_eps
+    )
     if not a.is_moe:
-        return TransformerBlock(a.dim, a.norm_eps, attention, feed_forward=FeedForward(a.dim, a.ffn_hidden_dim))
+        return TransformerBlock(
+            a.dim, norm_eps=a.norm_eps, attention=attention, feed_forward=FeedForward(a.dim, a.ffn_hidden_dim)
+        )
     router = Router(
-        a.dim, a.n_routed_experts, a.n_activated_experts, "softmax", num_groups=1, num_limited_groups=1,
+        a.dim, num_experts=a.n_routed_experts, top_k=a.n_activated_experts, score_func="softmax", num_groups=1, num_limited_groups=1,
         route_scale=1.0, norm_topk_prob=a.norm_topk_prob,
     )  # fmt: skip
-    moe = MoE(a.dim, a.moe_inter_dim, a.n_routed_experts, 0, router)
+    moe = MoE(a.dim, hidden_dim=a.moe_inter_dim, num_experts=a.n_routed_experts, num_shared=0, router=router)
     moe.seq_aux_loss_alpha = a.seq_aux_loss_alpha
-    return TransformerBlock(a.dim, a.norm_eps, attention, moe=moe)
+    return TransformerBlock(a.dim, norm_eps=a.norm_eps, attention=attention, moe=moe)
 
 
 class Qwen3(Decoder):

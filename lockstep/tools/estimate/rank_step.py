@@ -26,7 +26,7 @@ from lockstep.data.loader import Microbatch
 from lockstep.parallel.canonical import clip_, grad_norm_fp64, sharded_parameters
 from lockstep.parallel.mesh import axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels
-from lockstep.parallel.parallelize import BuiltModel, Layout, build_model
+from lockstep.parallel.parallelize import BuildSettings, BuiltModel, build_model
 from lockstep.parallel.reducer import CrossRankReducer
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.loss import PipelineLoss, global_batch_loss
@@ -71,19 +71,27 @@ class RankStep:
         self.config, self.dims, self.device = config, dims, device
         self.shape = StepShape.of(config, dims)
         self.eos_id = vocab_size - 1
-        use_tree = config.debug.layout_invariant_reductions
+        layout_invariant = config.debug.layout_invariant_reductions
         fsdp = dims.fsdp or config.training.mixed_precision == "bf16"
         self.mesh = build_mesh(dims, device, single=fsdp)
         training = config.training
         pipeline_loss = PipelineLoss(global_batch_loss, training.loss_chunk_tokens)
-        levels = data_parallel_levels(self.mesh, dims, ranks_per_node) if use_tree else {}
-        layout = Layout(
-            dims, self.mesh, device, training.mixed_precision, use_tree, fsdp, config.debug.seed or 0, attention_backend,
-            deterministic_chunks=deterministic_chunks(config.debug, dims), initialize=tensor_mode is None,
+        levels = data_parallel_levels(self.mesh, dims, ranks_per_node) if layout_invariant else {}
+        settings = BuildSettings(
+            dims=dims,
+            mesh=self.mesh,
+            device=device,
+            mixed_precision=training.mixed_precision,
+            layout_invariant_reductions=layout_invariant,
+            fsdp=fsdp,
+            root_seed=config.debug.seed or 0,
+            attention_backend=attention_backend,
+            deterministic_chunks=deterministic_chunks(config.debug, dims),
+            initialize=tensor_mode is None,
             reduction_levels=levels,
-        )  # fmt: skip
+        )
         self.model: BuiltModel = build_model(
-            config.model, config.activation_checkpoint, config.compile, config.parallelism, layout,
+            config.model, config.activation_checkpoint, config.compile, config.parallelism, settings,
             vocab_size, training.seq_len, pipeline_loss, self.shape.microbatches if dims.pp > 1 else 0,
         )  # fmt: skip
         if tensor_mode is not None:
@@ -93,14 +101,16 @@ class RankStep:
         for part in self.model.parts:
             if hasattr(part, "set_force_load_balance"):
                 part.set_force_load_balance(True)
-        tree_on_shards = use_tree and fsdp
+        tree_on_shards = layout_invariant and fsdp
         if on_gradient is not None:  # registered first, so it runs before the tree's hooks
             watched = [p for module in self.model.fsdp_modules for p in sharded_parameters(module)]
             watched += [p for part in self.model.parts for p in part.parameters()]
             for param in {id(p): p for p in watched}.values():
                 param.register_post_accumulate_grad_hook(on_gradient)
-        self.gradient_tree = canonical_gradient_tree(self.model, tree_on_shards) if use_tree else None
-        self.reducer = CrossRankReducer(self.mesh, dims, use_tree, levels)
+        self.gradient_tree = canonical_gradient_tree(self.model, tree_on_shards) if layout_invariant else None
+        self.reducer = CrossRankReducer(
+            self.mesh, dims=dims, layout_invariant_reductions=layout_invariant, levels=levels
+        )
         self.replica_sum = self.reducer.replica_gradient_sum(
             self.model, config.parallelism.replicate_bucket_mb, fsdp_syncs_once=not tree_on_shards
         )
@@ -111,7 +121,12 @@ class RankStep:
         )  # fmt: skip
         shard_group = self.mesh.get_group("dp_shard") if tree_on_shards and dims.dp_shard > 1 else None
         self.forward_backward = ForwardBackward(
-            self.model, settings, device, self.gradient_tree, self.replica_sum, shard_group
+            self.model,
+            settings=settings,
+            device=device,
+            gradient_tree=self.gradient_tree,
+            replica_sum=self.replica_sum,
+            shard_group=shard_group,
         )
         self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]

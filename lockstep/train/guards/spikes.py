@@ -39,7 +39,7 @@ class Spike:
 
 
 class SpikeDetector:
-    def __init__(self, debug: DebugConfig, window: list[float], run_folder: Path, writes: bool) -> None:
+    def __init__(self, debug: DebugConfig, *, window: list[float], run_folder: Path, writes: bool) -> None:
         self.size = debug.spike_window
         self.threshold = debug.spike_threshold
         self.skips = debug.spike_action == "skip"

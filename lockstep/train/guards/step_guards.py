@@ -20,11 +20,21 @@ from lockstep.train.observe.sample_losses import SampleLosses
 
 class StepGuards:
     def __init__(
-        self, debug: DebugConfig, loss_window: list[float], run_folder: Path, writes: bool, log: Callable[[str], None]
+        self,
+        debug: DebugConfig,
+        *,
+        loss_window: list[float],
+        run_folder: Path,
+        writes: bool,
+        log: Callable[[str], None],
     ) -> None:
         self.nonfinite = debug.nonfinite
         self.consecutive_skips = ConsecutiveSkips(debug.max_consecutive_skips)
-        self.spikes = SpikeDetector(debug, loss_window, run_folder, writes) if debug.spike_window else None
+        self.spikes = (
+            SpikeDetector(debug, window=loss_window, run_folder=run_folder, writes=writes)
+            if debug.spike_window
+            else None
+        )
         self.log = log
 
     def skip(

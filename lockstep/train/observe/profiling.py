@@ -42,7 +42,7 @@ def _fresh(path: Path) -> Path:
 
 
 class Profiler:
-    def __init__(self, profiling: ProfilingConfig, run_folder: Path, rank: int, device: torch.device) -> None:
+    def __init__(self, profiling: ProfilingConfig, *, run_folder: Path, rank: int, device: torch.device) -> None:
         self.profiling = profiling
         self.traces = run_folder / profiling.save_traces_folder
         self.snapshots = run_folder / profiling.save_memory_snapshot_folder

@@ -128,11 +128,12 @@ class FaultTolerance:
     def __init__(
         self,
         config: FaultToleranceConfig,
+        *,
         world: WorldInfo,
         device: torch.device,
         block_samples: int,
         block_level: int,
-        canonical: bool,
+        layout_invariant_reductions: bool,
         run_folder: Path,
     ) -> None:
         self.config = config
@@ -140,7 +141,7 @@ class FaultTolerance:
         """Samples in one group's block of a step (the global batch over group_size)."""
         self.block_level = block_level
         """Each block is 2^block_level of the loader's microbatches."""
-        self.canonical = canonical
+        self.layout_invariant_reductions = layout_invariant_reductions
         self.healing = HealingState({})  # the checkpoint's parts, once built (attach)
         timeout = timedelta(seconds=config.timeout_s)
         process_group = _recording(ProcessGroupNCCL if device.type == "cuda" else ProcessGroupGloo)(timeout=timeout)
@@ -279,7 +280,7 @@ class FaultTolerance:
         for block, microbatches in zip(blocks, per_block, strict=True):
             loss = compute_block(microbatches, global_tokens)
             sums[block] = packing.take(loss)
-        if self.canonical:
+        if self.layout_invariant_reductions:
             total = combine_blocks(sums, num_blocks, self.block_level, self._sum_across_groups)
         else:  # the usual way: this group's blocks in order, then all_reduce(SUM)
             total = sums[blocks[0]]
