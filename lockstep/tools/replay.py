@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _replay(config, args) -> int:
     with Trainer(config, show_progress=False) as trainer:
         while trainer.state.step < args.step - 1:
-            result = trainer.train_step()
+            result = trainer.step.run(trainer.state.step + 1)
             trainer.state.advance(result.samples * config.training.seq_len)
         rank = os.environ.get("RANK", "0")
         if args.mode == "verify":
@@ -179,7 +179,7 @@ def _replay(config, args) -> int:
         capture = Capture()
         for part in trainer.model.parts:
             capture.attach(part)
-        trainer.train_step(observe=capture.observe)
+        trainer.step.run(trainer.state.step + 1, observe=capture.observe)
         if axis_rank(trainer.mesh, "dp") == 0 and axis_rank(trainer.mesh, "tp") == 0:
             stage = axis_rank(trainer.mesh, "pp")
             torch.save(capture.state() | {"stage": stage}, f"{args.out}.rank{rank}.pt")
@@ -188,10 +188,9 @@ def _replay(config, args) -> int:
 
 def _verify(trainer) -> dict:
     """The next step as training ran it, and each of its samples' losses beforehand."""
-
     start = trainer.loader.next_sample_index
-    losses = trainer.sample_losses(start)
-    result = trainer.train_step(fingerprint=True)
+    losses = trainer.step.sample_losses(start)
+    result = trainer.step.run(trainer.state.step + 1, fingerprint=True)
     return strict_json({
         "step": trainer.state.step + 1, "loss": result.loss_value, "grad_norm": result.grad_norm_value,
         "fingerprints": result.fingerprints, "local_digests": result.local_digests,

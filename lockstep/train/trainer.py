@@ -32,17 +32,17 @@ from lockstep.config.job import (
 from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.dataset import TokenWindows
-from lockstep.data.loader import DataLoader, Microbatch, build_token_windows
+from lockstep.data.loader import DataLoader, build_token_windows
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.determinism.seeds import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, typed_overrides
-from lockstep.parallel.canonical import canonical_nodes, clip_, full_value, grad_norm_fp64
+from lockstep.parallel.canonical import canonical_nodes, full_value
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels, levels_record
 from lockstep.parallel.parallelize import BuildSettings, build_model, check_model_fits_layout
 from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
-from lockstep.parallel.reducer import CrossRankReducer, any_rank_flag
+from lockstep.parallel.reducer import CrossRankReducer
 from lockstep.run.folder import environment
 from lockstep.run.launches import (
     config_record,
@@ -53,20 +53,20 @@ from lockstep.run.launches import (
 from lockstep.run.lock import RunLock
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
-from lockstep.train.guards.nonfinite import first_nonfinite_module
 from lockstep.train.guards.step_guards import StepGuards
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.observe.display import ConsoleDisplay, format_record
-from lockstep.train.observe.fingerprint import ModuleOutputs, RankFingerprints, model_fingerprint
-from lockstep.train.observe.moe_balance import MoEStats, moe_blocks, move_expert_biases, pool_over_stages
+from lockstep.train.observe.fingerprint import RankFingerprints
+from lockstep.train.observe.moe_balance import MoEStats, moe_blocks, pool_over_stages
 from lockstep.train.observe.profiling import Profiler
-from lockstep.train.observe.sample_losses import SampleLosses, StepPlace, step_sample_losses
+from lockstep.train.observe.sample_losses import SampleLosses, StepPlace
 from lockstep.train.observe.step_metrics import StepMetrics
 from lockstep.train.observe.throughput import mfu_percent, peak_flops
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.resilience.comm import CommTimeouts
 from lockstep.train.resilience.fault_tolerance import FaultTolerance, LighthouseLost
 from lockstep.train.state import GracefulStop, StepResult, TrainState
+from lockstep.train.step import GradientSource, GroupPasses, LocalGradients, ReplicaGroupGradients, TrainStep
 from lockstep.train.validation import Validator, validation_windows
 
 
@@ -244,6 +244,13 @@ class Trainer:
         )  # fmt: skip
         self.profiler = Profiler(config.profiling, run_folder=self.run_folder, rank=self.world.rank, device=self.device)
         self.step_metrics = StepMetrics(self.device, timeline=self._memory_timeline())
+        self.step = TrainStep(
+            self._gradient_source(),
+            model=self.model, forward_backward=self.forward_backward, reducer=self.reducer, optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers, guards=self.guards, step_metrics=self.step_metrics, loader=self.loader,
+            place=self.place, max_norm=training.max_norm, fingerprint_outputs=not config.compile.enable,
+            device=self.device, sample_losses_available=self.fault_tolerance is None,
+        )  # fmt: skip
         self.rank_fingerprints = RankFingerprints(self.run_folder, self.world.rank)
         self.checkpoints = RunCheckpoints(
             config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
@@ -295,19 +302,16 @@ class Trainer:
             run_folder=self.run_folder,
         )
 
-    def _group_gradients(self, microbatches: list[Microbatch], global_tokens: int) -> torch.Tensor:
-        """Forward and backward of this rank's microbatches, gradients summed over the replica group's
-        ranks; returns the loss of the group's microbatches (every rank alike)."""
-        loss = self.forward_backward.run(microbatches, global_tokens)
-        self.step_metrics.compute_done()  # before waiting for the other replicas
-        if self.replica_sum is not None:  # started in backward, bucket by bucket
-            self.replica_sum.finish()
-        return self.reducer.global_loss(loss, self.forward_backward.node_levels)
-
-    def _read_blocks(self, blocks: tuple[int, ...], num_blocks: int, step_samples: int | None):
-        return self.loader.next_blocks(
-            blocks, num_blocks, self.dp_rank, self.dims.dp, self.microbatch_stride, step_samples
-        )
+    def _gradient_source(self) -> GradientSource:
+        """Where a step's gradients come from: this job's ranks over the whole global batch, or this
+        replica group's blocks summed with the live groups' (fault tolerance)."""
+        passes = GroupPasses(self.forward_backward, reducer=self.reducer, step_metrics=self.step_metrics)
+        if self.fault_tolerance is None:
+            return LocalGradients(self.loader, place=self.place, passes=passes, global_batch=self.global_batch)
+        return ReplicaGroupGradients(
+            self.fault_tolerance, loader=self.loader, place=self.place, passes=passes,
+            params=[p for _, p in self.named_params], counters=[moe.tokens_per_expert for _, moe in self.moe_blocks],
+        )  # fmt: skip
 
     def _replica_nodes(self, layout_invariant: bool, microbatch: int) -> list[list[int]] | None:
         """When each replica's block of K microbatches (K not a power of two, no FSDP sharding) is not
@@ -367,100 +371,15 @@ class Trainer:
         observe: Callable[[str, dict], None] | None = None,
         stop_requested: bool = False,
     ) -> StepResult:
-        """One optimizer step over the global batch: loss and grad norm (fp32 tensors, and read once as
-        floats together with the stop flag agreed over all ranks: the step's only host sync by
-        default), and with `fingerprint` the hashes of the gradients (before clipping) and of the
-        updated parameters. `observe(what, tensors)` (tools such as bisect) sees "gradients" and
-        "parameters" by name."""
-        self.step_metrics.begin()
-        outputs = ModuleOutputs(self.model.parts) if fingerprint and not self.config.compile.enable else None
-        result = self._step(fingerprint, observe, stop_requested)
-        if outputs is not None:
-            result.local_digests["outputs"] = outputs.close()
-        self.step_metrics.end(self.state.step + 1)
-        return result
+        """The next step through ``self.step`` (lockstep.train.step.TrainStep); the state is not moved
+        (the loop does that with TrainState.advance)."""
+        return self.step.run(
+            self.state.step + 1, fingerprint=fingerprint, observe=observe, stop_requested=stop_requested
+        )
 
     def sample_losses(self, step_start: int) -> SampleLosses | None:
-        """Each sample's loss of the global batch starting at `step_start`, with the current weights (all
-        ranks call it). None under pipelining with several samples per microbatch, or fault tolerance."""
-        if self.fault_tolerance is not None:  # the group computes only its blocks of the step
-            return None
-        return step_sample_losses(self.loader, step_start, self.forward_backward.summed_losses, self.place, self.device)
-
-    def _step(self, fingerprint: bool, observe: Callable[[str, dict], None] | None, stop_requested: bool) -> StepResult:
-        if self.fault_tolerance is None:
-            microbatches, global_tokens = self.loader.next_step(self.dp_rank, self.dims.dp, self.microbatch_stride)
-            loss = self._group_gradients(microbatches, global_tokens)
-        else:  # this group's blocks of the step, summed with the other groups'; redone if not committed
-            counters = [moe.tokens_per_expert for _, moe in self.moe_blocks]
-            params = [p for _, p in self.named_params]
-            computed = self.fault_tolerance.committed_gradients(
-                self.state.step + 1, self.loader, self._read_blocks, self._group_gradients, params, counters
-            )
-            if computed is None:
-                nothing = torch.zeros((), device=self.device)
-                result = StepResult(nothing, nothing, committed=False)
-                result.read(any_rank_flag(stop_requested, self.device))  # a stop still ends the run here
-                return result
-            loss, microbatches, global_tokens = computed
-        named_grads = {n: p.grad for n, p in self.named_params if p.grad is not None}
-        grad_norm = grad_norm_fp64(named_grads, self.model.param_names, self.reducer.pp_group)
-        samples = self.fault_tolerance.step_samples if self.fault_tolerance is not None else self.global_batch
-        result = StepResult(loss, grad_norm, samples=samples)
-        result.read(any_rank_flag(stop_requested, self.device))
-        if fingerprint:
-            result.fingerprints["grad_fingerprint"] = model_fingerprint(
-                named_grads,
-                self.model.param_names,
-                self.reducer.pp_group,
-                result.local_digests.setdefault("gradients", {}),
-            )
-        if observe is not None:
-            observe("gradients", named_grads)
-        start = self.loader.step_start
-        if self.guards.skip(
-            self.state.step + 1, result.loss_value, result.grad_norm_value, list(range(start, start + result.samples)),
-            lambda: self._locate_nonfinite(microbatches, global_tokens), lambda: self.sample_losses(start),
-        ):  # fmt: skip
-            self._drop_update()  # the parameters stay as they were
-        else:
-            self._update(named_grads, grad_norm, result)
-        if observe is not None:
-            observe("parameters", dict(self.named_params))
-        if fingerprint:
-            params = dict(self.named_params)
-            result.fingerprints["param_fingerprint"] = model_fingerprint(
-                params, self.model.param_names, self.reducer.pp_group, result.local_digests.setdefault("parameters", {})
-            )
-        return result
-
-    def _update(self, named_grads: dict[str, torch.Tensor], grad_norm: torch.Tensor, result: StepResult) -> None:
-        if self.config.training.max_norm > 0:
-            clip_(list(named_grads.values()), grad_norm, self.config.training.max_norm)
-        for optimizer, scheduler in zip(self.optimizers, self.lr_schedulers, strict=True):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        speed = getattr(self.model.args, "bias_update_speed", 0.0)
-        result.moe = move_expert_biases(self.moe_blocks, speed, self.reducer.dp_group)
-
-    def _locate_nonfinite(self, microbatches: list[Microbatch], global_tokens: int) -> str:
-        """Replay the step's forward and backward with hooks: the first module with a non-finite value."""
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        if self.model.pipeline is not None:
-            return "not located (pipeline parallel)"
-        run = lambda: self.forward_backward.run(microbatches, global_tokens)  # noqa: E731
-        found = first_nonfinite_module(self.model.parts[0], run)
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        return found or "no module output or gradient (the loss or the reduction)"
-
-    def _drop_update(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        for _, moe in self.moe_blocks:  # the skipped step's routing counts move no bias
-            moe.tokens_per_expert.zero_()
+        """TrainStep.sample_losses: each sample's loss of the global batch starting at `step_start`."""
+        return self.step.sample_losses(step_start)
 
     def _memory_timeline(self) -> Path | None:
         """With profiling.enable_memory_snapshot on CPU: the per-step peak-RSS file of this rank."""

@@ -1,16 +1,16 @@
 """The step being trained, for test assets that change numerics at chosen steps (imported once, the
-patch is applied once: Trainer.train_step records self.state.step + 1 before it runs)."""
+patch is applied once: TrainStep.run records the step it runs, for the trainer and for replays alike)."""
 
-from lockstep.train import trainer as trainer_module
+from lockstep.train.step import TrainStep
 
 current_step = [0]
 
-if not getattr(trainer_module.Trainer.train_step, "tracks_the_step", False):
-    _train_step = trainer_module.Trainer.train_step
+if not getattr(TrainStep.run, "tracks_the_step", False):
+    _run = TrainStep.run
 
-    def train_step(self, *args, **kwargs):
-        current_step[0] = self.state.step + 1
-        return _train_step(self, *args, **kwargs)
+    def run(self, step: int, *args, **kwargs):
+        current_step[0] = step
+        return _run(self, step, *args, **kwargs)
 
-    train_step.tracks_the_step = True
-    trainer_module.Trainer.train_step = train_step
+    run.tracks_the_step = True
+    TrainStep.run = run
