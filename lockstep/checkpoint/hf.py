@@ -34,11 +34,13 @@ from torch.distributed.tensor import DTensor
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
+from lockstep.checkpoint.hf_tokenizer import recorded_tokenizer, write_tokenizer_files
 from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
+from lockstep.data.tokenizer import HFTokenizer, Tokenizer
 from lockstep.models.common.hf_source import HFPiece
 from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args
-from lockstep.untrusted import read_hf_config
+from lockstep.untrusted import load_toml, read_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -146,9 +148,20 @@ def _plan_hf_shards(folder: Path, spec: ModelSpec, args, dtype: torch.dtype, max
     return shards
 
 
-def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard_bytes: int = 5 << 30) -> dict:
-    """Write `checkpoint`'s model as safetensors (sharded with an index past max_shard_bytes) and a
-    config.json that transformers loads; returns the phase timings in seconds (summed over files).
+def export_to_hf(
+    checkpoint: Path,
+    out_dir: Path,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 << 30,
+    *,
+    tokenizer_path: Path | None = None,
+    note: Callable[[str], None] = print,
+) -> dict:
+    """Write `checkpoint`'s model as safetensors (sharded with an index past max_shard_bytes), a
+    config.json that transformers loads, and the tokenizer files (lockstep.checkpoint.hf_tokenizer: the
+    run's tokenizer, or `tokenizer_path`); returns the phase timings in seconds (summed over files).
+    A checkpoint that records no tokenizer (an import from Hugging Face) exports without one, with a
+    `note` saying how to add it.
 
     It streams, one output file at a time: read that file's lockstep tensors (a subset, through the
     allow-list reader), convert them one by one, write the file and free it; so memory peaks near
@@ -159,7 +172,9 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
     timings = dict.fromkeys(("load_s", "convert_s", "save_s"), 0.0)
     started = time.perf_counter()
     folder = resolve_checkpoint_folder(checkpoint)
-    spec, args = recorded_model(folder, folders.read_manifest(folder))
+    manifest = folders.read_manifest(folder)
+    spec, args = recorded_model(folder, manifest)
+    tokenizer = _export_tokenizer(folder, manifest, tokenizer_path)  # refused before anything is written
     shards = _plan_hf_shards(folder, spec, args, DTYPES[dtype], max_shard_bytes)
     timings["load_s"] += time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +205,27 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: str = "fp32", max_shard
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = spec.hf_adapter.hf_config(args, DTYPE_NAMES[DTYPES[dtype]])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, out_dir, args.max_seq_len)
+    else:
+        note(f"note: {folder} records no tokenizer; the export has none (pass --tokenizer-path to add one)")
     timings["save_s"] += time.perf_counter() - started
     return timings
+
+
+def _export_tokenizer(folder: Path, manifest: dict, tokenizer_path: Path | None) -> Tokenizer | None:
+    """The tokenizer to export: `tokenizer_path`, or the one the run's recorded config names (checked
+    against the recorded fingerprint), or None when the checkpoint records neither config nor tokenizer."""
+    if tokenizer_path is not None:
+        return HFTokenizer(tokenizer_path)
+    config = manifest.get("config")
+    if config is None:
+        enclosing = next((p / "config.toml" for p in folder.parents if (p / "config.toml").is_file()), None)
+        config = load_toml(enclosing.read_bytes()) if enclosing is not None else None
+    fingerprint = (manifest.get("fingerprints") or {}).get("tokenizer")
+    if config is None and fingerprint is None:
+        return None
+    return recorded_tokenizer(folder, config, fingerprint)
 
 
 @dataclasses.dataclass(frozen=True)

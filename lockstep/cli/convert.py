@@ -19,6 +19,12 @@ def run(argv: list[str]) -> int:
     to_hf.add_argument("out_dir", type=Path)
     to_hf.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     to_hf.add_argument(
+        "--tokenizer-path",
+        type=Path,
+        default=None,
+        help="a tokenizer.json (or its folder) to export instead of the run's own",
+    )
+    to_hf.add_argument(
         "--max-shard-bytes",
         type=integer(1),
         default=5 << 30,
@@ -46,7 +52,9 @@ def run(argv: list[str]) -> int:
 
     try:
         if args.direction == "to-hf":
-            timings = export_to_hf(args.source, args.out_dir, args.dtype, args.max_shard_bytes)
+            timings = export_to_hf(
+                args.source, args.out_dir, args.dtype, args.max_shard_bytes, tokenizer_path=args.tokenizer_path
+            )
         elif args.nproc != 1:
             from lockstep.cli.launch import check_nproc, launch_torchrun
 

@@ -211,7 +211,9 @@ class ValidationBatches:
 def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatches:
     """Defaults from training, and the limits pipelining sets: its schedule runs a fixed number of
     microbatches of fixed shape, so evaluation uses training's global batch, the pipeline
-    microbatch and training's seq_len there."""
+    microbatch and training's seq_len there. The default evaluation batch is training's global batch
+    (of one replica group), not local x data-parallel degree: so it is the same in every layout that
+    trains the same batch, and val_loss is too (docs/layout-invariance.md)."""
     validation, training, parallelism = config.validation, config.training, config.parallelism
     if validation.dataset == "" and training.dataset != "builtin":
         raise ConfigError(
@@ -239,7 +241,14 @@ def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatch
                     "leave it at its default",
                 )
     if global_batch == -1:
-        global_batch = local * dims.dp
+        global_batch = resolve_group_batch_size(config, dims)[1]
+        if global_batch % (local * dims.dp):
+            raise ConfigError(
+                "validation.global_batch_size",
+                f"defaults to training's global batch ({global_batch}), which is not divisible by "
+                f"validation.local_batch_size x data-parallel degree = {local} x {dims.dp}; set it to a multiple "
+                "of that, the same in every layout you compare",
+            )
     if global_batch % (local * dims.dp):
         raise ConfigError(
             "validation.global_batch_size",

@@ -22,10 +22,10 @@ from torch import nn
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights, read_model_weights, resolve_checkpoint_folder
+from lockstep.checkpoint.hf_tokenizer import recorded_tokenizer
 from lockstep.checkpoint.manifest import recorded_model
 from lockstep.checkpoint.states import persistent_tensors, tied_aliases
-from lockstep.config.sections import DataConfig, ModelConfig
-from lockstep.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
+from lockstep.data.tokenizer import HFTokenizer, Tokenizer
 from lockstep.errors import InputError, LockstepError
 from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args, model_spec
 from lockstep.untrusted import load_toml, read_hf_config
@@ -105,11 +105,6 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _section(cls: type, values: object) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names}) if isinstance(values, dict) else cls()
-
-
 def load_tokenizer(source: Source, tokenizer_path: Path | None = None) -> Tokenizer:
     """`tokenizer_path` if given, else the Hugging Face folder's tokenizer.json, else the run's
     ``model.tokenizer`` (checked against the checkpoint's recorded fingerprint)."""
@@ -122,15 +117,7 @@ def load_tokenizer(source: Source, tokenizer_path: Path | None = None) -> Tokeni
             raise InputError(source.path, "has no tokenizer.json", "pass --tokenizer-path")
         tokenizer = HFTokenizer(source.path)
     else:
-        if source.config is None:
-            raise InputError(source.path, "has no recorded config to take the tokenizer from", "pass --tokenizer-path")
-        model = _section(ModelConfig, source.config.get("model", {}))
-        tokenizer = build_tokenizer(model, _section(DataConfig, source.config.get("data", {})))
-        if source.tokenizer_fingerprint not in (None, tokenizer.fingerprint):
-            raise InputError(
-                source.path, f"was trained with another tokenizer than model.tokenizer = {model.tokenizer} gives now",
-                "pass --tokenizer-path with the tokenizer.json it was trained with",
-            )  # fmt: skip
+        tokenizer = recorded_tokenizer(source.path, source.config, source.tokenizer_fingerprint)
     if tokenizer.vocab_size > source.args.vocab_size:
         raise LockstepError(
             f"the tokenizer has {tokenizer.vocab_size} tokens, the model in {source.path} only "

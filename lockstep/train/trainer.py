@@ -438,6 +438,11 @@ class Trainer:
         """Train to training.steps (or until SIGTERM/Ctrl-C); returns the run folder."""
         training, steps = self.config.training, self.config.training.steps
         self.display.print(f"run folder {self.run_folder}  seed {self.config.debug.seed}  device {self.device}")
+        if self.state.step >= steps and not self.config.checkpoint.create_seed_checkpoint:
+            self.display.print(
+                f"{self.run_folder} is finished: it resumed at step {self.state.step} and training.steps is {steps}; "
+                "raise --training.steps to train on, or pass another --job.dump_folder to start anew"
+            )
         interval_start, interval_tokens = time.perf_counter(), 0
         if self.config.checkpoint.create_seed_checkpoint:
             self.display.print(f"seed checkpoint written to {self.checkpoints.save_seed()}")

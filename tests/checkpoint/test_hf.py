@@ -80,6 +80,27 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
         tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
+        text = "def main():\n    return 0  # héllo"
+        auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+        assert auto(text, add_special_tokens=False)["input_ids"] == trainer.tokenizer.encode_batch([text])[0]
+        assert (auto.bos_token_id, auto.eos_token_id) == (trainer.tokenizer.bos_id, trainer.tokenizer.eos_id)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == auto.eos_token_id
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    out = pipe("def main", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("def main") and len(out) > len("def main")
+
+
+def test_the_bytes_tokenizer_exports_as_a_tokenizer_transformers_loads(tmp_path):
+    from lockstep.checkpoint.hf_tokenizer import write_tokenizer_files
+    from lockstep.data.tokenizer import BytesTokenizer
+
+    write_tokenizer_files(BytesTokenizer(), tmp_path, 64)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    text = "héllo wörld\n\t ~ \x00 ünïcode ✓"
+    ids = auto(text, add_special_tokens=False)["input_ids"]
+    assert ids == BytesTokenizer().encode_batch([text])[0] and auto.decode(ids) == text
+    assert (auto.bos_token_id, auto.eos_token_id, auto.model_max_length) == (256, 257, 64)
 
 
 def test_convert_round_trip_through_the_cli_is_exact(tmp_path):

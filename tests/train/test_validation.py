@@ -195,3 +195,16 @@ def test_a_checkpoint_from_before_elapsed_s_still_resumes(tmp_path, monkeypatch)
         assert trainer.state.step == 2 and trainer.state.elapsed_s == 0.0
         trainer.train()
     assert trainer.state.step == 4
+
+
+def test_the_default_evaluation_batch_is_trainings_global_batch_in_every_layout(tmp_path):
+    """Not local x data-parallel degree: one process and FSDP 2 evaluate the same windows by default."""
+    from lockstep.config.errors import ConfigError
+    from lockstep.config.job import resolve_parallel_dims, resolve_validation
+
+    config = tiny_config(tmp_path, *BATCH, "--validation.enable")
+    batches = [resolve_validation(config, resolve_parallel_dims(config.parallelism, world)) for world in (1, 2, 4)]
+    assert [b.global_batch for b in batches] == [8, 8, 8]
+    odd = tiny_config(tmp_path, *BATCH, "--validation.enable", "--validation.local_batch_size", "3")
+    with pytest.raises(ConfigError, match="defaults to training's global batch \\(8\\).*3 x 1"):
+        resolve_validation(odd, resolve_parallel_dims(odd.parallelism, 1))
