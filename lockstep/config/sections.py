@@ -212,6 +212,9 @@ class DataConfig:
     cache_folder: str = ""
     """Where tokenized datasets, the built-in corpus and tokenizer are cached; empty means
     $LOCKSTEP_CACHE or ~/.cache/lockstep."""
+    shuffle: bool = True
+    """False reads the windows in order, epoch after epoch (torchtitan's order); either order is a pure
+    function of (seed, global sample index), the same in every layout."""
     mixture: list[str] = field(default_factory=list)
     """Train on several prepared folders as FOLDER:WEIGHT entries (CLI: A:0.7,B:0.3), with training.dataset =
     prepared and no training.dataset_path; weights are normalised to sum 1 and interleaved exactly; a source is
@@ -257,6 +260,9 @@ class LRSchedulerConfig:
     """linear, cosine or sqrt."""
     min_lr_factor: float = 0.0
     """The decay ends at lr x min_lr_factor."""
+    formula: str = "lockstep"
+    """lockstep, or torchtitan: its warmup (k+1)/warmup_steps and its decay over one virtual step past
+    the last, so a job moved from torchtitan has the same lr at every step."""
 
     def validate(self) -> None:
         _require(self.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
@@ -267,6 +273,7 @@ class LRSchedulerConfig:
         )
         _one_of(self.decay_type, ("linear", "cosine", "sqrt"), "lr_scheduler.decay_type")
         _require(0.0 <= self.min_lr_factor <= 1.0, "lr_scheduler.min_lr_factor", "must be in [0, 1]")
+        _one_of(self.formula, ("lockstep", "torchtitan"), "lr_scheduler.formula")
 
 
 @dataclass

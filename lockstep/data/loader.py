@@ -56,11 +56,21 @@ class DataLoader:
     ``take_source_tokens`` gives the valid tokens per source of the steps consumed since it last asked."""
 
     def __init__(
-        self, windows: TokenWindows | MixtureWindows, *, seed: int, global_batch: int, local_batch: int
+        self,
+        windows: TokenWindows | MixtureWindows,
+        *,
+        seed: int,
+        global_batch: int,
+        local_batch: int,
+        shuffle: bool = True,
     ) -> None:
         self.windows = windows
-        mixture = isinstance(windows, MixtureWindows)
-        self.order = windows.sample_order(seed) if mixture else SampleOrder(seed, windows.num_windows)
+        self.shuffle = shuffle
+        self.order = (
+            windows.sample_order(seed, shuffle)
+            if isinstance(windows, MixtureWindows)
+            else SampleOrder(seed, windows.num_windows, shuffle)
+        )
         self.global_batch = global_batch
         self.local_batch = local_batch
         self.next_sample_index = 0
@@ -164,6 +174,7 @@ class DataLoader:
             "next_sample_index": self.next_sample_index,
             "fingerprint": self.windows.fingerprint,
             "order_version": ORDER_VERSION,
+            "shuffle": self.shuffle,
         }
 
     def load_state_dict(self, state: dict, check: bool = True) -> None:
@@ -178,6 +189,11 @@ class DataLoader:
                 f"the checkpoint was written with sample order {saved_order}, this lockstep reads order "
                 f"{ORDER_VERSION} (lockstep.data.order): resumed steps would read other windows than the run "
                 "would have; --checkpoint.ignore_mismatch resumes with the new order anyway"
+            )
+        if check and bool(state.get("shuffle", True)) != self.shuffle:  # absent: saved before it was an option
+            raise LockstepError(
+                f"the checkpoint was written with data.shuffle = {not self.shuffle}, this run has {self.shuffle}: "
+                "resumed steps would read other windows; keep the setting, or pass --checkpoint.ignore_mismatch"
             )
         self.next_sample_index = int(state["next_sample_index"])
         self._ahead = None  # read for another position

@@ -100,8 +100,8 @@ class MixtureWindows:
             inputs[rows], labels[rows] = self.sources[i].batch(local[sources == i].tolist())
         return inputs, labels
 
-    def sample_order(self, seed: int) -> MixtureOrder:
-        return MixtureOrder(self, seed)
+    def sample_order(self, seed: int, shuffle: bool = True) -> MixtureOrder:
+        return MixtureOrder(self, seed, shuffle)
 
     def summary(self) -> str:
         """One line for the run log: each source's normalised weight and samples per period."""
@@ -116,11 +116,11 @@ class MixtureWindows:
 class MixtureOrder:
     """Which window id serves each global sample (the SampleOrder interface, for DataLoader)."""
 
-    def __init__(self, windows: MixtureWindows, seed: int) -> None:
+    def __init__(self, windows: MixtureWindows, seed: int, shuffle: bool = True) -> None:
         self.windows = windows
         self.layout = windows.layout
         self.orders = [
-            SampleOrder(source_seed(seed, name), w.num_windows)
+            SampleOrder(source_seed(seed, name), w.num_windows, shuffle)
             for name, w in zip(windows.names, windows.sources, strict=True)
         ]
 

@@ -40,6 +40,9 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 class SampleOrder:
     seed: int
     num_windows: int
+    shuffle: bool = True
+    """False: window g % W for global sample g (epoch after epoch in file order, as torchtitan reads),
+    as much a pure function of g as the shuffled order, so it is layout-invariant too."""
     _half_bits: int = field(init=False, repr=False)
     _keys: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     """Round keys of the most recently used epoch (one entry: memory stays O(1))."""
@@ -82,6 +85,8 @@ class SampleOrder:
         samples = np.asarray(list(global_samples) if not isinstance(global_samples, range) else global_samples)
         samples = samples.astype(np.uint64)
         epochs, positions = np.divmod(samples, np.uint64(self.num_windows))
+        if not self.shuffle:
+            return positions.astype(np.int64).tolist()
         windows = np.empty_like(positions)
         for epoch in np.unique(epochs):
             in_epoch = epochs == epoch

@@ -95,8 +95,11 @@ def step_samples(run: Path, step: int, preview_tokens: int = 48) -> StepSamples:
             DATA_FIX,
         )
     seed = env.get("seeds", {}).get("data") or derived_seed(config.debug.seed, "data")
+    shuffle = config.data.shuffle
     order = (
-        windows.sample_order(seed) if isinstance(windows, MixtureWindows) else SampleOrder(seed, windows.num_windows)
+        windows.sample_order(seed, shuffle)
+        if isinstance(windows, MixtureWindows)
+        else SampleOrder(seed, windows.num_windows, shuffle)
     )
     samples = range((step - 1) * global_batch, step * global_batch)
     sources = sample_sources(windows, order, samples, tokenizer, preview_tokens)

@@ -38,7 +38,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer: OptimizerCo
 def lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, a stable phase,
     then a decay to min_lr_factor over the last decay_ratio of the steps (all steps after warmup
-    when decay_ratio is -1)."""
+    when decay_ratio is -1). With lr_scheduler.formula = torchtitan, torchtitan's own formulas."""
+    if schedule.formula == "torchtitan":
+        return torchtitan_lr_factor(step, total_steps, schedule)
     warmup = schedule.warmup_steps
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -49,6 +51,29 @@ def lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+    remaining = {
+        "linear": 1.0 - progress,
+        "sqrt": 1.0 - math.sqrt(progress),
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+    }[schedule.decay_type]
+    return schedule.min_lr_factor + (1.0 - schedule.min_lr_factor) * remaining
+
+
+def torchtitan_lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float:
+    """torchtitan's warmup-stable-decay multiplier, for runs that must follow a torchtitan job's lr step
+    for step: the warmup rises as (k + 1) / warmup (lockstep's as (k + 1) / (warmup + 1), so it never
+    starts at the full rate), and the decay runs over its steps plus one virtual step after the last,
+    so the last step's lr stays above min_lr (lockstep reaches min_lr on the last step)."""
+    warmup = min(schedule.warmup_steps, total_steps)
+    decay = total_steps - warmup
+    if schedule.decay_ratio != -1.0:
+        decay = min(round(total_steps * schedule.decay_ratio), total_steps - warmup)
+    stable_end = warmup + (total_steps + 1 - warmup - decay)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < stable_end:
+        return 1.0
+    progress = (step + 1 - stable_end) / decay
     remaining = {
         "linear": 1.0 - progress,
         "sqrt": 1.0 - math.sqrt(progress),

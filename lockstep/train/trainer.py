@@ -157,7 +157,11 @@ class Trainer:
         # Under pipelining the tree's leaves are the schedule's microbatches, so the loader cuts those.
         microbatch = microbatch_size(training, config.parallelism, self.dims)
         self.loader = DataLoader(
-            windows, seed=self.seeds["data"], global_batch=self.global_batch, local_batch=microbatch
+            windows,
+            seed=self.seeds["data"],
+            global_batch=self.global_batch,
+            local_batch=microbatch,
+            shuffle=config.data.shuffle,
         )
         # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16).
         layout_invariant = config.debug.layout_invariant_reductions
@@ -359,7 +363,9 @@ class Trainer:
             "optimizer": OptimizerState(self.model.parts, self.optimizers),
             "lr_scheduler": SchedulerState(self.lr_schedulers),
             "dataloader": ObjectState(
-                self.loader, check_on_load=not self.config.checkpoint.ignore_mismatch, optional=("order_version",)
+                self.loader,
+                check_on_load=not self.config.checkpoint.ignore_mismatch,
+                optional=("order_version", "shuffle"),
             ),
             "train_state": ObjectState(self.state, optional=("elapsed_s", "loss_window")),  # added after format 2
             "rng": RNGState(axis_rank(self.mesh, "pp"), self.device),

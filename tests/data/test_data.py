@@ -49,10 +49,10 @@ def test_sample_order_holds_no_state_that_grows_with_the_dataset():
     assert sum(len(v) for v in state) <= 1 and all(k.nbytes <= 64 for k in order._keys.values())
 
 
-def _loader(local_batch: int, seq_len: int = 16) -> DataLoader:
+def _loader(local_batch: int, seq_len: int = 16, shuffle: bool = True) -> DataLoader:
     tokenizer = build_tokenizer(ModelConfig(), DataConfig())
     windows = build_token_windows(TrainingConfig(seq_len=seq_len), DataConfig(), tokenizer)
-    return DataLoader(windows, seed=11, global_batch=8, local_batch=local_batch)
+    return DataLoader(windows, seed=11, global_batch=8, local_batch=local_batch, shuffle=shuffle)
 
 
 @pytest.mark.parametrize("dp_degree, local_batch", [(1, 2), (2, 2), (4, 2), (2, 4), (4, 1)])
@@ -149,3 +149,25 @@ def test_user_datasets(tmp_path, kind):
     assert windows.tokens[0] == tokenizer.bos_id
     assert bytes(windows.tokens[1 : 1 + len(documents[0])].tolist()).decode() == documents[0]
     assert windows.num_windows == expected_len // 33
+
+
+def test_unshuffled_order_reads_windows_in_file_order_epoch_after_epoch():
+    order = SampleOrder(seed=3, num_windows=5, shuffle=False)
+    assert order.windows_of(range(12)) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert SampleOrder(seed=3, num_windows=5).windows_of(range(5)) != [0, 1, 2, 3, 4]  # shuffled by default
+
+
+@pytest.mark.parametrize("dp_degree", [1, 2, 4])
+def test_unshuffled_steps_are_the_same_in_every_layout_and_a_resume_keeps_the_setting(dp_degree):
+    """data.shuffle = false: each step reads the next windows in order, whichever ranks read them; a
+    checkpoint of one setting is refused by a run of the other."""
+    reference, loader = _loader(8, shuffle=False), _loader(8 // dp_degree, shuffle=False)
+    (whole,), _ = reference.next_step()
+    parts = []
+    for rank in range(dp_degree):
+        loader.next_sample_index = 0
+        parts += loader.next_step(rank, dp_degree)[0]
+    assert np.array_equal(np.concatenate([m.inputs for m in parts]), whole.inputs)
+    assert np.array_equal(whole.inputs, reference.windows.batch(list(range(8)))[0])
+    with pytest.raises(ValueError, match="data.shuffle = False, this run has True"):
+        _loader(2).load_state_dict(reference.state_dict())

@@ -1,0 +1,56 @@
+"""lr_scheduler.formula = torchtitan gives torchtitan's own learning rate at every step: checked against
+the schedule function of the torchtitan release carried for the GPU acceptance run, read from its
+wheel (torchtitan's package imports triton, so the function is taken out of its source, not imported)."""
+
+import ast
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lockstep.config.sections import LRSchedulerConfig
+from lockstep.train.optimizer import lr_factor
+
+WHEEL = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_wheels" / "torchtitan-0.2.2-py3-none-any.whl"
+
+
+def _torchtitan_schedule():
+    """torchtitan's build_lr_schedulers, turned into (total, warmup, decay_ratio, type, min) -> lambda."""
+    source = zipfile.ZipFile(WHEEL).read("torchtitan/components/lr_scheduler.py").decode()
+    build = next(
+        n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "build_lr_schedulers"
+    )
+    inner = next(n for n in build.body if isinstance(n, ast.FunctionDef))
+    namespace = {"math": math}
+    exec(compile(ast.Module([inner], []), "torchtitan_lr", "exec"), namespace)  # noqa: S102 - our own carried wheel
+
+    def schedule(total: int, warmup: int, decay_ratio: float | None, decay_type: str, min_lr: float):
+        warmup = min(warmup, total)
+        decay = total - warmup if decay_ratio is None else min(round(total * decay_ratio), total - warmup)
+        stable = total + 1 - warmup - decay
+        return lambda step: namespace[inner.name](step, warmup, stable, decay, decay_type, min_lr)
+
+    return schedule
+
+
+@pytest.mark.parametrize(
+    "total, warmup, decay_ratio, decay_type, min_lr",
+    [(12, 2, None, "linear", 0.0), (30, 5, 0.2, "cosine", 0.1), (10, 0, None, "sqrt", 0.0), (7, 9, 0.5, "linear", 0.3)],
+)
+def test_the_torchtitan_formula_equals_torchtitans_schedule(total, warmup, decay_ratio, decay_type, min_lr):
+    theirs = _torchtitan_schedule()(total, warmup, decay_ratio, decay_type, min_lr)
+    ours = LRSchedulerConfig(
+        warmup_steps=warmup, decay_ratio=-1.0 if decay_ratio is None else decay_ratio, decay_type=decay_type,
+        min_lr_factor=min_lr, formula="torchtitan",
+    )  # fmt: skip
+    assert [lr_factor(k, total, ours) for k in range(total)] == [theirs(k) for k in range(total)]
+
+
+def test_the_two_formulas_differ_where_the_issue_says():
+    """lockstep's warmup is (k+1)/(w+1) and reaches min_lr on the last step; torchtitan's is (k+1)/w."""
+    ours = LRSchedulerConfig(warmup_steps=2, min_lr_factor=0.0)
+    titan = LRSchedulerConfig(warmup_steps=2, min_lr_factor=0.0, formula="torchtitan")
+    assert [lr_factor(k, 6, ours) for k in range(2)] == [1 / 3, 2 / 3]
+    assert [lr_factor(k, 6, titan) for k in range(2)] == [1 / 2, 1.0]
+    assert lr_factor(5, 6, ours) == 0.0 and lr_factor(5, 6, titan) > 0.0
