@@ -27,6 +27,7 @@ from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, Qwen3
 from lockstep.models.qwen3 import hf_adapter as qwen3_hf
 from lockstep.models.qwen3 import parallel_plan as qwen3_plan
 from lockstep.models.size import WEIGHT_BYTES_PER_PARAMETER, size_problem
+from lockstep.untrusted import parse_json
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,15 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
                 f"{model.flavor}; use the model's own tokenizer (model.tokenizer = hf) or a debug flavor",
             )
         vocab_size = args.vocab_size
-    args = dataclasses.replace(
-        args, **_overrides(args, model.overrides), vocab_size=vocab_size, max_seq_len=max_seq_len
-    )
+    overrides = _overrides(type(args), model.overrides)
+    if "vocab_size" in overrides:  # padded rows, as torchtitan pads its debug model's vocabulary
+        if overrides["vocab_size"] < vocab_size:
+            raise ConfigError(
+                "model.overrides.vocab_size",
+                f"{overrides['vocab_size']} rows cannot hold the tokenizer's {vocab_size} tokens; give at least that",
+            )
+        vocab_size = overrides.pop("vocab_size")
+    args = dataclasses.replace(args, **overrides, vocab_size=vocab_size, max_seq_len=max_seq_len)
     if model.overrides or model.flavor == FROM_HF:
         key = "model.overrides" if model.overrides else "model.hf_config"
         try:
@@ -129,7 +136,9 @@ def typed_overrides(model: ModelConfig) -> dict[str, Any]:
     """model.overrides as the args' field types have them (what config.toml and checkpoints record)."""
     spec = model_spec(model.name)
     args = _args_from_hf(spec, model) if model.flavor == FROM_HF else spec.flavors.get(model.flavor)
-    return _overrides(args, model.overrides) if args is not None and model.overrides else dict(model.overrides)
+    if args is None or not model.overrides:
+        return dict(model.overrides)
+    return plain(_overrides(type(args), model.overrides))
 
 
 POSITIVE = ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta", "head_dim", "multiple_of")
@@ -222,19 +231,31 @@ def _check_types(args: Any, prefix: str = "") -> None:
             raise ValueError(f"{name} = {value!r} is not of its type ({hint})")
 
 
-NOT_OVERRIDABLE = {"vocab_size": "it comes from the tokenizer", "max_seq_len": "it is training.seq_len"}
+NOT_OVERRIDABLE = {"max_seq_len": "it is training.seq_len"}
 
 
-def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
-    """model.overrides checked against the args dataclass: known fields, values of the field's type."""
-    hints = typing.get_type_hints(type(args))
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (``X`` or ``X | None``), or None."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
+
+
+def _overrides(args_type: type, overrides: dict[str, Any], prefix: str = "model.overrides") -> dict[str, Any]:
+    """model.overrides checked against the args dataclass: known fields, values of the field's type. A
+    field that holds a dataclass (rope_scaling) takes a table of its fields (TOML, or JSON on the command
+    line), or "none" to turn it off."""
+    hints = typing.get_type_hints(args_type)
     checked = {}
     for name, value in overrides.items():
         key = f"{prefix}.{name}"
         if name not in hints:
-            raise ConfigError(key, f"{type(args).__name__} has no field {name!r}{_suggest(name, list(hints))}")
+            raise ConfigError(key, f"{args_type.__name__} has no field {name!r}{_suggest(name, list(hints))}")
         if name in NOT_OVERRIDABLE:
             raise ConfigError(key, f"cannot be overridden: {NOT_OVERRIDABLE[name]}")
+        nested = _dataclass_of(hints[name])
+        if nested is not None:
+            checked[name] = _nested(nested, value, key, optional=type(None) in typing.get_args(hints[name]))
+            continue
         try:
             checked[name] = coerce(value, hints[name], key)
         except ConfigError as error:
@@ -242,6 +263,31 @@ def _overrides(args: Any, overrides: dict[str, Any], prefix: str = "model.overri
                 raise
             raise ConfigError(key, f"is a {hints[name]}, which the config cannot set; use a flavor") from None
     return checked
+
+
+def _nested(cls: type, value: Any, key: str, optional: bool) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "none" and optional:
+        return None
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = parse_json(value.encode())
+        except ValueError as error:
+            raise ConfigError(key, f"is not a JSON table ({error})") from None
+    if not isinstance(value, dict):
+        fields = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(key, f"takes a table of {cls.__name__}'s fields ({fields}){' or none' if optional else ''}")
+    try:
+        return cls(**_overrides(cls, value, key))
+    except TypeError as error:
+        raise ConfigError(key, f"{cls.__name__}: {error}") from None
+
+
+def plain(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides as config.toml records them: a dataclass as its table, None as "none"."""
+    return {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else "none" if v is None else v
+        for k, v in overrides.items()
+    }
 
 
 def model_spec(name: str) -> ModelSpec:

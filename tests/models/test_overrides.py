@@ -26,8 +26,13 @@ from tests.helpers import run_cli, tiny_config, tiny_overrides
         (["--model.overrides.n_layers", "2.5"], "model.overrides.n_layers", "expected an integer"),
         (["--model.overrides.norm_eps", "true"], "model.overrides.norm_eps", "expected a number"),
         (["--model.overrides.dim", "66"], "model.overrides", "dim 66 / n_heads 4 / n_kv_heads 2 do not divide"),
-        (["--model.overrides.vocab_size", "9"], "model.overrides.vocab_size", "it comes from the tokenizer"),
-        (["--model.overrides.rope_scaling", "8"], "model.overrides.rope_scaling", "which the config cannot set"),
+        (["--model.overrides.rope_scaling", "8"], "model.overrides.rope_scaling", "takes a table of Llama3RopeScaling"),
+        (
+            ["--model.overrides.rope_scaling", '{"factr": 8}'],
+            "model.overrides.rope_scaling.factr",
+            "Llama3RopeScaling has no field 'factr'; did you mean 'factor'?",
+        ),
+        (["--model.overrides.max_seq_len", "9"], "model.overrides.max_seq_len", "it is training.seq_len"),
     ],
 )
 def test_bad_overrides_are_refused_before_any_work(tmp_path, capfd, overrides, key, problem):
@@ -38,6 +43,29 @@ def test_bad_overrides_are_refused_before_any_work(tmp_path, capfd, overrides, k
     code, _, err = run_cli(["train", "--config", "llama3_debug", *tiny_overrides(tmp_path), *overrides], capfd)
     assert code == 2 and err.strip() == f"lockstep train: error: {refused.value}"
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_padded_vocabulary_and_rope_scaling_are_overrides_as_torchtitan_sets_them(tmp_path):
+    """torchtitan's debug model pads its vocabulary to 2048 rows and uses Llama 3.1 RoPE scaling: both
+    are overrides (a table, JSON on the command line, or none), recorded in config.toml as tables."""
+    from lockstep.models.common.rope import Llama3RopeScaling
+    from lockstep.models.registry import typed_overrides
+
+    scaling = (
+        '{"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}'
+    )
+    config = tiny_config(tmp_path, "--model.overrides.vocab_size", "2048", "--model.overrides.rope_scaling", scaling)
+    _, args = model_args(config.model, 100, 32)
+    assert args.vocab_size == 2048 and args.rope_scaling == Llama3RopeScaling()
+    with pytest.raises(ConfigError, match="model.overrides.vocab_size: 9 rows cannot hold the tokenizer's 100 tokens"):
+        model_args(tiny_config(tmp_path, "--model.overrides.vocab_size", "9").model, 100, 32)
+    assert typed_overrides(config.model)["rope_scaling"] == dataclasses.asdict(Llama3RopeScaling())
+    one_b = load_config("llama3_1b", ["--model.overrides.rope_scaling", "none", "--model.tokenizer", "builtin",
+                                      "--model.tokenizer_path="])  # fmt: skip
+    assert model_args(one_b.model, 2048, 64)[1].rope_scaling is None
+    (tmp_path / "shape.toml").write_text("[model.overrides.rope_scaling]\nfactor = 4.0\n")
+    tabled = load_config(str(tmp_path / "shape.toml"), [])
+    assert model_args(tabled.model, 100, 32)[1].rope_scaling == Llama3RopeScaling(factor=4.0)
 
 
 @pytest.mark.parametrize(
