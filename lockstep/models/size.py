@@ -43,6 +43,47 @@ def element_counts(spec: Any, args: Any) -> tuple[int, int]:
     return base + (args.n_layers - first) * one_block, buffers
 
 
+def _parameter_kinds(spec: Any, args: Any, layers: int) -> dict[str, float]:
+    """Parameters of a meta build with `layers` layers: all, the embedding and output rows, and the
+    routed experts counted at the fraction of them a token uses (top_k of num_experts)."""
+    with torch.device("meta"):
+        model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
+    unique = {id(p): p for p in model.parameters()}  # a tied output is the embedding
+    embedding = {
+        id(p) for name in ("tok_embeddings", "output") for p in getattr(model, name, torch.nn.Module()).parameters()
+    }
+    routed = active = 0.0
+    for module in model.modules():
+        experts, router = getattr(module, "experts", None), getattr(module, "router", None)
+        if experts is not None and router is not None:
+            count = sum(p.numel() for p in experts.parameters())
+            routed += count
+            active += count * router.top_k / router.num_experts
+    total = sum(p.numel() for p in unique.values())
+    return {
+        "total": total,
+        "embedding": sum(unique[i].numel() for i in embedding if i in unique),
+        "inactive_experts": routed - active,
+    }
+
+
+def parameter_counts(spec: Any, args: Any) -> dict[str, int]:
+    """The model's parameters: ``total``, ``non_embedding`` (without the embedding and output rows) and
+    ``active`` (what one token uses: for a mixture of experts, top_k of the routed experts), counted
+    from meta builds of a few blocks as ``element_counts`` counts them. Printed at start, in env.json."""
+    first = getattr(args, "n_dense_layers", 0) + 1
+    if args.n_layers <= first + 1:
+        kinds = _parameter_kinds(spec, args, args.n_layers)
+    else:
+        base, more = _parameter_kinds(spec, args, first), _parameter_kinds(spec, args, first + 1)
+        kinds = {k: base[k] + (args.n_layers - first) * (more[k] - base[k]) for k in base}
+    return {
+        "total": int(kinds["total"]),
+        "non_embedding": int(kinds["total"] - kinds["embedding"]),
+        "active": int(round(kinds["total"] - kinds["inactive_experts"])),
+    }
+
+
 def size_problem(
     spec: Any, args: Any, *, bytes_per_parameter: int, world_size: int = 1, memory_bytes: float | None = None
 ) -> str | None:

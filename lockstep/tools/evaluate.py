@@ -17,6 +17,7 @@ import tomli_w
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import is_hf_folder
 from lockstep.config import JobConfig, load_config
+from lockstep.config.errors import ConfigError
 from lockstep.errors import InputError
 from lockstep.train.validation import Evaluation
 
@@ -35,6 +36,16 @@ def evaluation_config(path: Path, config_name: str | None, overrides: list[str],
     config.fault_tolerance.enable = False  # a replica group's run is evaluated alone, never in its job
     config.job.dump_folder = str(scratch / "run")
     config.training.global_batch_size = -1  # the training batch plays no part, and must fit this layout
+    if config.validation.dataset == "":  # the run validated on its training source's split
+        if config.training.dataset != "builtin":
+            raise ConfigError(
+                "validation.dataset",
+                f"is required when training.dataset = {config.training.dataset} (only the built-in corpus has a "
+                "validation split); pass --validation.dataset and --validation.dataset_path",
+            )
+        config.validation.dataset = "builtin"
+    config.training.dataset, config.training.dataset_path = "builtin", ""  # the run's training data is never read
+    config.data.mixture = []
     config.checkpoint.enable = False
     config.checkpoint.create_seed_checkpoint = False
     config.checkpoint.initial_load_path = str(path)

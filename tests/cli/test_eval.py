@@ -86,3 +86,24 @@ def test_a_validation_batch_larger_than_the_split_is_one_line(trained):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is more than the validation split's" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_eval_never_reads_the_training_data(tmp_path):
+    """A run trained on a json file and validated on another is evaluated after the training file is gone:
+    eval reads only the checkpoint and the validation data (no tokenizing pass over the training set)."""
+    records = [json.dumps({"text": f"document {i} " * 40}) for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(records[:30]) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(records[30:]) + "\n")
+    data = [
+        "--training.dataset", "json", "--training.dataset_path", str(tmp_path / "train.jsonl"),
+        "--validation.dataset", "json", "--validation.dataset_path", str(tmp_path / "valid.jsonl"),
+        "--data.cache_folder", str(tmp_path / "cache"), "--model.tokenizer", "bytes",
+    ]  # fmt: skip
+    overrides = ["--training.steps", "2", "--checkpoint.enable", "--validation.enable", "--validation.freq", "2"]
+    with Trainer(tiny_config(tmp_path, *overrides, *data, *VALIDATION), show_progress=False) as trainer:
+        trainer.train()
+    in_loop = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    (tmp_path / "train.jsonl").unlink()
+    done = _lockstep("eval", str(tmp_path / "run"), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["val_loss"] == in_loop["val_loss"]
