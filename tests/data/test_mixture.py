@@ -190,7 +190,12 @@ def test_resume_in_another_layout_equals_an_uninterrupted_run(sources):
     first = DataLoader(_mixture(sources, weights), seed=9, global_batch=8, local_batch=2)
     _served([first], 3)
     state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint holds it
-    assert state == {"next_sample_index": 24, "fingerprint": first.windows.fingerprint, "order_version": 2}
+    assert state == {
+        "next_sample_index": 24,
+        "fingerprint": first.windows.fingerprint,
+        "order_version": 2,
+        "shuffle": True,
+    }
     resumed = [DataLoader(_mixture(sources, weights), seed=9, global_batch=8, local_batch=2) for _ in range(2)]
     for loader in resumed:
         loader.load_state_dict(state)
