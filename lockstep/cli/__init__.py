@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("lockstep.cli.estimate", "predict per-rank memory and per-step traffic of a layout at any scale"),
     "audit": ("lockstep.cli.audit", "list nondeterministic ops and layout-dependent settings of a config"),
     "config-reference": ("lockstep.cli.config_reference", "print every config key with its default and meaning"),
+    "config": ("lockstep.cli.config", "translate a job config from another trainer (from-torchtitan)"),
 }
 
 
