@@ -32,16 +32,12 @@ LAYERS = [
 """Lowest first. The base layer's three modules may import each other (errors is the leaf of them)."""
 
 OPTIONAL_HEAVY = (
-    "matplotlib",
-    "wandb",
-    "torch.utils.tensorboard",
-    "datasets",
-    "pyarrow",
-    "torch._inductor",
+    "matplotlib", "wandb", "torch.utils.tensorboard", "tensorboard", "datasets", "pyarrow", "torch._inductor",
     "pydoc_data",
-)
-"""Imported where used: optional extras (plots, wandb, TensorBoard), the parquet and Hugging Face readers,
-torch's compiler config, and the standard library's 1 MB of help topics (the built-in corpus)."""
+)  # fmt: skip
+"""Imported where used: optional extras (plots, wandb, TensorBoard writing and reading), the parquet and
+Hugging Face readers, torch's compiler config, and the standard library's 1 MB of help topics (the
+built-in corpus)."""
 
 
 def _module(path: Path) -> str:

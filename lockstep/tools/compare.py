@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.errors import InputError
+from lockstep.tools.torchtitan_runs import event_files, is_torchtitan_log, log_series, tensorboard_series
 from lockstep.untrusted import load_toml, parse_json
 
 FINGERPRINTS = ("grad_fingerprint", "param_fingerprint")
@@ -46,13 +47,17 @@ def load_series(path: Path) -> dict[int, dict]:
     An unreadable, malformed or empty file raises InputError (exit 2): a gate must not pass on it."""
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
-    fix = "give a run folder with metrics.jsonl or a loss file (JSON Lines of {step, loss})"
+    fix = "give a run folder with metrics.jsonl, a loss file (JSON Lines of {step, loss}), or a torchtitan log or tb folder"
+    if path.is_dir() and not file.is_file() and event_files(path):
+        return tensorboard_series(path)  # a torchtitan run's TensorBoard folder
     if not file.is_file():
         raise InputError(path, "neither a run folder with metrics.jsonl nor a loss file", fix)
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(file, f"unreadable ({error})") from None
+    if not text.lstrip().startswith(("[", "{")) and is_torchtitan_log(text):
+        return log_series(file, text)
     try:
         if text.lstrip().startswith("["):
             records = [(f"record {i + 1}", r) for i, r in enumerate(parse_json(text, allow_nan=True))]
