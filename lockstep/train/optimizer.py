@@ -51,12 +51,7 @@ def lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float
     if step < decay_start:
         return 1.0
     progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
-    remaining = {
-        "linear": 1.0 - progress,
-        "sqrt": 1.0 - math.sqrt(progress),
-        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
-    }[schedule.decay_type]
-    return schedule.min_lr_factor + (1.0 - schedule.min_lr_factor) * remaining
+    return _decayed(progress, schedule)
 
 
 def torchtitan_lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfig) -> float:
@@ -74,6 +69,11 @@ def torchtitan_lr_factor(step: int, total_steps: int, schedule: LRSchedulerConfi
     if step < stable_end:
         return 1.0
     progress = (step + 1 - stable_end) / decay
+    return _decayed(progress, schedule)
+
+
+def _decayed(progress: float, schedule: LRSchedulerConfig) -> float:
+    """The multiplier `progress` (0 to 1) into the decay: from 1 down to min_lr_factor, by decay_type."""
     remaining = {
         "linear": 1.0 - progress,
         "sqrt": 1.0 - math.sqrt(progress),
