@@ -286,6 +286,8 @@ class Trainer:
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         env["parameters"] = parameter_counts(model_spec(config.model.name), self.model.args)
         self._log(_parameters_line(config.model.name, config.model.flavor, env["parameters"]))
+        if config.model.overrides:  # what the flavor and the overrides resolved to, every field
+            self._log(f"model args: {asdict(self.model.args)}")
         self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
             self.launch, self.metrics = record_launch(

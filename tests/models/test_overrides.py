@@ -173,3 +173,12 @@ def test_a_from_hf_run_resumes_without_the_folder_and_convert_checks_the_family(
     with Trainer(tiny_config(tmp_path, *flags, "--training.steps", "2"), show_progress=False) as trainer:
         assert trainer.state.step == 1 and trainer.model.args.dim == 32
         trainer.train()
+
+
+def test_the_resolved_args_are_printed_when_overrides_are_given(tmp_path, capsys):
+    with Trainer(
+        tiny_config(tmp_path, "--model.overrides.n_layers", "1", "--training.steps", "1"), show_progress=False
+    ):
+        pass
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model args: "))
+    assert "'n_layers': 1" in line and "'dim': " in line and "'vocab_size': " in line

@@ -17,7 +17,9 @@ def _lockstep_run(folder):
     folder.mkdir()
     with open(folder / "metrics.jsonl", "w") as f:
         for step, loss, norm in LOSSES:
-            f.write(json.dumps({"step": step, "loss": float(np.float32(loss)), "grad_norm": float(np.float32(norm))}) + "\n")
+            f.write(
+                json.dumps({"step": step, "loss": float(np.float32(loss)), "grad_norm": float(np.float32(norm))}) + "\n"
+            )
 
 
 def test_a_torchtitan_log_is_read_with_its_colors_and_compared_within_its_rounding(tmp_path, capfd):
@@ -25,7 +27,11 @@ def test_a_torchtitan_log_is_read_with_its_colors_and_compared_within_its_roundi
              f"{norm:7.4f}  memory:  1.20GiB(1.5%)  tps: 1,234{RESET}" for s, loss, norm in LOSSES]  # fmt: skip
     (tmp_path / "titan.log").write_text("starting\n" + "\n".join(lines) + "\ntraining completed\n")
     series = load_series(tmp_path / "titan.log")
-    assert [(s, r["loss"], r["grad_norm"]) for s, r in series.items()] == [(1, 8.12346, 1.25), (2, 7.5, 1.0), (3, 7.01172, 0.75)]
+    assert [(s, r["loss"], r["grad_norm"]) for s, r in series.items()] == [
+        (1, 8.12346, 1.25),
+        (2, 7.5, 1.0),
+        (3, 7.01172, 0.75),
+    ]
     _lockstep_run(tmp_path / "ours")
     code, _, err = run_cli(["compare", str(tmp_path / "ours"), str(tmp_path / "titan.log"), "--rtol", "1e-5"], capfd)
     assert code == 0, err
