@@ -38,7 +38,7 @@ def build(flavor: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     with torch.device("meta"):
         model = spec.build(args, "sdpa")
     model.init_weights(0, "cpu")
-    optimizer = build_optimizer(model.parameters(), OptimizerConfig())
+    optimizer = build_optimizer(model.named_parameters(), OptimizerConfig())
     for p in model.parameters():  # one step on zero gradients creates the AdamW state
         p.grad = torch.zeros_like(p)
     optimizer.step()

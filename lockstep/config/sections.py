@@ -237,6 +237,9 @@ class OptimizerConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay."""
+    weight_decay_exempt: list[str] = field(default_factory=list)
+    """Parameters without weight decay: any of norms, biases, embeddings (default none: every parameter
+    decays, as in torchtitan)."""
     implementation: str = "foreach"
     """foreach or for-loop (bitwise equal to each other, also on shards); fused differs from both."""
 
@@ -247,6 +250,8 @@ class OptimizerConfig:
         _require(self.eps > 0, "optimizer.eps", "must be > 0")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
         _one_of(self.implementation, ("foreach", "for-loop", "fused"), "optimizer.implementation")
+        unknown = sorted(set(self.weight_decay_exempt) - {"norms", "biases", "embeddings"})
+        _require(not unknown, "optimizer.weight_decay_exempt", f"takes norms, biases, embeddings; got {unknown}")
 
 
 @dataclass

@@ -11,27 +11,43 @@ from torch.distributed.tensor import DTensor
 from lockstep.config.sections import LRSchedulerConfig, OptimizerConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]], optimizer: OptimizerConfig
+) -> torch.optim.Optimizer:
     """AdamW in the chosen implementation (foreach and for-loop give bitwise-equal updates). DTensor and
     plain parameters (e.g. tensor-parallel weights beside replicated ones) go in separate parameter
-    groups, because one foreach call cannot mix them; the update of each parameter is unchanged."""
-    params = list(params)
-    distributed = [p for p in params if isinstance(p, DTensor)]
-    plain = [p for p in params if not isinstance(p, DTensor)]
-    if distributed and plain:
-        params = [{"params": plain}, {"params": distributed}]
+    groups, because one foreach call cannot mix them, and so do the parameters that
+    optimizer.weight_decay_exempt takes out of the decay; the update of each parameter is unchanged."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in named_params:
+        key = (isinstance(param, DTensor), not _exempt(name, param, optimizer.weight_decay_exempt))
+        groups.setdefault(key, []).append(param)
+    params = [
+        {"params": members} | ({} if decays else {"weight_decay": 0.0})
+        for (_, decays), members in sorted(groups.items())
+    ]
     implementation = {
         "foreach": {"foreach": True},
         "for-loop": {"foreach": False},
         "fused": {"fused": True},
     }[optimizer.implementation]
     return torch.optim.AdamW(
-        params,
+        params if len(params) > 1 or not params or "weight_decay" in params[0] else params[0]["params"],
         lr=optimizer.lr,
         betas=tuple(optimizer.betas),
         eps=optimizer.eps,
         weight_decay=optimizer.weight_decay,
         **implementation,
+    )
+
+
+def _exempt(name: str, param: torch.nn.Parameter, kinds: list[str]) -> bool:
+    """Whether `name` is one of the kinds of parameter optimizer.weight_decay_exempt names."""
+    leaf = name.rsplit(".", 1)[-1]
+    return (
+        ("norms" in kinds and param.ndim == 1 and "norm" in name)
+        or ("biases" in kinds and leaf == "bias")
+        or ("embeddings" in kinds and name.startswith("tok_embeddings."))
     )
 
 

@@ -71,8 +71,8 @@ from lockstep.train.step import GradientSource, GroupPasses, LocalGradients, Rep
 from lockstep.train.validation import Validator, validation_windows
 
 
-def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def resolve_device(training: TrainingConfig) -> torch.device:
@@ -240,7 +240,7 @@ class Trainer:
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         self.validator = self._validator(*validation) if validation is not None else None
         # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
-        self.optimizers = [build_optimizer(trainable(part), config.optimizer) for part in self.model.parts]
+        self.optimizers = [build_optimizer(_trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
         self.guards = StepGuards(

@@ -54,3 +54,30 @@ def test_the_two_formulas_differ_where_the_issue_says():
     assert [lr_factor(k, 6, ours) for k in range(2)] == [1 / 3, 2 / 3]
     assert [lr_factor(k, 6, titan) for k in range(2)] == [1 / 2, 1.0]
     assert lr_factor(5, 6, ours) == 0.0 and lr_factor(5, 6, titan) > 0.0
+
+
+def test_weight_decay_exemptions_leave_norms_biases_and_embeddings_undecayed():
+    """With no gradient, AdamW's update is the decay alone: exempted parameters keep their values, the
+    others shrink; by default (torchtitan's) every parameter decays."""
+    import torch
+    from torch import nn
+
+    from lockstep.config.sections import OptimizerConfig
+    from lockstep.train.optimizer import build_optimizer
+
+    def step(exempt):
+        torch.manual_seed(0)
+        model = nn.ModuleDict(
+            {"tok_embeddings": nn.Embedding(5, 4), "attention_norm": nn.RMSNorm(4), "w": nn.Linear(4, 4)}
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = build_optimizer(model.named_parameters(), OptimizerConfig(lr=0.1, weight_decay_exempt=exempt))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        return {n: torch.equal(p, before[n]) for n, p in model.named_parameters()}
+
+    assert step([]) == dict.fromkeys(["tok_embeddings.weight", "attention_norm.weight", "w.weight", "w.bias"], False)
+    assert step(["norms", "biases", "embeddings"]) == {
+        "tok_embeddings.weight": True, "attention_norm.weight": True, "w.weight": False, "w.bias": True,
+    }  # fmt: skip

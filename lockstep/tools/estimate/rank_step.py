@@ -131,7 +131,7 @@ class RankStep:
         self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
         self.optimizers = [
-            build_optimizer([p for p in part.parameters() if p.requires_grad], config.optimizer)
+            build_optimizer([(n, p) for n, p in part.named_parameters() if p.requires_grad], config.optimizer)
             for part in self.model.parts
         ]
 
