@@ -35,12 +35,12 @@ from torch.distributed.tensor import DTensor
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf_tokenizer import recorded_tokenizer, write_tokenizer_files
-from lockstep.checkpoint.manifest import recorded_model
+from lockstep.checkpoint.manifest import recorded_config, recorded_model
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer
 from lockstep.models.common.hf_source import HFPiece
 from lockstep.models.registry import ModelSpec, family_of_hf_config, hf_config_args
-from lockstep.untrusted import load_toml, read_hf_config
+from lockstep.untrusted import read_hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -218,10 +218,7 @@ def _export_tokenizer(folder: Path, manifest: dict, tokenizer_path: Path | None)
     against the recorded fingerprint), or None when the checkpoint records neither config nor tokenizer."""
     if tokenizer_path is not None:
         return HFTokenizer(tokenizer_path)
-    config = manifest.get("config")
-    if config is None:
-        enclosing = next((p / "config.toml" for p in folder.parents if (p / "config.toml").is_file()), None)
-        config = load_toml(enclosing.read_bytes()) if enclosing is not None else None
+    config = recorded_config(folder, manifest)
     fingerprint = (manifest.get("fingerprints") or {}).get("tokenizer")
     if config is None and fingerprint is None:
         return None

@@ -9,7 +9,7 @@ from typing import Any
 from lockstep.config.errors import ConfigError
 from lockstep.errors import InputError
 from lockstep.models.registry import ModelSpec, checked_args, model_spec
-from lockstep.untrusted import Bool, Int, ListOf, MapOf, Obj, Optional, Str, read_json
+from lockstep.untrusted import Bool, Int, ListOf, MapOf, Obj, Optional, Str, load_toml, read_json
 
 MANIFEST = "lockstep.json"
 PLAIN_FILE_NAME = r"(?!\.\.?$)[^/\\\x00]+"
@@ -58,3 +58,17 @@ def recorded_model(folder: Path, manifest: dict) -> tuple[ModelSpec, Any]:
     except ConfigError as error:
         raise InputError(where, f"model.name: {error}", fix) from None
     return spec, checked_args(spec, lambda: spec.args_from_dict(manifest["model"]["args"]), where=where, fix=fix)
+
+
+def recorded_config(folder: Path, manifest: dict) -> dict | None:
+    """The run config a checkpoint was trained with: its manifest's record, else (a manifest written
+    before configs were recorded) the config.toml of the run folder above it; None without either."""
+    if manifest.get("config") is not None:
+        return manifest["config"]
+    enclosing = next((p / "config.toml" for p in folder.parents if (p / "config.toml").is_file()), None)
+    if enclosing is None:
+        return None
+    try:
+        return load_toml(enclosing.read_bytes())
+    except (OSError, ValueError) as e:
+        raise InputError(enclosing, f"is not valid TOML ({e})") from None

@@ -23,7 +23,7 @@ from torch import nn
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.hf import is_hf_folder, load_hf_weights, read_model_weights, resolve_checkpoint_folder
 from lockstep.checkpoint.hf_tokenizer import recorded_tokenizer
-from lockstep.checkpoint.manifest import recorded_model
+from lockstep.checkpoint.manifest import recorded_config, recorded_model
 from lockstep.checkpoint.states import persistent_tensors, tied_aliases
 from lockstep.data.tokenizer import HFTokenizer, Tokenizer
 from lockstep.errors import InputError, LockstepError
@@ -74,12 +74,7 @@ def resolve_source(path: Path) -> Source:
         folder = resolve_checkpoint_folder(path)  # a checkpoint root; raises when it holds none
     manifest = folders.read_manifest(folder)
     spec, args = recorded_model(folder, manifest)
-    config = manifest.get("config")
-    if run_config.is_file():
-        config = _read_toml(run_config)
-    elif config is None:  # a step folder without a recorded config: its run folder's, if it has one
-        enclosing = next((p / "config.toml" for p in folder.parents if (p / "config.toml").is_file()), None)
-        config = _read_toml(enclosing) if enclosing is not None else None
+    config = _read_toml(run_config) if run_config.is_file() else recorded_config(folder, manifest)
     fingerprint = (manifest.get("fingerprints") or {}).get("tokenizer")
     return Source(folder, "lockstep", spec, args, config, fingerprint)
 

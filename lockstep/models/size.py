@@ -24,23 +24,32 @@ def machine_memory_bytes() -> int:
     return max([host, *gpus])
 
 
-def _built_counts(spec: Any, args: Any, layers: int) -> tuple[int, int]:
-    """(parameters, buffer elements) of a meta build of the model with `layers` layers."""
+def _built_counts(spec: Any, args: Any, layers: int) -> dict[str, int]:
+    """Parameters and buffer elements of a meta build of the model with `layers` layers."""
     with torch.device("meta"):
         model = spec.build(dataclasses.replace(args, n_layers=layers), "sdpa")
-    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "buffers": sum(b.numel() for b in model.buffers()),
+    }
+
+
+def _over_all_blocks(measure, spec: Any, args: Any, fixed: tuple[str, ...] = ()) -> dict[str, float]:
+    """`measure(spec, args, layers)` (a dict of counts of a meta build) for the whole model, from builds
+    of at most a few blocks (so an absurd n_layers is counted, not built): the blocks past the first
+    non-dense one are taken to be like it. The `fixed` counts are the smaller build's, not extrapolated."""
+    first = getattr(args, "n_dense_layers", 0) + 1
+    if args.n_layers <= first + 1:
+        return measure(spec, args, args.n_layers)
+    base, more = measure(spec, args, first), measure(spec, args, first + 1)
+    return {k: base[k] if k in fixed else base[k] + (args.n_layers - first) * (more[k] - base[k]) for k in base}
 
 
 def element_counts(spec: Any, args: Any) -> tuple[int, int]:
-    """(parameters, buffer elements) of the model, from meta builds of at most a few blocks (so an absurd
-    n_layers is counted, not built): the blocks past the first non-dense one are taken to be like it.
-    Buffers (the RoPE table grows with max_seq_len) come from the smaller build."""
-    first = getattr(args, "n_dense_layers", 0) + 1
-    if args.n_layers <= first + 1:
-        return _built_counts(spec, args, args.n_layers)
-    base, buffers = _built_counts(spec, args, first)
-    one_block = _built_counts(spec, args, first + 1)[0] - base
-    return base + (args.n_layers - first) * one_block, buffers
+    """(parameters, buffer elements) of the model (``_over_all_blocks``); buffers (the RoPE table grows
+    with max_seq_len) from the smaller build."""
+    counts = _over_all_blocks(_built_counts, spec, args, fixed=("buffers",))
+    return counts["parameters"], counts["buffers"]
 
 
 def _parameter_kinds(spec: Any, args: Any, layers: int) -> dict[str, float]:
@@ -70,18 +79,21 @@ def _parameter_kinds(spec: Any, args: Any, layers: int) -> dict[str, float]:
 def parameter_counts(spec: Any, args: Any) -> dict[str, int]:
     """The model's parameters: ``total``, ``non_embedding`` (without the embedding and output rows) and
     ``active`` (what one token uses: for a mixture of experts, top_k of the routed experts), counted
-    from meta builds of a few blocks as ``element_counts`` counts them. Printed at start, in env.json."""
-    first = getattr(args, "n_dense_layers", 0) + 1
-    if args.n_layers <= first + 1:
-        kinds = _parameter_kinds(spec, args, args.n_layers)
-    else:
-        base, more = _parameter_kinds(spec, args, first), _parameter_kinds(spec, args, first + 1)
-        kinds = {k: base[k] + (args.n_layers - first) * (more[k] - base[k]) for k in base}
+    over all blocks as ``element_counts`` counts them (``_over_all_blocks``). Printed at start, in env.json."""
+    kinds = _over_all_blocks(_parameter_kinds, spec, args)
     return {
         "total": int(kinds["total"]),
         "non_embedding": int(kinds["total"] - kinds["embedding"]),
         "active": int(round(kinds["total"] - kinds["inactive_experts"])),
     }
+
+
+def describe_parameters(counts: dict[str, int]) -> str:
+    """``parameter_counts`` in one line: the active count only where it differs (a mixture of experts)."""
+    line = f"{counts['total']:,} parameters, {counts['non_embedding']:,} without embeddings"
+    if counts["active"] != counts["total"]:
+        line += f", {counts['active']:,} active per token"
+    return line
 
 
 def size_problem(

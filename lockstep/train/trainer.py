@@ -37,7 +37,7 @@ from lockstep.data.tokenizer import build_tokenizer
 from lockstep.determinism.seeds import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import model_args, model_spec, typed_overrides
-from lockstep.models.size import parameter_counts
+from lockstep.models.size import describe_parameters, parameter_counts
 from lockstep.parallel.canonical import canonical_nodes, full_value
 from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
 from lockstep.parallel.node_levels import data_parallel_levels, levels_record
@@ -97,13 +97,6 @@ def _undoes_its_start_on_error(init: Callable) -> Callable:
             raise
 
     return wrapper
-
-
-def _parameters_line(name: str, flavor: str, counts: dict[str, int]) -> str:
-    line = f"model {name} {flavor}: {counts['total']:,} parameters, {counts['non_embedding']:,} without embeddings"
-    if counts["active"] != counts["total"]:
-        line += f", {counts['active']:,} active per token"
-    return line
 
 
 class Trainer:
@@ -285,7 +278,7 @@ class Trainer:
         layout_record["attention"] = self.attention_backend  # model.attention = auto: the kernel that ran
         env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
         env["parameters"] = parameter_counts(model_spec(config.model.name), self.model.args)
-        self._log(_parameters_line(config.model.name, config.model.flavor, env["parameters"]))
+        self._log(f"model {config.model.name} {config.model.flavor}: {describe_parameters(env['parameters'])}")
         if config.model.overrides:  # what the flavor and the overrides resolved to, every field
             self._log(f"model args: {asdict(self.model.args)}")
         self.metrics, self.launch = None, None

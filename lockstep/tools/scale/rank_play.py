@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-from lockstep.checkpoint import folders
 from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.config import load_config
 from lockstep.models.common import init as init_fns
@@ -217,8 +216,3 @@ def _rank_zero_share(rank: int, world: int, result: RankPlay) -> Iterator[None]:
 
     with mock.patch.object(CheckpointManager, "_publish", publish):
         yield
-
-
-def published(dump_folder: Path) -> list[Path]:
-    """The step folders the play left (for tests that look inside)."""
-    return [folder for _, folder in folders.published_steps(dump_folder / "checkpoint")]
