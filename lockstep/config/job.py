@@ -215,11 +215,12 @@ def resolve_validation(config: JobConfig, dims: ParallelDims) -> ValidationBatch
     (of one replica group), not local x data-parallel degree: so it is the same in every layout that
     trains the same batch, and val_loss is too (docs/layout-invariance.md)."""
     validation, training, parallelism = config.validation, config.training, config.parallelism
-    if validation.dataset == "" and training.dataset != "builtin":
+    if validation.dataset == "" and training.dataset != "builtin" and not config.data.validation_fraction:
         raise ConfigError(
             "validation.dataset",
             f"is required when training.dataset = {training.dataset} (only the built-in corpus has a validation "
-            "split); set validation.dataset and validation.dataset_path",
+            "split); set validation.dataset and validation.dataset_path, or hold out part of the training "
+            "documents with data.validation_fraction (e.g. 0.01)",
         )
     seq_len = validation.seq_len or training.seq_len
     local = validation.local_batch_size or training.local_batch_size
@@ -270,6 +271,7 @@ def validate_job_config(config: JobConfig, world_size: int) -> None:
         validate = getattr(section, "validate", None)
         if validate is not None:
             validate()
+    _validate_split(config.validation, config.data)
     _validate_unsupported_axes(config.parallelism)
     _validate_checkpoint_folder(config.job, config.checkpoint)
     resolve_hf_flavor(config.model, config.checkpoint, _recorded_hf_config(config))
@@ -389,10 +391,31 @@ def _validate_data_source(training: TrainingConfig, data: DataConfig) -> None:
             "replaces training.dataset_path; drop the path (--training.dataset_path=) or add it to the mixture "
             f"as {training.dataset_path}:WEIGHT",
         )
+    if data.mixture and data.validation_fraction:
+        raise ConfigError(
+            "data.validation_fraction",
+            "holds out documents of one source, and data.mixture mixes several; give the mixture a validation "
+            "set of its own (validation.dataset prepared, validation.dataset_path FOLDER), or drop the fraction",
+        )
     if training.dataset == "prepared" and not data.mixture and not training.dataset_path:
         raise ConfigError(
             "training.dataset_path",
             "is required when training.dataset = prepared (or set data.mixture = FOLDER:WEIGHT,... for several)",
+        )
+
+
+def _validate_split(validation: ValidationConfig, data: DataConfig) -> None:
+    """data.validation_fraction makes the validation split from the training source, so no second
+    validation set may be named beside it (training would lose documents that nothing evaluates)."""
+    if not data.validation_fraction:
+        return
+    if validation.dataset or validation.dataset_path:
+        raise ConfigError(
+            "data.validation_fraction",
+            f"makes the validation split from the training documents, and validation.dataset = "
+            f"{validation.dataset or '(empty)'} names another one; keep one: drop validation.dataset and "
+            "validation.dataset_path (--validation.dataset= --validation.dataset_path=), or the fraction "
+            "(--data.validation_fraction 0)",
         )
 
 

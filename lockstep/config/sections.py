@@ -219,10 +219,17 @@ class DataConfig:
     """Train on several prepared folders as FOLDER:WEIGHT entries (CLI: A:0.7,B:0.3), with training.dataset =
     prepared and no training.dataset_path; weights are normalised to sum 1 and interleaved exactly; a source is
     named by its folder's name (metrics: data/tokens/NAME)."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the training source's documents (whole documents, chosen by a hash of each
+    document's index: the same in every layout) as the validation split; training never reads them. 0 = no split."""
 
     def validate(self) -> None:
         _require(bool(self.text_field), "data.text_field", "must not be empty")
         parse_mixture(self.mixture)
+        _require(
+            self.validation_fraction == 0.0 or 0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+            f"must be in (0, 1), e.g. 0.01 for 1% of the documents, or 0 for no split; got {self.validation_fraction}",
+        )  # fmt: skip
 
 
 @dataclass

@@ -20,6 +20,7 @@ from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_prepared_wind
 from lockstep.data.mixture import MixtureWindows, load_mixture
 from lockstep.data.order import ORDER_VERSION, SampleOrder
 from lockstep.data.sources import DocumentSource, file_source
+from lockstep.data.split import split_windows
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.errors import LockstepError
 
@@ -229,9 +230,27 @@ def build_token_windows(
 ) -> TokenWindows | MixtureWindows:
     """The training windows: a mixture of prepared folders (data.mixture), a prepared folder as it is
     (lockstep data prepare), anything else prepared into the cache first (once per machine; a job of
-    several `nodes` only uses an entry that exists)."""
+    several `nodes` only uses an entry that exists); less the held-out documents with
+    data.validation_fraction (lockstep.data.split)."""
     if data.mixture:
         return load_mixture(data.mixture, tokenizer, training.seq_len)
+    windows = source_windows(training, data, tokenizer, nodes)
+    if data.validation_fraction:
+        return split_windows(windows, data.validation_fraction, validation=False)
+    return windows
+
+
+def held_out_windows(
+    training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer, seq_len: int, nodes: int = 1
+) -> TokenWindows:
+    """The validation side of data.validation_fraction: the training source's held-out documents, as
+    windows of `seq_len`."""
+    return split_windows(source_windows(training, data, tokenizer, nodes), data.validation_fraction,
+                         validation=True, seq_len=seq_len)  # fmt: skip
+
+
+def source_windows(training: TrainingConfig, data: DataConfig, tokenizer: Tokenizer, nodes: int = 1) -> TokenWindows:
+    """Every document of the one training source (a prepared folder, or files prepared into the cache)."""
     if training.dataset == "prepared":
         return load_prepared_windows(Path(training.dataset_path), tokenizer, training.seq_len)
     source, fingerprint = document_source(training, data)

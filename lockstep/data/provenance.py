@@ -42,6 +42,7 @@ from lockstep.data.dataset import TokenWindows
 from lockstep.data.mixture import MixtureOrder, MixtureWindows
 from lockstep.data.order import SampleOrder
 from lockstep.data.prepared import PreparedOrigin, ShardedTokens
+from lockstep.data.split import DocumentSubset
 from lockstep.data.tokenizer import Tokenizer
 
 
@@ -111,7 +112,8 @@ class _Tracer:
 
     def __init__(self, windows: TokenWindows) -> None:
         self.windows = windows
-        tokens = windows.tokens
+        self.subset = windows.tokens if isinstance(windows.tokens, DocumentSubset) else None
+        tokens = self.subset.base if self.subset is not None else windows.tokens
         self.sharded = tokens if isinstance(tokens, ShardedTokens) else None
         self.origin: PreparedOrigin | None = windows.origin if self.sharded is not None else None
         self.paths: dict[int, str] = {}
@@ -132,6 +134,8 @@ class _Tracer:
             return "", -1, -1, touched
         sharded = self.sharded
         assert sharded is not None
+        if self.subset is not None:  # one side of a split: where its window starts in the prepared stream
+            start = int(self.subset.to_base(np.asarray([start]))[0])
         # The last shard whose first token is at or before `start` (empty shards share their offset with the next).
         shard = int(np.searchsorted(sharded.offsets, start, side="right")) - 1
         starts = sharded._documents(shard)
@@ -143,8 +147,9 @@ class _Tracer:
 
     def _starting_in(self, begin: int, end: int) -> int:
         """Documents starting in [begin, end): from the document index when there is one, else the BOS ids."""
-        if self.sharded is not None:
-            return self.sharded.documents_starting_in(begin, end)
+        counter = getattr(self.windows.tokens, "documents_starting_in", None)
+        if counter is not None:
+            return counter(begin, end)
         return int(np.count_nonzero(np.asarray(self.windows.tokens[begin:end]) == self.windows.bos_id))
 
     def _path(self, file: int) -> str:

@@ -36,15 +36,18 @@ def evaluation_config(path: Path, config_name: str | None, overrides: list[str],
     config.fault_tolerance.enable = False  # a replica group's run is evaluated alone, never in its job
     config.job.dump_folder = str(scratch / "run")
     config.training.global_batch_size = -1  # the training batch plays no part, and must fit this layout
-    if config.validation.dataset == "":  # the run validated on its training source's split
+    held_out = bool(config.data.validation_fraction)  # validation documents held out of the training source
+    if config.validation.dataset == "" and not held_out:  # the run validated on its training source's split
         if config.training.dataset != "builtin":
             raise ConfigError(
                 "validation.dataset",
                 f"is required when training.dataset = {config.training.dataset} (only the built-in corpus has a "
-                "validation split); pass --validation.dataset and --validation.dataset_path",
+                "validation split); pass --validation.dataset and --validation.dataset_path, or "
+                "--data.validation_fraction to evaluate on documents held out of the training source",
             )
         config.validation.dataset = "builtin"
-    config.training.dataset, config.training.dataset_path = "builtin", ""  # the run's training data is never read
+    if not held_out:  # the run's training data is never read
+        config.training.dataset, config.training.dataset_path = "builtin", ""
     config.data.mixture = []
     config.checkpoint.enable = False
     config.checkpoint.create_seed_checkpoint = False

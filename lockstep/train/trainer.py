@@ -143,7 +143,9 @@ class Trainer:
         validation = None
         if config.validation.enable:
             batches = resolve_validation(config, self.dims)
-            held_out = validation_windows(config.validation, config.data, self.tokenizer, batches.seq_len, nodes)
+            held_out = validation_windows(
+                config.validation, config.data, self.tokenizer, batches.seq_len, nodes, training=config.training
+            )
             validation = (batches, held_out)
         self.owns_process_group = not torch.distributed.is_initialized()
         init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)

@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.job import ValidationBatches
-from lockstep.config.sections import DataConfig, ValidationConfig
+from lockstep.config.sections import DataConfig, TrainingConfig, ValidationConfig
 from lockstep.data.corpus import builtin_corpus
 from lockstep.data.dataset import IGNORE_INDEX, TokenWindows, load_prepared_windows, load_token_windows
-from lockstep.data.loader import Microbatch
+from lockstep.data.loader import Microbatch, held_out_windows
 from lockstep.data.sources import DocumentSource, file_source
 from lockstep.data.tokenizer import Tokenizer
 from lockstep.models.common.moe import token_counting_paused
@@ -44,10 +44,19 @@ cross-entropy (fp32, one element), or None on a rank that holds no loss (a pipel
 
 
 def validation_windows(
-    validation: ValidationConfig, data: DataConfig, tokenizer: Tokenizer, seq_len: int, nodes: int = 1
+    validation: ValidationConfig,
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    nodes: int = 1,
+    *,
+    training: TrainingConfig,
 ) -> TokenWindows:
     """The validation split, tokenized once (cached) like training data (a job of several `nodes` only
-    uses a cache entry that exists: lockstep.data.auto_prepare)."""
+    uses a cache entry that exists: lockstep.data.auto_prepare); with data.validation_fraction, the
+    training source's held-out documents."""
+    if data.validation_fraction:
+        return held_out_windows(training, data, tokenizer, seq_len, nodes)
     kind = validation.dataset or "builtin"
     if kind == "prepared":
         return load_prepared_windows(Path(validation.dataset_path), tokenizer, seq_len)
