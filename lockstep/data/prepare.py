@@ -155,7 +155,9 @@ def _claim(out: Path, plan: dict) -> bool:
                 "pass another --out, or remove that folder to prepare it again",
             )
         return (out / MANIFEST).is_file()
-    if out.is_dir() and any(not p.name.startswith((f"{PLAN}.tmp", JOB_LOCK_PREFIX)) for p in out.iterdir()):
+    if out.is_dir() and any(
+        not p.name.startswith((f"{PLAN}.tmp", JOB_LOCK_PREFIX, PARTIAL_MARKER)) for p in out.iterdir()
+    ):
         raise InputError(
             out, "is not empty and holds no lockstep preparation (no plan.json)", "pass a new or empty --out"
         )
@@ -214,6 +216,8 @@ def prepare(
 
 
 JOB_LOCK_PREFIX = ".prepare-job-"
+PARTIAL_MARKER = ".lockstep-partial.json"
+"""Marks a cache folder as lockstep's own unfinished preparation (lockstep.data.auto_prepare), which it may remove."""
 
 
 @contextlib.contextmanager
