@@ -131,21 +131,39 @@ def _plan_hf_shards(folder: Path, spec: ModelSpec, args, dtype: torch.dtype, max
     stored = SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata
     element = torch.empty((), dtype=dtype).element_size()
     shards, size = [_HFShard()], 0
-    for key, meta in stored.items():
-        if not key.startswith("model."):
-            continue
-        name = key.removeprefix("model.")
-        fake = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device="meta")
-        for hf_name, value in spec.hf_adapter.to_hf({name: fake}, args).items():
+    metas = {key.removeprefix("model."): meta for key, meta in stored.items() if key.startswith("model.")}
+    for unit in export_units(spec, list(metas)):
+        fakes = {n: torch.empty(tuple(metas[n].size), dtype=metas[n].properties.dtype, device="meta") for n in unit}
+        for hf_name, value in spec.hf_adapter.to_hf(fakes, args).items():
             nbytes = value.numel() * element
             if shards[-1].hf_bytes and size + nbytes > max_shard_bytes:
                 shards.append(_HFShard())
                 size = 0
             shards[-1].hf_bytes[hf_name] = nbytes
             size += nbytes
-            if not shards[-1].sources or shards[-1].sources[-1] != name:
-                shards[-1].sources.append(name)
+            recent = shards[-1].sources[-len(unit) :]
+            shards[-1].sources.extend(n for n in unit if n not in recent)
     return shards
+
+
+def export_units(spec: ModelSpec, names: list[str]) -> list[list[str]]:
+    """The lockstep tensors an export converts together, in order: one by one, except those the adapter
+    fuses into one Hugging Face tensor (its ``FUSED_ON_EXPORT``: groups of name suffixes within a
+    block, e.g. Llama 4's w1 and w3 experts, one gate_up_proj)."""
+    fused = getattr(spec.hf_adapter, "FUSED_ON_EXPORT", ())
+    units: list[list[str]] = []
+    together: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for name in names:
+        group = next((g for g in fused if name.endswith(tuple("." + s for s in g))), None)
+        if group is None:
+            units.append([name])
+            continue
+        key = (name.rsplit(".", len(group[0].split(".")))[0], group)
+        if key not in together:
+            together[key] = []
+            units.append(together[key])
+        together[key].append(name)
+    return units
 
 
 def export_to_hf(
@@ -187,8 +205,8 @@ def export_to_hf(
         timings["load_s"] += time.perf_counter() - started
         started = time.perf_counter()
         hf_state = {}
-        for name in shard.sources:  # one lockstep tensor at a time, freed once converted
-            for hf_name, value in spec.hf_adapter.to_hf({name: weights.pop(name)}, args).items():
+        for unit in export_units(spec, shard.sources):  # one lockstep tensor (or fused group) at a time
+            for hf_name, value in spec.hf_adapter.to_hf({n: weights.pop(n) for n in unit}, args).items():
                 if hf_name in shard.hf_bytes:
                     hf_state[hf_name] = value.to(DTYPES[dtype]).contiguous()
         hf_state = {hf_name: hf_state[hf_name] for hf_name in shard.hf_bytes}  # the planned order
@@ -282,6 +300,10 @@ def _shard_box(name: str, target: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     return local, tuple(chunks[0].offsets)
 
 
+def _swap_last(box: tuple[int, ...]) -> tuple[int, ...]:
+    return (*box[:-2], box[-1], box[-2])
+
+
 def _piece_reads(name: str, pieces: tuple[HFPiece, ...], dest: torch.Tensor, at: tuple[int, ...]) -> list[_BoxRead]:
     """The reads that fill `dest`, the box of lockstep tensor `name` at `at`, from the pieces it meets."""
     reads, covered = [], 0
@@ -293,8 +315,11 @@ def _piece_reads(name: str, pieces: tuple[HFPiece, ...], dest: torch.Tensor, at:
         view = dest[tuple(slice(a - o, b - o) for a, b, o in zip(start, stop, at, strict=True))]
         dropped = dest.dim() - len(piece.hf_at)  # leading dims of extent 1 that HF does not have
         view = view[(0,) * dropped]
-        inside = zip(piece.hf_at, start[dropped:], piece.at[dropped:], strict=True)
+        piece_hf_at = _swap_last(piece.hf_at) if piece.transposed else piece.hf_at
+        inside = zip(piece_hf_at, start[dropped:], piece.at[dropped:], strict=True)
         hf_at = tuple(h + a - p for h, a, p in inside)
+        if piece.transposed:  # the read fills a transposed view of the destination
+            view, hf_at = view.transpose(-2, -1), _swap_last(hf_at)
         reads.append(_BoxRead(piece.name, piece.hf_shape, hf_at, view))
         covered += view.numel()
     if covered != dest.numel():

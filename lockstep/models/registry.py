@@ -23,6 +23,9 @@ from lockstep.models.deepseek_v3 import parallel_plan as deepseek_v3_plan
 from lockstep.models.llama3 import LLAMA3_FLAVORS, Llama3, Llama3Args
 from lockstep.models.llama3 import hf_adapter as llama3_hf
 from lockstep.models.llama3 import parallel_plan as llama3_plan
+from lockstep.models.llama4 import LLAMA4_FLAVORS, Llama4, Llama4Args
+from lockstep.models.llama4 import hf_adapter as llama4_hf
+from lockstep.models.llama4 import parallel_plan as llama4_plan
 from lockstep.models.qwen3 import QWEN3_FLAVORS, QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args
 from lockstep.models.qwen3 import hf_adapter as qwen3_hf
 from lockstep.models.qwen3 import parallel_plan as qwen3_plan
@@ -54,12 +57,12 @@ class ModelSpec:
     """The ``model_type`` values of Hugging Face config.json files this family reads."""
 
 
-def _family(name: str, flavors: dict, model: type, args: type, plan, hf, model_type: str) -> ModelSpec:
+def _family(name: str, flavors: dict, model: type, args: type, plan, hf, *model_types: str) -> ModelSpec:
     """A family from its folder's pieces (model class, *Args, parallel_plan and hf_adapter modules)."""
     return ModelSpec(
         name, flavors, lambda a, backend: model(a, backend), plan.tensor_parallel_plan,
         plan.check_tensor_parallel_degree, args.from_dict, hf, canonical_tensor_parallel=True,
-        hf_model_types=(model_type,),
+        hf_model_types=model_types,
     )  # fmt: skip
 
 
@@ -78,6 +81,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
         _family("qwen3", QWEN3_FLAVORS, Qwen3, Qwen3Args, qwen3_plan, qwen3_hf, "qwen3"),
         _family("qwen3_moe", QWEN3_MOE_FLAVORS, Qwen3, Qwen3Args, qwen3_plan, qwen3_hf, "qwen3_moe"),
+        _family("llama4", LLAMA4_FLAVORS, Llama4, Llama4Args, llama4_plan, llama4_hf, "llama4_text", "llama4"),
     )
 }
 

@@ -36,13 +36,22 @@ def _built_counts(spec: Any, args: Any, layers: int) -> dict[str, int]:
 
 def _over_all_blocks(measure, spec: Any, args: Any, fixed: tuple[str, ...] = ()) -> dict[str, float]:
     """`measure(spec, args, layers)` (a dict of counts of a meta build) for the whole model, from builds
-    of at most a few blocks (so an absurd n_layers is counted, not built): the blocks past the first
-    non-dense one are taken to be like it. The `fixed` counts are the smaller build's, not extrapolated."""
-    first = getattr(args, "n_dense_layers", 0) + 1
-    if args.n_layers <= first + 1:
+    of at most a few blocks (so an absurd n_layers is counted, not built): past the dense prefix the
+    blocks repeat with the args' ``block_period`` (1 unless a model interleaves kinds of blocks, as
+    Llama 4 does), so what each block of a period adds is measured once and repeated. The `fixed`
+    counts are the smallest build's, not extrapolated."""
+    dense = getattr(args, "n_dense_layers", 0)
+    period = getattr(args, "block_period", 1)
+    first = dense + period
+    if args.n_layers <= first + period:
         return measure(spec, args, args.n_layers)
-    base, more = measure(spec, args, first), measure(spec, args, first + 1)
-    return {k: base[k] if k in fixed else base[k] + (args.n_layers - first) * (more[k] - base[k]) for k in base}
+    builds = [measure(spec, args, first + j) for j in range(period + 1)]
+    adds = [{k: builds[j + 1][k] - builds[j][k] for k in builds[0]} for j in range(period)]
+    base = builds[0]
+    return {
+        k: base[k] if k in fixed else base[k] + sum(adds[(i - dense) % period][k] for i in range(first, args.n_layers))
+        for k in base
+    }
 
 
 def element_counts(spec: Any, args: Any) -> tuple[int, int]:

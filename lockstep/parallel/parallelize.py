@@ -125,7 +125,8 @@ def check_model_fits_layout(
         experts = getattr(args, "n_routed_experts", 0)
         if not experts:
             raise ConfigError(
-                "parallelism.expert_parallel_degree", f"{model.name} has no experts; use deepseek_v3 or qwen3_moe"
+                "parallelism.expert_parallel_degree",
+                f"{model.name} has no experts; use deepseek_v3, qwen3_moe or llama4",
             )
         if experts % dims.ep:
             raise ConfigError("parallelism.expert_parallel_degree", f"{dims.ep} does not divide {experts} experts")

@@ -18,6 +18,7 @@ from lockstep.checkpoint.hf_import import import_from_hf
 from lockstep.checkpoint.states import persistent_tensors
 from lockstep.config import load_config
 from lockstep.config.sections import ModelConfig
+from lockstep.models.common.rope import Llama3RopeScaling
 from lockstep.models.deepseek_v3 import hf_adapter as deepseek_hf
 from lockstep.models.llama3 import LLAMA3_FLAVORS, hf_adapter
 from lockstep.models.registry import model_args, model_spec
@@ -25,6 +26,7 @@ from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
 from tests.helpers import run_cli, tiny_config, tiny_overrides
+from tests.models.test_llama4 import tiny_hf_llama4
 from tests.models.test_qwen3 import tiny_hf_qwen3
 
 transformers = pytest.importorskip("transformers")
@@ -297,8 +299,11 @@ def _tiny_hf(folder, model: str) -> dict[str, torch.Tensor]:
         hf = _tiny_hf_llama(folder, kv_heads=1)
         args = hf_adapter.args_from_hf_config(json.loads((folder / "config.json").read_text()))
         return hf_adapter.from_hf(hf.state_dict(), args)
-    if model in ("qwen3", "qwen3_moe"):
-        hf, args = tiny_hf_qwen3(moe=model == "qwen3_moe", tied=model == "qwen3", vocab_size=VOCAB)
+    if model in ("qwen3", "qwen3_moe", "llama4"):
+        if model == "llama4":  # fused, transposed experts: each rank reads a box of them
+            hf, args = tiny_hf_llama4(vocab_size=VOCAB)
+        else:
+            hf, args = tiny_hf_qwen3(moe=model == "qwen3_moe", tied=model == "qwen3", vocab_size=VOCAB)
         hf.save_pretrained(folder)
         expected = model_spec(model).hf_adapter.from_hf(hf.state_dict(), args)
         return {k: v for k, v in expected.items() if k != "output.weight" or not args.tie_embeddings}
@@ -310,7 +315,7 @@ def _tiny_hf(folder, model: str) -> dict[str, torch.Tensor]:
     return expected
 
 
-@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe", "llama4"])
 def test_from_hf_on_two_ranks_writes_the_one_process_checkpoint(tmp_path, model):
     """`convert from-hf --nproc 2` (torchrun): each rank writes only its shard, and the checkpoint
     holds bitwise the tensors of the one-process conversion, with the same manifest but its files."""
@@ -372,12 +377,14 @@ def _hf_folder(folder, model: str) -> None:
         _tiny_hf_llama(folder)
     elif model == "deepseek_v3":
         _tiny_hf(folder, model)
+    elif model == "llama4":
+        tiny_hf_llama4(vocab_size=VOCAB)[0].save_pretrained(folder)
     else:
         hf, _ = tiny_hf_qwen3(moe=model == "qwen3_moe", tied=model == "qwen3", vocab_size=VOCAB)
         hf.save_pretrained(folder)
 
 
-@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("model", ["llama3", "deepseek_v3", "qwen3", "qwen3_moe", "llama4"])
 def test_from_hf_picks_the_family_from_model_type_and_round_trips_exactly(tmp_path, model):
     """No --model: config.json's model_type names the family; to-hf then writes the same tensors back
     (a tied Qwen3 holds no lm_head.weight, as transformers saves it; experts one tensor per expert)."""
@@ -405,6 +412,82 @@ def test_convert_cli_round_trips_a_tied_qwen3_and_transformers_reads_it_back(tmp
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(back(tokens).logits, hf(tokens).logits)
+
+
+LLAMA32_SCALING = {
+    "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}  # fmt: skip
+
+
+def _tiny_hf_llama32(folder):
+    """A random transformers Llama configured as Llama 3.2 1B is, in miniature: tied embeddings and
+    Llama 3 RoPE scaling at factor 32; save_pretrained writes no lm_head.weight."""
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=32, rope_theta=500000.0, rms_norm_eps=1e-5,
+        rope_scaling=LLAMA32_SCALING, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    model.save_pretrained(folder)
+    return model
+
+
+def test_a_tied_llama32_config_round_trips_exactly_through_the_cli(tmp_path):
+    hf = _tiny_hf_llama32(tmp_path / "hf")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "lm_head.weight" not in original
+    args = hf_adapter.args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    assert args.tie_embeddings and args.rope_scaling == Llama3RopeScaling(factor=32.0)
+    state = hf_adapter.from_hf(original, args)
+    with torch.device("meta"):
+        assert state.keys() == persistent_tensors(model_spec("llama3").build(args, "sdpa")).keys()
+    back = hf_adapter.to_hf(state, args)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    for command in (["from-hf", tmp_path / "hf", tmp_path / "ckpt"], ["to-hf", tmp_path / "ckpt", tmp_path / "back"]):
+        done = _convert(*command)
+        assert done.returncode == 0, done.stderr[-2000:]
+    exported = load_file(tmp_path / "back" / "model.safetensors")
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is True
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    reloaded.set_attn_implementation("eager")
+    weights = read_model_weights(folders.step_folder(tmp_path / "ckpt", 0))
+    ours = _lockstep_model(args, weights | {"output.weight": weights["tok_embeddings.weight"]})  # state_dict's alias
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
+    output = torch.empty(VOCAB, 64)  # a layout that asks for the output projection reads the embedding
+    load_hf_weights(tmp_path / "hf", model_spec("llama3"), args, {"output.weight": output})
+    assert torch.equal(output, original["model.embed_tokens.weight"])
+
+
+def test_a_tied_llama3_trains_from_a_tied_config_and_exports_what_transformers_ties(tmp_path):
+    """--model.flavor from_hf takes tie_word_embeddings from config.json; the run trains, saves one
+    embedding tensor, and its export loads in transformers, tied, with lockstep's logits."""
+    hf = _tiny_hf_llama32(tmp_path / "hf")
+    overrides = ["--model.flavor", "from_hf", "--checkpoint.initial_load_path", str(tmp_path / "hf"),
+                 "--training.steps", "2", "--checkpoint.enable"]  # fmt: skip
+    with Trainer(tiny_config(tmp_path, *overrides), show_progress=False) as trainer:
+        model = trainer.model.parts[0]
+        assert trainer.model.args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+        assert torch.equal(model.tok_embeddings.weight, hf.model.embed_tokens.weight)
+        trainer.train()
+        step = folders.published_steps(tmp_path / "run" / "checkpoint")[-1][1]
+        assert "output.weight" not in read_model_weights(step)
+        export_to_hf(step, tmp_path / "export")
+        exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True).eval()
+        assert exported.config.tie_word_embeddings and exported.lm_head.weight is exported.model.embed_tokens.weight
+        assert "lm_head.weight" not in load_file(tmp_path / "export" / "model.safetensors")
+        exported.set_attn_implementation("eager")
+        tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            torch.testing.assert_close(exported(tokens).logits, model.eval()(tokens), rtol=0, atol=1e-5)
 
 
 def test_a_folder_of_another_family_is_refused_for_initial_weights(tmp_path):

@@ -17,7 +17,9 @@ from lockstep.data.tokenizer import BytesTokenizer
 from lockstep.models.registry import model_args
 
 VOCAB = BytesTokenizer.vocab_size
-FLAVORS = {"llama3": "tiny", "deepseek_v3": "debug", "qwen3": "debug", "qwen3_moe": "debug"}
+FLAVORS = {"llama3": "tiny", "deepseek_v3": "debug", "qwen3": "debug", "qwen3_moe": "debug", "llama4": "debug"}
+OVERRIDES = {"llama4": {"attention_chunk_size": 8, "floor_scale": 4}}
+"""Llama 4 with chunks of 8 and temperature steps of 4, so that decoding crosses chunk boundaries."""
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 7], [256, 3, 1, 4, 1, 5, 9, 2, 6]]
 """BOS and a few ids each, of three lengths (so a batch of them is padded)."""
 
@@ -27,7 +29,8 @@ def lively_model(name: str, seed: int = 3, max_seq_len: int = 64) -> torch.nn.Mo
     sizes makes greedy decoding repeat one or two tokens, which would hide a wrong cache; the output at
     0.05; a tied output is the embedding, at 0.2) and, for DeepSeek-V3, a random router bias (zero at
     init, so its path would go untested)."""
-    spec, args = model_args(ModelConfig(name=name, flavor=FLAVORS[name]), VOCAB, max_seq_len)
+    config = ModelConfig(name=name, flavor=FLAVORS[name], overrides=OVERRIDES.get(name, {}))
+    spec, args = model_args(config, VOCAB, max_seq_len)
     with torch.device("meta"):
         model = spec.build(args, "sdpa")
     model.init_weights(seed, "cpu")
@@ -54,7 +57,9 @@ def save_checkpoint(model: torch.nn.Module, name: str, root: Path) -> Path:
         "format": folders.FORMAT, "step": 0, "model_only": True, "parts": ["model"],
         "model": {"name": name, "flavor": FLAVORS[name], "args": dataclasses.asdict(model.args)},
         "fingerprints": {"tokenizer": BytesTokenizer.fingerprint},
-        "config": {"model": {"name": name, "flavor": FLAVORS[name], "tokenizer": "bytes"}},
+        "config": {
+            "model": {"name": name, "flavor": FLAVORS[name], "tokenizer": "bytes", "overrides": OVERRIDES.get(name, {})}
+        },
     }  # fmt: skip
     folders.publish(partial, final, manifest)
     return final

@@ -12,7 +12,7 @@ from tests.generate.helpers import PROMPTS, lively_model
 
 GREEDY = SamplingSettings(max_new_tokens=8, greedy=True)
 SAMPLED = SamplingSettings(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.95, seed=5)
-FAMILIES = ["llama3", "deepseek_v3"]
+FAMILIES = ["llama3", "deepseek_v3", "llama4"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

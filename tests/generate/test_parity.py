@@ -20,6 +20,7 @@ HF_CLASSES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",  # the debug flavor ties its embeddings
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama4": "Llama4ForCausalLM",  # chunks of 8: decoding crosses chunk boundaries
 }
 
 

@@ -83,8 +83,11 @@ def attention(
     FlexAttention's Triton kernel on a plain causal pattern, with no BlockMask to build per microbatch;
     its backward is deterministic under strict debug.deterministic (torch then runs the kernels'
     deterministic backward), and ``lockstep audit`` flags it otherwise, whichever backend is set.
-    `scale` replaces 1/sqrt(head_dim) (YaRN's mscale)."""
+    `scale` replaces 1/sqrt(head_dim) (YaRN's mscale). Masks with ``chunk_size`` run one SDPA call per
+    chunk (``chunked_attention``)."""
     enable_gqa = k_BHSD.shape[1] != q_BHSD.shape[1]
+    if masks is not None and masks.chunk_size is not None:
+        return chunked_attention(q_BHSD, k_BHSD, v_BHSD, masks, scale)
     if masks is not None and masks.block_mask is not None:
         return _flex_attention(q_BHSD, k_BHSD, v_BHSD, masks.block_mask, enable_gqa, scale)
     if masks is not None and masks.sdpa_mask is not None:
@@ -92,6 +95,27 @@ def attention(
             q_BHSD, k_BHSD, v_BHSD, attn_mask=masks.sdpa_mask, scale=scale, enable_gqa=enable_gqa
         )
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+
+
+def chunked_attention(
+    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, masks: AttentionMasks, scale: float | None
+) -> torch.Tensor:
+    """Local attention within chunks of ``masks.chunk_size`` positions (Llama 4): chunks never see each
+    other, so each is its own causal SDPA call over at most chunk x chunk scores, with its rows of the
+    [B, 1, S, chunk] document mask when there is one. No [S, S] tensor exists at any point."""
+    enable_gqa = k_BHSD.shape[1] != q_BHSD.shape[1]
+    seq_len, chunk = q_BHSD.shape[2], masks.chunk_size
+    outputs = []
+    for start in range(0, seq_len, chunk):
+        end = min(start + chunk, seq_len)
+        q, k, v = q_BHSD[:, :, start:end], k_BHSD[:, :, start:end], v_BHSD[:, :, start:end]
+        if masks.sdpa_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        else:
+            rows = masks.sdpa_mask[:, :, start:end, : end - start]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=rows, scale=scale, enable_gqa=enable_gqa)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
 
 
 class SharedAcrossHeads(nn.Module):
@@ -122,12 +146,46 @@ class HeadNorm(nn.Module):
         return normed * self.share(self.weight.view(1, 1, 1, -1), x_BSHD.shape[2])
 
 
+class AttentionTemperature(nn.Module):
+    """Llama 4's attention temperature on its NoPE layers: queries at position p are scaled by
+    1 + attn_scale * log(1 + floor((p + 1) / floor_scale)), sharpening attention at long range
+    (arXiv 2501.19399). Positions are the window's (0..S-1) in training, and each token's own under a
+    KV cache; 1 for the first floor_scale - 1 positions."""
+
+    def __init__(self, *, floor_scale: float, attn_scale: float) -> None:
+        super().__init__()
+        self.floor_scale, self.attn_scale = floor_scale, attn_scale
+
+    def forward(self, q_BSHD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`positions`: [S] or [B, S]."""
+        scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+        scales = scales.view(*([1] if positions.dim() == 1 else []), *positions.shape, 1, 1)
+        return (q_BSHD * scales).to(q_BSHD.dtype)
+
+
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA; kv heads == heads is plain MHA), RoPE
-    on q and k, and optionally QK-norm (Qwen3: ``HeadNorm`` on each head's q and k, before RoPE).
-    Llama 3 and Qwen3 share it; parameter names follow torchtitan's (wq, wk, wv, wo)."""
+    on q and k, and optionally QK-norm. Llama 3, Qwen3 and Llama 4 share it; parameter names follow
+    torchtitan's (wq, wk, wv, wo).
 
-    def __init__(self, dim: int, *, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm_eps: float | None = None):
+    Options (keyword-only): `qk_norm_eps` is Qwen3's QK-norm, ``HeadNorm`` on each head's q and k before
+    RoPE; `l2_qk_norm_eps` is Llama 4's, a weightless RMS norm after RoPE; `rope` False is a NoPE layer
+    (Llama 4's every fourth), `temperature` scales its queries by position; `chunked` takes the
+    chunked-attention masks (``AttentionMasks.for_chunked_layers``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qk_norm_eps: float | None = None,
+        l2_qk_norm_eps: float | None = None,
+        rope: bool = True,
+        temperature: AttentionTemperature | None = None,
+        chunked: bool = False,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
@@ -136,6 +194,9 @@ class GroupedQueryAttention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.q_norm = HeadNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = HeadNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.l2_qk_norm_eps = l2_qk_norm_eps
+        self.rope, self.chunked = rope, chunked
+        self.temperature = temperature
 
     def forward(
         self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, masks: AttentionMasks | None, cache: LayerCache | None = None
@@ -148,9 +209,22 @@ class GroupedQueryAttention(nn.Module):
         v = self.wv(x_BSD).view(batch, seq_len, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        if self.rope:
+            q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        if self.l2_qk_norm_eps is not None:
+            q, k = _weightless_rms_norm(q, self.l2_qk_norm_eps), _weightless_rms_norm(k, self.l2_qk_norm_eps)
+        if self.temperature is not None:
+            positions = cache.owner.positions_BS if cache is not None else torch.arange(seq_len, device=q.device)
+            q = self.temperature(q, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
+        if self.chunked and masks is not None:
+            masks = masks.for_chunked_layers()
         out = attention(q, k, v, masks)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+def _weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm without a weight, in fp32 (Llama 4's "L2" QK-norm, as transformers computes it)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).type_as(x)

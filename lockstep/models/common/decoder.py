@@ -42,6 +42,8 @@ class Decoder(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tied_embeddings = bool(getattr(args, "tie_embeddings", False))
+        self.attention_chunk_size: int | None = getattr(args, "attention_chunk_size", None)
+        """Chunk of the layers with chunked local attention (Llama 4), or None: all attend over the window."""
         if self.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope_cos_sin", self._rope_table(self.norm.weight.device), persistent=False)
@@ -111,7 +113,7 @@ class Decoder(nn.Module):
         document_ids = document_ids_from_tokens(tokens_BS, eos_id)
         if deferred:
             return AttentionMasks(document_ids=document_ids)
-        return build_attention_masks(document_ids, self.attention_backend)
+        return build_attention_masks(document_ids, self.attention_backend, self.attention_chunk_size)
 
     def forward(
         self,
@@ -121,7 +123,7 @@ class Decoder(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, vocab] (hidden states on a stage without the output). Without masks attention is
-        plain causal over the whole sequence. `head(h_BSD, output)`, when given, replaces the output
+        plain causal over the whole sequence (within chunks on a model's chunked layers). `head(h_BSD, output)`, when given, replaces the output
         projection and its result is returned: a loss that projects a few tokens at a time never holds
         the [B, S, vocab] logits, and running it here keeps it inside FSDP's forward of the root (which
         holds `output`). A pipeline passes it to every stage; only the last (which has `output`) calls
@@ -135,13 +137,17 @@ class Decoder(nn.Module):
         if kv_cache is not None:
             if attention_masks is not None:
                 raise ValueError("with a KV cache the cache builds the attention masks; pass none")
-            positions_BS, masks = kv_cache.begin(tokens_BS.shape[1])
+            positions_BS, masks = kv_cache.begin(tokens_BS.shape[1], self.attention_chunk_size)
             cos_sin = self.rope_cos_sin[positions_BS]  # [B, S, D/2, 2]: each row's own positions
             for name, layer in self.layers.items():
                 h = layer(h, cos_sin, masks, kv_cache.layers[int(name)])
             return self.output(self.norm(h))
+        if attention_masks is None and self.attention_chunk_size is not None:
+            attention_masks = AttentionMasks()
         if attention_masks is not None:
-            attention_masks = attention_masks.resolve(self.attention_backend)
+            attention_masks = attention_masks.resolve(
+                self.attention_backend, self.attention_chunk_size, tokens_BS.shape[1]
+            )
         for layer in self.layers.values():
             h = layer(h, self.rope_cos_sin, attention_masks)
         h = self.norm(h) if self.norm is not None else h

@@ -50,6 +50,9 @@ class HFPiece:
     at: tuple[int, ...]
     size: tuple[int, ...]
     hf_at: tuple[int, ...]
+    transposed: bool = False
+    """The Hugging Face tensor holds the box with its last two dims swapped (Llama 4's experts store
+    [E, in, out] where lockstep holds [E, out, in]); `hf_shape` and `hf_at` are in its own order."""
 
 
 @dataclass(frozen=True)

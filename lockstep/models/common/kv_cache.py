@@ -53,25 +53,36 @@ class KVCache:
         self.max_len = max_len
         self.start = 0
         """First slot of the tokens being added (set by ``begin``)."""
+        self.positions_BS = torch.zeros(len(pad_B), 0, dtype=torch.long, device=pad_B.device)
+        """Positions of the tokens being added (set by ``begin``)."""
         self.length = 0
         """Filled slots, the ones being added included."""
         self.layers = [LayerCache(self) for _ in range(n_layers)]
 
-    def begin(self, new_tokens: int) -> tuple[torch.Tensor, AttentionMasks]:
+    def begin(self, new_tokens: int, chunk_size: int | None = None) -> tuple[torch.Tensor, AttentionMasks]:
         """Open the next `new_tokens` slots (the decoder calls this once per forward, before its
-        layers write them); returns their RoPE positions [B, S] and the attention masks."""
+        layers write them); returns their RoPE positions [B, S] (kept as ``positions_BS`` for layers
+        that scale by position) and the attention masks. `chunk_size` (Llama 4): the masks carry
+        those of the chunked layers too, where a query sees only keys whose positions share its chunk."""
         if self.length + new_tokens > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; {self.length} + {new_tokens} do not fit")
         self.start, self.length = self.length, self.length + new_tokens
         device = self.pad_B.device
-        if self.start == 0 and not self.padded:  # a prompt in one pass: plain causal, as in training
-            return torch.arange(new_tokens, device=device).expand(len(self.pad_B), -1), AttentionMasks()
+        if self.start == 0 and not self.padded and (chunk_size is None or new_tokens <= chunk_size):
+            # A prompt in one pass: plain causal, as in training.
+            self.positions_BS = torch.arange(new_tokens, device=device).expand(len(self.pad_B), -1)
+            return self.positions_BS, AttentionMasks()
         query_at = torch.arange(self.start, self.length, device=device)
         key_at = torch.arange(self.length, device=device)
-        positions_BS = (query_at[None, :] - self.pad_B[:, None]).clamp_min(0)
+        self.positions_BS = (query_at[None, :] - self.pad_B[:, None]).clamp_min(0)
         real_key_BT = key_at[None, :] >= self.pad_B[:, None]
         causal_ST = key_at[None, :] <= query_at[:, None]
         itself_ST = key_at[None, :] == query_at[:, None]
         allowed = causal_ST[None] & (real_key_BT[:, None, :] | itself_ST[None])  # [B, S, T]
         # Boolean, so it suits any dtype the model runs in (SDPA turns it into -inf where False).
-        return positions_BS, AttentionMasks(sdpa_mask=allowed[:, None])
+        masks = AttentionMasks(sdpa_mask=allowed[:, None])
+        if chunk_size is not None:
+            key_positions_BT = (key_at[None, :] - self.pad_B[:, None]).clamp_min(0)
+            same_chunk = self.positions_BS[:, :, None] // chunk_size == key_positions_BT[:, None, :] // chunk_size
+            masks.chunked = AttentionMasks(sdpa_mask=(allowed & (same_chunk | itself_ST[None]))[:, None])
+        return self.positions_BS, masks

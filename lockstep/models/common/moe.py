@@ -116,11 +116,25 @@ def _aligned(*weights: torch.Tensor) -> bool:
 class MoE(nn.Module):
     """Routed experts plus shared experts. ``expert_bias`` (persistent, checkpointed) is the
     auxiliary-loss-free balancing bias; ``tokens_per_expert`` counts this step's routing and is
-    consumed by ``update_expert_bias`` after the optimizer step."""
+    consumed by ``update_expert_bias`` after the optimizer step.
 
-    def __init__(self, dim: int, *, hidden_dim: int, num_experts: int, num_shared: int, router: Router) -> None:
+    `score_before_experts` (Llama 4): each token enters its experts already multiplied by its routing
+    weight, and their outputs are summed unweighted; otherwise (DeepSeek-V3, Qwen3-MoE) the outputs
+    are weighted. The two differ: an expert is not linear in its input."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden_dim: int,
+        num_experts: int,
+        num_shared: int,
+        router: Router,
+        score_before_experts: bool = False,
+    ) -> None:
         super().__init__()
         self.router = router
+        self.score_before_experts = score_before_experts
         self.experts = GroupedExperts(dim, hidden_dim, num_experts)
         self.shared_experts = FeedForward(dim, hidden_dim * num_shared) if num_shared else None
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
@@ -144,9 +158,14 @@ class MoE(nn.Module):
             if count:
                 self.tokens_per_expert += counts
             inverse = torch.argsort(order)
-        routed = self.experts(flat[order // top_k], counts)[inverse].view(-1, top_k, dim)
+        routed_in = flat[order // top_k]
+        if self.score_before_experts:
+            routed_in = routed_in * weights.reshape(-1)[order].unsqueeze(-1).to(routed_in.dtype)
+        routed = self.experts(routed_in, counts)[inverse].view(-1, top_k, dim)
+        if not self.score_before_experts:
+            routed = routed * weights.unsqueeze(-1).to(routed.dtype)
         # Combine without atomics (forward): each token sums its k expert outputs in slot order.
-        out = (routed * weights.unsqueeze(-1).to(routed.dtype)).sum(dim=1).view(batch, seq_len, dim)
+        out = routed.sum(dim=1).view(batch, seq_len, dim)
         if self.seq_aux_loss_alpha > 0 and self.training:
             out = AddAuxiliaryLoss.apply(out, self._sequence_aux_loss(flat, indices, batch))
         if self.shared_experts is not None:

@@ -32,7 +32,7 @@ from lockstep.tools.estimate.memory import TERMS
 from lockstep.tools.estimate.rank_step import StepShape
 from lockstep.tools.estimate.trace import PipelineMailbox, RankTrace, stage_ranks, trace_rank, traceable
 
-PUBLISHED_VOCAB = {"llama3": 128256, "deepseek_v3": 129280, "qwen3": 151936, "qwen3_moe": 151936}
+PUBLISHED_VOCAB = {"llama3": 128256, "deepseek_v3": 129280, "qwen3": 151936, "qwen3_moe": 151936, "llama4": 202048}
 """A family's published tokenizer size, used when the config's tokenizer cannot be read here."""
 
 
