@@ -28,6 +28,7 @@ from pathlib import Path
 from lockstep.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED
 from lockstep.config import ConfigError
 from lockstep.errors import LockstepError
+from lockstep.wall_clock import for_workers
 
 LAUNCHED_ENV = "LOCKSTEP_LAUNCHED"
 """Set for the workers of ``lockstep COMMAND --nproc``: a bad-input error goes to torchrun's error file
@@ -199,7 +200,8 @@ def launch_torchrun(nproc: int, argv: list[str], command: str = "train") -> int:
     entry = ["-m", "lockstep.train"] if command == "train" else ["-m", "lockstep.cli.worker", command]
     args = torchrun.get_args_parser().parse_args([*torchrun_args, *entry, *_without_nproc(argv)])
     forwarder = _SignalForwarder()
-    with _environment({"OMP_NUM_THREADS": threads, LAUNCHED_ENV: "1"}), _quiet_outcome_logs():
+    environment = {"OMP_NUM_THREADS": threads, LAUNCHED_ENV: "1", **for_workers()}  # wall_s counts from here
+    with _environment(environment), _quiet_outcome_logs():
         with forwarder.installed() if forward else contextlib.nullcontext():
             try:
                 torchrun.run(args)

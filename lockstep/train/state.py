@@ -18,7 +18,10 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
-    """Wall time since the run's first step, summed over its launches (time-to-target-loss)."""
+    """Training time, summed over the run's launches (time-to-target-loss): each launch adds the seconds from
+    the start of its first step to the end of its latest committed step, evaluations and saves between steps
+    included, start-up not (lockstep.wall_clock's wall_s counts that). A launch continues from the value in
+    the checkpoint it resumed, so time after that checkpoint in the stopped launch is not counted."""
     loss_window: list[float] = field(default_factory=list)
     """The spike detector's window of recent ordinary losses (lockstep.train.guards.spikes)."""
 

@@ -69,6 +69,7 @@ from lockstep.train.resilience.fault_tolerance import FaultTolerance, Lighthouse
 from lockstep.train.state import GracefulStop, StepResult, TrainState
 from lockstep.train.step import GradientSource, GroupPasses, LocalGradients, ReplicaGroupGradients, TrainStep
 from lockstep.train.validation import Validator, validation_windows
+from lockstep.wall_clock import wall_s
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -571,6 +572,7 @@ class Trainer:
                 "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size * self._live_groups()),
                 "tokens_seen": self.state.tokens_seen,
                 "elapsed_s": self.state.elapsed_s,
+                "wall_s": wall_s(),
                 "data_wait_s": self.loader.take_wait_s(),  # since the last record: the loader's share of it
             }
             | {f"data/tokens/{name}": tokens for name, tokens in self.loader.take_source_tokens().items()}
