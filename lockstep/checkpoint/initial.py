@@ -15,6 +15,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import check_hf_config, is_hf_folder, load_hf_weights, resolve_checkpoint_folder
 from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
+from lockstep.checkpoint.manifest import recorded_args
 from lockstep.checkpoint.states import persistent_tensors
 from lockstep.models.registry import ModelSpec
 
@@ -33,8 +34,8 @@ def load_initial_weights(
         checkpointer.log(f"initial weights from Hugging Face folder {path}")
         return
     folder = resolve_checkpoint_folder(path, check=checkpointer.problem_with)  # verified, split over ranks
-    recorded = folders.read_manifest(folder)["model"]["args"]
     ours = json.loads(json.dumps(dataclasses.asdict(args)))
+    recorded = recorded_args(folders.read_manifest(folder), ours)
     if recorded != ours and not checkpointer.config.ignore_mismatch:
         changed = sorted(k for k in ours if recorded.get(k) != ours[k])
         raise CheckpointMismatch(

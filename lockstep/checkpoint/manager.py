@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.checksums import ChecksumWriter
 from lockstep.checkpoint.errors import CheckpointError, CheckpointMismatch, disk_failure, save_refused
+from lockstep.checkpoint.manifest import recorded_args
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.config.sections import CheckpointConfig
 from lockstep.errors import LockstepError
@@ -249,6 +250,7 @@ class CheckpointManager:
         differing keys (checkpoint -> this run). The layout (elastic) and the config (the trainer
         decides which of its changes are allowed) are recorded in the manifest but not compared here."""
         manifest = folders.read_manifest(folder)
+        manifest["model"] |= {"args": recorded_args(manifest, self.identity.get("model", {}).get("args", {}))}
         compared = [key for key in self.identity if key not in RECORDED_ONLY]
         changed = differences({k: manifest.get(k) for k in compared}, {k: self.identity[k] for k in compared})
         if changed and not self.config.ignore_mismatch:

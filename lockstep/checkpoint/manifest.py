@@ -3,6 +3,9 @@ and the safe reader: every file name it records must name a plain file in the st
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,19 @@ def recorded_model(folder: Path, manifest: dict) -> tuple[ModelSpec, Any]:
     except ConfigError as error:
         raise InputError(where, f"model.name: {error}", fix) from None
     return spec, checked_args(spec, lambda: spec.args_from_dict(manifest["model"]["args"]), where=where, fix=fix)
+
+
+def recorded_args(manifest: dict, fields: Collection[str]) -> dict:
+    """The manifest's ``model.args``, with those of `fields` (a run's) that it lacks at their defaults,
+    for comparing with that run's: a field added to the family's *Args after the checkpoint was written
+    (llama3's ``tie_embeddings``) was built at its default, so an older checkpoint still matches a run
+    that keeps it."""
+    recorded = manifest["model"]["args"]
+    try:
+        defaults = dataclasses.asdict(model_spec(manifest["model"]["name"]).args_from_dict({}))
+    except (ConfigError, TypeError, ValueError):  # not a family of this version: compared as recorded
+        return recorded
+    return {k: v for k, v in json.loads(json.dumps(defaults)).items() if k in fields} | recorded
 
 
 def recorded_config(folder: Path, manifest: dict) -> dict | None:

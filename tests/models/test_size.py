@@ -15,6 +15,8 @@ from tests.helpers import tiny_config
 @pytest.mark.parametrize(
     "name, flavor, vocab, total, active",
     [
+        ("llama3", "1B", 128256, 1.24e9, 1.24e9),  # Llama 3.2 1B and 3B: tied embeddings
+        ("llama3", "3B", 128256, 3.21e9, 3.21e9),
         ("llama3", "8B", 128256, 8.03e9, 8.03e9),
         ("deepseek_v3", "671B", 129280, 671e9, 37e9),
         ("qwen3_moe", "235B-A22B", 151936, 235e9, 22e9),

@@ -33,6 +33,8 @@ class Llama3Args:
     """Length of the RoPE table; set to the training sequence length at build time."""
     ffn_hidden_size: int | None = None
     """Explicit SwiGLU hidden size (as Hugging Face configs give it); None derives it from dim."""
+    tie_embeddings: bool = False
+    """The output projection is the embedding matrix (Llama 3.2 1B and 3B tie them)."""
 
     @property
     def head_dim(self) -> int:
@@ -75,10 +77,22 @@ LLAMA3_FLAVORS: dict[str, Llama3Args] = {
     # A smaller one for multi-rank tests on 2 cores.
     "tiny": Llama3Args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, rope_theta=10000),
     "1B": Llama3Args(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, rope_scaling=_LLAMA32_SCALING
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.5,
+        rope_scaling=_LLAMA32_SCALING,
+        tie_embeddings=True,
     ),
     "3B": Llama3Args(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0, rope_scaling=_LLAMA32_SCALING
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.0,
+        rope_scaling=_LLAMA32_SCALING,
+        tie_embeddings=True,
     ),
     "8B": Llama3Args(
         dim=4096,

@@ -3,6 +3,10 @@
 lockstep (like Meta's reference code) rotates interleaved pairs (x0, x1), (x2, x3), ... of each head;
 Hugging Face rotates halves (x0, x_{d/2}), ... So the rows of wq and wk are permuted within each head
 on the way out and back on the way in; the two layouts compute identical attention.
+
+Tied embeddings (Llama 3.2 1B and 3B): a tied model holds one tensor, ``tok_embeddings.weight``, in
+checkpoints, and its Hugging Face folder holds only ``model.embed_tokens.weight``, as transformers saves
+it; an ``output.weight`` given (a ``state_dict()`` lists the alias) still maps to ``lm_head.weight``.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ def from_hf(state: dict[str, torch.Tensor], args: Llama3Args) -> dict[str, torch
 def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Llama3Args) -> HFSource:
     """How a rank reads its shard of `name`: the rows of one Hugging Face tensor; wq and wk also go
     from halves back to interleaved pairs, a permutation within each head, hence per block of
-    head_dim rows."""
+    head_dim rows. A tied model's output projection is read from the embedding."""
+    if name == "output.weight" and args.tie_embeddings:
+        name = "tok_embeddings.weight"
     piece = whole(hf_name(name), shape)
     if name.endswith(("attention.wq.weight", "attention.wk.weight")):
         return HFSource((piece,), args.head_dim, lambda w: halves_to_interleaved(w, w.shape[0] // args.head_dim))
@@ -107,7 +113,7 @@ def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "torch_dtype": dtype,
     }
 
@@ -135,4 +141,5 @@ def args_from_hf_config(config: dict) -> Llama3Args:
         rope_scaling=rope_scaling,
         max_seq_len=config.get("max_position_embeddings", 8192),
         ffn_hidden_size=config["intermediate_size"],
+        tie_embeddings=config.get("tie_word_embeddings", False),
     )

@@ -1,4 +1,5 @@
-"""Llama 3 decoder, single-device code: RMSNorm, RoPE, grouped-query attention, SwiGLU, untied output.
+"""Llama 3 decoder, single-device code: RMSNorm, RoPE, grouped-query attention, SwiGLU, an output projection
+of its own or tied to the embedding (``Llama3Args.tie_embeddings``).
 
 Parallelism is applied from outside (``lockstep.parallel``); parameter names follow torchtitan's
 so sharding plans and the Hugging Face adapter read naturally.
@@ -35,8 +36,10 @@ class Llama3(Decoder):
         return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
 
     def num_flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 x (non-embedding params) for the matmuls forward+backward, plus
-        12 x layers x heads x head_dim x seq_len for attention scores and values (PaLM's formula)."""
+        """Training FLOPs per token: 6 x (non-embedding params) for the matmuls forward+backward (a tied
+        output projection counts: it is a matmul), plus 12 x layers x heads x head_dim x seq_len for
+        attention scores and values (PaLM's formula)."""
         a = self.args
-        n_params = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
+        n_params = sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))
+        n_params -= self.tok_embeddings.weight.numel()
         return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
