@@ -289,7 +289,7 @@ class Trainer:
             self.launch, self.metrics = record_launch(
                 self.run_folder, dump_toml(config), env, self.state.step, self.checkpoints.resumed_from,
                 self.state.step if resumed else None, config.metrics,
-                self._log,
+                self._log if show_progress else lambda message: None,  # eval, audit: a scratch run, no launch to tell
             )  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.peak_flops = peak_flops(
