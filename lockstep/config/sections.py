@@ -63,7 +63,7 @@ class JobSectionConfig:
 @dataclass
 class ModelConfig:
     name: str = "llama3"
-    """Model family: llama3, deepseek_v3, qwen3 or qwen3_moe (README, "Models")."""
+    """Model family: llama3, deepseek_v3, qwen3, qwen3_moe or llama4 (README, "Models")."""
     flavor: str = "debug"
     """Size table entry of the model family, e.g. debug, 1B, 8B (qwen3_moe: 30B-A3B)."""
     tokenizer: str = "builtin"

@@ -15,7 +15,9 @@ def test_presets_load_and_validate():
         config = load_config(name, [])
         assert config.model.name in MODELS and config.model.flavor in MODELS[config.model.name].flavors
         p = config.parallelism  # the smallest world a preset's fixed degrees fit (llama3_405b: tp 8 x pp 8)
-        validate_job_config(config, world_size=p.tensor_parallel_degree * p.pipeline_parallel_degree)
+        shard = max(p.data_parallel_shard_degree, 1)  # llama4_scout: 4 replicas of 16 shards
+        fixed = p.data_parallel_replicate_degree * shard * p.tensor_parallel_degree * p.pipeline_parallel_degree
+        validate_job_config(config, world_size=fixed)
 
 
 def test_override_forms():

@@ -1,4 +1,4 @@
-"""Guard against unintended numerics changes: 20 steps of each debug preset (llama3, qwen3, qwen3_moe)
+"""Guard against unintended numerics changes: 20 steps of each debug preset (llama3, qwen3, qwen3_moe, llama4)
 must equal the stored reference losses, grad norms and fingerprints bitwise. If a change is intended,
 regenerate (see the command in tests/assets/losses/regenerate.py) and say why in the commit."""
 
