@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    ["lockstep.errors", "lockstep.lifetime", "lockstep.untrusted"],
+    ["lockstep.errors", "lockstep.lifetime", "lockstep.untrusted", "lockstep.wall_clock"],
     ["lockstep.config"],
     ["lockstep.determinism"],
     ["lockstep.data", "lockstep.models"],
@@ -29,7 +29,7 @@ LAYERS = [
     ["lockstep.cli"],
     ["lockstep.__main__"],
 ]
-"""Lowest first. The base layer's three modules may import each other (errors is the leaf of them)."""
+"""Lowest first. The base layer's modules may import each other (errors is the leaf of them)."""
 
 OPTIONAL_HEAVY = (
     "matplotlib", "wandb", "torch.utils.tensorboard", "tensorboard", "datasets", "pyarrow", "torch._inductor",

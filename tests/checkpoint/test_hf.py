@@ -497,3 +497,14 @@ def test_a_folder_of_another_family_is_refused_for_initial_weights(tmp_path):
     spec, args = model_args(ModelConfig(name="llama3", flavor="tiny"), VOCAB, 32)
     with pytest.raises(ValueError, match="is a qwen3 model, this run's is llama3"):
         check_hf_config(tmp_path / "hf", spec, args)
+
+
+def test_llama4_flavor_from_hf_reads_its_shape_and_each_rank_its_expert_boxes(tmp_path):
+    """`--model.flavor from_hf` on a transformers Llama 4 folder (fused, transposed experts) under EP 2:
+    the shape comes from config.json, and each rank reads its experts through transposed views."""
+    hf, args = tiny_hf_llama4(vocab_size=VOCAB)
+    hf.save_pretrained(tmp_path / "hf")
+    overrides = ["--model.name", "llama4", "--model.flavor", "from_hf", "--parallelism.expert_parallel_degree", "2"]
+    run_on_ranks(_initial_weights, 2, tmp_path, tmp_path / "hf", "llama4_debug", overrides)
+    expected = model_spec("llama4").hf_adapter.from_hf(hf.state_dict(), args)
+    _assert_same(torch.load(tmp_path / "initial.pt"), expected)

@@ -1,6 +1,7 @@
 """CUDA-only paths: FlexAttention and deterministic GPU training. Skipped where there is no GPU
 (CI never has one); run on a GPU machine with `pytest tests/models/test_cuda.py`."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunk
 from torch.nn.attention.flex_attention import BlockMask
 
 from lockstep.models.common.masks import AttentionMasks
+from lockstep.models.llama4 import LLAMA4_FLAVORS, Llama4
 from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.distributed import run_on_ranks
@@ -114,3 +116,26 @@ def test_pipeline_with_flex_matches_sdpa(tmp_path):
     assert json.loads((tmp_path / "auto" / "run" / "env.json").read_text())["layout"]["attention"] == "flex"
     assert len(losses["auto"]) == 3
     assert losses["auto"] == pytest.approx(losses["sdpa"], rel=1e-4)
+
+
+def test_llama4_chunked_flex_block_masks_match_sdpa_chunk_by_chunk():
+    """Llama 4's two block kinds under FlexAttention (a chunked BlockMask on the RoPE blocks, the
+    document mask on the NoPE block) against SDPA's chunk-by-chunk calls, forward and backward."""
+    args = dataclasses.replace(LLAMA4_FLAVORS["debug"], vocab_size=97, max_seq_len=512, attention_chunk_size=192)
+    with torch.device("meta"):
+        model = Llama4(args)
+    model.init_weights(0, "cuda")
+    tokens = torch.randint(0, 96, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    tokens[0, [40, 300]] = 96
+    sdpa_masks = model.get_attention_masks(tokens, eos_id=96)
+    model.attention_backend = "flex"
+    flex_masks = model.get_attention_masks(tokens, eos_id=96)
+    assert flex_masks.chunked is not None and flex_masks.chunked.block_mask is not None
+    grads = []
+    for masks in (sdpa_masks, flex_masks):
+        model.zero_grad()
+        logits = model(tokens, masks)
+        logits.float().square().mean().backward()
+        grads.append((logits.detach(), model.layers["0"].attention.wq.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-3, atol=1e-4)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lockstep.models.common.rope import Llama3RopeScaling
+
 DECODER_TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -137,4 +139,40 @@ def experts_source(hf_prefix: str, weight: str, shape: torch.Size, hf_names: Col
             HFPiece(f"{hf_prefix}.{e}.{projection}.weight", (rows, cols), (e, 0, 0), (1, rows, cols), (0, 0))
             for e in range(experts)
         )
+    )
+
+
+def llama3_scaling_to_hf(scaling: Llama3RopeScaling | None) -> dict | None:
+    """config.json's ``rope_scaling`` of Llama 3.1-style frequency scaling (Llama 3, Llama 4 Scout)."""
+    if scaling is None:
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings,
+    }
+
+
+def hf_rope_table(config: dict) -> dict:
+    """config.json's RoPE settings, ``rope_scaling`` or (transformers 5) ``rope_parameters``; {} if none."""
+    return config.get("rope_scaling") or config.get("rope_parameters") or {}
+
+
+def hf_rope_type(config: dict) -> str:
+    scaling = hf_rope_table(config)
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def llama3_scaling_from_hf(config: dict) -> Llama3RopeScaling | None:
+    """The Llama 3.1-style scaling a config.json names, or None for any other RoPE type."""
+    if hf_rope_type(config) != "llama3":
+        return None
+    scaling = hf_rope_table(config)
+    return Llama3RopeScaling(
+        factor=scaling["factor"],
+        low_freq_factor=scaling["low_freq_factor"],
+        high_freq_factor=scaling["high_freq_factor"],
+        original_max_position_embeddings=scaling["original_max_position_embeddings"],
     )

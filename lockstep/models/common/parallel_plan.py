@@ -43,6 +43,18 @@ def root_plan(loss_parallel: bool) -> dict[str, ParallelStyle]:
     }
 
 
+def grouped_query_decoder_plan(model: nn.Module, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
+    """The plan of a decoder of ``GroupedQueryAttention`` blocks whose feed-forward is a dense SwiGLU
+    (split) or an MoE (whole on every rank): Llama 3, Qwen3, Llama 4. `loss_parallel`: the logits come
+    back as a vocab-sharded DTensor (else as whole plain tensors)."""
+    plan = root_plan(loss_parallel)
+    for name, layer in model.layers.items():
+        block = f"layers.{name}"
+        plan |= grouped_query_attention_plan(block, layer.attention)
+        plan |= feed_forward_plan(block) if hasattr(layer, "feed_forward") else moe_plan(block)
+    return plan
+
+
 def grouped_query_attention_plan(block: str, attention: nn.Module) -> dict[str, ParallelStyle]:
     """``GroupedQueryAttention`` (lockstep.models.common.attention) of block `block`, with its norm:
     heads split; a QK-norm weight, which every head shares, gets its gradient summed over the ranks."""

@@ -15,8 +15,17 @@ from collections.abc import Collection
 
 import torch
 
-from lockstep.models.common.hf_source import DECODER_TOP_NAMES, LAYER_NAME, HFSource, table_hf_name, whole
-from lockstep.models.common.rope import Llama3RopeScaling, halves_to_interleaved, interleaved_to_halves
+from lockstep.models.common.hf_source import (
+    DECODER_TOP_NAMES,
+    LAYER_NAME,
+    HFSource,
+    hf_rope_table,
+    llama3_scaling_from_hf,
+    llama3_scaling_to_hf,
+    table_hf_name,
+    whole,
+)
+from lockstep.models.common.rope import halves_to_interleaved, interleaved_to_halves
 from lockstep.models.llama3.args import Llama3Args
 
 _TO_HF = DECODER_TOP_NAMES
@@ -86,16 +95,6 @@ def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Lla
 
 def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
     """config.json for LlamaForCausalLM with this architecture."""
-    rope_scaling = None
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -109,7 +108,7 @@ def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": llama3_scaling_to_hf(args.rope_scaling),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -120,15 +119,7 @@ def hf_config(args: Llama3Args, dtype: str = "float32") -> dict:
 
 def args_from_hf_config(config: dict) -> Llama3Args:
     """Llama3Args for a Hugging Face LlamaForCausalLM config.json."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope_scaling = None
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        rope_scaling = Llama3RopeScaling(
-            factor=scaling["factor"],
-            low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_position_embeddings=scaling["original_max_position_embeddings"],
-        )
+    scaling = hf_rope_table(config)
     theta = config.get("rope_theta", scaling.get("rope_theta", 10000.0))
     return Llama3Args(
         dim=config["hidden_size"],
@@ -138,7 +129,7 @@ def args_from_hf_config(config: dict) -> Llama3Args:
         vocab_size=config["vocab_size"],
         norm_eps=config.get("rms_norm_eps", 1e-5),
         rope_theta=theta,
-        rope_scaling=rope_scaling,
+        rope_scaling=llama3_scaling_from_hf(config),
         max_seq_len=config.get("max_position_embeddings", 8192),
         ffn_hidden_size=config["intermediate_size"],
         tie_embeddings=config.get("tie_word_embeddings", False),

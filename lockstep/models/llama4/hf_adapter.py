@@ -25,10 +25,13 @@ from lockstep.models.common.hf_source import (
     HFPiece,
     HFSource,
     experts_source,
+    hf_rope_table,
+    hf_rope_type,
+    llama3_scaling_from_hf,
+    llama3_scaling_to_hf,
     table_hf_name,
     whole,
 )
-from lockstep.models.common.rope import Llama3RopeScaling
 from lockstep.models.llama4.args import Llama4Args
 
 _TOP = DECODER_TOP_NAMES
@@ -159,13 +162,6 @@ def hf_source(name: str, shape: torch.Size, hf_names: Collection[str], args: Lla
 
 def hf_config(args: Llama4Args, dtype: str = "float32") -> dict:
     """config.json for Llama4ForCausalLM (model_type llama4_text)."""
-    rope_scaling = None
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        rope_scaling = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings,
-        }  # fmt: skip
     return {
         "architectures": ["Llama4ForCausalLM"],
         "model_type": "llama4_text",
@@ -180,7 +176,7 @@ def hf_config(args: Llama4Args, dtype: str = "float32") -> dict:
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": llama3_scaling_to_hf(args.rope_scaling),
         "hidden_act": "silu",
         "attention_bias": False,
         "num_local_experts": args.n_routed_experts,
@@ -215,17 +211,9 @@ def args_from_hf_config(config: dict) -> Llama4Args:
     if config.get("model_type") == "llama4":
         config = config.get("text_config") or {}
     n_layers = config["num_hidden_layers"]
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+    rope_type = hf_rope_type(config)
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"RoPE type {rope_type!r}: lockstep's Llama 4 has plain RoPE and Llama 3 scaling only")
-    rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = Llama3RopeScaling(
-            factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_position_embeddings=scaling["original_max_position_embeddings"],
-        )  # fmt: skip
     step = config.get("interleave_moe_layer_step", 1)
     if config.get("moe_layers") is not None:
         step = _pattern(list(config["moe_layers"]), n_layers, "moe_layers")
@@ -246,8 +234,8 @@ def args_from_hf_config(config: dict) -> Llama4Args:
         n_activated_experts=config.get("num_experts_per_tok", 1),
         interleave_moe_layer_step=step,
         norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=config.get("rope_theta", scaling.get("rope_theta", 500000.0)),
-        rope_scaling=rope_scaling,
+        rope_theta=config.get("rope_theta", hf_rope_table(config).get("rope_theta", 500000.0)),
+        rope_scaling=llama3_scaling_from_hf(config),
         max_seq_len=config.get("max_position_embeddings", 8192),
         nope_layer_interval=interval,
         attention_chunk_size=config.get("attention_chunk_size", 8192),

@@ -6,26 +6,10 @@ split by vocabulary."""
 
 from __future__ import annotations
 
-from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
+from lockstep.models.common.parallel_plan import check_divides, grouped_query_decoder_plan
 
-from lockstep.models.common.parallel_plan import (
-    check_divides,
-    feed_forward_plan,
-    grouped_query_attention_plan,
-    moe_plan,
-    root_plan,
-)
-
-
-def tensor_parallel_plan(model: nn.Module, loss_parallel: bool = True) -> dict[str, ParallelStyle]:
-    """`loss_parallel`: the logits come back as a vocab-sharded DTensor (else as whole plain tensors)."""
-    plan = root_plan(loss_parallel)
-    for name, layer in model.layers.items():
-        block = f"layers.{name}"
-        plan |= grouped_query_attention_plan(block, layer.attention)
-        plan |= feed_forward_plan(block) if hasattr(layer, "feed_forward") else moe_plan(block)
-    return plan
+tensor_parallel_plan = grouped_query_decoder_plan
+"""(model or pipeline stage, loss_parallel) -> {module name: ParallelStyle}."""
 
 
 def check_tensor_parallel_degree(args, degree: int) -> str | None:
