@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 
 FOLDER = Path(__file__).parent
-REFERENCES = {config: FOLDER / f"{config}_cpu.jsonl" for config in ("llama3_debug", "qwen3_debug", "qwen3_moe_debug", "llama4_debug")}
+REFERENCES = {
+    config: FOLDER / f"{config}_cpu.jsonl"
+    for config in ("llama3_debug", "qwen3_debug", "qwen3_moe_debug", "llama4_debug")
+}
 """Preset -> its reference file."""
 REFERENCE = REFERENCES["llama3_debug"]
 OVERRIDES = [
