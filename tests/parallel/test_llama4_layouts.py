@@ -1,7 +1,8 @@
 """Llama 4 across layouts, against one process (same seed, global batch and microbatches), with chunks
 of 16 over a 32-token window and the NoPE block's temperature stepping every 8 positions, so both
 layer kinds and their per-microbatch masks are exercised: bitwise under debug.deterministic for FSDP 2,
-tensor parallelism 2, pipelining 2 and expert parallelism 2 (with and without forced balance); a
+tensor parallelism 2, pipelining 2, expert parallelism 2 (with and without forced balance) and FSDP 2 with
+full activation checkpointing (the MoE token counts skip the recompute); a
 checkpoint saved under EP 2 resumes bitwise in one process and under FSDP 2."""
 
 import shutil
@@ -26,8 +27,9 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "layout", [[], TP2, _pipeline(2, "1F1B"), EP2, [*EP2, "--debug.moe_force_load_balance"]],
-    ids=["fsdp2", "tp2", "pp2", "ep2", "ep2-balanced"],
+    "layout",
+    [[], TP2, _pipeline(2, "1F1B"), EP2, [*EP2, "--debug.moe_force_load_balance"], ["--activation_checkpoint.mode", "full"]],
+    ids=["fsdp2", "tp2", "pp2", "ep2", "ep2-balanced", "fsdp2-ac-full"],
 )  # fmt: skip
 def test_llama4_layout_is_bitwise_identical_to_one_process(tmp_path, one_process, layout):
     """PP 2 puts the dense block 2 and the MoE NoPE block 3 on the second stage, which builds its own
