@@ -58,18 +58,19 @@ from lockstep.train.guards.step_guards import StepGuards
 from lockstep.train.loss import PipelineLoss, global_batch_loss
 from lockstep.train.observe.display import ConsoleDisplay, format_record
 from lockstep.train.observe.fingerprint import RankFingerprints
-from lockstep.train.observe.moe_balance import MoEStats, moe_blocks, pool_over_stages
+from lockstep.train.observe.moe_balance import moe_blocks
 from lockstep.train.observe.profiling import Profiler
 from lockstep.train.observe.sample_losses import SampleLosses, StepPlace
-from lockstep.train.observe.step_metrics import StepMetrics
-from lockstep.train.observe.throughput import mfu_percent, peak_flops
+from lockstep.train.observe.step_metrics import StepMetrics, memory_timeline
+from lockstep.train.observe.step_record import StepRecorder
+from lockstep.train.observe.throughput import peak_flops
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
 from lockstep.train.resilience.comm import CommTimeouts
 from lockstep.train.resilience.fault_tolerance import FaultTolerance, LighthouseLost
+from lockstep.train.resilience.stop import LaunchEvents
 from lockstep.train.state import GracefulStop, StepResult, TrainState
 from lockstep.train.step import GradientSource, GroupPasses, LocalGradients, ReplicaGroupGradients, TrainStep
 from lockstep.train.validation import Validator, validation_windows
-from lockstep.wall_clock import wall_s
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -106,8 +107,6 @@ class Trainer:
     the CLI exits 75 or 76, so that a scheduler or script can tell a stop to resume from a finished run."""
     stop_saved: bool = False
     """Stopped early with the last step saved (exit 75); stopped without a save exits 76."""
-    stop_reason: str = ""
-    """Why the run stopped early when no signal asked it to (a lost fault-tolerance lighthouse)."""
 
     run_lock: RunLock | None = None
     fault_tolerance: FaultTolerance | None = None
@@ -251,7 +250,10 @@ class Trainer:
             [self.reducer.dp_group, self.reducer.pp_group],
         )  # fmt: skip
         self.profiler = Profiler(config.profiling, run_folder=self.run_folder, rank=self.world.rank, device=self.device)
-        self.step_metrics = StepMetrics(self.device, timeline=self._memory_timeline())
+        timeline = memory_timeline(
+            config.profiling, run_folder=self.run_folder, rank=self.world.rank, device=self.device
+        )
+        self.step_metrics = StepMetrics(self.device, timeline=timeline)
         self.step = TrainStep(
             self._gradient_source(),
             model=self.model, forward_backward=self.forward_backward, reducer=self.reducer, optimizers=self.optimizers,
@@ -259,7 +261,6 @@ class Trainer:
             place=self.place, max_norm=training.max_norm, fingerprint_outputs=not config.compile.enable,
             device=self.device, sample_losses_available=self.fault_tolerance is None,
         )  # fmt: skip
-        self.rank_fingerprints = RankFingerprints(self.run_folder, self.world.rank)
         self.checkpoints = RunCheckpoints(
             config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
             states=self._checkpoint_states(), device=self.device, log=self._log, around_save=self.comm.relaxed,
@@ -292,8 +293,20 @@ class Trainer:
                 self._log if show_progress else lambda message: None,  # eval, audit: a scratch run, no launch to tell
             )  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
-        self.peak_flops = peak_flops(
-            self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
+        self.events = LaunchEvents(self.display.print, self.launch)
+        self.recorder = StepRecorder(
+            config.metrics,
+            loader=self.loader,
+            step_metrics=self.step_metrics,
+            rank_fingerprints=RankFingerprints(self.run_folder, self.world.rank),
+            flops_per_token=self.model.flops_per_token,
+            peak_flops=peak_flops(
+                self.device, training.mixed_precision, cache_root(config.data.cache_folder) / "peak_flops.json"
+            ),
+            world_size=self.world.world_size,
+            # Stages hold different MoE layers: their statistics are pooled over the pipeline.
+            moe_group=self.reducer.pp_group if getattr(self.model.args, "n_routed_experts", 0) else None,
+            replica_groups=self.fault_tolerance,
         )
 
     def _fill_weights(self, root_seed: int) -> None:
@@ -395,15 +408,6 @@ class Trainer:
         """TrainStep.sample_losses: each sample's loss of the global batch starting at `step_start`."""
         return self.step.sample_losses(step_start)
 
-    def _memory_timeline(self) -> Path | None:
-        """With profiling.enable_memory_snapshot on CPU: the per-step peak-RSS file of this rank."""
-        profiling = self.config.profiling
-        if not profiling.enable_memory_snapshot or self.device.type == "cuda":
-            return None
-        folder = self.run_folder / profiling.save_memory_snapshot_folder
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"rank{self.world.rank}_rss.jsonl"
-
     def close(self, failed: bool = False) -> None:
         """Tear down the process group (after any last collective, e.g. full_weights); after a
         failure without the closing barrier, so this rank exits promptly whatever its peers do."""
@@ -457,7 +461,7 @@ class Trainer:
                 f"{self.run_folder} is finished: it resumed at step {self.state.step} and training.steps is {steps}; "
                 "raise --training.steps to train on, or pass another --job.dump_folder to start anew"
             )
-        interval_start, interval_tokens = time.perf_counter(), 0
+        self.recorder.restart_interval()
         if self.config.checkpoint.create_seed_checkpoint:
             self.display.print(f"seed checkpoint written to {self.checkpoints.save_seed()}")
             self.display.close()
@@ -465,7 +469,7 @@ class Trainer:
             return self.run_folder
         with GracefulStop().installed() as stop:
             try:
-                stopping = False
+                stopping, reason = False, ""
                 clock = time.perf_counter() - self.state.elapsed_s  # continues the run's earlier launches
                 self.profiler.start(self.state.step)
                 while self.state.step < steps and not stopping:
@@ -474,18 +478,18 @@ class Trainer:
                         healed = self.fault_tolerance is not None and self.fault_tolerance.start_step()
                     except LighthouseLost as lost:  # save the last committed step, then stop (exit 75)
                         self.checkpoints.save_if_due(self.state.step, steps, True, self.model.parts)
-                        self.stop_reason, stopping = str(lost), True
+                        reason, stopping = str(lost), True
                         break
                     if healed:
                         clock = time.perf_counter() - self.state.elapsed_s  # the healed run's time
-                        self._record_heal()
+                        self.events.healed(self.state.step)
                         if self.state.step >= steps:
                             break
                     lr = self.lr_schedulers[0].get_last_lr()[0]
                     step = self.state.step + 1
                     # A hung peer ends the step within comm.train_timeout_seconds, naming the collective.
                     with self.comm.watching(step), self.profiler.step(step):
-                        fingerprint = self.config.debug.fingerprint and self._should_log(step, steps, False)
+                        fingerprint = self.config.debug.fingerprint and self.recorder.due(step, steps, False)
                         result = self.train_step(fingerprint, stop_requested=stop.requested)
                         if not result.committed:  # redone with the next quorum, unless asked to stop
                             if result.stop:  # save the last committed step (if this launch has not yet)
@@ -493,36 +497,27 @@ class Trainer:
                             stopping = result.stop
                             continue
                         self.state.advance(result.samples * training.seq_len, time.perf_counter() - clock)
-                        interval_tokens += result.samples * training.seq_len
+                        self.recorder.count(result.samples * training.seq_len)
                         # Read once, agreed by all ranks: every rank stops after the same step, which is logged.
                         stopping = result.stop
                         evaluate = self.validator is not None and not stopping and self.validator.due(step, steps)
-                        if evaluate or self._should_log(self.state.step, steps, stopping):
-                            elapsed = time.perf_counter() - interval_start
-                            record = self._record(result, lr, interval_tokens / elapsed)
+                        if evaluate or self.recorder.due(self.state.step, steps, stopping):
+                            record = self.recorder.record(result, state=self.state, lr=lr)
                             if evaluate:  # after the throughput is taken, which evaluation time must not lower
                                 with self.comm.relaxed():
                                     record |= self.validator.evaluate().as_record()
                             if self.metrics is not None:
                                 self.metrics.log(record)
                             self.display.print(format_record(record))
-                            interval_start, interval_tokens = time.perf_counter(), 0
+                            self.recorder.restart_interval()
                         self.checkpoints.save_if_due(self.state.step, steps, stopping, self.model.parts)
                         self.display.step(self.state.step, result.loss_value)
                     self.comm.step_done(step)
                 self.checkpoints.close()
-                self.stopped_by_signal = stopping
-                self.stop_saved = stopping and self.checkpoints.saved_step == self.state.step
-                if self.stop_reason:
-                    saved = "saved" if self.stop_saved else "nothing saved for it (checkpointing is off)"
-                    self.display.print(f"stopped after step {self.state.step}, {saved}: {self.stop_reason}")
-                elif self.stop_saved:
-                    self.display.print(f"stopped by signal after step {self.state.step}, saved: rerun to resume")
-                elif stopping:
-                    self.display.print(
-                        f"stopped by signal after step {self.state.step}; nothing was saved for it (checkpointing "
-                        "is off): a rerun starts over, from the last saved step if there is one"
-                    )
+                outcome = self.events.stopped(
+                    self.state.step, stopping=stopping, saved_step=self.checkpoints.saved_step, reason=reason
+                )
+                self.stopped_by_signal, self.stop_saved = outcome.stopped, outcome.saved
             finally:
                 self.profiler.stop()
                 if self.metrics is not None:
@@ -534,50 +529,3 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.world.is_main:
             print(message, flush=True)
-
-    def _should_log(self, step: int, last_step: int, stopping: bool) -> bool:
-        return stopping or step == 1 or step == last_step or step % self.config.metrics.log_freq == 0
-
-    def _record_heal(self) -> None:
-        self.display.print(f"healed from a live replica group: continuing after step {self.state.step}")
-        if self.launch is not None:
-            self.launch.healed(self.state.step)
-
-    def _live_groups(self) -> int:
-        """Replica groups whose ranks computed the last step (the job's tokens/s is over all of them)."""
-        return self.fault_tolerance.participants if self.fault_tolerance is not None else 1
-
-    def _moe_record(self, stats: MoEStats | None) -> dict[str, float]:
-        """The MoE statistics of every stage (one read, on logged steps; all ranks log the same steps,
-        so the pooling collective lines up)."""
-        if stats is None:
-            return {}
-        record = stats.as_floats()
-        if getattr(self.model.args, "n_routed_experts", 0):  # stages hold different MoE layers
-            record = pool_over_stages(record, self.reducer.pp_group)
-        return record
-
-    def _record(self, result: StepResult, lr: float, tokens_per_sec: float) -> dict:
-        if result.local_digests:  # every rank its own part, for lockstep replay
-            self.rank_fingerprints.write(self.state.step, result.local_digests)
-        tflops = tokens_per_sec * self.model.flops_per_token / 1e12
-        return (
-            {
-                "step": self.state.step,
-                "loss": result.loss_value,
-                "grad_norm": result.grad_norm_value,
-                "lr": lr,
-                "tokens_per_sec": tokens_per_sec,
-                "tflops": tflops,
-                "mfu": mfu_percent(tflops, self.peak_flops, self.world.world_size * self._live_groups()),
-                "tokens_seen": self.state.tokens_seen,
-                "elapsed_s": self.state.elapsed_s,
-                "wall_s": wall_s(),
-                "data_wait_s": self.loader.take_wait_s(),  # since the last record: the loader's share of it
-            }
-            | {f"data/tokens/{name}": tokens for name, tokens in self.loader.take_source_tokens().items()}
-            | self.step_metrics.record()  # a collective: every rank logs the same steps
-            | result.fingerprints
-            | self._moe_record(result.moe)
-            | (self.fault_tolerance.record() if self.fault_tolerance is not None else {})
-        )

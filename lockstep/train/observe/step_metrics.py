@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lockstep.config.sections import ProfilingConfig
 from lockstep.train.observe.throughput import peak_memory_gib
 
 _HIGH_WATER = re.compile(r"VmHWM:\s+(\d+) kB")
@@ -51,6 +52,15 @@ def take_peak_memory_gib(device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         return peak
     return _resident_peak_gib()
+
+
+def memory_timeline(profiling: ProfilingConfig, *, run_folder: Path, rank: int, device: torch.device) -> Path | None:
+    """With profiling.enable_memory_snapshot on CPU: this rank's per-step peak-RSS file (its folder made)."""
+    if not profiling.enable_memory_snapshot or device.type == "cuda":
+        return None
+    folder = run_folder / profiling.save_memory_snapshot_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"rank{rank}_rss.jsonl"
 
 
 class StepMetrics:
