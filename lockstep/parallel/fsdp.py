@@ -7,6 +7,11 @@ then across nodes); with the reductions off it is the backend's own, which promi
 axis of HSDP is summed by lockstep.parallel.replicate (in buckets overlapped with backward, in
 canonical order when asked) rather than by FSDP's all-reduce, whose order over more than two
 replicas is not fixed.
+
+Grouped expert weights ([E, out, in]) whose expert count the shard degree does not divide are sharded
+on dim 1 (``shard_placement``): FSDP pads dim 0 to a multiple of the degree, so 16 experts over 64
+ranks would be padded to 64 rows, and every all-gather, reduce-scatter and unsharded buffer of the
+experts would grow with the degree.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from lockstep.parallel.canonical import TreeReduceScatter
 
@@ -28,6 +34,18 @@ def _policy(mixed_precision: str, root: bool) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(
         param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32, cast_forward_inputs=root
     )
+
+
+def shard_placement(degree: int):
+    """FSDP's ``shard_placement_fn``: dim 1 for a 3-D (grouped experts) parameter whose dim 0 the
+    degree does not divide and whose dim 1 it does; None (FSDP's default, dim 0) for the rest."""
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        if param.dim() == 3 and param.shape[0] % degree and not param.shape[1] % degree:
+            return Shard(1)
+        return None
+
+    return placement
 
 
 def apply_fsdp(
@@ -48,6 +66,7 @@ def apply_fsdp(
         fully_shard(
             unit, mesh=shard_mesh, mp_policy=_policy(mixed_precision, root=unit is model),
             reshard_after_forward=not keep, ignored_params=ignored_params,
+            shard_placement_fn=shard_placement(shard_mesh.size()),
         )  # fmt: skip
     fsdp_modules: list[FSDPModule] = units  # type: ignore[assignment]  # fully_shard changed their class
     for module in fsdp_modules:

@@ -8,11 +8,15 @@ checkpoint saved under EP 2 resumes bitwise in one process and under FSDP 2."""
 import shutil
 
 import pytest
+import torch.distributed as dist
+from torch.distributed.tensor import Shard
 
 from lockstep.checkpoint import folders
+from lockstep.train.trainer import Trainer
 from tests.checkpoint.helpers import assert_bitwise, result, train
-from tests.distributed import run_on_ranks
-from tests.parallel.test_layouts import DETERMINISTIC, _pipeline, _run
+from tests.distributed import run_in_folder, run_on_ranks
+from tests.helpers import save_rank_weights, tiny_config
+from tests.parallel.test_layouts import DETERMINISTIC, _pipeline, _result, _run
 from tests.parallel.test_qwen3_layouts import EP2, TP2, _assert_bitwise
 
 LLAMA4 = [
@@ -63,3 +67,30 @@ def test_an_expert_parallel_checkpoint_resumes_bitwise_in_one_process_and_fsdp(t
         else:
             run_on_ranks(train, 2, tmp_path / name, MOE_RESUMED)
         assert_bitwise(result(tmp_path / name), uninterrupted)
+
+
+THREE_EXPERTS = [*DETERMINISTIC, *LLAMA4, "--model.overrides.n_routed_experts", "3"]
+
+
+def _train_checking_expert_placement(folder, overrides: list[str]) -> None:
+    with Trainer(tiny_config(folder, *overrides), show_progress=False) as trainer:
+        experts = trainer.model.parts[0].layers["1"].moe.experts
+        if (
+            dist.is_initialized() and dist.get_world_size() == 2
+        ):  # 3 experts over 2 ranks: dim 1 (256 rows) instead of a padded dim 0
+            assert all(
+                w.placements == (Shard(1),) and w.to_local().shape == (3, 128, 256) for w in (experts.w1, experts.w3)
+            )
+            assert experts.w2.placements == (Shard(1),) and experts.w2.to_local().shape == (3, 128, 256)
+        trainer.train()
+        save_rank_weights(trainer, folder)
+
+
+def test_fsdp_shards_experts_on_dim_1_when_the_degree_does_not_divide_them_and_stays_bitwise(tmp_path):
+    """FSDP would pad 3 experts to 4 rows over 2 ranks (at 64 ranks, 16 experts to 64): the grouped
+    expert weights are sharded on their second dim instead, and the run stays bitwise."""
+    results = []
+    for world_size in (1, 2):
+        run_in_folder(_train_checking_expert_placement, world_size, tmp_path / str(world_size), THREE_EXPERTS)
+        results.append(_result(tmp_path / str(world_size)))
+    _assert_bitwise(results[1], results[0])
