@@ -416,7 +416,9 @@ _ARCHITECTURE_FIELDS = (
     "dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "head_dim",  # Llama, Qwen3
     "n_dense_layers", "inter_dim", "moe_inter_dim", "n_routed_experts", "n_shared_experts", "n_activated_experts",
     "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",  # DeepSeek-V3
-    "tie_embeddings", "norm_topk_prob",  # Qwen3
+    "tie_embeddings", "norm_topk_prob",  # Qwen3 (and Llama 3's tie_embeddings)
+    "interleave_moe_layer_step", "nope_layer_interval", "attention_chunk_size", "use_qk_norm",  # Llama 4
+    "attn_temperature_tuning", "floor_scale", "attn_scale",
 )  # fmt: skip
 
 

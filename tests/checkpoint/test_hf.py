@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
-from lockstep.checkpoint.hf import export_to_hf, load_hf_weights, read_model_weights
+from lockstep.checkpoint.hf import check_hf_config, export_to_hf, load_hf_weights, read_model_weights
 from lockstep.checkpoint.hf_import import import_from_hf
 from lockstep.checkpoint.states import persistent_tensors
 from lockstep.config import load_config
@@ -501,10 +501,17 @@ def test_a_folder_of_another_family_is_refused_for_initial_weights(tmp_path):
 
 def test_llama4_flavor_from_hf_reads_its_shape_and_each_rank_its_expert_boxes(tmp_path):
     """`--model.flavor from_hf` on a transformers Llama 4 folder (fused, transposed experts) under EP 2:
-    the shape comes from config.json, and each rank reads its experts through transposed views."""
+    the shape comes from config.json, and each rank reads its experts through transposed views. A
+    run whose flavor differs in the attention alone (chunk, temperature) is refused the folder."""
     hf, args = tiny_hf_llama4(vocab_size=VOCAB)
     hf.save_pretrained(tmp_path / "hf")
     overrides = ["--model.name", "llama4", "--model.flavor", "from_hf", "--parallelism.expert_parallel_degree", "2"]
     run_on_ranks(_initial_weights, 2, tmp_path, tmp_path / "hf", "llama4_debug", overrides)
     expected = model_spec("llama4").hf_adapter.from_hf(hf.state_dict(), args)
     _assert_same(torch.load(tmp_path / "initial.pt"), expected)
+    spec, debug = model_args(ModelConfig(name="llama4", flavor="debug"), VOCAB, 128)
+    same_shape = dataclasses.replace(args, attention_chunk_size=64)  # the weights fit; the attention differs
+    with pytest.raises(CheckpointError, match="attention_chunk_size: 16 vs 64"):
+        check_hf_config(tmp_path / "hf", spec, same_shape)
+    with pytest.raises(CheckpointError, match="floor_scale: 8 vs 32"):
+        check_hf_config(tmp_path / "hf", spec, dataclasses.replace(debug, rope_scaling=args.rope_scaling))
