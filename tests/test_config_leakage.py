@@ -1,4 +1,4 @@
-"""No function outside the trainer, the CLI and the config package takes the whole job config (and the
+"""No function outside the trainer (and its runtime), the CLI and the config package takes the whole job config (and the
 estimate, which plays the trainer's composition of the whole job for one rank)."""
 
 import ast
@@ -7,7 +7,7 @@ from pathlib import Path
 import lockstep
 
 PACKAGE = Path(lockstep.__file__).parent
-ALLOWED = {PACKAGE / "train" / "trainer.py"}
+ALLOWED = {PACKAGE / "train" / "trainer.py", PACKAGE / "train" / "runtime.py"}
 ALLOWED_FOLDERS = {PACKAGE / "tools" / "estimate"}
 
 

@@ -63,7 +63,8 @@ def run(argv: list[str]) -> int:
 def _train(config: JobConfig) -> int:
     import torch
 
-    from lockstep.train.trainer import Trainer, resolve_device
+    from lockstep.train.runtime import resolve_device
+    from lockstep.train.trainer import Trainer
 
     device = resolve_device(config.training)
     if device.type == "cuda" and not config.training.skip_memory_check:

@@ -1,7 +1,8 @@
 """The training loop and the one place that holds the whole job config.
 
-The trainer resolves cross-section values once (device, seed, batch sizes), hands each component
-its own section, and runs a loop short enough to read in one sitting: fetch the step's microbatches,
+The trainer starts the process through ``runtime.start_runtime`` (lock, environment, flags, process
+group, mesh and seeds, in the order that one function owns), resolves the batch sizes once, hands each
+component its own section, and runs a loop short enough to read in one sitting: fetch the step's microbatches,
 forward/backward each with the loss normalised by the global valid-token count, clip, step, log.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -18,37 +18,30 @@ from pathlib import Path
 import torch
 
 from lockstep.checkpoint.states import ModelState, ObjectState, OptimizerState, RNGState, SchedulerState
-from lockstep.config import JobConfig, dump_toml, validate_job_config
-from lockstep.config.errors import ConfigError
+from lockstep.config import JobConfig, dump_toml
 from lockstep.config.job import (
     ValidationBatches,
     deterministic_chunks,
     microbatch_size,
     resolve_group_batch_size,
-    resolve_parallel_dims,
     resolve_validation,
-    run_folder,
 )
-from lockstep.config.sections import TrainingConfig
 from lockstep.data.cache import cache_root
 from lockstep.data.dataset import TokenWindows
 from lockstep.data.loader import DataLoader, build_token_windows
-from lockstep.data.tokenizer import build_tokenizer
-from lockstep.determinism.seeds import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
-from lockstep.models.common.attention import resolve_attention_backend
-from lockstep.models.registry import model_args, model_spec, typed_overrides
+from lockstep.data.tokenizer import Tokenizer, build_tokenizer
+from lockstep.models.registry import model_args, model_spec
 from lockstep.models.size import describe_parameters, parameter_counts
 from lockstep.parallel.canonical import canonical_nodes, full_value
-from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
+from lockstep.parallel.mesh import AXES, axis_rank
 from lockstep.parallel.node_levels import data_parallel_levels, levels_record
-from lockstep.parallel.parallelize import BuildSettings, build_model, check_model_fits_layout
-from lockstep.parallel.process_group import destroy_process_group, init_process_group, world_from_env
+from lockstep.parallel.parallelize import BuildSettings, build_model
+from lockstep.parallel.process_group import destroy_process_group
 from lockstep.parallel.reducer import CrossRankReducer
 from lockstep.run.folder import environment
 from lockstep.run.launches import (
     config_record,
     record_launch,
-    resumed_seed,
     shared_settings,
 )
 from lockstep.run.lock import RunLock
@@ -65,9 +58,9 @@ from lockstep.train.observe.step_metrics import StepMetrics, memory_timeline
 from lockstep.train.observe.step_record import StepRecorder
 from lockstep.train.observe.throughput import peak_flops
 from lockstep.train.optimizer import build_lr_scheduler, build_optimizer
-from lockstep.train.resilience.comm import CommTimeouts
 from lockstep.train.resilience.fault_tolerance import FaultTolerance, LighthouseLost
 from lockstep.train.resilience.stop import LaunchEvents
+from lockstep.train.runtime import Runtime, start_runtime
 from lockstep.train.state import GracefulStop, StepResult, TrainState
 from lockstep.train.step import GradientSource, GroupPasses, LocalGradients, ReplicaGroupGradients, TrainStep
 from lockstep.train.validation import Validator, validation_windows
@@ -75,14 +68,6 @@ from lockstep.train.validation import Validator, validation_windows
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-
-def resolve_device(training: TrainingConfig) -> torch.device:
-    if training.device == "cuda" or (training.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("training.device", "cuda was asked for but torch sees no CUDA device")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _undoes_its_start_on_error(init: Callable) -> Callable:
@@ -108,50 +93,28 @@ class Trainer:
     stop_saved: bool = False
     """Stopped early with the last step saved (exit 75); stopped without a save exits 76."""
 
+    runtime: Runtime | None = None
     run_lock: RunLock | None = None
     fault_tolerance: FaultTolerance | None = None
     metrics = None
-    owns_process_group: bool = False
-    """This trainer started the process group (a caller may have started one before), so it ends it."""
 
     @_undoes_its_start_on_error
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
-        self.world = world_from_env()
-        validate_job_config(config, self.world.world_size)
-        self.dims = resolve_parallel_dims(config.parallelism, self.world.world_size)
-        check_model_fits_layout(config.model, self.dims, config.debug)  # and model.overrides: refused before any work
-        config.model.overrides = typed_overrides(config.model)  # recorded as the fields' types, not as typed
-        self.config = config
-        self.run_folder = run_folder(config)  # under fault tolerance, this replica group's own
-        # Rank 0 holds the run folder for the life of the run: a second run is refused here, before any work.
-        self.run_lock = RunLock.acquire(self.run_folder, self._log) if self.world.is_main else None
-        if self.run_lock is not None and config.debug.seed is None:
-            config.debug.seed = resumed_seed(config.checkpoint, self.run_folder)  # a resumed run keeps its seed
-        self.device = resolve_device(config.training)
-        self.comm = CommTimeouts(config.comm, self.run_folder, self.world.rank)
-        self.comm.configure_environment(self.device.type == "cuda")  # the flight recorder, before any group
-        self.attention_backend = resolve_attention_backend(config.model.attention, self.device.type)  # env.json has it
-        configure_determinism(config.debug)
-        # bf16 training is FSDP's mixed precision in every layout (docs/layout-invariance.md), over a mesh
-        # of one rank when nothing is sharded, so that every layout computes the same bf16 numbers.
-        self.fsdp = self.dims.fsdp or config.training.mixed_precision == "bf16"
-        # Tokenizing (once per machine, under a file lock) happens before the process group is up, so no
-        # collective waits on it; a multi-node job must train on data prepared before the launch.
-        self.tokenizer = build_tokenizer(config.model, config.data)
-        nodes = max(1, self.world.world_size // max(1, self.world.ranks_per_node))
-        windows = build_token_windows(config.training, config.data, self.tokenizer, nodes=nodes)
-        validation = None
-        if config.validation.enable:
-            batches = resolve_validation(config, self.dims)
-            held_out = validation_windows(
-                config.validation, config.data, self.tokenizer, batches.seq_len, nodes, training=config.training
-            )
-            validation = (batches, held_out)
-        self.owns_process_group = not torch.distributed.is_initialized()
-        init_process_group(self.world, self.device, single=self.fsdp, timeout=self.comm.init_timeout)
-        self.mesh = build_mesh(self.dims, self.device, single=self.fsdp)
-        config.debug.seed = agree_on_seed(resolve_root_seed(config.debug))  # written to config.toml: the run repeats
-        self.seeds = seed_everything(config.debug.seed, axis_rank(self.mesh, "pp"), self.mesh)
+        self.runtime, (self.tokenizer, windows, validation) = start_runtime(
+            config, before_process_group=self._read_data
+        )
+        self.config, self.world, self.dims = config, self.runtime.world, self.runtime.dims
+        self.run_folder, self.run_lock, self.device = (
+            self.runtime.run_folder,
+            self.runtime.run_lock,
+            self.runtime.device,
+        )
+        self.comm, self.attention_backend, self.fsdp = (
+            self.runtime.comm,
+            self.runtime.attention_backend,
+            self.runtime.fsdp,
+        )
+        self.mesh, self.seeds = self.runtime.mesh, self.runtime.seeds
 
         training = config.training
         # With fault tolerance the global batch spans all replica groups; this group's layout runs blocks of it.
@@ -309,6 +272,22 @@ class Trainer:
             replica_groups=self.fault_tolerance,
         )
 
+    def _read_data(self, runtime: Runtime) -> tuple[Tokenizer, TokenWindows, tuple | None]:
+        """The tokenizer, the training windows and the held-out ones, before the process group is up
+        (tokenizing runs once per machine, under a file lock, so no collective waits on it; a multi-node
+        job must train on data prepared before the launch)."""
+        config, world = runtime.config, runtime.world
+        tokenizer = build_tokenizer(config.model, config.data)
+        nodes = max(1, world.world_size // max(1, world.ranks_per_node))
+        windows = build_token_windows(config.training, config.data, tokenizer, nodes=nodes)
+        if not config.validation.enable:
+            return tokenizer, windows, None
+        batches = resolve_validation(config, runtime.dims)
+        held_out = validation_windows(
+            config.validation, config.data, tokenizer, batches.seq_len, nodes, training=config.training
+        )
+        return tokenizer, windows, (batches, held_out)
+
     def _fill_weights(self, root_seed: int) -> None:
         for part in self.model.parts:
             part.fill_weights(root_seed)
@@ -422,8 +401,7 @@ class Trainer:
         undo = [
             lambda: self.metrics is not None and self.metrics.close(),
             lambda: self.fault_tolerance is not None and self.fault_tolerance.close(),
-            lambda: self.run_lock is not None and self.run_lock.release(),
-            lambda: self.owns_process_group and destroy_process_group(barrier=False),
+            lambda: self.runtime is not None and self.runtime.abandon(),
         ]
         for step in undo:
             with contextlib.suppress(Exception):

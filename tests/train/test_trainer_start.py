@@ -8,13 +8,27 @@ import os
 import pytest
 import torch.distributed as dist
 
+from lockstep.train import runtime as runtime_module
 from lockstep.train import trainer as trainer_module
 from lockstep.train.trainer import Trainer
 from tests.helpers import tiny_config
 
-STAGES = ["build_token_windows", "build_mesh", "build_model", "RunCheckpoints", "record_launch", "peak_flops"]
-"""In the order __init__ reaches them; the torchft manager is built after the mesh."""
-AFTER_THE_MANAGER = STAGES[2:]
+STAGES = [
+    (runtime_module, "resolve_device"),
+    (runtime_module, "CommTimeouts"),
+    (runtime_module, "configure_determinism"),
+    (trainer_module, "build_token_windows"),
+    (runtime_module, "init_process_group"),
+    (runtime_module, "build_mesh"),
+    (runtime_module, "seed_everything"),
+    (trainer_module, "build_model"),
+    (trainer_module, "RunCheckpoints"),
+    (trainer_module, "record_launch"),
+    (trainer_module, "peak_flops"),
+]
+"""In the order __init__ reaches them (start_runtime's stages, then the trainer's); the torchft manager is
+built after the seeds."""
+AFTER_THE_MANAGER = [name for _, name in STAGES[7:]]
 
 
 class FakeFaultTolerance:
@@ -40,12 +54,12 @@ def _lock_is_free(run_folder) -> bool:
         os.close(fd)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_start_that_fails_at_any_stage_leaves_nothing_running(tmp_path, monkeypatch, stage):
+@pytest.mark.parametrize(("module", "stage"), STAGES, ids=[name for _, name in STAGES])
+def test_a_start_that_fails_at_any_stage_leaves_nothing_running(tmp_path, monkeypatch, module, stage):
     def fail(*args, **kwargs):
         raise RuntimeError(f"{stage} failed")
 
-    monkeypatch.setattr(trainer_module, stage, fail)
+    monkeypatch.setattr(module, stage, fail)
     monkeypatch.setattr(Trainer, "_fault_tolerance", lambda self, *args: FakeFaultTolerance())
     config = tiny_config(tmp_path, "--training.mixed_precision", "bf16")  # a process group of one (FSDP)
     config.fault_tolerance.enable = True  # the fake manager above, built before the process group
