@@ -76,7 +76,7 @@ def _train(config: JobConfig) -> int:
     if config.debug.print_config:
         from lockstep.config import dump_toml
 
-        print(dump_toml(config))
+        print(dump_toml(trainer.config))
     with trainer:
         run_folder = trainer.train()
         if trainer.world.is_main:

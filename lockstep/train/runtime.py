@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -92,13 +92,17 @@ def _print(message: str) -> None:
 def start_runtime(
     config: JobConfig, *, before_process_group: Callable[[Runtime], Prepared]
 ) -> tuple[Runtime, Prepared]:
-    """Set up this process in the order above; returns the runtime and what `before_process_group`
-    prepared (called with the runtime once the device and flags are set, before the group exists)."""
+    """Set up this process in the order above; returns the runtime (its config: `config` resolved, which
+    is not changed) and what `before_process_group` prepared (called with the runtime once the device
+    and flags are set, before the group exists)."""
     world = world_from_env()
     validate_job_config(config, world.world_size)
     dims = resolve_parallel_dims(config.parallelism, world.world_size)
     check_model_fits_layout(config.model, dims, config.debug)  # and model.overrides: refused before any work
-    config.model.overrides = typed_overrides(config.model)  # recorded as the fields' types, not as typed
+    # The caller's config is left as it is: the values resolved here go into a copy of the sections
+    # they change (the overrides; the seed, from a resumed run and then agreed by the ranks).
+    overrides = typed_overrides(config.model)  # recorded as the fields' types, not as typed
+    config = replace(config, model=replace(config.model, overrides=overrides), debug=replace(config.debug))
     runtime = Runtime(config, world, dims, run_folder(config))
     try:
         runtime.run_lock = RunLock.acquire(runtime.run_folder, _print) if world.is_main else None  # rank 0 prints

@@ -103,7 +103,8 @@ class Trainer:
         self.runtime, (self.tokenizer, windows, validation) = start_runtime(
             config, before_process_group=self._read_data
         )
-        self.config, self.world, self.dims = config, self.runtime.world, self.runtime.dims
+        config = self.config = self.runtime.config  # resolved (the caller's is left as it is)
+        self.world, self.dims = self.runtime.world, self.runtime.dims
         self.run_folder, self.run_lock, self.device = (
             self.runtime.run_folder,
             self.runtime.run_lock,

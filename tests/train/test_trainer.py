@@ -70,7 +70,10 @@ def test_short_run_on_builtin_corpus_lowers_the_loss(tmp_path):
 
 def test_run_folder_contract(tmp_path):
     config = tiny_config(tmp_path, "--debug.seed", "none", "--metrics.enable_tensorboard")
-    folder = Trainer(config, show_progress=False).train()
+    trainer = Trainer(config, show_progress=False)
+    folder = trainer.train()
+    assert config.debug.seed is None  # the caller's config is left as it is; the trainer's is resolved
+    config = trainer.config
     records = read_metrics(folder)
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "tflops", "mfu", "memory_gib", "tokens_seen"):
         assert key in records[0]
