@@ -17,7 +17,7 @@ import pytest
 from lockstep.cli import main
 from lockstep.config import ConfigError, load_config, validate_job_config
 from lockstep.run.folder import read_metrics
-from lockstep.run.metrics_file import json_floats, strict_json
+from lockstep.run.jsonl import json_floats, strict_json
 from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]

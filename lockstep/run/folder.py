@@ -9,7 +9,6 @@ holds the folder (lockstep.run.lock)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import socket
@@ -24,7 +23,7 @@ import torch
 
 from lockstep.data.cache import atomic_path
 from lockstep.errors import InputError
-from lockstep.run.metrics_file import json_floats
+from lockstep.run.jsonl import json_floats, keep_numbered, rewind
 from lockstep.untrusted import parse_json
 
 PACKAGES = ("lockstep", "torch", "numpy", "tokenizers", "datasets", "safetensors", "rich", "tensorboard")
@@ -125,30 +124,10 @@ def prepare_run_folder(folder: Path, config_toml: str, env: dict, resumed_at: in
     if not metrics.exists():
         return metrics
     if resumed_at is None:
-        n = 1
-        while (folder / f"metrics.{n}.jsonl").exists():
-            n += 1
-        os.replace(metrics, folder / f"metrics.{n}.jsonl")
-        return metrics
-    lines = [line for line in metrics.read_text(errors="replace").splitlines() if line.strip()]
-    kept = [line for line in lines if _logged_step(line) <= resumed_at]
-    rewound = [line for line in lines if _logged_step(line) > resumed_at]  # torn lines too: kept aside
-    if rewound:
-        with open(folder / "metrics.rewound.jsonl", "a") as f:
-            f.write("\n".join(rewound) + "\n")
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, metrics)
+        keep_numbered(metrics)  # metrics.N.jsonl
+    else:
+        rewind(metrics, resumed_at, folder / "metrics.rewound.jsonl")  # torn lines too: kept aside
     return metrics
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl record; +inf for a line that is not one (a write torn by a crash or
-    a full disk), which then moves aside with the records to recompute instead of stopping the resume."""
-    try:
-        return int(parse_json(line, allow_nan=True)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def read_metrics(folder: Path) -> list[dict]:

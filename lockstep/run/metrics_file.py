@@ -8,17 +8,16 @@ JSON: NaN and infinities (a skipped or ignored non-finite step) are written as t
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 from lockstep.config.sections import MetricsConfig
+from lockstep.run.jsonl import JsonlWriter
 
 
 class MetricsLogger:
     def __init__(self, metrics: MetricsConfig, *, run_folder: Path, metrics_file: Path, run_name: str) -> None:
-        self._file = open(metrics_file, "a")
+        self._file = JsonlWriter(metrics_file, strict=True, keep_open=True)
         self._tensorboard = None
         self._wandb = None
         if metrics.enable_tensorboard:
@@ -31,8 +30,7 @@ class MetricsLogger:
             self._wandb = wandb.init(project="lockstep", name=run_name, dir=str(run_folder))
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-        self._file.flush()
+        self._file.append(record)
         step = record["step"]
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tensorboard is not None:
@@ -47,29 +45,3 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with every non-finite float replaced by its NONFINITE_STRINGS name (nested too), since
-    bare NaN/Infinity tokens are not JSON and break strict readers (jq, JavaScript, pandas' ujson)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
-def json_floats(value: Any) -> Any:
-    """The inverse of strict_json: the names back to float NaN and infinities (nested too)."""
-    if isinstance(value, str):
-        return NONFINITE_STRINGS.get(value, value)
-    if isinstance(value, dict):
-        return {k: json_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_floats(v) for v in value]
-    return value

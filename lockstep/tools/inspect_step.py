@@ -29,8 +29,8 @@ from lockstep.data.provenance import SampleSource, sample_sources
 from lockstep.data.tokenizer import build_tokenizer
 from lockstep.determinism.seeds import derived_seed
 from lockstep.errors import InputError, LockstepError
+from lockstep.run.jsonl import json_floats, strict_json
 from lockstep.run.launches import config_for_step, env_for_step
-from lockstep.run.metrics_file import json_floats, strict_json
 from lockstep.tools.compare import load_series
 from lockstep.tools.replay import launch_replay, read_replay
 

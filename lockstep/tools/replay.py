@@ -35,8 +35,8 @@ from lockstep.config.job import standalone
 from lockstep.errors import LockstepError
 from lockstep.parallel.canonical import full_value
 from lockstep.parallel.mesh import axis_rank
+from lockstep.run.jsonl import json_floats, strict_json
 from lockstep.run.launches import config_for_step, env_for_step
-from lockstep.run.metrics_file import json_floats, strict_json
 from lockstep.train.trainer import Trainer
 from lockstep.untrusted import parse_json
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from lockstep.errors import InputError
 from lockstep.run.folder import environment_differences
+from lockstep.run.jsonl import json_floats
 from lockstep.run.launches import env_for_step
-from lockstep.run.metrics_file import json_floats
 from lockstep.tools.compare import load_series
 from lockstep.tools.inspect_step import step_samples
 from lockstep.tools.replay import launch_replay, read_replay

@@ -17,13 +17,12 @@ The window is part of the train state, so a resumed run makes the same decisions
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lockstep.config.sections import DebugConfig
-from lockstep.run.metrics_file import strict_json
+from lockstep.run.jsonl import JsonlWriter
 from lockstep.train.observe.sample_losses import SampleLosses
 
 SPIKES_FILE = "spikes.jsonl"
@@ -93,5 +92,4 @@ class SpikeDetector:
             entry |= {"sample_losses": losses.mean(), "sample_tokens": losses.tokens}
         else:
             entry["sample_losses"] = None  # samples share a pipeline microbatch, or a replica group's blocks
-        with self.path.open("a") as out:
-            out.write(json.dumps(strict_json(entry), allow_nan=False) + "\n")
+        JsonlWriter(self.path, strict=True).append(entry)

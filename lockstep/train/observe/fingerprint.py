@@ -18,13 +18,13 @@ It is a checksum to find the first step where two runs' numbers part, not a cryp
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lockstep.parallel.canonical import shard_box, sum_over_shards
+from lockstep.run.jsonl import JsonlWriter
 from lockstep.untrusted import parse_json
 
 LANES = 2
@@ -158,11 +158,10 @@ class RankFingerprints:
 
     def __init__(self, run_folder, rank: int) -> None:
         self.path = run_folder / self.FOLDER / f"rank{rank}.jsonl"
+        self.file = JsonlWriter(self.path, make_folder=True)
 
     def write(self, step: int, local: dict[str, dict[str, str]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as out:
-            out.write(json.dumps({"step": step, **local}) + "\n")
+        self.file.append({"step": step, **local})
 
     @classmethod
     def read(cls, run_folder, rank: int, step: int) -> dict[str, dict[str, str]] | None:

@@ -21,7 +21,6 @@ to that file (the CPU substitute for a CUDA memory snapshot).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lockstep.config.sections import ProfilingConfig
+from lockstep.run.jsonl import JsonlWriter
 from lockstep.train.observe.throughput import peak_memory_gib
 
 _HIGH_WATER = re.compile(r"VmHWM:\s+(\d+) kB")
@@ -70,7 +70,7 @@ class StepMetrics:
         self.device = device
         self.group = group
         """The ranks pooled on a record: the job's (None: the default group, when there is one)."""
-        self.timeline = timeline
+        self.timeline = JsonlWriter(timeline) if timeline is not None else None
         self.launch_peak_gib = 0.0
         self._interval_peak_gib = 0.0
         self._wall_s = 0.0
@@ -104,8 +104,7 @@ class StepMetrics:
         self._steps += 1
         if self.timeline is not None and self.device.type != "cuda":
             peak = self._note_peak(_resident_peak_gib())
-            with self.timeline.open("a") as out:
-                out.write(json.dumps({"step": step, "peak_rss_gib": peak}) + "\n")
+            self.timeline.append({"step": step, "peak_rss_gib": peak})
 
     def _note_peak(self, peak: float) -> float:
         self._interval_peak_gib = max(self._interval_peak_gib, peak)

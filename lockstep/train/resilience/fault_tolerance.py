@@ -57,6 +57,7 @@ from lockstep.errors import LockstepError
 from lockstep.parallel.block_sum import blocks_of, combine_blocks
 from lockstep.parallel.canonical import local_tensor
 from lockstep.parallel.process_group import WorldInfo
+from lockstep.run.jsonl import JsonlWriter
 from lockstep.train.resilience.healing import HealingState, SafeHTTPTransport
 
 KILL_IN_SUM_ENV = "LOCKSTEP_FT_KILL_IN_SUM"
@@ -120,8 +121,7 @@ class FaultLog:
         if self.path is None:
             return
         record = {"event": event, "step": step, "time": time.time()} | fields
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        JsonlWriter(self.path).append(record)
 
 
 class FaultTolerance:
