@@ -1,17 +1,11 @@
-"""Every launch of a run keeps its own record, and a resumed run trains at what its config says.
+"""Every launch of a run keeps its own record.
 
 A run folder can be launched many times: a fresh start, resumes after a stop or a crash, reruns with
 more steps or on more ranks. Each launch gets ``launches/NNN/`` with its resolved ``config.toml``, its
 ``env.json`` and ``launch.json`` (start step, the checkpoint resumed, the keys changed since the
 previous launch, and the end step once it finishes or stops). The top-level config.toml and env.json
-stay the latest launch's copies, for the tools that read them.
-
-On resume the config is compared with the one recorded in the checkpoint's manifest (the previous
-launch's config.toml for checkpoints older than that record). Settings that change the numbers
-(model, data, tokenizer, optimizer, schedule, batch, seed...) may not change silently: the resume is
-refused, naming only the changed keys, unless checkpoint.allow_config_change, and then the new values
-take effect (the lr schedule is recomputed at the resumed step, the optimizer's hyperparameters are
-reset to the config's). training.steps and the parallel layout may change; they are recorded.
+stay the latest launch's copies, for the tools that read them. What a resume may change is
+``lockstep.run.resume``'s.
 """
 
 from __future__ import annotations
@@ -25,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-import torch
 
-from lockstep.checkpoint import folders
-from lockstep.checkpoint.manager import UNSET, describe_differences, differences, flatten
-from lockstep.config.sections import CheckpointConfig, MetricsConfig
-from lockstep.errors import InputError, LockstepError
+from lockstep.checkpoint.manager import describe_differences, differences
+from lockstep.config.sections import MetricsConfig
+from lockstep.errors import InputError
 from lockstep.run.folder import prepare_run_folder, write_replacing
 from lockstep.run.metrics_file import MetricsLogger
 from lockstep.untrusted import load_toml, parse_json
@@ -38,44 +30,12 @@ from lockstep.untrusted import load_toml, parse_json
 LAUNCHES = "launches"
 RECORD = "launch.json"
 
-NUMERIC_SECTIONS = ("model", "data", "training", "optimizer", "lr_scheduler")
-"""Sections whose every key changes the numbers, apart from RECORDED_KEYS."""
-NUMERIC_KEYS = (
-    "debug.seed", "debug.layout_invariant_reductions", "debug.moe_force_load_balance", "debug.deterministic_chunks",
-)  # fmt: skip
-"""Keys of other sections that change the numbers."""
-RECORDED_KEYS = (
-    "training.steps",  # the schedule follows the new total
-    "training.device",  # like the layout: where the run computes (env.json records the device)
-    "model.attention",  # the kernel, like the device: env.json records the one auto resolved to
-    "training.dataset_path",  # where the data is; its content is checked by the dataset fingerprint
-    "data.mixture",  # where its folders are; their content and weights are in the dataset fingerprint
-    "model.tokenizer_path",  # likewise, checked by the tokenizer fingerprint
-    "data.cache_folder",
-)
-"""Keys of NUMERIC_SECTIONS that may change on resume (recorded, not refused)."""
-
-
-class ConfigChangeError(LockstepError):
-    """A resume with settings that change the numbers, without checkpoint.allow_config_change."""
-
-
-def config_record(config_toml: str, global_batch: int | None = None) -> dict[str, Any]:
-    """The resolved config (``dump_toml`` text) as plain data, as config.toml holds it (the form both
-    sides of a comparison take, whether read from a manifest or from a launch's config.toml); with
-    `global_batch`, the batch as resolved, since global_batch_size = -1 means a different batch in
-    another layout."""
-    record = tomllib.loads(config_toml)
-    if global_batch is not None:
-        record["training"]["global_batch_size"] = global_batch
-    return record
-
 
 def config_for_step(run_folder: Path, step: int) -> Path:
     """The config.toml of the launch that trained `step` (the newest launch that started before it),
     for tools that recompute a step; the top-level config.toml when no launch records say otherwise."""
     for _, folder in reversed(launch_folders(run_folder)):
-        start = (_read_json(folder / RECORD) or {}).get("start_step")
+        start = (read_record(folder / RECORD) or {}).get("start_step")
         if start is not None and start < step and (folder / "config.toml").is_file():
             return folder / "config.toml"
     return run_folder / "config.toml"
@@ -97,18 +57,6 @@ def env_for_step(run_folder: Path, step: int) -> dict[str, Any]:
     return record
 
 
-def changes_the_numbers(key: str) -> bool:
-    return key not in RECORDED_KEYS and (key.split(".")[0] in NUMERIC_SECTIONS or key in NUMERIC_KEYS)
-
-
-def shared_settings(identity: dict) -> dict:
-    """What every replica group of a fault-tolerant run must run alike, from a checkpoint identity: the
-    model, data and layout, and the settings that change the numbers (the step count too: it sets the
-    lr schedule)."""
-    config = {k: v for k, v in flatten(identity["config"]).items() if changes_the_numbers(k) or k == "training.steps"}
-    return {"model": identity["model"], "data": identity["fingerprints"], "layout": identity["layout"]} | config
-
-
 def launch_folders(run_folder: Path) -> list[tuple[int, Path]]:
     """(number, folder) of every recorded launch, oldest first."""
     root = run_folder / LAUNCHES
@@ -124,7 +72,9 @@ def _read_toml(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON object file of a run (launch.json, env.json, a checkpoint's manifest); None when it is
+    missing, unreadable or not an object."""
     try:
         record = parse_json(path.read_bytes(), allow_nan=True)
     except (OSError, ValueError):
@@ -136,76 +86,6 @@ def previous_launch_config(run_folder: Path) -> dict[str, Any] | None:
     """The config of the latest launch (a run folder from before launches/ has only config.toml)."""
     launches = launch_folders(run_folder)
     return _read_toml((launches[-1][1] if launches else run_folder) / "config.toml")
-
-
-def resumed_config(manifest: dict, run_folder: Path) -> tuple[dict[str, Any] | None, str]:
-    """The config that trained the checkpoint about to be resumed, and where it was read from."""
-    if isinstance(manifest.get("config"), dict):
-        return manifest["config"], "the checkpoint's manifest"
-    previous = previous_launch_config(run_folder)
-    if previous is not None and previous.get("training", {}).get("global_batch_size") == -1:
-        del previous["training"]["global_batch_size"]  # resolved in a layout not recorded there
-    return previous, "the previous launch's config.toml"
-
-
-def check_config_change(
-    previous: dict[str, Any] | None, current: dict[str, Any], allow: bool, checkpoint: Path, source: str, log
-) -> dict[str, tuple[Any, Any]]:
-    """Refuse to resume `checkpoint` with settings that change the numbers, naming only the changed
-    keys (old -> new), unless `allow`; returns those changes (empty when none or nothing to compare)."""
-    if previous is None:
-        return {}
-    # A key on one side only (added to or dropped from lockstep since) is not a change of the run's numbers.
-    changed = {
-        k: (a, b)
-        for k, (a, b) in differences(previous, current).items()
-        if changes_the_numbers(k) and UNSET not in (a, b)
-    }
-    if changed and not allow:
-        raise ConfigChangeError(
-            f"resuming {checkpoint} with settings that change the numbers ({describe_differences(changed)}; "
-            f"old from {source}); pass --checkpoint.allow_config_change to train on with the new values "
-            "(recorded in launches/), restore the old values, or use another --job.dump_folder"
-        )
-    if changed:
-        log(
-            f"warning: resuming with changed settings (checkpoint.allow_config_change): {describe_differences(changed)}"
-        )
-    return changed
-
-
-def optimizer_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
-    """Every param group's settings but its parameters, as built from the config (taken before a
-    resume loads the checkpoint's param groups over them)."""
-    return [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
-
-
-def reset_optimizer_hyperparameters(
-    optimizers: list[torch.optim.Optimizer], from_config: list[list[dict[str, Any]]]
-) -> None:
-    """After a resume, set every param-group setting the checkpoint carried (lr, betas, eps,
-    weight_decay, the implementation: foreach/fused...) back to what the config built
-    (`optimizer_hyperparameters` before the load); the lr itself is then set by the schedule
-    (SchedulerState.apply). Unchanged values are rewritten as the same numbers."""
-    for each, groups in zip(optimizers, from_config, strict=True):
-        for group, settings in zip(each.param_groups, groups, strict=True):
-            group.update(settings | {"initial_lr": settings.get("initial_lr", settings["lr"])})
-
-
-def resumed_seed(checkpoint: CheckpointConfig, run_folder: Path) -> int | None:
-    """The root seed of the run to be resumed (None when there is no checkpoint to resume): a config
-    without debug.seed would otherwise draw a new one, and with it a new data order."""
-    if not checkpoint.enable:
-        return None
-    steps = folders.published_steps(run_folder / checkpoint.folder)
-    for _, folder in reversed(steps):
-        seed = (_read_json(folder / folders.MANIFEST) or {}).get("config", {}).get("debug", {}).get("seed")
-        if seed is not None:
-            return int(seed)
-    if steps:
-        seed = (previous_launch_config(run_folder) or {}).get("debug", {}).get("seed")
-        return None if seed is None else int(seed)
-    return None
 
 
 @dataclass
@@ -277,7 +157,7 @@ def start_launch(
     if launches:
         previous = launches[-1][1]
         changed = differences(_read_toml(previous / "config.toml") or {}, tomllib.loads(config_toml))
-        changed |= differences(_layout(_read_json(previous / "env.json")), _layout(env))
+        changed |= differences(_layout(read_record(previous / "env.json")), _layout(env))
     record = {
         "launch": number,
         "started_at": env.get("started_at"),

@@ -19,12 +19,8 @@ from lockstep.checkpoint.initial import load_initial_weights
 from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState
 from lockstep.config.sections import CheckpointConfig
-from lockstep.run.launches import (
-    check_config_change,
-    optimizer_hyperparameters,
-    reset_optimizer_hyperparameters,
-    resumed_config,
-)
+from lockstep.run.resume import check_config_change, resumed_config
+from lockstep.train.optimizer import optimizer_hyperparameters, reset_optimizer_hyperparameters
 
 
 class RunCheckpoints:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -102,3 +103,21 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, schedule: LRSchedulerConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule))
+
+
+def optimizer_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
+    """Every param group's settings but its parameters, as built from the config (taken before a
+    resume loads the checkpoint's param groups over them)."""
+    return [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
+
+
+def reset_optimizer_hyperparameters(
+    optimizers: list[torch.optim.Optimizer], from_config: list[list[dict[str, Any]]]
+) -> None:
+    """After a resume, set every param-group setting the checkpoint carried (lr, betas, eps,
+    weight_decay, the implementation: foreach/fused...) back to what the config built
+    (`optimizer_hyperparameters` before the load); the lr itself is then set by the schedule
+    (SchedulerState.apply). Unchanged values are rewritten as the same numbers."""
+    for each, groups in zip(optimizers, from_config, strict=True):
+        for group, settings in zip(each.param_groups, groups, strict=True):
+            group.update(settings | {"initial_lr": settings.get("initial_lr", settings["lr"])})

@@ -34,8 +34,8 @@ from lockstep.models.registry import typed_overrides
 from lockstep.parallel.mesh import axis_rank, build_mesh
 from lockstep.parallel.parallelize import check_model_fits_layout
 from lockstep.parallel.process_group import WorldInfo, destroy_process_group, init_process_group, world_from_env
-from lockstep.run.launches import resumed_seed
 from lockstep.run.lock import RunLock
+from lockstep.run.resume import resumed_seed
 from lockstep.train.resilience.comm import CommTimeouts
 
 Prepared = TypeVar("Prepared")

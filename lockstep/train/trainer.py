@@ -39,12 +39,9 @@ from lockstep.parallel.parallelize import BuildSettings, build_model
 from lockstep.parallel.process_group import destroy_process_group
 from lockstep.parallel.reducer import CrossRankReducer
 from lockstep.run.folder import environment
-from lockstep.run.launches import (
-    config_record,
-    record_launch,
-    shared_settings,
-)
+from lockstep.run.launches import record_launch
 from lockstep.run.lock import RunLock
+from lockstep.run.resume import config_record, shared_settings
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.guards.step_guards import StepGuards

@@ -12,7 +12,7 @@ from lockstep.checkpoint.manager import CheckpointManager, CheckpointMismatch
 from lockstep.cli import main
 from lockstep.config.sections import CheckpointConfig
 from lockstep.run.folder import read_metrics
-from lockstep.run.launches import changes_the_numbers
+from lockstep.run.resume import changes_the_numbers
 from lockstep.train.optimizer import lr_factor
 from lockstep.train.trainer import Trainer
 from tests.helpers import tiny_config, tiny_overrides

@@ -8,9 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from lockstep.config.sections import LRSchedulerConfig
-from lockstep.train.optimizer import lr_factor
+from lockstep.train.optimizer import lr_factor, optimizer_hyperparameters, reset_optimizer_hyperparameters
 
 WHEEL = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_wheels" / "torchtitan-0.2.2-py3-none-any.whl"
 
@@ -81,3 +82,15 @@ def test_weight_decay_exemptions_leave_norms_biases_and_embeddings_undecayed():
     assert step(["norms", "biases", "embeddings"]) == {
         "tok_embeddings.weight": True, "attention_norm.weight": True, "w.weight": False, "w.bias": True,
     }  # fmt: skip
+
+
+def test_a_resume_keeps_the_configs_hyperparameters_not_the_checkpoints():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    from_config = optimizer_hyperparameters([optimizer])
+    assert "params" not in from_config[0][0] and from_config[0][0]["betas"] == (0.9, 0.95)
+    optimizer.param_groups[0].update(lr=5.0, betas=(0.5, 0.5), weight_decay=0.0)  # as a checkpoint's load would
+    reset_optimizer_hyperparameters([optimizer], from_config)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["initial_lr"]) == (1e-3, (0.9, 0.95), 0.1, 1e-3)
+    assert group["params"] == [weight]
