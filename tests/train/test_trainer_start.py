@@ -82,3 +82,12 @@ def test_a_process_group_started_by_the_caller_is_left_to_the_caller(tmp_path, m
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text('{"host": "h", "pid": 999999999, "started_at": "then", "command": ["x"]}\n')
+    with Trainer(tiny_config(tmp_path, "--training.steps", "1"), show_progress=False):
+        assert "taking over the lock of run folder" in capsys.readouterr().out  # printed before the world is known
+    assert _lock_is_free(run)
