@@ -7,6 +7,8 @@ attention kernel, sets the deterministic flags, runs the caller's preparation th
 process group (tokenizing, under a file lock, so no collective waits on it), starts the process
 group, builds the mesh, agrees on the root seed and seeds every stream.
 
+``Runtime.environment_record`` is env.json's record of the process so set up.
+
 If any stage fails, what the earlier stages started (the lock, the process group) is ended before
 the error goes on; once started, ``Runtime.abandon`` ends it for a caller whose later stages fail.
 """
@@ -26,14 +28,16 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lockstep.config import JobConfig, validate_job_config
 from lockstep.config.errors import ConfigError
-from lockstep.config.job import ParallelDims, resolve_parallel_dims, run_folder
+from lockstep.config.job import ParallelDims, deterministic_chunks, resolve_parallel_dims, run_folder
 from lockstep.config.sections import TrainingConfig
 from lockstep.determinism.seeds import agree_on_seed, configure_determinism, resolve_root_seed, seed_everything
 from lockstep.models.common.attention import resolve_attention_backend
 from lockstep.models.registry import typed_overrides
-from lockstep.parallel.mesh import axis_rank, build_mesh
+from lockstep.parallel.mesh import AXES, axis_rank, build_mesh
+from lockstep.parallel.node_levels import AxisLevels, levels_record
 from lockstep.parallel.parallelize import check_model_fits_layout
 from lockstep.parallel.process_group import WorldInfo, destroy_process_group, init_process_group, world_from_env
+from lockstep.run.folder import environment
 from lockstep.run.lock import RunLock
 from lockstep.run.resume import resumed_seed
 from lockstep.train.resilience.comm import CommTimeouts
@@ -72,6 +76,19 @@ class Runtime:
     """This process started the group (a caller may have started one before), so it ends it."""
     mesh: DeviceMesh | None = None
     seeds: dict | None = None
+
+    def environment_record(self, *, fingerprints: dict[str, str], reduction_levels: dict[str, AxisLevels]) -> dict:
+        """env.json's record of this process (versions, device, world, seeds), with the data's
+        fingerprints and the layout as it ran."""
+        debug = self.config.debug
+        layout = {
+            "degrees": dict(zip(AXES, self.dims.sizes(), strict=True)),
+            "canonical_reductions": debug.layout_invariant_reductions,
+            "reduction_levels": levels_record(reduction_levels),  # canonical sums: inside nodes, then across
+            "deterministic_chunks": deterministic_chunks(debug, self.dims),
+            "attention": self.attention_backend,  # model.attention = auto: the kernel that ran
+        }
+        return environment(self.device, self.world.world_size, self.seeds, fingerprints, layout)
 
     def abandon(self) -> None:
         """End what the start began (the lock, the process group this runtime started), each step even

@@ -34,11 +34,10 @@ from lockstep.models.registry import model_args, model_spec
 from lockstep.models.size import describe_parameters, parameter_counts
 from lockstep.parallel.canonical import canonical_nodes, full_value
 from lockstep.parallel.mesh import AXES, axis_rank
-from lockstep.parallel.node_levels import data_parallel_levels, levels_record
+from lockstep.parallel.node_levels import data_parallel_levels
 from lockstep.parallel.parallelize import BuildSettings, build_model
 from lockstep.parallel.process_group import destroy_process_group
 from lockstep.parallel.reducer import CrossRankReducer
-from lockstep.run.folder import environment
 from lockstep.run.launches import record_launch
 from lockstep.run.lock import RunLock
 from lockstep.run.resume import config_record, shared_settings
@@ -233,15 +232,10 @@ class Trainer:
             identity = self._checkpoint_identity(windows.fingerprint)
             self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
 
-        fingerprints = {"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint}
-        layout_record = {
-            "degrees": dict(zip(AXES, self.dims.sizes(), strict=True)),
-            "canonical_reductions": layout_invariant,
-        }
-        layout_record["reduction_levels"] = levels_record(levels)  # canonical sums: inside nodes, then across
-        layout_record["deterministic_chunks"] = deterministic_chunks(config.debug, self.dims)
-        layout_record["attention"] = self.attention_backend  # model.attention = auto: the kernel that ran
-        env = environment(self.device, self.world.world_size, self.seeds, fingerprints, layout_record)
+        env = self.runtime.environment_record(
+            fingerprints={"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint},
+            reduction_levels=levels,
+        )
         env["parameters"] = parameter_counts(model_spec(config.model.name), self.model.args)
         self._log(f"model {config.model.name} {config.model.flavor}: {describe_parameters(env['parameters'])}")
         if config.model.overrides:  # what the flavor and the overrides resolved to, every field
