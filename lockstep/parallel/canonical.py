@@ -294,10 +294,26 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def squared_norm_fp64(grad: torch.Tensor) -> torch.Tensor:
+def _fp64_squares(t: torch.Tensor) -> torch.Tensor:
+    """The fp64 squares of `t` in one fresh tensor: converted once and squared in place (an fp32 or
+    bf16 value's square is exact in fp64, so this is bit for bit ``t.double().square()`` with one
+    gradient-sized allocation instead of two)."""
+    squares = t.double()
+    if squares is t:  # already fp64: .double() returned the gradient itself
+        squares = t.clone()
+    return squares.mul_(squares)
+
+
+def squared_norm_fp64(grad: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of squares of a full gradient in fp64: per row (dim 0), then over rows. A DTensor's rows
-    are gathered first, so where the shard boundaries fall cannot change the result."""
-    squares = grad.double().square()
+    are gathered first, so where the shard boundaries fall cannot change the result. `scratch` (fp64,
+    at least grad's size) holds a contiguous plain gradient's squares instead of a fresh tensor: its
+    start has a fresh tensor's alignment and layout, so the sums are the same bits."""
+    if scratch is None or isinstance(grad, DTensor) or not grad.is_contiguous():  # .double() keeps strides
+        squares = _fp64_squares(grad)
+    else:
+        squares = scratch[: grad.numel()].view(grad.shape).copy_(grad)
+        squares.mul_(squares)
     rows = squares.sum(dim=tuple(range(1, squares.ndim))) if squares.ndim > 1 else squares
     if isinstance(rows, DTensor):
         rows = rows.full_tensor()
@@ -317,15 +333,20 @@ def grad_norm_fp64(
     parameter, and ``sum_over_shards`` adds those vectors with one all-reduce per sharded mesh axis. A
     row held by one rank gets exactly one non-zero term, so the sum rebuilds it bit for bit."""
     device = next(iter(named_grads.values())).device
-    squares = torch.zeros(len(all_names), dtype=torch.float64, device=device)
-    slots = {name: i for i, name in enumerate(all_names)}
     sharded = {name: _without_partial(g) for name, g in named_grads.items() if isinstance(g, DTensor)}
     totals = sum_over_shards(list(sharded.values()), [_local_row_sums(g) for g in sharded.values()])
-    for name, rows in zip(sharded, totals, strict=True):
-        squares[slots[name]] = rows.clone().sum()  # a fresh tensor: same alignment, so same sum, as unsharded
+    # a fresh tensor: same alignment, so same sum, as unsharded
+    values = {name: rows.clone().sum() for name, rows in zip(sharded, totals, strict=True)}
+    plain = [grad for name, grad in named_grads.items() if name not in sharded]
+    # One fp64 buffer, the largest gradient's size, holds each plain gradient's squares in turn.
+    scratch = torch.empty(max((g.numel() for g in plain), default=0), dtype=torch.float64, device=device)
     for name, grad in named_grads.items():
         if name not in sharded:
-            squares[slots[name]] = squared_norm_fp64(grad)
+            values[name] = squared_norm_fp64(grad, scratch)
+    if unknown := values.keys() - set(all_names):
+        raise KeyError(f"gradients of parameters the model does not name: {sorted(unknown)}")
+    zero = torch.zeros((), dtype=torch.float64, device=device)  # another stage's slot
+    squares = torch.stack([values.get(name, zero) for name in all_names])  # one write, not one per slot
     if stage_group is not None and dist.get_world_size(stage_group) > 1:
         dist.all_reduce(squares, group=stage_group)
     return squares.sum().sqrt().float()
@@ -343,7 +364,7 @@ def _local_row_sums(grad: DTensor) -> torch.Tensor:
     """This rank's share of the fp64 row sums of `grad`'s full value: its local rows' sums (over the
     columns it holds) placed at their global row index, zeros elsewhere."""
     local = grad.to_local()
-    squares = local.double().square()
+    squares = _fp64_squares(local)
     rows = squares.sum(dim=tuple(range(1, squares.ndim))) if squares.ndim > 1 else squares
     offset, _ = shard_box(grad)
     full = torch.zeros(grad.shape[0] if grad.ndim else 1, dtype=torch.float64, device=local.device)
