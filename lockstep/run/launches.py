@@ -21,10 +21,8 @@ from typing import Any
 import tomllib
 
 from lockstep.checkpoint.manager import describe_differences, differences
-from lockstep.config.sections import MetricsConfig
 from lockstep.errors import InputError
-from lockstep.run.folder import prepare_run_folder, write_replacing
-from lockstep.run.metrics_file import MetricsLogger
+from lockstep.run.folder import write_replacing
 from lockstep.untrusted import load_toml, parse_json
 
 LAUNCHES = "launches"
@@ -175,28 +173,3 @@ def start_launch(
         since = describe_differences(changed) if changed else "nothing"
         log(f"launch {number} ({how}); changed since launch {launches[-1][0]}: {since}")
     return launch
-
-
-def record_launch(
-    run_folder: Path,
-    config_toml: str,
-    env: dict[str, Any],
-    start_step: int,
-    resumed_from: Path | None,
-    resumed_at: int | None,
-    metrics: MetricsConfig,
-    log,
-) -> tuple[Launch, MetricsLogger]:
-    """Rank 0's writes at the start of a launch: launches/NNN, the latest config.toml and env.json,
-    and the metrics sinks. An odd file where one of these belongs is one line naming it."""
-    try:
-        launch = start_launch(run_folder, config_toml, env, start_step, resumed_from, log)
-        metrics_file = prepare_run_folder(run_folder, config_toml, env, resumed_at=resumed_at)
-        return launch, MetricsLogger(
-            metrics, run_folder=run_folder, metrics_file=metrics_file, run_name=run_folder.name
-        )
-    except OSError as e:  # e.g. a file where launches/NNN or metrics.jsonl belongs
-        raise InputError(
-            e.filename or run_folder, f"cannot record this launch ({e.strerror})",
-            "move the file or folder in the way out of the run folder",
-        ) from e  # fmt: skip

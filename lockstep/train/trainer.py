@@ -38,9 +38,9 @@ from lockstep.parallel.node_levels import data_parallel_levels
 from lockstep.parallel.parallelize import BuildSettings, build_model
 from lockstep.parallel.process_group import destroy_process_group
 from lockstep.parallel.reducer import CrossRankReducer
-from lockstep.run.launches import record_launch
 from lockstep.run.lock import RunLock
 from lockstep.run.resume import config_record, shared_settings
+from lockstep.run.start import record_launch
 from lockstep.train.checkpointing import RunCheckpoints
 from lockstep.train.forward_backward import ForwardBackward, LossSettings, canonical_gradient_tree
 from lockstep.train.guards.step_guards import StepGuards
