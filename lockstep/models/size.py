@@ -48,8 +48,10 @@ def _over_all_blocks(measure, spec: Any, args: Any, fixed: tuple[str, ...] = ())
     builds = [measure(spec, args, first + j) for j in range(period + 1)]
     adds = [{k: builds[j + 1][k] - builds[j][k] for k in builds[0]} for j in range(period)]
     base = builds[0]
+    full, extra = divmod(args.n_layers - first, period)  # blocks first.. cycle through the period from its start
+    repeats = [full + (j < extra) for j in range(period)]
     return {
-        k: base[k] if k in fixed else base[k] + sum(adds[(i - dense) % period][k] for i in range(first, args.n_layers))
+        k: base[k] if k in fixed else base[k] + sum(r * add[k] for r, add in zip(repeats, adds, strict=True))
         for k in base
     }
 
