@@ -176,3 +176,13 @@ def llama3_scaling_from_hf(config: dict) -> Llama3RopeScaling | None:
         high_freq_factor=scaling["high_freq_factor"],
         original_max_position_embeddings=scaling["original_max_position_embeddings"],
     )
+
+
+def refuse_moved_routing_bias(name: str, value: torch.Tensor, model: str) -> None:
+    """Refuse to export a routing bias that is not zero: `model`'s router in transformers has none (Qwen3-MoE,
+    Llama 4), so only a bias that bias_update_speed never moved is exact as nothing."""
+    if not value.is_meta and bool(value.any()):
+        raise ValueError(
+            f"{name} is not zero: transformers' {model} routes without a bias, so this model cannot be "
+            "exported exactly (it was trained with bias_update_speed > 0)"
+        )

@@ -29,6 +29,7 @@ from lockstep.models.common.hf_source import (
     hf_rope_type,
     llama3_scaling_from_hf,
     llama3_scaling_to_hf,
+    refuse_moved_routing_bias,
     table_hf_name,
     whole,
 )
@@ -80,11 +81,7 @@ def to_hf(state: dict[str, torch.Tensor], args: Llama4Args) -> dict[str, torch.T
             else:
                 gate_up.setdefault(prefix, {})[weight] = value
         elif rest == _BIAS:
-            if not value.is_meta and bool(value.any()):
-                raise ValueError(
-                    f"{name} is not zero: transformers' Llama 4 routes without a bias, so this model cannot be "
-                    "exported exactly (it was trained with bias_update_speed > 0)"
-                )
+            refuse_moved_routing_bias(name, value, "Llama 4")
         elif name == "output.weight" and args.tie_embeddings:
             continue
         else:

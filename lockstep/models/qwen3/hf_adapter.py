@@ -27,6 +27,7 @@ from lockstep.models.common.hf_source import (
     HFSource,
     experts_source,
     experts_to_hf,
+    refuse_moved_routing_bias,
     table_hf_name,
     whole,
 )
@@ -73,11 +74,7 @@ def to_hf(state: dict[str, torch.Tensor], args: Qwen3Args) -> dict[str, torch.Te
         if rest in _EXPERTS:
             out |= experts_to_hf(f"model.layers.{match.group(1)}.mlp.experts", name.rsplit(".", 1)[1], value)
         elif rest == _BIAS:
-            if not value.is_meta and bool(value.any()):
-                raise ValueError(
-                    f"{name} is not zero: transformers' Qwen3-MoE routes without a bias, so this model cannot be "
-                    "exported exactly (it was trained with bias_update_speed > 0)"
-                )
+            refuse_moved_routing_bias(name, value, "Qwen3-MoE")
         else:
             out[hf_name(name)] = interleaved_to_halves(value, _heads(name, args)) if rest in _ROTATED else value
     return out
