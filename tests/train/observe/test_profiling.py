@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lockstep.config.sections import ProfilingConfig
-from lockstep.train.observe.profiling import Profiler, _fresh
+from lockstep.train.observe.profiling import Profiler
 
 
 def _run(profiler: Profiler, steps: range) -> None:
@@ -22,13 +22,6 @@ def _run(profiler: Profiler, steps: range) -> None:
 
 def _traced(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json"))
-
-
-def test_fresh_keeps_a_free_name_and_picks_another_beside_a_taken_one(tmp_path):
-    path = tmp_path / "rank0_trace.json"
-    assert _fresh(path) == path
-    path.write_text("earlier")
-    assert _fresh(path) == tmp_path / f"rank0_trace.pid{os.getpid()}.json"
 
 
 def test_without_profiling_a_launch_writes_nothing(tmp_path):
