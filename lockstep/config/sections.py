@@ -65,7 +65,8 @@ class ModelConfig:
     name: str = "llama3"
     """Model family: llama3, deepseek_v3, qwen3, qwen3_moe or llama4 (README, "Models")."""
     flavor: str = "debug"
-    """Size table entry of the model family, e.g. debug, 1B, 8B (qwen3_moe: 30B-A3B)."""
+    """Size table entry of the model family, e.g. debug, 1B, 8B (qwen3_moe: 30B-A3B); from_hf (the
+    config.json of checkpoint.initial_load_path); or custom (no table: [model.overrides] gives every number)."""
     tokenizer: str = "builtin"
     """Tokenizer kind: builtin (BPE trained on the built-in corpus), bytes, or hf (a tokenizer.json)."""
     tokenizer_path: str = ""
@@ -671,7 +672,12 @@ class CheckpointConfig:
     exclude_from_loading: list[str] = field(default_factory=list)
     """Parts not to load on resume: any of model, optimizer, lr_scheduler, dataloader, train_state, rng."""
     initial_load_path: str = ""
-    """Weights to start from when the run has no checkpoint yet: a lockstep checkpoint, or a Hugging Face folder."""
+    """Weights to start from when the run has no checkpoint yet: a lockstep checkpoint, a torchtitan checkpoint
+    (a step-N folder), or a Hugging Face folder."""
+    initial_load_model_only: bool = True
+    """Take only the model from initial_load_path (training starts at step 0). false also takes the optimizer
+    state, the lr schedule's step and the step count (tokens seen too), so training goes on from that checkpoint's
+    step, as torchtitan's option of this name does; the data continue at that step of this run's own order."""
     last_save_model_only: bool = False
     """Make the final checkpoint model weights only (smaller; cannot resume training)."""
     export_dtype: str = "fp32"

@@ -151,6 +151,12 @@ class DataLoader:
         self._ahead = (following, self._reader.submit(self._read_step, *following))
         return [microbatches[i : i + len(inside)] for i in range(0, len(microbatches), len(inside))], global_tokens
 
+    def start_at_step(self, step: int) -> None:
+        """Serve step `step` + 1 next, as a run that took `step` full global batches would: for a run that goes
+        on from another framework's checkpoint, whose own data position means nothing in this order."""
+        self.next_sample_index = step * self.global_batch
+        self._ahead = None
+
     def position(self) -> tuple[int, dict[str, int]]:
         """Where the next step starts, with the source-token counts not yet taken (see ``rewind``)."""
         return self.next_sample_index, dict(self._source_tokens)

@@ -93,6 +93,11 @@ def _suggest(word: str, options: list[str]) -> str:
 
 FROM_HF = "from_hf"
 """The flavor that takes the architecture from checkpoint.initial_load_path's config.json."""
+CUSTOM = "custom"
+"""The flavor with no table behind it: [model.overrides] gives every number of the family's *Args
+(vocab_size and max_seq_len aside: the tokenizer and training.seq_len set them), so no size comes silently
+from a flavor; what is off by default (None, false: grouped heads, RoPE scaling, tied embeddings) stays
+off unless given."""
 
 
 def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[ModelSpec, Any]:
@@ -100,15 +105,12 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
     model.overrides applied, the tokenizer's vocab and the training sequence length. A from_hf model
     keeps its own vocabulary size (embedding rows), which the tokenizer's must not exceed."""
     spec = model_spec(model.name)
-    if model.flavor == FROM_HF:
-        args = _args_from_hf(spec, model)
-    elif model.flavor not in spec.flavors:
+    args = _base_args(spec, model)
+    if args is None:
         raise ConfigError(
             "model.flavor",
-            f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, [*spec.flavors, FROM_HF])}",
+            f"unknown {model.name} flavor {model.flavor!r}{_suggest(model.flavor, [*spec.flavors, FROM_HF, CUSTOM])}",
         )
-    else:
-        args = spec.flavors[model.flavor]
     if args.vocab_size > 0:  # a published shape (or an HF config) keeps its (padded) vocabulary
         if vocab_size > args.vocab_size:
             raise ConfigError(
@@ -139,10 +141,32 @@ def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[M
 def typed_overrides(model: ModelConfig) -> dict[str, Any]:
     """model.overrides as the args' field types have them (what config.toml and checkpoints record)."""
     spec = model_spec(model.name)
-    args = _args_from_hf(spec, model) if model.flavor == FROM_HF else spec.flavors.get(model.flavor)
+    args = _base_args(spec, model)
     if args is None or not model.overrides:
         return dict(model.overrides)
     return plain(_overrides(type(args), model.overrides))
+
+
+def _base_args(spec: ModelSpec, model: ModelConfig) -> Any:
+    """The args the overrides apply to: the flavor's row, the recorded config.json (from_hf), or the
+    dataclass's own defaults (custom, once the overrides give every number); None for an unknown flavor."""
+    if model.flavor == FROM_HF:
+        return _args_from_hf(spec, model)
+    if model.flavor != CUSTOM:
+        return spec.flavors.get(model.flavor)
+    args_type = type(next(iter(spec.flavors.values())))
+    required = [
+        f.name for f in dataclasses.fields(args_type)
+        if isinstance(f.default, int | float) and not isinstance(f.default, bool)
+        and f.name not in ("vocab_size", *NOT_OVERRIDABLE)
+    ]  # fmt: skip
+    if missing := [name for name in required if name not in model.overrides]:
+        raise ConfigError(
+            "model.overrides",
+            f"flavor custom takes every number of {args_type.__name__} from [model.overrides]; "
+            f"missing {', '.join(missing)} (or start from a flavor: {', '.join(spec.flavors)})",
+        )
+    return args_type()
 
 
 POSITIVE = ("dim", "n_layers", "n_heads", "norm_eps", "rope_theta", "head_dim", "multiple_of")

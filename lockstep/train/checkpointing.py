@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lockstep.checkpoint import folders
-from lockstep.checkpoint.initial import load_initial_weights
+from lockstep.checkpoint.initial import load_initial
 from lockstep.checkpoint.manager import CheckpointManager
 from lockstep.checkpoint.states import ModelState
 from lockstep.config.sections import CheckpointConfig
@@ -55,21 +55,28 @@ class RunCheckpoints:
         parts: list[nn.Module],
         fill_weights: Callable[[], None],
     ) -> bool:
-        """Load the newest usable checkpoint of this run (True), or else the initial weights of
-        checkpoint.initial_load_path, if any (False). `fill_weights` draws the initial values of the
-        (materialised, unfilled) parameters; it runs only when no checkpoint's model was loaded, so a
-        resume of a large model spends nothing on values it overwrites. A resumed run keeps the
-        optimizer hyperparameters of its config, not those the checkpoint carried, then its lr schedule."""
+        """Load the newest usable checkpoint of this run (True), or else checkpoint.initial_load_path, if
+        any: True when it gave a step to go on from (initial_load_model_only = false), False for weights
+        only. `fill_weights` draws the initial values of the (materialised, unfilled) parameters; it runs
+        only when no checkpoint's model was loaded, so a resume of a large model spends nothing on values
+        it overwrites. A resumed run keeps the optimizer hyperparameters of its config, not those the
+        checkpoint carried, then its lr schedule; a run going on from another's step starts its data at
+        that step of its own order."""
         from_config = optimizer_hyperparameters(optimizers)
         self.resumed_from = self.manager.resume(self.states, accept=self._accept)
         if self.resumed_from is None or "model" not in self.manager.loaded_parts:
             fill_weights()
+        if self.resumed_from is None and self.config.initial_load_path:
+            path = Path(self.config.initial_load_path)
+            step = load_initial(path, self.manager, self.states, spec, args, parts)
+            if step is None:
+                return False
+            self.states["dataloader"].obj.start_at_step(step)
+            self.resumed_from = path
         if self.resumed_from is not None:
             reset_optimizer_hyperparameters(optimizers, from_config)
             self.states["lr_scheduler"].apply()
             return True
-        if self.config.initial_load_path:
-            load_initial_weights(Path(self.config.initial_load_path), self.manager, self.states, spec, args, parts)
         return False
 
     def _accept(self, folder: Path) -> None:
