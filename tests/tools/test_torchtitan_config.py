@@ -1,14 +1,19 @@
-"""A torchtitan job TOML becomes a lockstep config that loads and validates, with torchtitan's
+"""A torchtitan job (0.2 TOML, 0.3 job.json) becomes a lockstep config that loads and validates, with torchtitan's
 learning-rate formulas and data order selected, and every key without an equivalent named."""
 
+import json
 from pathlib import Path
 
 import pytest
 import tomllib
 
 from lockstep.config import load_config, validate_job_config
+from lockstep.config.errors import ConfigError
+from lockstep.config.sections import ModelConfig
 from lockstep.errors import InputError
+from lockstep.models.registry import model_args
 from lockstep.tools.torchtitan_config import from_torchtitan
+from lockstep.train.optimizer import lr_factor
 from tests.helpers import run_cli
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "torchtitan_debug_model.toml"
@@ -24,16 +29,17 @@ def test_the_debug_job_translates_into_a_valid_config_and_names_what_has_no_equi
     assert translated["model"]["flavor"] == "debug" and translated["model"]["overrides"] == {"vocab_size": 2048}
     assert translated["model"]["tokenizer_path"].endswith("tests/assets/tokenizer/tokenizer.json")
     named = [line.split(" = ")[0].removeprefix("note: torchtitan ") for line in err.splitlines()]
-    for key in (
-        "job.print_config",
-        "profiling.enable_profiling",
-        "metrics.save_tb_folder",
-        "training.dataset",
-        "parallelism.context_parallel_degree",
-        "checkpoint.last_save_model_only",
-        "checkpoint.export_dtype",
-    ):
-        assert key in named, key  # fmt: skip
+    left_off = [line for line in err.splitlines() if "options left off" in line]
+    assert "metrics.save_tb_folder" in named and "training.dataset" in named
+    assert (
+        len(left_off) == 1
+        and "job.print_config" in left_off[0]
+        and "parallelism.context_parallel_degree" in left_off[0]
+    )
+    assert translated["profiling"]["enable_profiling"] is False
+    assert (
+        translated["checkpoint"]["last_save_model_only"] is False and translated["checkpoint"]["export_dtype"] == "fp32"
+    )
     (tmp_path / "job.toml").write_text(out.replace(translated["model"]["tokenizer_path"], ""))
     config = load_config(str(tmp_path / "job.toml"), ["--model.tokenizer", "builtin", "--model.tokenizer_path="])
     validate_job_config(config, 2)
@@ -49,7 +55,63 @@ def test_a_family_lockstep_lacks_or_an_unreadable_file_is_one_line(tmp_path, cap
         from_torchtitan(tmp_path / "flux.toml")
     (tmp_path / "bad.toml").write_text("[job\n")
     code, _, err = run_cli(["config", "from-torchtitan", str(tmp_path / "bad.toml")], capfd)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a readable TOML file" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is not a readable job file" in err
     (tmp_path / "taken.toml").write_text("")
     code, _, err = run_cli(["config", "from-torchtitan", str(ASSET), "--out", str(tmp_path / "taken.toml")], capfd)
     assert code == 2 and "exists already" in err and (tmp_path / "taken.toml").read_text() == ""
+
+
+TITAN_03 = Path(__file__).resolve().parents[1] / "assets" / "torchtitan_0.3.0"
+
+
+def test_a_torchtitan_0_3_job_json_gives_its_model_field_by_field_and_its_lr_at_every_step(tmp_path, capfd):
+    """The job.json torchtitan 0.3.0's trainer wrote (tests/assets/torchtitan_0.3.0/make_fixture.py): the
+    model from its module configs (flavor custom: every field given), and the same lr at every step as
+    torchtitan logged."""
+    code, out, err = run_cli(["config", "from-torchtitan", str(TITAN_03 / "job.json")], capfd)
+    assert code == 0, err
+    translated = tomllib.loads(out)
+    assert translated["model"]["flavor"] == "custom"
+    assert translated["model"]["overrides"] == {
+        "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 2048, "ffn_hidden_size": 128,
+        "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000, "tie_embeddings": False,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    }  # fmt: skip
+    assert translated["optimizer"] == {"implementation": "fused", "lr": 0.0008, "eps": 1e-8, "weight_decay": 0.1,
+                                       "betas": [0.9, 0.95]}  # fmt: skip
+    assert translated["checkpoint"]["last_save_model_only"] is True and translated["debug"]["seed"] == 7
+    named = " ".join(err.splitlines())
+    for key in ("training.dataset", "loss.num_chunks", "training.mixed_precision_reduce", "debug.batch_invariant"):
+        assert key in named, key
+    (tmp_path / "job.toml").write_text(out)
+    config = load_config(str(tmp_path / "job.toml"), ["--model.tokenizer", "bytes", "--model.tokenizer_path="])
+    validate_job_config(config, 1)
+    steps = json.loads((TITAN_03 / "steps.json").read_text())
+    total = config.training.steps
+    assert [config.optimizer.lr * lr_factor(s["step"] - 1, total, config.lr_scheduler) for s in steps] == pytest.approx(
+        [s["lr"] for s in steps], rel=1e-12
+    )
+
+
+def test_a_job_json_without_a_model_spec_or_with_unlike_blocks_is_one_line(tmp_path):
+    (tmp_path / "job.json").write_text('{"training": {"steps": 3}}')
+    with pytest.raises(InputError, match="has no model_spec.model"):
+        from_torchtitan(tmp_path / "job.json")
+    job = json.loads((TITAN_03 / "job.json").read_text())
+    job["model_spec"]["model"]["layers"][1]["feed_forward"]["w1"]["out_features"] = 256
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    with pytest.raises(InputError, match="layers differ from block to block"):
+        from_torchtitan(tmp_path / "job.json")
+
+
+def test_flavor_custom_asks_for_every_number_and_takes_nothing_from_a_flavor():
+    sizes = {"dim": 32, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 1e4}
+    _, args = model_args(ModelConfig(flavor="custom", overrides=sizes), 300, 16)
+    assert (args.dim, args.n_layers, args.kv_heads, args.rope_scaling, args.tie_embeddings, args.vocab_size) == (
+        32, 2, 4, None, False, 300,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="missing n_heads, rope_theta"):
+        model_args(ModelConfig(flavor="custom", overrides={k: v for k, v in sizes.items() if k not in ("n_heads", "rope_theta")}), 300, 16)  # fmt: skip
+    with pytest.raises(ConfigError, match="did you mean 'custom'"):
+        model_args(ModelConfig(flavor="custm"), 300, 16)
