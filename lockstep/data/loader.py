@@ -87,22 +87,30 @@ class DataLoader:
         """Sums a list of integer counts over the data-parallel ranks (each rank passing its own), or
         None: every rank then counts the whole step itself. Called on the caller's thread."""
 
-    def global_microbatch(self, step_start: int, microbatch_index: int) -> Microbatch:
-        start = step_start + microbatch_index * self.local_batch
-        inputs, labels = self.windows.batch(self.order.windows_of(range(start, start + self.local_batch)))
+    def global_microbatch(
+        self, step_start: int, microbatch_index: int, windows: dict[int, int] | None = None
+    ) -> Microbatch:
+        """Global microbatch `microbatch_index` of the step starting at `step_start`; `windows` maps global
+        samples to their windows where the caller computed them already."""
+        samples = range(
+            step_start + microbatch_index * self.local_batch, step_start + (microbatch_index + 1) * self.local_batch
+        )
+        window_ids = self.order.windows_of(samples) if windows is None else [windows[g] for g in samples]
+        inputs, labels = self.windows.batch(window_ids)
         return Microbatch(inputs, labels)
 
     def _read_step(
         self, step_start: int, mine: tuple[int, ...], step_samples: int
     ) -> tuple[list[Microbatch], int, dict[str, int]]:
-        microbatches = [self.global_microbatch(step_start, j) for j in mine]
-        if self.pin_memory:
-            microbatches = [Microbatch(mb.inputs.pin_memory(), mb.labels.pin_memory()) for mb in microbatches]
         samples = range(step_start, step_start + step_samples)
         if self.sum_over_ranks is not None:  # this rank's samples only; next_blocks sums over the ranks
             own = (step_start + j * self.local_batch + i for j in mine for i in range(self.local_batch))
             samples = sorted(own)
-        step_windows = self.order.windows_of(samples)
+        step_windows = self.order.windows_of(samples)  # once: the microbatches' windows are among them
+        window_of = dict(zip(samples, step_windows, strict=True))
+        microbatches = [self.global_microbatch(step_start, j, window_of) for j in mine]
+        if self.pin_memory:
+            microbatches = [Microbatch(mb.inputs.pin_memory(), mb.labels.pin_memory()) for mb in microbatches]
         if isinstance(self.windows, MixtureWindows):
             by_source = self.windows.valid_tokens_by_source(step_windows)
             return microbatches, sum(by_source.values()), by_source

@@ -211,6 +211,10 @@ class GradientTree:
         return self._nodes.get(param)
 
     def _on_gradient(self, param: torch.Tensor) -> None:
+        if self._microbatches == 1 and self._node_sizes is None:  # a tree of one leaf: the gradient itself
+            self._held_numel += local_tensor(param.grad).numel()
+            self.peak_held_numel = max(self.peak_held_numel, self._held_numel)
+            return
         tree, count = self._trees.setdefault(param, (TreeSum(), [0]))
         self._held_numel -= tree.numel()
         tree.add([param.grad])
