@@ -4,6 +4,11 @@ Hand-written rather than tyro/argparse because three behaviours matter more than
 TOML and CLI values go through the same typed coercion; every unknown section or key is refused
 with a did-you-mean over the full ``section.key`` names; and sections added at run time by
 ``job.custom_config_module`` are first-class.
+
+Importing a module runs its code, so a config file never imports one by itself: a module it names is
+imported only when the command line names it too (``--job.custom_config_module NAME``) or the
+environment lists it in ``LOCKSTEP_CONFIG_MODULES`` (comma-separated; for tools that re-run a recorded
+config, such as replay and bisect). A config.toml from elsewhere thus runs nothing it names.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import os
 import re
 import types
 import typing
@@ -28,6 +34,8 @@ from lockstep.errors import InputError
 from lockstep.untrusted import parse_json
 
 PRESET_PACKAGE = "lockstep.config.presets"
+TRUSTED_MODULES_ENV = "LOCKSTEP_CONFIG_MODULES"
+"""Modules a config file may import (comma-separated), besides the one named on the command line."""
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _TOML_POSITION = re.compile(r"(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)", re.DOTALL)
@@ -209,6 +217,23 @@ def _field_hints(section_type: type) -> dict[str, Any]:
     return typing.get_type_hints(section_type)
 
 
+def _module_to_import(config: str | None, data: dict, parsed: list[tuple[str, Any]]) -> str:
+    """job.custom_config_module as the command line gives it, else the config file's if it is trusted
+    (``TRUSTED_MODULES_ENV``); a file's untrusted module is refused before anything is imported."""
+    given = [value for key, value in parsed if key == "job.custom_config_module"]
+    if given:
+        return given[-1]
+    named = data.get("job", {}).get("custom_config_module", "") if isinstance(data.get("job"), dict) else ""
+    trusted = {m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip()}
+    if named and named not in trusted:
+        raise ConfigError(
+            "job.custom_config_module",
+            f"{config} names module {named!r}, and a config file never imports code by itself; to run it, pass "
+            f"--job.custom_config_module {named} (or list it in ${TRUSTED_MODULES_ENV})",
+        )
+    return named
+
+
 def _custom_sections(module_name: str) -> dict[str, type]:
     """Sections contributed by a user module: a ``CONFIG_SECTIONS = {"name": Dataclass}`` dict."""
     if not module_name:
@@ -282,11 +307,7 @@ def load_config(config: str | None, overrides: list[str]) -> JobConfig:
     """The typed job config from a preset name or TOML path plus CLI overrides (not yet validated)."""
     data = read_toml(config) if config else {}
     parsed = parse_overrides(overrides)
-    module_name = data.get("job", {}).get("custom_config_module", "")
-    for key, value in parsed:
-        if key == "job.custom_config_module":
-            module_name = value
-    builder = _Builder({**SECTION_TYPES, **_custom_sections(module_name)})
+    builder = _Builder({**SECTION_TYPES, **_custom_sections(_module_to_import(config, data, parsed))})
     builder.set_toml(data)
     for key, value in parsed:
         builder.set(key, value)

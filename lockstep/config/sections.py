@@ -54,7 +54,8 @@ class JobSectionConfig:
     description: str = ""
     """Free text describing the run; recorded in config.toml."""
     custom_config_module: str = ""
-    """Importable module that defines extra config sections (docs/config.md, "Custom config sections")."""
+    """Importable module that defines extra config sections (docs/config.md, "Custom config sections"). A config
+    file naming it is not enough to import it: name it on the command line or in $LOCKSTEP_CONFIG_MODULES."""
 
     def validate(self) -> None:
         _require(bool(self.dump_folder), "job.dump_folder", "must not be empty")

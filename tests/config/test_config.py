@@ -1,4 +1,5 @@
 import dataclasses
+import sys
 import textwrap
 
 import pytest
@@ -187,6 +188,30 @@ def test_custom_config_module(tmp_path, monkeypatch):
         validate_job_config(bad, world_size=1)
     with pytest.raises(ConfigError, match="cannot import"):
         load_config("llama3_debug", ["--job.custom_config_module", "no_such_module_xyz"])
+
+
+def test_a_module_a_config_file_names_is_imported_only_when_the_user_names_it_too(tmp_path, monkeypatch):
+    """Importing runs code: a config file alone never imports; the command line or LOCKSTEP_CONFIG_MODULES
+    does."""
+    marker = tmp_path / "imported"
+    (tmp_path / "loud_sections.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\nCONFIG_SECTIONS = {{}}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("LOCKSTEP_CONFIG_MODULES", raising=False)
+    (tmp_path / "job.toml").write_text('[job]\ncustom_config_module = "loud_sections"\n')
+    with pytest.raises(
+        ConfigError, match=r"job.toml names module 'loud_sections'.*--job.custom_config_module loud_sections"
+    ):
+        load_config(str(tmp_path / "job.toml"), [])
+    assert not marker.exists()
+    load_config(str(tmp_path / "job.toml"), ["--job.custom_config_module", "loud_sections"])
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    monkeypatch.delitem(sys.modules, "loud_sections")  # forgotten: the next load imports it afresh
+    monkeypatch.setenv("LOCKSTEP_CONFIG_MODULES", "other, loud_sections")
+    assert load_config(str(tmp_path / "job.toml"), []).job.custom_config_module == "loud_sections"
+    assert marker.read_text() == "ran"
 
 
 def test_parse_overrides_keeps_strings():

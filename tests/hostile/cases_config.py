@@ -112,6 +112,7 @@ TOMLS: list[tuple[str, bytes, frozenset[int]]] = [
     ("overrides-table", b"[model.overrides]\ndim = {a = 1}\n", REFUSED),
     ("overrides-unknown-key", b"[model.overrides]\nzzz = 1\n", REFUSED),
     ("custom-module-path", b"[job]\ncustom_config_module = '../../etc/passwd'\n", REFUSED),
+    ("custom-module-import", b"[job]\ncustom_config_module = 'antigravity'\n", REFUSED),  # would run its code
     ("empty", b"", ACCEPTED_OR_REFUSED),
 ]
 

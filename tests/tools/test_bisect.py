@@ -22,9 +22,11 @@ def _train(folder, overrides: list[str]) -> None:
 
 @pytest.fixture(autouse=True)
 def _importable_test_assets(monkeypatch):
-    """Replays run in subprocesses that import tests.assets from the repository root."""
+    """Replays run in subprocesses that import tests.assets from the repository root; the perturbing
+    module a run's config.toml names is imported there only because the environment trusts it."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *sys.path]))
+    monkeypatch.setenv("LOCKSTEP_CONFIG_MODULES", PERTURBED[1])
 
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,11 @@ def test_replay_reproduces_a_step_or_names_the_faulty_rank_and_module(tmp_path, 
     assert last["max_rank_step_time_s"] >= last["min_rank_step_time_s"] > 0 and last["slowest_rank"] in (0, 1)
     assert last["memory/peak_gib_max"] >= last["memory/peak_gib_min"] > 0
 
+    untrusted = subprocess.run(
+        [LOCKSTEP, "replay", str(tmp_path / "run"), "--step", "4"], capture_output=True, text=True, timeout=300
+    )
+    assert untrusted.returncode == 2 and "never imports code by itself" in untrusted.stderr, untrusted.stderr[-3000:]
+    monkeypatch.setenv("LOCKSTEP_CONFIG_MODULES", "tests.assets.faulty_rank")  # the user vouches for it
     faulty = subprocess.run(
         [LOCKSTEP, "replay", str(tmp_path / "run"), "--step", "4"], capture_output=True, text=True, timeout=300
     )
