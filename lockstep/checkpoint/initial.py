@@ -30,7 +30,7 @@ run continues in its own data order at that step, nor its RNG state)."""
 
 
 def load_initial(
-    path: Path, checkpointer: CheckpointManager, states: dict, spec: ModelSpec, args, parts: list[nn.Module]
+    path: Path, *, checkpointer: CheckpointManager, states: dict, spec: ModelSpec, args, parts: list[nn.Module]
 ) -> int | None:
     """Load checkpoint.initial_load_path into `states`; returns the step training goes on from, or None when
     only the model was taken (checkpoint.initial_load_model_only)."""

@@ -26,6 +26,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -86,9 +87,10 @@ def load_torchtitan_checkpoint(
             "save it from torchtitan in Hugging Face format (checkpoint.last_save_in_hf) and load that folder",
         )  # fmt: skip
     stored = SafeFileSystemReader(str(folder), verify=False).read_metadata().state_dict_metadata
-    model = {torchtitan_name(name, stored): t for part in parts for name, t in persistent_tensors(part).items()}
-    _refuse_misfits(folder, model, stored)
-    _load(folder, model)
+    if "model" not in exclude:
+        model = {torchtitan_name(name, stored): t for part in parts for name, t in persistent_tensors(part).items()}
+        _refuse(folder, _misfits(model, stored))
+        _load(folder, model)
     if model_only:
         return None
     if missing := [key for key in _TRAINING_KEYS if key not in stored]:
@@ -115,8 +117,8 @@ def _load(folder: Path, state: dict) -> None:
     dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder=str(folder)))
 
 
-def _refuse_misfits(folder: Path, wanted: Mapping[str, torch.Tensor], stored: Mapping) -> None:
-    """One line naming the tensors the checkpoint lacks or holds in another shape (at most three)."""
+def _misfits(wanted: Mapping[str, torch.Tensor], stored: Mapping) -> str | None:
+    """The tensors the checkpoint lacks or holds in another shape (at most three named), or None."""
     misfits = []
     for key, target in wanted.items():
         meta = stored.get(key)
@@ -124,15 +126,41 @@ def _refuse_misfits(folder: Path, wanted: Mapping[str, torch.Tensor], stored: Ma
             misfits.append(f"{key} is missing")
         elif tuple(meta.size) != tuple(target.shape):
             misfits.append(f"{key} is {tuple(meta.size)} there, {tuple(target.shape)} here")
-    if misfits:
-        more = f" (and {len(misfits) - 3} more)" if len(misfits) > 3 else ""
+    if not misfits:
+        return None
+    more = f" (and {len(misfits) - 3} more)" if len(misfits) > 3 else ""
+    return f"{'; '.join(misfits[:3])}{more}"
+
+
+def _refuse(folder: Path, problem: str | None) -> None:
+    """Refuse on every rank if any rank found a misfit (each checks its own shards): a rank that went on into
+    DCP's collective load alone would wait for the others forever."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        found: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
         raise CheckpointMismatch(
-            f"torchtitan checkpoint {folder} does not fit this model: {'; '.join(misfits[:3])}{more}; give the "
-            "model args of the job that wrote it (lockstep config from-torchtitan JOB)"
+            f"torchtitan checkpoint {folder} does not fit this model: {problem}; give the model args of the job "
+            "that wrote it (lockstep config from-torchtitan JOB; a lockstep step folder without its manifest is an "
+            "unfinished save)"
         )
 
 
+def _most_over_ranks(count: int) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    most = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
 def _load_optimizer(folder: Path, optimizer_state: OptimizerState, stored: Mapping, head_dim: int) -> None:
+    """Adam's state of every part on this rank: the moments keyed by torchtitan's names in one load per part,
+    then each fused QKV moment whole and split, then set into the optimizers. Each rank makes as many DCP
+    loads as the others (padded with empty ones): pipeline stages hold different numbers of layers, and
+    every DCP load is a collective."""
+    pending, fused_loads = [], []
     for part, optimizer in optimizer_state.pairs:
         ours = get_optimizer_state_dict(part, optimizer, options=_FLAT)
         direct, fused = {}, {}
@@ -143,24 +171,32 @@ def _load_optimizer(folder: Path, optimizer_state: OptimizerState, stored: Mappi
             theirs = f"optimizer.state.{torchtitan_name(name, stored)}.{slot}"
             match = _PROJECTION.match(name)
             fused_key = f"optimizer.state.{match['attention']}.qkv_linear.wqkv.weight.{slot}" if match else ""
-            if theirs in stored:
-                direct[theirs] = target
-            elif fused_key in stored:
+            if theirs not in stored and fused_key in stored:
                 fused.setdefault(fused_key, {})[match["which"]] = target
             else:
-                direct[theirs] = target  # refused as missing below
-        _refuse_misfits(folder, direct, stored)
+                direct[theirs] = target  # refused below if missing
+        _refuse(folder, _misfits(direct, stored) or _fused_misfits(fused, stored))
         _load(folder, direct)
-        for key in sorted(fused):
-            _load_fused(folder, key, fused[key], stored[key], head_dim)
+        fused_loads += [(key, fused[key]) for key in sorted(fused)]
+        pending.append((part, optimizer, ours))
+    for key, targets in fused_loads:
+        _load_fused(folder, key, targets, stored[key], head_dim)
+    for _ in range(_most_over_ranks(len(fused_loads)) - len(fused_loads)):
+        _load(folder, {})
+    for part, optimizer, ours in pending:
         set_optimizer_state_dict(part, optimizer, ours, options=_FLAT)
 
 
+def _fused_misfits(fused: Mapping[str, dict[str, torch.Tensor]], stored: Mapping) -> str | None:
+    """A fused moment whose rows are not this model's q, k and v rows together, or None."""
+    for key, targets in fused.items():
+        size = tuple(stored[key].size)
+        if size and size[0] != targets["q"].shape[0] + 2 * targets["k"].shape[0]:
+            return f"{key} has {size[0]} rows, not this model's q, k and v"
+    return None
+
+
 def _load_fused(folder: Path, key: str, targets: dict[str, torch.Tensor], meta, head_dim: int) -> None:
-    if len(meta.size) and (meta.size[0] != targets["q"].shape[0] + 2 * targets["k"].shape[0] or head_dim < 1):
-        raise CheckpointMismatch(
-            f"torchtitan checkpoint {folder}: {key} has {meta.size[0]} rows, not this model's q, k and v"
-        )
     whole = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     _load(folder, {key: whole})
     if whole.dim() == 0:  # Adam's step count, one per parameter

@@ -221,9 +221,17 @@ def _module_to_import(config: str | None, data: dict, parsed: list[tuple[str, An
     """job.custom_config_module as the command line gives it, else the config file's if it is trusted
     (``TRUSTED_MODULES_ENV``); a file's untrusted module is refused before anything is imported."""
     given = [value for key, value in parsed if key == "job.custom_config_module"]
+    named = (
+        given[-1]
+        if given
+        else data.get("job", {}).get("custom_config_module", "")
+        if isinstance(data.get("job"), dict)
+        else ""
+    )
+    if not isinstance(named, str):
+        raise ConfigError("job.custom_config_module", f"must be a module name, not {named!r}")
     if given:
-        return given[-1]
-    named = data.get("job", {}).get("custom_config_module", "") if isinstance(data.get("job"), dict) else ""
+        return named
     trusted = {m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip()}
     if named and named not in trusted:
         raise ConfigError(

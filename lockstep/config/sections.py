@@ -678,7 +678,9 @@ class CheckpointConfig:
     initial_load_model_only: bool = True
     """Take only the model from initial_load_path (training starts at step 0). false also takes the optimizer
     state, the lr schedule's step and the step count (tokens seen too), so training goes on from that checkpoint's
-    step, as torchtitan's option of this name does; the data continue at that step of this run's own order."""
+    step, as torchtitan's option of this name does; the data continue at that step of this run's own order
+    (step x global batch: where the other run's steps were shorter, under fault tolerance without
+    keep_global_batch, its samples and this run's differ)."""
     last_save_model_only: bool = False
     """Make the final checkpoint model weights only (smaller; cannot resume training)."""
     export_dtype: str = "fp32"
@@ -698,6 +700,11 @@ class CheckpointConfig:
         _one_of(self.async_mode, ("disabled", "async", "async_with_pinned_mem"), "checkpoint.async_mode")
         _one_of(self.export_dtype, ("fp32", "bf16"), "checkpoint.export_dtype")
         _require(self.load_step >= -1, "checkpoint.load_step", "must be >= 0, or -1 for the newest")
+        _require(
+            self.initial_load_model_only or not self.model_only,
+            "checkpoint.initial_load_model_only",
+            "= false asks for the optimizer and the step, which checkpoint.model_only = true never loads; drop one",
+        )
         unknown = sorted(set(self.exclude_from_loading) - set(CHECKPOINT_PARTS))
         _require(
             not unknown,

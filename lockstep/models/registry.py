@@ -95,9 +95,10 @@ FROM_HF = "from_hf"
 """The flavor that takes the architecture from checkpoint.initial_load_path's config.json."""
 CUSTOM = "custom"
 """The flavor with no table behind it: [model.overrides] gives every number of the family's *Args
-(vocab_size and max_seq_len aside: the tokenizer and training.seq_len set them), so no size comes silently
-from a flavor; what is off by default (None, false: grouped heads, RoPE scaling, tied embeddings) stays
-off unless given."""
+(vocab_size and max_seq_len aside: the tokenizer and training.seq_len set them; a family with experts asks
+for their numbers too, 0 where there are none), so no size comes silently from a flavor. The dataclass's
+other defaults (None, booleans and names: grouped heads, RoPE scaling, tied embeddings, a router's score
+function) apply unless given, and the resolved args are printed at start."""
 
 
 def model_args(model: ModelConfig, vocab_size: int, max_seq_len: int) -> tuple[ModelSpec, Any]:

@@ -164,7 +164,8 @@ class GradientTree:
     them, whoever drives the backward passes (the trainer's loop or a pipeline schedule).
 
     A post-accumulate-grad hook moves every fresh ``.grad`` into the parameter's ``TreeSum`` and
-    clears it; when the step's last microbatch arrives it puts the tree's total back into ``.grad``,
+    clears it (with one microbatch, and no nodes kept apart, the tree of one leaf is the gradient itself,
+    so the hook only counts its size); when the step's last microbatch arrives it puts the tree's total back into ``.grad``,
     so what runs next (FSDP's reduce-scatter, the cross-replica sum, the optimizer) sees one sum in
     canonical order. Under FSDP the watched tensors are the sharded parameters, into which FSDP
     reduce-scatters every micro-step's gradient (pipeline stages included) and then calls the same
@@ -231,7 +232,8 @@ class GradientTree:
         param.grad = done[0] if count[0] == self._microbatches else None
 
     def check_complete(self) -> None:
-        """Every parameter that got gradients got one per microbatch (else the tree would be wrong)."""
+        """Every parameter that got gradients got one per microbatch (else the tree would be wrong); with
+        one microbatch there is no tree to spoil, and autograd accumulates a second gradient itself."""
         partial = [count[0] for _, count in self._trees.values() if count[0] != self._microbatches]
         if partial:
             raise RuntimeError(

@@ -105,7 +105,15 @@ def from_torchtitan(path: Path) -> Translation:
     args: dict[str, Any] = {}
     notes: list[str] = []
     if path.suffix == ".json":
-        job, args, notes = resolved_sections(job, path)
+        try:
+            job, args, notes = resolved_sections(job, path)
+        except InputError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, ZeroDivisionError) as error:
+            raise InputError(
+                path, f"is not a job.json this importer reads ({type(error).__name__}: {error})",
+                "give the file torchtitan 0.3 writes with --debug.save_config_file, unedited",
+            ) from None  # fmt: skip
     out = Translation(unmapped=notes)
     out.set("lr_scheduler.formula", "torchtitan")
     out.set("data.shuffle", False)

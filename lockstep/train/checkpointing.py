@@ -68,7 +68,7 @@ class RunCheckpoints:
             fill_weights()
         if self.resumed_from is None and self.config.initial_load_path:
             path = Path(self.config.initial_load_path)
-            step = load_initial(path, self.manager, self.states, spec, args, parts)
+            step = load_initial(path, checkpointer=self.manager, states=self.states, spec=spec, args=args, parts=parts)
             if step is None:
                 return False
             self.states["dataloader"].obj.start_at_step(step)

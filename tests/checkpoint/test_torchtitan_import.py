@@ -7,6 +7,7 @@ tensors (torchtitan 0.3's fused QKV and lm_head names mapped), at step 0."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,11 @@ from lockstep.config import load_config
 from lockstep.config.sections import ModelConfig
 from lockstep.data.loader import Microbatch
 from lockstep.models.registry import model_args
+from lockstep.parallel.canonical import full_value
 from lockstep.run.folder import read_metrics
 from lockstep.tools.torchtitan_config import from_torchtitan
 from lockstep.train.trainer import Trainer
+from tests.distributed import run_on_ranks
 
 TITAN = Path(__file__).resolve().parents[1] / "assets" / "torchtitan_0.3.0"
 STEP_4, STEP_8 = TITAN / "checkpoint" / "step-4", TITAN / "checkpoint" / "step-8"
@@ -101,6 +104,37 @@ def test_a_torchtitan_checkpoint_resumes_at_its_step_with_torchtitans_next_losse
     for step, record in records.items():
         assert abs(record["loss"] - logged[step]["loss"]) < 1e-6, (step, record["loss"], logged[step]["loss"])
         assert record["lr"] == pytest.approx(logged[step]["lr"], rel=1e-12)
+
+
+def _imported_state(folder: Path) -> None:
+    """Start from the fixture's step 4 in this process's layout; rank 0 saves the full weights and Adam
+    moments it holds then (DTensors gathered), by parameter name."""
+    config = _translated_config(folder, "--checkpoint.initial_load_path", str(STEP_4), "--checkpoint.initial_load_model_only",
+                                "false", *(["--parallelism.data_parallel_shard_degree", "2"] if "WORLD_SIZE" in os.environ else []))  # fmt: skip
+    with Trainer(config, show_progress=False) as trainer:
+        (part,), (optimizer,) = trainer.model.parts, trainer.optimizers
+        moments = {
+            f"{name}.{slot}": full_value(optimizer.state[param][slot]).clone()
+            for name, param in part.named_parameters()
+            for slot in ("exp_avg", "exp_avg_sq")
+        }
+        weights = trainer.full_weights()  # a collective: every rank gathers
+        if trainer.world.is_main:
+            torch.save({"weights": weights, "moments": moments, "step": trainer.state.step}, folder / "state.pt")
+
+
+def test_a_torchtitan_checkpoint_loads_into_fsdp_as_into_one_process(tmp_path):
+    """Each FSDP rank reads its shards of the weights and of the split fused moments: the state gathered
+    from 2 ranks is the one-process state, bit for bit."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "fsdp").mkdir()
+    _imported_state(tmp_path / "one")
+    run_on_ranks(_imported_state, 2, tmp_path / "fsdp")
+    one, fsdp = (torch.load(tmp_path / name / "state.pt") for name in ("one", "fsdp"))
+    assert one["step"] == fsdp["step"] == 4
+    for kind in ("weights", "moments"):
+        assert one[kind].keys() == fsdp[kind].keys()
+        assert all(torch.equal(one[kind][k], fsdp[kind][k]) for k in one[kind]), kind
 
 
 def _titan_model(**changes) -> torch.nn.Module:

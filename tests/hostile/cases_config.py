@@ -113,6 +113,7 @@ TOMLS: list[tuple[str, bytes, frozenset[int]]] = [
     ("overrides-unknown-key", b"[model.overrides]\nzzz = 1\n", REFUSED),
     ("custom-module-path", b"[job]\ncustom_config_module = '../../etc/passwd'\n", REFUSED),
     ("custom-module-import", b"[job]\ncustom_config_module = 'antigravity'\n", REFUSED),  # would run its code
+    ("custom-module-list", b"[job]\ncustom_config_module = ['x']\n", REFUSED),
     ("empty", b"", ACCEPTED_OR_REFUSED),
 ]
 

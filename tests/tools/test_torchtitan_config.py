@@ -103,6 +103,11 @@ def test_a_job_json_without_a_model_spec_or_with_unlike_blocks_is_one_line(tmp_p
     (tmp_path / "job.json").write_text(json.dumps(job))
     with pytest.raises(InputError, match="layers differ from block to block"):
         from_torchtitan(tmp_path / "job.json")
+    job["optimizer"]["param_groups"] = [1]
+    del job["model_spec"]["model"]["layers"][0]["feed_forward"]
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    with pytest.raises(InputError, match=r"is not a job.json this importer reads \((KeyError|AttributeError)"):
+        from_torchtitan(tmp_path / "job.json")
 
 
 def test_flavor_custom_asks_for_every_number_and_takes_nothing_from_a_flavor():

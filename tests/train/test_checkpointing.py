@@ -130,7 +130,7 @@ def test_each_save_runs_inside_around_save(tmp_path, fake_manager):
 
 def test_a_fresh_launch_fills_the_weights_and_loads_initial_weights_if_configured(tmp_path, fake_manager, monkeypatch):
     loaded = []
-    monkeypatch.setattr(checkpointing, "load_initial", lambda path, *rest: loaded.append(path))
+    monkeypatch.setattr(checkpointing, "load_initial", lambda path, **parts: loaded.append(path))
     filled = []
     checkpoints = _checkpoints(tmp_path, initial_load_path=str(tmp_path / "weights"))
     optimizer = checkpoints.states["optimizer"]
