@@ -129,11 +129,11 @@ def write_hf_folder(folder: Path, flavor: str, vocab: int, seq_len: int) -> None
 
 
 def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: dict[str, int], model_bytes: int) -> dict:
-    """(a) build_model on 2 ranks, then (b) the Hugging Face folder through load_initial_weights."""
+    """(a) build_model on 2 ranks, then (b) the Hugging Face folder through load_initial."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from lockstep.checkpoint.hf import load_hf_weights
-    from lockstep.checkpoint.initial import load_initial_weights
+    from lockstep.checkpoint.initial import load_initial
     from lockstep.checkpoint.manager import CheckpointManager
     from lockstep.config.job import resolve_parallel_dims
     from lockstep.config.sections import (
@@ -161,8 +161,8 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
     results = {}
     with _Peak() as peak:
         built = build_model(
-            ModelConfig(flavor=flavor), ActivationCheckpointConfig(), CompileConfig(), parallelism, settings,
-            options.vocab, options.seq_len,
+            ModelConfig(flavor=flavor), activation_checkpoint=ActivationCheckpointConfig(), compile_config=CompileConfig(),
+            parallelism=parallelism, settings=settings, vocab_size=options.vocab, seq_len=options.seq_len,
         )  # fmt: skip
     results["init"] = _record(peak, baseline, model_bytes)
     if "hf-load" not in options.phases:
@@ -173,7 +173,14 @@ def measure_init_and_load(options: argparse.Namespace, flavor: str, baseline: di
             checkpointer = CheckpointManager(
                 CheckpointConfig(), dump_folder=Path(options.scratch), identity={}, device=device, log=lambda m: None
             )
-            load_initial_weights(Path(options.hf_dir), checkpointer, {}, spec, built.args, built.parts)
+            load_initial(
+                Path(options.hf_dir),
+                checkpointer=checkpointer,
+                states={},
+                spec=spec,
+                args=built.args,
+                parts=built.parts,
+            )
         else:  # what initial.py did before issue 11: every rank builds the full model, then shards it
             full = {name: torch.empty(p.shape) for part in built.parts for name, p in part.named_parameters()}
             load_hf_weights(Path(options.hf_dir), spec, built.args, full)

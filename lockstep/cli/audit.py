@@ -21,8 +21,8 @@ def run(argv: list[str]) -> int:
 
     config = load_config(args.config, overrides)
     known = config_findings(
-        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model,
-        config.data.document_masking,
+        debug=config.debug, parallelism=config.parallelism, optimizer=config.optimizer, training=config.training,
+        compile_config=config.compile, model=config.model, document_masking=config.data.document_masking,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         audited = load_config(args.config, overrides + audit_overrides(args.steps, f"{folder}/run"))

@@ -50,6 +50,7 @@ def shard_placement(degree: int):
 
 def apply_fsdp(
     model: nn.Module,
+    *,
     shard_mesh: DeviceMesh,
     mixed_precision: str,
     reshard_after_forward: bool,

@@ -134,6 +134,7 @@ def check_model_fits_layout(
 
 def build_model(
     model: ModelConfig,
+    *,
     activation_checkpoint: ActivationCheckpointConfig,
     compile_config: CompileConfig,
     parallelism: ParallelismConfig,
@@ -175,8 +176,8 @@ def build_model(
         if settings.fsdp:
             built.fsdp_modules += apply_fsdp(
                 part,
-                settings.mesh["dp_shard"],
-                settings.mixed_precision,
+                shard_mesh=settings.mesh["dp_shard"],
+                mixed_precision=settings.mixed_precision,
                 reshard_after_forward=parallelism.fsdp_reshard_after_forward and dims.pp == 1,
                 canonical_reduce_scatter=TreeReduceScatter(settings.reduction_levels.get("dp_shard"))
                 if settings.layout_invariant_reductions
@@ -191,7 +192,8 @@ def build_model(
 
     if dims.pp > 1:
         built.pipeline = pipeline_llm(
-            whole, settings.mesh["pp"], parallelism, num_pipeline_microbatches, settings.device, pipeline_loss, parallelize,
+            whole, pp_mesh=settings.mesh["pp"], parallelism=parallelism, num_microbatches=num_pipeline_microbatches,
+            device=settings.device, loss_fn=pipeline_loss, parallelize_stage=parallelize,
             sync_every_microbatch=settings.layout_invariant_reductions and settings.fsdp,  # the tree kept on the shards
         )  # fmt: skip
         built.parts = built.pipeline.model_parts

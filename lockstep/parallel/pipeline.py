@@ -148,6 +148,7 @@ def _reduce_scatter_every_microbatch(stage: PipelineStage) -> None:
 
 def pipeline_llm(
     model: nn.Module,
+    *,
     pp_mesh: DeviceMesh,
     parallelism: ParallelismConfig,
     num_microbatches: int,

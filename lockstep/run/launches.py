@@ -134,6 +134,7 @@ def _layout(env: dict[str, Any] | None) -> dict[str, Any]:
 
 def start_launch(
     run_folder: Path,
+    *,
     config_toml: str,
     env: dict[str, Any],
     start_step: int,

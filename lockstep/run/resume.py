@@ -80,7 +80,7 @@ def resumed_config(manifest: dict, run_folder: Path) -> tuple[dict[str, Any] | N
 
 
 def check_config_change(
-    previous: dict[str, Any] | None, current: dict[str, Any], allow: bool, checkpoint: Path, source: str, log
+    previous: dict[str, Any] | None, current: dict[str, Any], *, allow: bool, checkpoint: Path, source: str, log
 ) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume `checkpoint` with settings that change the numbers, naming only the changed
     keys (old -> new), unless `allow`; returns those changes (empty when none or nothing to compare)."""

@@ -16,6 +16,7 @@ from lockstep.run.metrics_file import MetricsLogger
 
 def record_launch(
     run_folder: Path,
+    *,
     config_toml: str,
     env: dict[str, Any],
     start_step: int,
@@ -27,7 +28,9 @@ def record_launch(
     """Rank 0's writes at the start of a launch: launches/NNN, the latest config.toml and env.json,
     and the metrics sinks. An odd file where one of these belongs is one line naming it."""
     try:
-        launch = start_launch(run_folder, config_toml, env, start_step, resumed_from, log)
+        launch = start_launch(
+            run_folder, config_toml=config_toml, env=env, start_step=start_step, resumed_from=resumed_from, log=log
+        )
         metrics_file = prepare_run_folder(run_folder, config_toml, env, resumed_at=resumed_at)
         return launch, MetricsLogger(
             metrics, run_folder=run_folder, metrics_file=metrics_file, run_name=run_folder.name

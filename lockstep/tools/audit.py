@@ -42,6 +42,7 @@ class AuditFinding:
 
 
 def config_findings(
+    *,
     debug: DebugConfig,
     parallelism: ParallelismConfig,
     optimizer: OptimizerConfig,

@@ -84,7 +84,9 @@ class RunCheckpoints:
         self.manager.check_identity(folder)
         previous, source = resumed_config(folders.read_manifest(folder), self.run_folder)
         ours = self.manager.identity["config"]
-        check_config_change(previous, ours, self.config.allow_config_change, folder, source, self.log)
+        check_config_change(
+            previous, ours, allow=self.config.allow_config_change, checkpoint=folder, source=source, log=self.log
+        )
 
     def save_seed(self) -> Path:
         """The model alone as step 0, published before this returns; any layout writes the same one

@@ -155,9 +155,10 @@ class Trainer:
             fill=False,  # drawn below unless a checkpoint's model loads over them
         )
         self.model = build_model(
-            config.model, config.activation_checkpoint, config.compile, config.parallelism, settings,
-            self.tokenizer.vocab_size, training.seq_len, pipeline_loss,
-            self.group_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
+            config.model, activation_checkpoint=config.activation_checkpoint, compile_config=config.compile,
+            parallelism=config.parallelism, settings=settings, vocab_size=self.tokenizer.vocab_size,
+            seq_len=training.seq_len, pipeline_loss=pipeline_loss,
+            num_pipeline_microbatches=self.group_batch // self.dims.dp // config.parallelism.pipeline_parallel_microbatch_size,
         )  # fmt: skip
         for part in self.model.parts:
             if hasattr(part, "set_force_load_balance"):
@@ -243,9 +244,10 @@ class Trainer:
         self.metrics, self.launch = None, None
         if self.world.is_main:  # rank 0 writes the run folder and prints
             self.launch, self.metrics = record_launch(
-                self.run_folder, dump_toml(config), env, self.state.step, self.checkpoints.resumed_from,
-                self.state.step if resumed else None, config.metrics,
-                self._log if show_progress else lambda message: None,  # eval, audit: a scratch run, no launch to tell
+                self.run_folder, config_toml=dump_toml(config), env=env, start_step=self.state.step,
+                resumed_from=self.checkpoints.resumed_from, resumed_at=self.state.step if resumed else None,
+                metrics=config.metrics,
+                log=self._log if show_progress else lambda message: None,  # eval, audit: a scratch run, no launch to tell
             )  # fmt: skip
         self.display = ConsoleDisplay(training.steps, self.state.step, enabled=show_progress and self.world.is_main)
         self.events = LaunchEvents(self.display.print, self.launch)

@@ -4,6 +4,9 @@ where the resumed config is read from, the seed a resumed run keeps, and what re
 import json
 
 import pytest
+
+from lockstep.checkpoint import folders
+from lockstep.config.sections import CheckpointConfig
 from lockstep.run.resume import (
     ConfigChangeError,
     changes_the_numbers,
@@ -13,9 +16,6 @@ from lockstep.run.resume import (
     resumed_seed,
     shared_settings,
 )
-
-from lockstep.checkpoint import folders
-from lockstep.config.sections import CheckpointConfig
 
 
 @pytest.mark.parametrize(
@@ -34,17 +34,26 @@ def test_a_change_of_the_numbers_is_refused_naming_only_its_keys(tmp_path):
     old = {"optimizer": {"lr": 1e-3}, "training": {"steps": 10}, "metrics": {"log_freq": 1}}
     new = {"optimizer": {"lr": 2e-3}, "training": {"steps": 20}, "metrics": {"log_freq": 5}}
     with pytest.raises(ConfigChangeError, match=r"optimizer\.lr: 0\.001 -> 0\.002") as refused:
-        check_config_change(old, new, False, tmp_path / "step-1", "the checkpoint's manifest", print)
+        check_config_change(
+            old, new, allow=False, checkpoint=tmp_path / "step-1", source="the checkpoint's manifest", log=print
+        )
     assert "training.steps" not in str(refused.value) and "log_freq" not in str(refused.value)
 
 
 def test_allowed_changes_are_returned_and_logged(tmp_path):
     lines = []
     old, new = {"optimizer": {"lr": 1e-3}}, {"optimizer": {"lr": 2e-3}}
-    assert check_config_change(old, new, True, tmp_path, "x", lines.append) == {"optimizer.lr": (1e-3, 2e-3)}
+    assert check_config_change(old, new, allow=True, checkpoint=tmp_path, source="x", log=lines.append) == {
+        "optimizer.lr": (1e-3, 2e-3)
+    }
     assert len(lines) == 1 and "optimizer.lr" in lines[0]
-    assert check_config_change(None, new, False, tmp_path, "x", lines.append) == {}  # nothing to compare with
-    assert check_config_change({"optimizer": {}}, new, False, tmp_path, "x", lines.append) == {}  # a new key
+    assert (
+        check_config_change(None, new, allow=False, checkpoint=tmp_path, source="x", log=lines.append) == {}
+    )  # nothing to compare with
+    assert (
+        check_config_change({"optimizer": {}}, new, allow=False, checkpoint=tmp_path, source="x", log=lines.append)
+        == {}
+    )  # a new key
 
 
 def test_the_resumed_config_is_the_manifests_else_the_previous_launchs(tmp_path):

@@ -12,8 +12,9 @@ from lockstep.run.start import record_launch
 
 def _record(run, lines):
     return record_launch(
-        run, "[training]\nsteps = 2\n", {"world_size": 1}, 0, None, None, MetricsConfig(), lines.append
-    )
+        run, config_toml="[training]\nsteps = 2\n", env={"world_size": 1}, start_step=0, resumed_from=None,
+        resumed_at=None, metrics=MetricsConfig(), log=lines.append,
+    )  # fmt: skip
 
 
 def test_a_launch_is_recorded_and_its_metrics_file_opened(tmp_path):

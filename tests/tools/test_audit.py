@@ -40,7 +40,12 @@ def test_layout_dependent_features_are_named():
         "llama3_debug", ["--optimizer.implementation", "fused", "--debug.no-layout-invariant-reductions"]
     )
     findings = config_findings(
-        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+        debug=config.debug,
+        parallelism=config.parallelism,
+        optimizer=config.optimizer,
+        training=config.training,
+        compile_config=config.compile,
+        model=config.model,
     )
     items = {f.item: f.verdict for f in findings}
     assert items["optimizer.implementation = fused"] == "layout-dependent"
@@ -51,8 +56,8 @@ def test_layout_dependent_features_are_named():
 def _cuda_attention_findings(*overrides: str, document_masking: bool = True) -> dict[str, str]:
     config = load_config("llama3_debug", ["--training.device", "cuda", *overrides])
     findings = config_findings(
-        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model,
-        document_masking,
+        debug=config.debug, parallelism=config.parallelism, optimizer=config.optimizer, training=config.training, compile_config=config.compile, model=config.model,
+        document_masking=document_masking,
     )  # fmt: skip
     return {f.item.split(" (")[0]: f.verdict for f in findings if "SDPA" in f.item or "Flex" in f.item}
 
@@ -121,7 +126,12 @@ def test_bf16_tensor_and_expert_parallelism_are_not_layout_dependent_under_deter
          "--parallelism.expert_parallel_degree", "2", "--debug.deterministic"],
     )  # fmt: skip
     findings = config_findings(
-        config.debug, config.parallelism, config.optimizer, config.training, config.compile, config.model
+        debug=config.debug,
+        parallelism=config.parallelism,
+        optimizer=config.optimizer,
+        training=config.training,
+        compile_config=config.compile,
+        model=config.model,
     )
     items = {f.item: (f.verdict, f.note) for f in findings}
     assert items["training.mixed_precision = bf16"][0] == "ok"
@@ -129,6 +139,11 @@ def test_bf16_tensor_and_expert_parallelism_are_not_layout_dependent_under_deter
     assert items["expert parallelism"][0] == "ok"
     loose = load_config("llama3_debug", ["--parallelism.tensor_parallel_degree", "2"])
     findings = config_findings(
-        loose.debug, loose.parallelism, loose.optimizer, loose.training, loose.compile, loose.model
+        debug=loose.debug,
+        parallelism=loose.parallelism,
+        optimizer=loose.optimizer,
+        training=loose.training,
+        compile_config=loose.compile,
+        model=loose.model,
     )
     assert {f.item: f.verdict for f in findings}["tensor parallelism"] == "layout-dependent"

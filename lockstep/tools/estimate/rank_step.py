@@ -91,8 +91,9 @@ class RankStep:
             reduction_levels=levels,
         )
         self.model: BuiltModel = build_model(
-            config.model, config.activation_checkpoint, config.compile, config.parallelism, settings,
-            vocab_size, training.seq_len, pipeline_loss, self.shape.microbatches if dims.pp > 1 else 0,
+            config.model, activation_checkpoint=config.activation_checkpoint, compile_config=config.compile,
+            parallelism=config.parallelism, settings=settings, vocab_size=vocab_size, seq_len=training.seq_len,
+            pipeline_loss=pipeline_loss, num_pipeline_microbatches=self.shape.microbatches if dims.pp > 1 else 0,
         )  # fmt: skip
         if tensor_mode is not None:
             with tensor_mode:
