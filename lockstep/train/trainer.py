@@ -96,24 +96,42 @@ class Trainer:
 
     @_undoes_its_start_on_error
     def __init__(self, config: JobConfig, show_progress: bool = True) -> None:
+        """Compose the run in stages, each reading its own sections: the runtime (lock, environment,
+        process group, mesh, seeds; ``start_runtime``), the data, the model with its gradient sums, the
+        step, the checkpoints (a resume happens here), and the launch's records. A stage that fails ends
+        what the earlier ones started (``abandon_start``)."""
         self.runtime, (self.tokenizer, windows, validation) = start_runtime(
             config, before_process_group=self._read_data
         )
         config = self.config = self.runtime.config  # resolved (the caller's is left as it is)
-        self.world, self.dims = self.runtime.world, self.runtime.dims
-        self.run_folder, self.run_lock, self.device = (
-            self.runtime.run_folder,
-            self.runtime.run_lock,
-            self.runtime.device,
-        )
-        self.comm, self.attention_backend, self.fsdp = (
-            self.runtime.comm,
-            self.runtime.attention_backend,
-            self.runtime.fsdp,
-        )
-        self.mesh, self.seeds = self.runtime.mesh, self.runtime.seeds
+        runtime = self.runtime
+        self.world, self.dims, self.mesh, self.seeds = runtime.world, runtime.dims, runtime.mesh, runtime.seeds
+        self.run_folder, self.run_lock, self.device = runtime.run_folder, runtime.run_lock, runtime.device
+        self.comm, self.attention_backend, self.fsdp = runtime.comm, runtime.attention_backend, runtime.fsdp
+        # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16); the sums
+        # run inside each node first, then across nodes (a hierarchical ring's bytes).
+        layout_invariant = config.debug.layout_invariant_reductions
+        microbatch = self._start_data(windows, layout_invariant)
+        levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if layout_invariant else {}
+        self._build_model(layout_invariant, levels, microbatch)
+        self.validator = self._validator(*validation) if validation is not None else None
+        self._build_step()
+        self.checkpoints = RunCheckpoints(
+            config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
+            states=self._checkpoint_states(), device=self.device, log=self._log, around_save=self.comm.relaxed,
+        )  # fmt: skip
+        spec = model_args(config.model, 1, 1)[0]
+        fill = functools.partial(self._fill_weights, config.debug.seed)
+        resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts, fill)
+        if self.fault_tolerance is not None:
+            identity = self._checkpoint_identity(windows.fingerprint)
+            self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
+        self._record_start(windows, levels, resumed, show_progress)
 
-        training = config.training
+    def _start_data(self, windows: TokenWindows, layout_invariant: bool) -> int:
+        """The batch sizes, the data loader and (early: the group heartbeats from here on) this replica
+        group's torchft manager; returns the loader's microbatch size."""
+        config, training = self.config, self.config.training
         # With fault tolerance the global batch spans all replica groups; this group's layout runs blocks of it.
         self.global_batch, self.group_batch = resolve_group_batch_size(config, self.dims)
         self.dp_rank = axis_rank(self.mesh, "dp")
@@ -126,21 +144,22 @@ class Trainer:
             local_batch=microbatch,
             shuffle=config.data.shuffle,
         )
-        # Gradients are summed in the canonical tree, in fp32 (FSDP's reduce dtype, also under bf16).
-        layout_invariant = config.debug.layout_invariant_reductions
         self.fault_tolerance = (
             self._fault_tolerance(layout_invariant, microbatch) if config.fault_tolerance.enable else None
         )
         self.loader.pin_memory = self.device.type == "cuda"
         if summary := getattr(windows, "summary", None):  # a mixture says how its weights were resolved
             self._log(summary())
+        return microbatch
 
+    def _build_model(self, layout_invariant: bool, levels: dict, microbatch: int) -> None:
+        """The parallelized model (``build_model``: unfilled, a checkpoint may load over it), the gradient
+        tree, the cross-rank reducer and the forward/backward that uses them."""
+        config, training = self.config, self.config.training
         loss_fn = global_batch_loss
         if config.compile.enable and "loss" in config.compile.components:
             loss_fn = torch.compile(global_batch_loss)
         pipeline_loss = PipelineLoss(loss_fn, training.loss_chunk_tokens)
-        # The canonical sums run inside each node first, then across nodes (a hierarchical ring's bytes).
-        levels = data_parallel_levels(self.mesh, self.dims, self.world.ranks_per_node) if layout_invariant else {}
         settings = BuildSettings(
             dims=self.dims,
             mesh=self.mesh,
@@ -152,7 +171,7 @@ class Trainer:
             attention_backend=self.attention_backend,
             deterministic_chunks=deterministic_chunks(config.debug, self.dims),
             reduction_levels=levels,
-            fill=False,  # drawn below unless a checkpoint's model loads over them
+            fill=False,  # drawn in RunCheckpoints.start unless a checkpoint's model loads over them
         )
         self.model = build_model(
             config.model, activation_checkpoint=config.activation_checkpoint, compile_config=config.compile,
@@ -194,8 +213,11 @@ class Trainer:
         self.forward_backward.node_levels = self._replica_nodes(layout_invariant, microbatch)
         self.forward_backward.replica = axis_rank(self.mesh, "dp_replicate")
         self.named_params = [(n, p) for part in self.model.parts for n, p in part.named_parameters() if p.requires_grad]
-        self.validator = self._validator(*validation) if validation is not None else None
-        # One optimizer per pipeline stage: checkpoints keep optimizer state by parameter name per stage.
+
+    def _build_step(self) -> None:
+        """The optimizers and schedules (one per pipeline stage: checkpoints keep optimizer state by
+        parameter name per stage), the train state, the guards, the profiler, and the step object."""
+        config, training = self.config, self.config.training
         self.optimizers = [build_optimizer(_trainable(part), config.optimizer) for part in self.model.parts]
         self.lr_schedulers = [build_lr_scheduler(o, config.lr_scheduler, training.steps) for o in self.optimizers]
         self.state = TrainState()
@@ -222,17 +244,11 @@ class Trainer:
             place=self.place, max_norm=training.max_norm, fingerprint_outputs=not config.compile.enable,
             device=self.device, sample_losses_available=self.fault_tolerance is None,
         )  # fmt: skip
-        self.checkpoints = RunCheckpoints(
-            config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
-            states=self._checkpoint_states(), device=self.device, log=self._log, around_save=self.comm.relaxed,
-        )  # fmt: skip
-        spec = model_args(config.model, 1, 1)[0]
-        fill = functools.partial(self._fill_weights, config.debug.seed)
-        resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts, fill)
-        if self.fault_tolerance is not None:
-            identity = self._checkpoint_identity(windows.fingerprint)
-            self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
 
+    def _record_start(self, windows: TokenWindows, levels: dict, resumed: bool, show_progress: bool) -> None:
+        """The launch's records (rank 0: launches/NNN, config.toml, env.json with the parameter counts, the
+        metrics sinks), the console display and the step recorder."""
+        config, training = self.config, self.config.training
         env = self.runtime.environment_record(
             fingerprints={"dataset": windows.fingerprint, "tokenizer": self.tokenizer.fingerprint},
             reduction_levels=levels,
