@@ -35,18 +35,19 @@ def test_audit_of_a_clean_config_passes(tmp_path):
     assert "nothing found" in done.stdout
 
 
+def _findings(config, document_masking: bool = True):
+    """config_findings of a whole job config's sections."""
+    return config_findings(
+        debug=config.debug, parallelism=config.parallelism, optimizer=config.optimizer, training=config.training,
+        compile_config=config.compile, model=config.model, document_masking=document_masking,
+    )  # fmt: skip
+
+
 def test_layout_dependent_features_are_named():
     config = load_config(
         "llama3_debug", ["--optimizer.implementation", "fused", "--debug.no-layout-invariant-reductions"]
     )
-    findings = config_findings(
-        debug=config.debug,
-        parallelism=config.parallelism,
-        optimizer=config.optimizer,
-        training=config.training,
-        compile_config=config.compile,
-        model=config.model,
-    )
+    findings = _findings(config)
     items = {f.item: f.verdict for f in findings}
     assert items["optimizer.implementation = fused"] == "layout-dependent"
     assert items["debug.layout_invariant_reductions = false"] == "layout-dependent"
@@ -55,10 +56,7 @@ def test_layout_dependent_features_are_named():
 
 def _cuda_attention_findings(*overrides: str, document_masking: bool = True) -> dict[str, str]:
     config = load_config("llama3_debug", ["--training.device", "cuda", *overrides])
-    findings = config_findings(
-        debug=config.debug, parallelism=config.parallelism, optimizer=config.optimizer, training=config.training, compile_config=config.compile, model=config.model,
-        document_masking=document_masking,
-    )  # fmt: skip
+    findings = _findings(config, document_masking=document_masking)
     return {f.item.split(" (")[0]: f.verdict for f in findings if "SDPA" in f.item or "Flex" in f.item}
 
 
@@ -125,25 +123,11 @@ def test_bf16_tensor_and_expert_parallelism_are_not_layout_dependent_under_deter
         ["--training.mixed_precision", "bf16", "--parallelism.tensor_parallel_degree", "2",
          "--parallelism.expert_parallel_degree", "2", "--debug.deterministic"],
     )  # fmt: skip
-    findings = config_findings(
-        debug=config.debug,
-        parallelism=config.parallelism,
-        optimizer=config.optimizer,
-        training=config.training,
-        compile_config=config.compile,
-        model=config.model,
-    )
+    findings = _findings(config)
     items = {f.item: (f.verdict, f.note) for f in findings}
     assert items["training.mixed_precision = bf16"][0] == "ok"
     assert items["tensor parallelism"][0] == "ok"
     assert items["expert parallelism"][0] == "ok"
     loose = load_config("llama3_debug", ["--parallelism.tensor_parallel_degree", "2"])
-    findings = config_findings(
-        debug=loose.debug,
-        parallelism=loose.parallelism,
-        optimizer=loose.optimizer,
-        training=loose.training,
-        compile_config=loose.compile,
-        model=loose.model,
-    )
+    findings = _findings(loose)
     assert {f.item: f.verdict for f in findings}["tensor parallelism"] == "layout-dependent"
