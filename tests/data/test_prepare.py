@@ -8,20 +8,18 @@ import numpy as np
 import pytest
 
 from lockstep.cli import main
-from lockstep.config.sections import DataConfig, TrainingConfig
 from lockstep.data import shard_writer
 from lockstep.data.finalize import finalize, verify
-from lockstep.data.loader import build_token_windows
 from lockstep.data.prepare import prepare
 from lockstep.data.prepared import read_manifest
 from lockstep.data.shard_plan import plan_files
 from lockstep.data.sources import file_source
-from lockstep.data.tokenizer import BytesTokenizer, HFTokenizer
-from lockstep.errors import InputError, LockstepError
+from lockstep.data.tokenizer import BytesTokenizer
+from lockstep.errors import InputError
 from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
 from tests.data.ranks import auto_prepare_rank
-from tests.helpers import tiny_config, tiny_overrides
+from tests.helpers import tiny_config
 
 WORDS = "the of and to in is was for on that with as by at from his her it an be this which or are é 語".split()
 
@@ -149,31 +147,6 @@ def test_interrupted_preparation_resumes_and_its_manifest_is_true(tmp_path, monk
     assert np.array_equal(_stream(out)[0], _expected(documents)[0])
 
 
-def test_verify_names_a_flipped_byte(tmp_path, capsys):
-    _corpus(tmp_path / "in")
-    out = _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=16 << 10).folder
-    assert main(["data", "verify", str(out)]) == 0
-    shard = out / "shards" / "00002.tokens"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 1
-    shard.write_bytes(data)
-    assert main(["data", "verify", str(out)]) == 1
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"lockstep data verify: {shard}: content differs from the manifest's xxh3_128 checksum"
-    ]
-
-
-def test_a_bad_record_in_a_worker_names_its_line(tmp_path):
-    documents = _documents(400)
-    lines = [json.dumps({"text": d}) for d in documents]
-    lines[350] = '{"text": "unterminated'
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(LockstepError, match=r"a\.jsonl:line 351: invalid JSON"):
-        _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4 << 10, workers=2, tokenizer_threads=1)
-    assert not (tmp_path / "out" / "manifest.json").exists()
-
-
 def test_train_on_a_prepared_folder_equals_training_on_its_files(tmp_path, capsys):
     """prepare -> train 3 steps: the same fingerprint and bitwise the same losses as on the jsonl itself."""
     _corpus(tmp_path / "in")
@@ -190,55 +163,6 @@ def test_train_on_a_prepared_folder_equals_training_on_its_files(tmp_path, capsy
         runs[name] = (trainer.loader.windows.fingerprint, [m["loss"] for m in read_metrics(trainer.train())])
     assert len(runs["prepared"][1]) == 3 and runs["prepared"] == runs["files"]
     assert runs["prepared"][0] == read_manifest(out)["fingerprint"]
-
-
-def test_a_token_id_above_the_vocabulary_is_refused_in_one_line_naming_the_shard(tmp_path, capsys):
-    """A shard altered after preparing (same size, so the start-up size check passes) used to crash
-    training with an IndexError in the embedding."""
-    _corpus(tmp_path / "in")
-    out = tmp_path / "prepared"
-    assert (
-        main(["data", "prepare", "--dataset", "json", "--dataset-path", str(tmp_path / "in"), "--out", str(out)]) == 0
-    )
-    manifest = read_manifest(out)
-    shards = [out / "shards" / f"{shard['name']}.tokens" for shard in manifest["shards"]]
-    for shard in shards:  # every 16th token: any window of the run meets one
-        tokens = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))
-        tokens[::16] = np.iinfo(tokens.dtype).max
-        tokens.tofile(shard)
-    capsys.readouterr()
-    argv = ["train", "--config", "llama3_debug", *tiny_overrides(tmp_path / "run"), "--training.dataset", "prepared",
-            "--training.dataset_path", str(out), "--training.steps", "2"]  # fmt: skip
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert any(str(shard) in err for shard in shards)
-    assert "at or above the vocabulary size" in err and "lockstep data verify" in err
-
-
-def test_a_prepared_folder_refuses_another_tokenizer(tmp_path, shared_tokenizer):
-    _corpus(tmp_path / "in")
-    out = _prepare(tmp_path / "in", tmp_path / "out", tokenizer=HFTokenizer(shared_tokenizer)).folder
-    assert (out / "tokenizer.json").read_bytes() == shared_tokenizer.read_bytes()
-    training = TrainingConfig(dataset="prepared", dataset_path=str(out), seq_len=32)
-    with pytest.raises(InputError, match=rf"prepared with another tokenizer.*--model.tokenizer_path {out}$"):
-        build_token_windows(training, DataConfig(), BytesTokenizer())
-    windows = build_token_windows(training, DataConfig(), HFTokenizer(out))  # the folder's own tokenizer
-    assert windows.num_windows == read_manifest(out)["num_tokens"] // 33
-
-
-def test_windows_cross_shard_boundaries_like_one_array(tmp_path):
-    """Slices, single tokens and gathered positions over many small shards read what one array gives."""
-    documents = _corpus(tmp_path / "in")
-    out = _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4 << 10).folder
-    training = TrainingConfig(dataset="prepared", dataset_path=str(out), seq_len=50)
-    windows = build_token_windows(training, DataConfig(), BytesTokenizer())
-    reference = _expected(documents)[0]
-    assert len(windows.tokens) == len(reference)
-    for w in range(windows.num_windows):
-        assert np.array_equal(windows.window(w), reference[w * 51 : (w + 1) * 51])
-    positions = np.random.default_rng(0).integers(0, len(reference), 500)
-    assert np.array_equal(windows.tokens[positions], reference[positions]) and windows.tokens[-1] == 257
 
 
 def test_two_local_ranks_prepare_the_cache_once(tmp_path):

@@ -1,52 +1,19 @@
-import json
+"""lockstep.data.loader: a step's samples, and its valid-token count, do not depend on how the ranks
+split it; the placement of microbatches over replicas and shards; the loader's state resumes exactly and
+refuses another dataset or shuffle setting; a multi-node job never tokenizes raw files at start-up."""
 
 import numpy as np
 import pytest
 import torch
 
 from lockstep.config.sections import DataConfig, ModelConfig, TrainingConfig
-from lockstep.data.corpus import builtin_corpus, corpus_documents
-from lockstep.data.dataset import IGNORE_INDEX
+from lockstep.data.dataset import load_prepared_windows
 from lockstep.data.loader import DataLoader, build_token_windows, placement
-from lockstep.data.order import SampleOrder
 from lockstep.data.tokenizer import BytesTokenizer, build_tokenizer
+from lockstep.errors import InputError
+from tests.data.test_prepare import _corpus, _prepare
 
-
-def test_builtin_corpus_is_deterministic_and_split():
-    corpus = builtin_corpus()
-    assert len(corpus.sha256) == 64
-    train = corpus.train_path.read_text().splitlines()
-    validation = corpus.validation_path.read_text().splitlines()
-    assert len(train) > 300 and 0 < len(validation) < len(train) / 10
-    assert len(corpus_documents()) == len(train) + len(validation)
-    assert "text" in json.loads(train[0])
-
-
-def test_sample_order_is_a_permutation_per_epoch():
-    order = SampleOrder(seed=5, num_windows=50)
-    first_epoch = order.windows_of(range(50))
-    assert sorted(first_epoch) == list(range(50))
-    assert order.windows_of(range(50, 100)) != first_epoch
-    assert SampleOrder(seed=5, num_windows=50).window_of(73) == order.window_of(73)
-    assert SampleOrder(seed=6, num_windows=50).windows_of(range(50)) != first_epoch
-
-
-def test_sample_order_is_a_true_permutation_at_every_small_size():
-    """Exhaustive: every size up to 600 (odd bit widths and cycle walking included), two epochs each."""
-    for num_windows in [*range(1, 601), 4097]:
-        order = SampleOrder(seed=num_windows, num_windows=num_windows)
-        for epoch in range(2):
-            windows = order.windows_of(range(epoch * num_windows, (epoch + 1) * num_windows))
-            assert sorted(windows) == list(range(num_windows)), num_windows
-
-
-def test_sample_order_holds_no_state_that_grows_with_the_dataset():
-    """10^10 windows: any sample is computed on demand; what the order keeps is one epoch's round keys."""
-    order = SampleOrder(seed=1, num_windows=10**10)
-    windows = order.windows_of(range(3 * 10**10 - 4, 3 * 10**10 + 4))  # across the epoch 2 -> 3 boundary
-    assert all(0 <= w < 10**10 for w in windows) and len(set(windows)) == len(windows)
-    state = [v for v in vars(order).values() if hasattr(v, "__len__")]
-    assert sum(len(v) for v in state) <= 1 and all(k.nbytes <= 64 for k in order._keys.values())
+WORLD, LOCAL_BATCH, SEQ_LEN = 64, 2, 32
 
 
 def _loader(local_batch: int, seq_len: int = 16, shuffle: bool = True) -> DataLoader:
@@ -112,51 +79,6 @@ def test_loader_state_round_trip_and_fingerprint_check():
         resumed.load_state_dict({**state, "fingerprint": "other"})
 
 
-def test_windows_labels_shifted_and_bos_ignored():
-    tokenizer = build_tokenizer(ModelConfig(), DataConfig())
-    windows = build_token_windows(TrainingConfig(seq_len=64), DataConfig(), tokenizer)
-    inputs, labels = windows.batch([0, 1])
-    raw = windows.window(0)
-    assert inputs[0].tolist() == raw[:-1].tolist()
-    assert raw[0] == tokenizer.bos_id
-    expected = [IGNORE_INDEX if t == tokenizer.bos_id else int(t) for t in raw[1:]]
-    assert labels[0].tolist() == expected
-
-
-@pytest.mark.parametrize("kind", ["text", "json", "parquet"])
-def test_user_datasets(tmp_path, kind):
-    documents = [f"document number {i} " * 5 for i in range(20)]
-    if kind == "text":
-        folder = tmp_path / "texts"
-        folder.mkdir()
-        for i, d in enumerate(documents):
-            (folder / f"{i:02d}.txt").write_text(d)
-        path = folder
-    elif kind == "json":
-        path = tmp_path / "data.jsonl"
-        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        path = tmp_path / "data.parquet"
-        pq.write_table(pa.table({"text": documents}), path)
-    tokenizer = BytesTokenizer()
-    training = TrainingConfig(dataset=kind, dataset_path=str(path), seq_len=32)
-    windows = build_token_windows(training, DataConfig(cache_folder=str(tmp_path / "cache")), tokenizer)
-    expected_len = sum(len(d.encode()) + 2 for d in documents)
-    assert len(windows.tokens) == expected_len
-    assert windows.tokens[0] == tokenizer.bos_id
-    assert bytes(windows.tokens[1 : 1 + len(documents[0])].tolist()).decode() == documents[0]
-    assert windows.num_windows == expected_len // 33
-
-
-def test_unshuffled_order_reads_windows_in_file_order_epoch_after_epoch():
-    order = SampleOrder(seed=3, num_windows=5, shuffle=False)
-    assert order.windows_of(range(12)) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
-    assert SampleOrder(seed=3, num_windows=5).windows_of(range(5)) != [0, 1, 2, 3, 4]  # shuffled by default
-
-
 @pytest.mark.parametrize("dp_degree", [1, 2, 4])
 def test_unshuffled_steps_are_the_same_in_every_layout_and_a_resume_keeps_the_setting(dp_degree):
     """data.shuffle = false: each step reads the next windows in order, whichever ranks read them; a
@@ -171,3 +93,33 @@ def test_unshuffled_steps_are_the_same_in_every_layout_and_a_resume_keeps_the_se
     assert np.array_equal(whole.inputs, reference.windows.batch(list(range(8)))[0])
     with pytest.raises(ValueError, match="data.shuffle = False, this run has True"):
         _loader(2).load_state_dict(reference.state_dict())
+
+
+def test_own_counts_summed_over_ranks_equal_the_whole_steps_count(tmp_path):
+    """What each rank counts of its own samples, summed over the 64 ranks, is the count of the whole step
+    (the loss denominator is unchanged, bitwise)."""
+    _corpus(tmp_path / "in")
+    _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4096)
+    windows = load_prepared_windows(tmp_path / "out", BytesTokenizer(), SEQ_LEN)
+    whole = DataLoader(windows, seed=3, global_batch=WORLD * LOCAL_BATCH, local_batch=LOCAL_BATCH)
+    expected = [whole.next_step(0, WORLD)[1] for _ in range(3)]
+    counts = []
+    for rank in range(WORLD):
+        loader = DataLoader(windows, seed=3, global_batch=WORLD * LOCAL_BATCH, local_batch=LOCAL_BATCH)
+        loader.sum_over_ranks = lambda own: own
+        counts.append([loader.next_step(rank, WORLD)[1] for _ in range(3)])
+    assert [sum(c[step] for c in counts) for step in range(3)] == expected
+    assert all(0 < c[0] < expected[0] for c in counts)
+
+
+def test_a_multi_node_job_never_tokenizes_raw_files_at_start_up(tmp_path):
+    """Raw json on a 2-node job with no cache entry is one line with the prepare command, before any process
+    group; on one node it is prepared into the cache (under the machine lock), and then 2 nodes use it."""
+    _corpus(tmp_path / "in")
+    training = TrainingConfig(dataset="json", dataset_path=str(tmp_path / "in"), seq_len=SEQ_LEN)
+    data = DataConfig(cache_folder=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="spans 2 nodes.*lockstep data prepare --dataset json"):
+        build_token_windows(training, data, BytesTokenizer(), nodes=2)
+    assert not (tmp_path / "cache" / "prepared").exists()
+    one = build_token_windows(training, data, BytesTokenizer(), nodes=1)
+    assert build_token_windows(training, data, BytesTokenizer(), nodes=2).fingerprint == one.fingerprint

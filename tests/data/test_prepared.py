@@ -1,7 +1,7 @@
-"""A rank of a 64-rank job touches only its own share of a prepared folder: start-up reads the manifest
-and opens no shard; a step opens only the shards its own samples (and the next step's, read ahead) lie
-in; the step's valid-token count reads no other rank's document index. Counted with the audit-hook file
-counter, not timed."""
+"""lockstep.data.prepared: a prepared folder's shards read back as one token array. Reads across shard
+boundaries give what one array gives; a rank of a 64-rank job opens only the manifest at start-up and
+then only the shards its own samples lie in (counted with the audit-hook file counter, not timed), so a
+damaged shard is refused in one line when it is first mapped."""
 
 import numpy as np
 import pytest
@@ -12,9 +12,23 @@ from lockstep.data.loader import DataLoader, build_token_windows, placement
 from lockstep.data.tokenizer import BytesTokenizer
 from lockstep.errors import InputError
 from lockstep.tools.scale.io_counter import counting_file_ops
-from tests.data.test_prepare import _corpus, _prepare
+from tests.data.test_prepare import _corpus, _expected, _prepare
 
 WORLD, LOCAL_BATCH, SEQ_LEN = 64, 2, 32
+
+
+def test_windows_cross_shard_boundaries_like_one_array(tmp_path):
+    """Slices, single tokens and gathered positions over many small shards read what one array gives."""
+    documents = _corpus(tmp_path / "in")
+    out = _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4 << 10).folder
+    training = TrainingConfig(dataset="prepared", dataset_path=str(out), seq_len=50)
+    windows = build_token_windows(training, DataConfig(), BytesTokenizer())
+    reference = _expected(documents)[0]
+    assert len(windows.tokens) == len(reference)
+    for w in range(windows.num_windows):
+        assert np.array_equal(windows.window(w), reference[w * 51 : (w + 1) * 51])
+    positions = np.random.default_rng(0).integers(0, len(reference), 500)
+    assert np.array_equal(windows.tokens[positions], reference[positions]) and windows.tokens[-1] == 257
 
 
 def _shards_of(windows, loader: DataLoader, samples: list[int]) -> set[str]:
@@ -60,23 +74,6 @@ def test_a_rank_of_64_opens_only_the_shards_of_its_own_samples(tmp_path):
     assert len(everything) < len(all_files) // 4  # the other 63 ranks' shards stay closed
 
 
-def test_own_counts_summed_over_ranks_equal_the_whole_steps_count(tmp_path):
-    """What each rank counts of its own samples, summed over the 64 ranks, is the count of the whole step
-    (the loss denominator is unchanged, bitwise)."""
-    _corpus(tmp_path / "in")
-    _prepare(tmp_path / "in", tmp_path / "out", shard_bytes=4096)
-    windows = load_prepared_windows(tmp_path / "out", BytesTokenizer(), SEQ_LEN)
-    whole = DataLoader(windows, seed=3, global_batch=WORLD * LOCAL_BATCH, local_batch=LOCAL_BATCH)
-    expected = [whole.next_step(0, WORLD)[1] for _ in range(3)]
-    counts = []
-    for rank in range(WORLD):
-        loader = DataLoader(windows, seed=3, global_batch=WORLD * LOCAL_BATCH, local_batch=LOCAL_BATCH)
-        loader.sum_over_ranks = lambda own: own
-        counts.append([loader.next_step(rank, WORLD)[1] for _ in range(3)])
-    assert [sum(c[step] for c in counts) for step in range(3)] == expected
-    assert all(0 < c[0] < expected[0] for c in counts)
-
-
 def test_a_damaged_shard_is_refused_in_one_line_when_a_rank_first_reads_it(tmp_path):
     """Start-up no longer stats every shard, so a shard cut short (or replaced by a link) is refused when
     it is first mapped, naming the file and `lockstep data verify`; the other shards still read."""
@@ -94,16 +91,3 @@ def test_a_damaged_shard_is_refused_in_one_line_when_a_rank_first_reads_it(tmp_p
         tokens[int(tokens.offsets[3])]
     with pytest.raises(InputError, match="00005.tokens: is not a plain file"):
         tokens[int(tokens.offsets[5])]
-
-
-def test_a_multi_node_job_never_tokenizes_raw_files_at_start_up(tmp_path):
-    """Raw json on a 2-node job with no cache entry is one line with the prepare command, before any process
-    group; on one node it is prepared into the cache (under the machine lock), and then 2 nodes use it."""
-    _corpus(tmp_path / "in")
-    training = TrainingConfig(dataset="json", dataset_path=str(tmp_path / "in"), seq_len=SEQ_LEN)
-    data = DataConfig(cache_folder=str(tmp_path / "cache"))
-    with pytest.raises(InputError, match="spans 2 nodes.*lockstep data prepare --dataset json"):
-        build_token_windows(training, data, BytesTokenizer(), nodes=2)
-    assert not (tmp_path / "cache" / "prepared").exists()
-    one = build_token_windows(training, data, BytesTokenizer(), nodes=1)
-    assert build_token_windows(training, data, BytesTokenizer(), nodes=2).fingerprint == one.fingerprint
