@@ -50,3 +50,8 @@ def assert_bitwise(got, expected) -> None:
     assert metrics == ref_metrics
     assert weights.keys() == ref_weights.keys()
     assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+
+def _resume(folder, *overrides: str) -> int:
+    with Trainer(tiny_config(folder, *CHECKPOINTED, *EIGHT, *overrides), show_progress=False) as trainer:
+        return trainer.state.step

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from lockstep.models.deepseek_v3 import hf_adapter as deepseek_hf
 from lockstep.models.llama3 import LLAMA3_FLAVORS, hf_adapter
 from lockstep.models.registry import model_args, model_spec
 from lockstep.train.trainer import Trainer
+from tests.checkpoint.crafting import Payload
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
 from tests.helpers import run_cli, tiny_config, tiny_overrides
@@ -515,3 +517,16 @@ def test_llama4_flavor_from_hf_reads_its_shape_and_each_rank_its_expert_boxes(tm
         check_hf_config(tmp_path / "hf", spec, same_shape)
     with pytest.raises(CheckpointError, match="floor_scale: 8 vs 32"):
         check_hf_config(tmp_path / "hf", spec, dataclasses.replace(debug, rope_scaling=args.rope_scaling))
+
+
+def test_hugging_face_pickles_are_never_read(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    torch_pickle = pickle.dumps(Payload(tmp_path / "pwned"))
+    (hf / "pytorch_model.bin").write_bytes(torch_pickle)
+    with pytest.raises(CheckpointError, match=r"pickled weights \(pytorch_model.bin\).*safetensors"):
+        import_from_hf(hf, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        Trainer(tiny_config(tmp_path, "--checkpoint.initial_load_path", str(hf)))
+    assert not (tmp_path / "pwned").exists()

@@ -1,6 +1,9 @@
-"""Resume is bitwise: stopped at step k and restarted (any layout), every later step equals the
-uninterrupted run's loss, grad norm and final weights."""
+"""lockstep.checkpoint.manager: resume is bitwise: stopped at step k and restarted (any layout), every later
+step equals the uninterrupted run's loss, grad norm and final weights. A resume never destroys newer
+checkpoints without --checkpoint.discard_newer, falls back past an unreadable one, and a failed save or a
+model of another shape is one line that keeps the last checkpoint."""
 
+import errno
 import json
 import os
 import shutil
@@ -16,9 +19,12 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError
 from lockstep.checkpoint.hf import read_model_weights
 from lockstep.checkpoint.manager import CheckpointMismatch
+from lockstep.checkpoint.safe_reader import SafeFileSystemReader
+from lockstep.cli import main as cli_main
+from lockstep.errors import LockstepError
 from lockstep.run.folder import read_metrics
 from lockstep.train.trainer import Trainer
-from tests.checkpoint.helpers import CHECKPOINTED, assert_bitwise, result, train
+from tests.checkpoint.helpers import CHECKPOINTED, _resume, assert_bitwise, result, train
 from tests.distributed import run_on_ranks
 from tests.helpers import tiny_config, tiny_overrides
 
@@ -193,7 +199,6 @@ def test_last_save_model_only_in_bf16(tmp_path):
     manifest = folders.read_manifest(folders.step_folder(root, 6))
     assert manifest["model_only"] is True and manifest["parts"] == ["model"]
     assert not folders.read_manifest(folders.step_folder(root, 4))["model_only"]
-    from lockstep.checkpoint.safe_reader import SafeFileSystemReader
 
     metadata = SafeFileSystemReader(str(folders.step_folder(root, 6))).read_metadata().state_dict_metadata
     assert metadata["model.output.weight"].properties.dtype == torch.bfloat16
@@ -257,3 +262,66 @@ def test_a_resume_draws_no_initial_weights_unless_the_model_is_not_loaded(tmp_pa
     with Trainer(tiny_config(tmp_path, *excluded), show_progress=False) as trainer:
         assert trainer.state.step == 2 and len(drawn) == 2
         assert all(torch.equal(p, initial[n]) for n, p in trainer.named_params)
+
+
+def test_an_older_load_step_never_overwrites_newer_checkpoints(run, capsys):
+    root = run / "run" / "checkpoint"
+    with pytest.raises(CheckpointError, match=r"newer .*\(steps 8\).*--checkpoint.discard_newer"):
+        _resume(run, "--checkpoint.load_step", "4")
+    assert [s for s, _ in folders.published_steps(root)] == [4, 8]
+    assert _resume(run, "--checkpoint.load_step", "4", "--checkpoint.discard_newer") == 4
+    assert "discarding checkpoints 8" in capsys.readouterr().out
+    assert [s for s, _ in folders.published_steps(root)] == [4]
+
+
+def test_a_refused_resume_deletes_nothing(run):
+    """The config check runs before --checkpoint.discard_newer deletes anything: a refused resume
+    leaves every checkpoint in place."""
+    root = run / "run" / "checkpoint"
+    with pytest.raises(LockstepError, match="optimizer.lr"):
+        _resume(run, "--checkpoint.load_step", "4", "--checkpoint.discard_newer", "--optimizer.lr", "0.5")
+    assert [s for s, _ in folders.published_steps(root)] == [4, 8]
+
+
+@pytest.mark.parametrize("damage", ["garbage metadata", "manifest not an object"])
+def test_garbage_metadata_or_manifest_falls_back(run, capsys, damage):
+    step_8 = folders.step_folder(run / "run" / "checkpoint", 8)
+    if damage == "garbage metadata":  # a pickle that fails with KeyError (a missing memo entry), same size
+        metadata = step_8 / ".metadata"
+        metadata.write_bytes(b"\x80\x04h\x05." + b"\0" * (metadata.stat().st_size - 5))
+    else:
+        (step_8 / folders.MANIFEST).write_text("[1, 2, 3]")
+    assert _resume(run) == 4
+    assert "step-00000008" in capsys.readouterr().out
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(run, capsys, monkeypatch):
+    """The file system refuses the step-12 save (ENOSPC from every write): one line naming the cut-short
+    folder and step 8, still the newest complete checkpoint; nothing is published for step 12."""
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lockstep.checkpoint.checksums._HashingStream.write", full)
+    code = cli_main(["train", "--config", "llama3_debug", *tiny_overrides(run), *CHECKPOINTED])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("lockstep train: error: ")]
+    assert "step-00000012.partial" in line and "No space left on device" in line
+    assert "step 8 is still the newest complete checkpoint" in line
+    assert [s for s, f in folders.published_steps(run / "run" / "checkpoint") if folders.has_manifest(f)] == [4, 8]
+
+
+def test_a_model_of_another_shape_is_one_line_even_with_ignore_mismatch(run, capsys):
+    """ignore_mismatch and allow_config_change let a changed model through the identity checks; its
+    tensors still cannot load. One line names the first missing tensor, and the healthy checkpoint is
+    neither skipped as damaged nor set aside."""
+    code = cli_main([
+        "train", "--config", "llama3_debug", *tiny_overrides(run), *CHECKPOINTED, "--model.overrides.n_layers", "3",
+        "--checkpoint.ignore_mismatch", "--checkpoint.allow_config_change",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("lockstep train: error: ")]
+    assert "step-00000008 holds no model.layers.2." in line and "resume with the model it was saved with" in line
+    assert [s for s, f in folders.published_steps(run / "run" / "checkpoint") if folders.has_manifest(f)] == [4, 8]
