@@ -9,6 +9,7 @@ so the interleaving built from them (lockstep.data.interleave) is exact, not a f
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -67,10 +68,12 @@ def _parse_entry(entry: str) -> MixtureEntry:
         ) from None
     if weight <= 0:
         raise ConfigError(KEY, f"{entry!r}: weight must be > 0; give it a positive weight or drop the entry")
+    folder = folder.strip()
     path = Path(folder)
     if not path.is_dir():
         raise ConfigError(KEY, f"{entry!r}: no such folder {folder}{_did_you_mean(path)}")
-    return MixtureEntry(path.resolve().name, path, weight)
+    # The name as given (a link keeps its own name, so linking a folder under another name tells two apart).
+    return MixtureEntry(Path(os.path.abspath(path)).name, path, weight)
 
 
 def _did_you_mean(path: Path) -> str:

@@ -111,6 +111,8 @@ def json_texts(file: Path, text_field: str) -> Iterator[str]:
         raw = file.read_bytes()
         try:
             records = json.loads(decode_text(raw, file))
+        except InputError:  # not UTF-8: decode_text's own line, not "invalid JSON"
+            raise
         except RecursionError:
             raise InputError(file, TOO_DEEP, "fix the JSON there") from None
         except json.JSONDecodeError as e:
@@ -135,6 +137,8 @@ def json_texts(file: Path, text_field: str) -> Iterator[str]:
             where = f"line {number}"
             try:
                 record = json.loads(decode_text(raw_line, file, number))
+            except InputError:  # not UTF-8: decode_text's own line, not "invalid JSON"
+                raise
             except RecursionError:
                 raise InputError(file, TOO_DEEP, "fix or drop that line", where=where) from None
             except json.JSONDecodeError as e:

@@ -75,3 +75,14 @@ def test_a_missing_folder_suggests_a_close_sibling_or_how_to_prepare_it(folders,
     orphan = tmp_path / "no-parent" / "alpha"  # a parent that does not exist either: no siblings to offer
     with pytest.raises(ConfigError, match="prepare it first"):
         parse_mixture([f"{orphan}:1"])
+
+
+def test_a_link_under_another_name_tells_two_folders_of_one_name_apart(tmp_path):
+    """The refusal of two sources named alike offers linking one under another name: that must work."""
+    (tmp_path / "x" / "alpha").mkdir(parents=True)
+    (tmp_path / "y" / "alpha").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="two sources are named 'alpha'.*link it under another name"):
+        parse_mixture([f"{tmp_path / 'x' / 'alpha'}:1", f"{tmp_path / 'y' / 'alpha'}:1"])
+    (tmp_path / "beta").symlink_to(tmp_path / "y" / "alpha")
+    parsed = parse_mixture([f"{tmp_path / 'x' / 'alpha'}:1", f"{tmp_path / 'beta'} : 1"])
+    assert [e.name for e in parsed] == ["alpha", "beta"]  # the space before the colon is not part of the folder

@@ -94,3 +94,18 @@ def test_unreadable_records_are_refused_in_one_line_naming_file_line_and_fix(tmp
     deep.write_text('{"text": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(InputError, match=r"d\.json: the record nests deeper than a JSON reader can follow"):
         list(json_texts(deep, "text"))
+
+
+def test_a_json_record_that_is_not_utf8_is_named_as_such_not_as_invalid_json(tmp_path):
+    """decode_text's line (the byte, the iconv fix) reaches the user whole, in JSON Lines and in a .json file."""
+    lines = tmp_path / "l.jsonl"
+    lines.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError) as caught:
+        list(json_texts(lines, "text"))
+    assert str(caught.value).startswith(f"{lines}:line 3: is not UTF-8 (byte 0xe9)") and "iconv" in str(caught.value)
+    assert "invalid JSON" not in str(caught.value)
+    whole = tmp_path / "w.json"
+    whole.write_bytes(b'[{"text": "caf\xe9"}]')
+    with pytest.raises(InputError, match="is not UTF-8") as caught:
+        list(json_texts(whole, "text"))
+    assert "invalid JSON" not in str(caught.value)
