@@ -28,8 +28,8 @@ from tests.checkpoint.crafting import Payload
 from tests.checkpoint.helpers import CHECKPOINTED, train
 from tests.distributed import run_on_ranks
 from tests.helpers import run_cli, tiny_config, tiny_overrides
-from tests.models.test_llama4 import tiny_hf_llama4
-from tests.models.test_qwen3 import tiny_hf_qwen3
+from tests.models.llama4.helpers import tiny_hf_llama4
+from tests.models.qwen3.helpers import tiny_hf_qwen3
 
 transformers = pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"

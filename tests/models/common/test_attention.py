@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from lockstep.config.errors import ConfigError
 from lockstep.config.sections import ModelConfig
-from lockstep.models.common.attention import attention, resolve_attention_backend
+from lockstep.models.common.attention import HeadNorm, attention, resolve_attention_backend
 from lockstep.models.common.masks import AttentionMasks, block_causal_mask, document_ids_from_tokens, flex_block_mask
 
 SEQ = 384  # three 128-blocks
@@ -120,3 +120,12 @@ def test_a_built_block_mask_survives_a_pipeline_split():
     _, kwargs_split = split_args_kwargs_into_chunks((), {"attention_masks": whole}, 2)
     for i, kwargs in enumerate(kwargs_split):
         _assert_block_mask_is(kwargs["attention_masks"].block_mask, block_causal_mask(document_ids[2 * i : 2 * i + 2]))
+
+
+def test_head_norm_is_rms_norm_over_each_head():
+    norm = HeadNorm(8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 3, 4, 8)
+    reference = torch.nn.RMSNorm(8, eps=1e-6)
+    reference.weight.data.copy_(norm.weight.data)
+    torch.testing.assert_close(norm(x), reference(x), rtol=1e-6, atol=1e-6)
