@@ -30,8 +30,9 @@ def one_rank_group():
 
 
 def test_buckets_launch_from_hooks_once_their_last_microbatch_is_final(one_rank_group):
-    torch.manual_seed(0)
-    layers = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.random.fork_rng():  # leave the global generator as other tests find it
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
     per_layer = sum(p.numel() * p.element_size() for p in layers[0].parameters())
     replica_sum = ReplicaGradientSum(one_rank_group, layout_invariant_reductions=True, bucket_bytes=per_layer)
     replica_sum.watch(list(layers.parameters()), per_microbatch=True)  # one bucket per layer
