@@ -39,7 +39,13 @@ class ShapeError(ValueError):
         super().__init__(f"{key or 'the top level'}: expected {expected}, found {_describe(found)}")
 
 
+_NOTHING = object()
+"""What a missing key holds, in a ShapeError."""
+
+
 def _describe(value: object) -> str:
+    if value is _NOTHING:
+        return "nothing"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -58,7 +64,12 @@ def _range_text(low: float | None, high: float | None) -> str:
 
 
 def _child(key: str, name: object) -> str:
-    return f"{key}[{name}]" if isinstance(name, int) else (f"{key}.{name}" if key else str(name))
+    """The dotted path of `name` under `key`. A key read from the file is shown as it is only when it is
+    short and printable; else quoted with escapes (or its length), so no key can break the one-line refusal."""
+    if isinstance(name, int):
+        return f"{key}[{name}]"
+    text = name if isinstance(name, str) and name.isprintable() and len(name) <= 40 else _describe(name)
+    return f"{key}.{text}" if key else text
 
 
 class Shape:
@@ -173,7 +184,7 @@ class Obj(Shape):
             raise ShapeError(key, "an object", value)
         for name, shape in self.required.items():
             if name not in value:
-                raise ShapeError(_child(key, name), f"a key {name!r}", "nothing")
+                raise ShapeError(_child(key, name), f"a key {name!r}", _NOTHING)
             shape.check(value[name], _child(key, name))
         for name, shape in self.optional.items():
             if value.get(name) is not None:

@@ -113,3 +113,17 @@ def test_combinators_name_the_first_misfit():
         assert caught.value.key == key
     with pytest.raises(ShapeError, match="found a string of 41 characters"):
         Int().check("x" * 41)
+
+
+def test_a_key_read_from_the_file_cannot_break_the_one_line_refusal(tmp_path):
+    """Map keys come from the file: one holding a newline (or a very long one) is shown quoted with escapes,
+    so a crafted file cannot add a line of its own to the error output."""
+    message = _refusal(tmp_path, '{"shards": [], "weights": {"web\\nlockstep train: done": -1}}')
+    assert "weights.'web\\nlockstep train: done'" in message
+    message = _refusal(tmp_path, '{"shards": [], "weights": {"' + "k" * 50 + '": -1}}')
+    assert "weights.a string of 50 characters: expected" in message
+    assert "weights.web: expected" in _refusal(
+        tmp_path, '{"shards": [], "weights": {"web": -1}}'
+    )  # plain keys as they are
+    with pytest.raises(ShapeError, match=r"shards: expected a key 'shards', found nothing$"):
+        MANIFEST.check({})
