@@ -7,8 +7,8 @@ kind and moves a ring all-reduce's bytes; its two-level form sends between nodes
 sends, S/G x (N-1)/N twice; and counting stops with the block. This matters because ``lockstep estimate``
 reports these numbers as the job's network traffic and holds the canonical reductions to the
 hierarchical floor: a wrong binder or split would misstate the inter-node bytes that decide whether a
-layout is network-bound. tests/tools/test_estimate.py checks the ring model's arithmetic and the
-trainer against the estimate; these check each wrapped call. Every expected value is derived here from
+layout is network-bound. test_rank_step.py checks the trainer against the estimate; these check each
+wrapped call, and the ring model's arithmetic (the last test). Every expected value is derived here from
 the algorithm, not read off the counter."""
 
 from __future__ import annotations
@@ -131,3 +131,19 @@ def test_counting_stops_with_the_block():
         assert dist.all_reduce is original
         dist.all_reduce(torch.zeros(8))
     assert counter.traffic.calls["all_reduce"] == 1
+
+
+def test_ring_model_splits_bytes_by_node():
+    """A ring over ranks 0-3 with 2 ranks per node crosses nodes twice in 4 hops: half its bytes leave the
+    node; an all-to-all's chunks to the other node are inter-node, exactly; as rings, a canonical
+    reduction moves the same bytes with the ring's split."""
+    counter = WireCounter(rank=0, ranks_per_node=2)
+    counter.ring("all_gather", [0, 1, 2, 3], 3000)
+    counter.direct("reduce_scatter (canonical all-to-all)", [0, 1, 2, 3], [100, 100, 100, 100], reduction=True)
+    counter.direct("all_to_all", [0, 1, 2, 3], [100, 100, 100, 100])
+    sent = counter.traffic.as_dict()
+    assert sent["all_gather"] == {"intra": 1500, "inter": 1500, "calls": 1}
+    assert sent["reduce_scatter (canonical all-to-all)"] == {"intra": 100, "inter": 200, "calls": 1}
+    as_ring = counter.as_ring.as_dict()
+    assert as_ring["reduce_scatter (canonical all-to-all)"] == {"intra": 150, "inter": 150, "calls": 1}
+    assert as_ring["all_to_all"] == sent["all_to_all"]  # token dispatch is an all-to-all by nature
