@@ -6,7 +6,8 @@ right sum of the same data gives other bits; ``GradientTree`` leaves in ``.grad`
 backward passes that tree over the per-microbatch gradients (the gradient itself for one microbatch) and
 refuses a step that missed one; ``squared_norm_fp64`` and ``grad_norm_fp64`` equal the fp64 row sums
 computed here, with or without the scratch buffer, and with the rows sharded over two ranks; ``clip_``
-scales by the fp32 coefficient or not at all. These matter because lockstep's promise is that a step's
+scales by the fp32 coefficient or not at all; over three ranks ``tree_all_reduce``, ``TreeReduceScatter``
+and ``shard_block_loss`` (strided shards put back in block order) add as (r0 + r1) + r2. These matter because lockstep's promise is that a step's
 gradient, loss and grad norm have the same bits in every layout: each of these pieces is one place where
 an addition in another order would change the last bits of every later step."""
 
@@ -378,3 +379,33 @@ def _sharded_norms() -> None:
 
 def test_rows_sharded_over_two_ranks_give_the_unsharded_norms_bits():
     run_on_ranks(_sharded_norms, 2)
+
+
+def _three_ranks() -> None:
+    from lockstep.parallel.canonical import TreeReduceScatter, shard_block_loss, tree_all_reduce
+
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        sources = list(_rows(3, seed=21, width=10))  # 10 elements over 3 ranks: padded chunks
+        expected = _canonical(sources)  # (r0 + r1) + r2
+        assert torch.equal(tree_all_reduce(sources[rank].clone()), expected)
+        # the reduce-scatter: chunk r of every source's buffer, summed by the tree, lands on rank r
+        buffers = list(_rows(3, seed=22, width=12))
+        out = torch.empty(4)
+        TreeReduceScatter()(out, buffers[rank].clone(), dist.group.WORLD, None)
+        assert torch.equal(out, _canonical([b[4 * rank : 4 * rank + 4] for b in buffers]))
+        # shard s had block microbatch k * 3 + s at micro-step k: the block's loss is the tree in block order
+        losses = _rows(1, seed=23, width=6)[0]  # block order j = k * 3 + s
+        mine = losses[[rank, 3 + rank]]  # micro-steps 0 and 1
+        total = shard_block_loss(mine, dist.group.WORLD)
+        assert torch.equal(total, _canonical(list(losses)) if rank == 0 else torch.zeros(()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_sum_in_the_canonical_tree_over_ranks_and_shards_block_order():
+    """Three operands are where an order shows: (r0 + r1) + r2, not the backend's choice."""
+    run_on_ranks(_three_ranks, 3)
+    r0, r1, r2 = _rows(3, seed=21, width=10)
+    assert not torch.equal(r0 + (r1 + r2), (r0 + r1) + r2)  # the control: another tree shows in this data
