@@ -70,7 +70,8 @@ class ArrivalTree:
     """The canonical tree over `count` leaves (``tree_reduce_rows``' order) fed in any order: a leaf, or a
     finished node, is added to its sibling as soon as both are here (left operand first, as the tree
     adds them), and the binary-counter runs are added left to right once all have arrived. Fed in
-    order or in reverse (as autograd runs backward), it holds at most log2(count) + 1 partial sums."""
+    order it holds at most log2(count) + 1 partial sums; fed in reverse (as autograd runs backward) as
+    many when the count is a power of two, and somewhat more otherwise (10 for 63 leaves, against 6.98)."""
 
     def __init__(self, count: int) -> None:
         self.count, self.arrived = count, 0
@@ -422,7 +423,9 @@ def sum_over_shards(tensors: list[DTensor], parts: list[torch.Tensor]) -> list[t
 
 
 def clip_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
-    """Scale grads by min(1, max_norm / (norm + 1e-6)), computed in fp32 the same way everywhere."""
+    """Scale grads by min(1, max_norm / (norm + 1e-6)), computed in fp32 the same way everywhere: as torch
+    evaluates a Python float over a tensor, a reciprocal then a multiply (two roundings; it can differ in the
+    last bit from one fp32 division, but it is the same in every layout)."""
     coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     local = [local_tensor(g) for g in grads]
     torch._foreach_mul_(local, coefficient.to(local[0].dtype))
