@@ -36,24 +36,7 @@ from lockstep.parallel.canonical import (
     tree_reduce_rows,
 )
 from tests.distributed import run_on_ranks
-
-
-def _pairwise(rows: list[torch.Tensor]) -> torch.Tensor:
-    if len(rows) == 1:
-        return rows[0].clone()
-    half = len(rows) // 2
-    return _pairwise(rows[:half]) + _pairwise(rows[half:])
-
-
-def _canonical(rows: list[torch.Tensor]) -> torch.Tensor:
-    """The binary-counter tree: 7 = 4 + 2 + 1 is ((pairwise 0-3) + (pairwise 4-5)) + row 6."""
-    total, start = None, 0
-    for bit in reversed(range(len(rows).bit_length())):
-        if len(rows) >> bit & 1:
-            run = _pairwise(rows[start : start + (1 << bit)])
-            total = run if total is None else total + run
-            start += 1 << bit
-    return total
+from tests.parallel.reference_sums import canonical, pairwise
 
 
 def _left_to_right(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -75,7 +58,7 @@ def test_tree_reduce_rows_is_the_canonical_tree_on_a_copy():
         rows = _rows(count, seed=count)
         before = rows.clone()
         total = tree_reduce_rows(rows)
-        assert torch.equal(total, _canonical(list(before))), count
+        assert torch.equal(total, canonical(list(before))), count
         assert torch.equal(rows, before), count  # the rows are left as they were
         total.add_(1.0)  # the result is its own tensor, not a view of the rows
         assert torch.equal(rows, before), count
@@ -88,8 +71,8 @@ def test_another_order_gives_other_bits_for_this_data():
     that summed in arrival order (or any order but the tree's) would be caught."""
     for count in (4, 6, 7, 8, 13):  # 3 is (r0 + r1) + r2: left to right is the tree there
         rows = list(_rows(count, seed=count))
-        assert not torch.equal(_left_to_right(rows), _canonical(rows)), count
-        assert not torch.equal(_left_to_right(rows[::-1]), _canonical(rows)), count
+        assert not torch.equal(_left_to_right(rows), canonical(rows)), count
+        assert not torch.equal(_left_to_right(rows[::-1]), canonical(rows)), count
 
 
 def test_tree_sum_of_leaves_one_by_one_is_the_canonical_tree_for_every_tensor_of_the_list():
@@ -99,8 +82,8 @@ def test_tree_sum_of_leaves_one_by_one_is_the_canonical_tree_for_every_tensor_of
         for a, b in zip(first, second, strict=True):
             total.add([a.clone(), b.clone()])
         result = total.result()
-        assert torch.equal(result[0], _canonical(list(first))), count
-        assert torch.equal(result[1], _canonical(list(second))), count
+        assert torch.equal(result[0], canonical(list(first))), count
+        assert torch.equal(result[1], canonical(list(second))), count
     with pytest.raises(ValueError, match="before any add"):
         TreeSum().result()
 
@@ -134,17 +117,17 @@ def test_combine_nodes_of_any_split_gives_the_one_process_tree():
         for start, end in zip([0, *cuts], [*cuts, count], strict=True):
             position = start
             for level in canonical_nodes(start, end - start):
-                nodes.append(_pairwise(rows[position : position + (1 << level)]))
+                nodes.append(pairwise(rows[position : position + (1 << level)]))
                 levels.append(level)
                 position += 1 << level
             assert position == end
-        assert torch.equal(combine_nodes(nodes, levels), _canonical(rows)), (count, cuts)
+        assert torch.equal(combine_nodes(nodes, levels), canonical(rows)), (count, cuts)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 6, 7, 8, 11, 16])
 def test_arrival_tree_in_any_order_gives_the_canonical_bits(count):
     rows = list(_rows(count, seed=count))
-    expected = _canonical(rows)
+    expected = canonical(rows)
     orders = [list(range(count)), list(reversed(range(count)))]
     for seed in range(6):
         order = list(range(count))
@@ -181,7 +164,7 @@ def test_arrival_tree_refuses_a_result_before_every_leaf_arrived():
     with pytest.raises(RuntimeError, match="after 2 of 3"):
         tree.result()
     tree.add(1, rows[1])
-    assert torch.equal(tree.result(), _canonical(rows))
+    assert torch.equal(tree.result(), canonical(rows))
 
 
 def _linear() -> nn.Linear:
@@ -224,7 +207,7 @@ def test_gradient_tree_puts_the_tree_of_the_microbatch_gradients_in_grad_after_t
             assert all(p.grad is None for p in model.parameters()), k
     tree.check_complete()
     for i, p in enumerate(model.parameters()):
-        assert torch.equal(p.grad, _canonical([g[i] for g in separate])), (count, i)
+        assert torch.equal(p.grad, canonical([g[i] for g in separate])), (count, i)
     # the control: plain accumulation in .grad is the left to right sum, other bits for this data
     plain = _linear()
     for x in inputs:
@@ -388,18 +371,18 @@ def _three_ranks() -> None:
     try:
         rank = dist.get_rank()
         sources = list(_rows(3, seed=21, width=10))  # 10 elements over 3 ranks: padded chunks
-        expected = _canonical(sources)  # (r0 + r1) + r2
+        expected = canonical(sources)  # (r0 + r1) + r2
         assert torch.equal(tree_all_reduce(sources[rank].clone()), expected)
         # the reduce-scatter: chunk r of every source's buffer, summed by the tree, lands on rank r
         buffers = list(_rows(3, seed=22, width=12))
         out = torch.empty(4)
         TreeReduceScatter()(out, buffers[rank].clone(), dist.group.WORLD, None)
-        assert torch.equal(out, _canonical([b[4 * rank : 4 * rank + 4] for b in buffers]))
+        assert torch.equal(out, canonical([b[4 * rank : 4 * rank + 4] for b in buffers]))
         # shard s had block microbatch k * 3 + s at micro-step k: the block's loss is the tree in block order
         losses = _rows(1, seed=23, width=6)[0]  # block order j = k * 3 + s
         mine = losses[[rank, 3 + rank]]  # micro-steps 0 and 1
         total = shard_block_loss(mine, dist.group.WORLD)
-        assert torch.equal(total, _canonical(list(losses)) if rank == 0 else torch.zeros(()))
+        assert torch.equal(total, canonical(list(losses)) if rank == 0 else torch.zeros(()))
     finally:
         dist.destroy_process_group()
 

@@ -14,24 +14,7 @@ import pytest
 import torch
 
 from lockstep.parallel.node_levels import run_length, tree_reduce_rows_
-
-
-def _pairwise(rows: list[torch.Tensor]) -> torch.Tensor:
-    if len(rows) == 1:
-        return rows[0].clone()
-    half = len(rows) // 2
-    return _pairwise(rows[:half]) + _pairwise(rows[half:])
-
-
-def _canonical(rows: list[torch.Tensor]) -> torch.Tensor:
-    """The docstring's order, written independently: 6 = 4 + 2 is (pairwise 0-3) + (pairwise 4-5)."""
-    total, start = None, 0
-    for bit in reversed(range(len(rows).bit_length())):
-        if len(rows) >> bit & 1:
-            run = _pairwise(rows[start : start + (1 << bit)])
-            total = run if total is None else total + run
-            start += 1 << bit
-    return total
+from tests.parallel.reference_sums import canonical
 
 
 def _rows(count: int, seed: int, width: int = 64) -> torch.Tensor:
@@ -44,7 +27,7 @@ def _rows(count: int, seed: int, width: int = 64) -> torch.Tensor:
 def test_the_in_place_tree_adds_in_the_canonical_order():
     for count in range(1, 34):
         rows = _rows(count, seed=count)
-        expected = _canonical(list(rows))
+        expected = canonical(list(rows))
         work = rows.clone()
         total = tree_reduce_rows_(work)
         assert torch.equal(total, expected), count

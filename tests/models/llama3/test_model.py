@@ -7,17 +7,14 @@ import torch
 from lockstep.models.common.init import full_value
 from lockstep.models.llama3 import Llama3
 from tests.helpers import tiny_model
+from tests.models.causality import logits_around_a_changed_token
 
 VOCAB = 97
 
 
 def test_changing_a_future_token_leaves_past_logits_unchanged():
     model = tiny_model(VOCAB)
-    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-    changed = tokens.clone()
-    changed[:, 20] = (changed[:, 20] + 1) % VOCAB
-    with torch.no_grad():
-        a, b = model(tokens), model(changed)
+    a, b = logits_around_a_changed_token(model, VOCAB)
     assert torch.equal(a[:, :20], b[:, :20])
     assert not torch.allclose(a[:, 20:], b[:, 20:])
 

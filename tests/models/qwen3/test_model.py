@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lockstep.models.qwen3 import Qwen3, hf_adapter
+from tests.models.causality import logits_around_a_changed_token
 from tests.models.qwen3.helpers import VOCAB, tiny, tiny_hf_qwen3
 
 
@@ -38,12 +39,9 @@ def test_qk_norm_makes_logits_independent_of_the_q_and_k_scale():
 def test_past_logits_do_not_see_future_tokens_and_every_parameter_learns():
     for moe in (False, True):
         model = tiny(moe=moe)
-        tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-        changed = tokens.clone()
-        changed[:, 20] = (changed[:, 20] + 1) % VOCAB
-        with torch.no_grad():
-            a, b = model(tokens), model(changed)
+        a, b = logits_around_a_changed_token(model, VOCAB)
         assert torch.equal(a[:, :20], b[:, :20])
+        tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
         model(tokens).square().mean().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
