@@ -38,6 +38,7 @@ from lockstep.checkpoint.manifest import recorded_args
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.config.sections import CheckpointConfig
 from lockstep.errors import LockstepError
+from lockstep.parallel.reducer import agreed_problem
 
 MODEL_ONLY_PARTS = ("model",)
 RECORDED_ONLY = ("layout", "config", "model_overrides")
@@ -222,9 +223,7 @@ class CheckpointManager:
         world = dist.get_world_size() if self.distributed else 1
         problem = folders.problem_with(folder, content=self.rank == 0, share=(self.rank, world))
         if self.distributed:
-            verdicts: list[str | None] = [None] * world
-            dist.all_gather_object(verdicts, problem, group=self._async_group)
-            problem = next((p for p in verdicts if p), None)
+            problem = agreed_problem(problem, self._async_group)
         self.timings["verify_s"] = self.timings.get("verify_s", 0.0) + time.perf_counter() - started
         if problem is None:
             self._verified.add(folder)

@@ -37,6 +37,7 @@ from lockstep.checkpoint import folders
 from lockstep.checkpoint.errors import CheckpointError, CheckpointMismatch
 from lockstep.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from lockstep.checkpoint.states import OptimizerState, persistent_tensors
+from lockstep.parallel.reducer import agreed_problem
 
 FAMILIES = ("llama3",)
 """Model families whose torchtitan names lockstep maps."""
@@ -135,11 +136,7 @@ def _misfits(wanted: Mapping[str, torch.Tensor], stored: Mapping) -> str | None:
 def _refuse(folder: Path, problem: str | None) -> None:
     """Refuse on every rank if any rank found a misfit (each checks its own shards): a rank that went on into
     DCP's collective load alone would wait for the others forever."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        found: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(found, problem)
-        problem = next((p for p in found if p), None)
-    if problem:
+    if problem := agreed_problem(problem):
         raise CheckpointMismatch(
             f"torchtitan checkpoint {folder} does not fit this model: {problem}; give the model args of the job "
             "that wrote it (lockstep config from-torchtitan JOB; a lockstep step folder without its manifest is an "

@@ -99,6 +99,17 @@ def _combine_all_nodes(loss: torch.Tensor, node_levels: list[list[int]], group) 
     return combine_nodes(nodes, [level for levels in node_levels for level in levels])
 
 
+def agreed_problem(problem: str | None, group: dist.ProcessGroup | None = None) -> str | None:
+    """The first problem any rank of `group` found (each may check only its own share), or None, the same on
+    every rank: so that all take the same decision, and none goes on alone into a collective the others
+    left."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return problem
+    found: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, problem, group=group)
+    return next((p for p in found if p), None)
+
+
 def any_rank_flag(flag: bool, device: torch.device) -> torch.Tensor:
     """1 on every rank if `flag` is True on any, else 0 (so all ranks stop after the same step); left
     on the device, for the caller to read with the step's other values in one transfer."""
