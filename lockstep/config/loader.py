@@ -221,13 +221,9 @@ def _module_to_import(config: str | None, data: dict, parsed: list[tuple[str, An
     """job.custom_config_module as the command line gives it, else the config file's if it is trusted
     (``TRUSTED_MODULES_ENV``); a file's untrusted module is refused before anything is imported."""
     given = [value for key, value in parsed if key == "job.custom_config_module"]
-    named = (
-        given[-1]
-        if given
-        else data.get("job", {}).get("custom_config_module", "")
-        if isinstance(data.get("job"), dict)
-        else ""
-    )
+    job = data.get("job")
+    in_file = job.get("custom_config_module", "") if isinstance(job, dict) else ""
+    named = given[-1] if given else in_file
     if not isinstance(named, str):
         raise ConfigError("job.custom_config_module", f"must be a module name, not {named!r}")
     if given:

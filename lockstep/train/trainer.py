@@ -116,15 +116,15 @@ class Trainer:
         self._build_model(layout_invariant, levels, microbatch)
         self.validator = self._validator(*validation) if validation is not None else None
         self._build_step()
+        identity = self._checkpoint_identity(windows.fingerprint)
         self.checkpoints = RunCheckpoints(
-            config.checkpoint, run_folder=self.run_folder, identity=self._checkpoint_identity(windows.fingerprint),
-            states=self._checkpoint_states(), device=self.device, log=self._log, around_save=self.comm.relaxed,
+            config.checkpoint, run_folder=self.run_folder, identity=identity, states=self._checkpoint_states(),
+            device=self.device, log=self._log, around_save=self.comm.relaxed,
         )  # fmt: skip
         spec = model_args(config.model, 1, 1)[0]
         fill = functools.partial(self._fill_weights, config.debug.seed)
         resumed = self.checkpoints.start(self.optimizers, spec, self.model.args, self.model.parts, fill)
         if self.fault_tolerance is not None:
-            identity = self._checkpoint_identity(windows.fingerprint)
             self.fault_tolerance.attach(self.checkpoints.states, self.state.step, shared_settings(identity))
         self._record_start(windows, levels, resumed, show_progress)
 
